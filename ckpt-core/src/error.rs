@@ -1,0 +1,251 @@
+//! The one error type of `ckpt-core`.
+//!
+//! Every variant says what failed and carries the structured fields that an operator needs to find
+//! it (step, rank, chunk, offset, path). [`Error::kind`] gives retry and alert policy a stable value
+//! to branch on, whatever the message says.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What class of failure an [`Error`] is, for retry and alert policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The caller passed something invalid: a URL, a configuration value, a tensor.
+    InvalidInput,
+    /// The object, step or checkpoint does not exist.
+    NotFound,
+    /// Someone else already created it (a racing commit).
+    Conflict,
+    /// Stored bytes fail validation: checksum, structure, sizes.
+    Corrupt,
+    /// The stored data uses a format version this build does not read.
+    Unsupported,
+    /// The caller's tensors do not match the checkpoint's tensor table.
+    Mismatch,
+    /// The store failed in a way that may succeed later (5xx, timeouts, resets).
+    Transient,
+    /// The store or file system refused or failed permanently (permissions, quota, full disk).
+    Storage,
+    /// A deadline passed before the operation could finish.
+    Timeout,
+    /// The engine is shutting down or the work was abandoned.
+    Cancelled,
+}
+
+/// Where in a checkpoint a corruption was found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    /// Object path relative to the store root.
+    pub object: String,
+    /// Checkpoint step, when known.
+    pub step: Option<u64>,
+    /// Rank of the shard, when known.
+    pub rank: Option<u32>,
+    /// Chunk number inside the shard, when the damage is in a data chunk.
+    pub chunk: Option<u64>,
+    /// Byte offset inside the object where the damaged region starts.
+    pub offset: Option<u64>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.object)?;
+        if let Some(step) = self.step {
+            write!(f, " (step {step}")?;
+            if let Some(rank) = self.rank {
+                write!(f, ", rank {rank}")?;
+            }
+            f.write_str(")")?;
+        }
+        if let Some(chunk) = self.chunk {
+            write!(f, " chunk {chunk}")?;
+        }
+        if let Some(offset) = self.offset {
+            write!(f, " at offset {offset}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The error type of `ckpt-core`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A store URL could not be understood.
+    #[error("invalid store url `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL with any credentials removed.
+        url: String,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration `{field}`: {reason}")]
+    InvalidConfig {
+        /// The setting's name.
+        field: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// A tensor or snapshot given by the caller is malformed.
+    #[error("invalid tensor `{name}`: {reason}")]
+    InvalidTensor {
+        /// The tensor's name (its key path in the state).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An object-store call failed.
+    #[error("store {op} of `{path}` failed: {source}")]
+    Store {
+        /// The operation (`put`, `get`, `list`, ...).
+        op: &'static str,
+        /// The object path relative to the store.
+        path: String,
+        /// What the store said.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A local file-system call failed.
+    #[error("{op} `{}` failed: {source}", path.display())]
+    Io {
+        /// The operation (`open`, `pwrite`, `fsync`, ...).
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored bytes are damaged or inconsistent.
+    #[error("corrupt checkpoint data in {location}: {reason}")]
+    Corrupt {
+        /// Where the damage is.
+        location: Location,
+        /// What check failed.
+        reason: String,
+    },
+    /// Stored data uses a format version this build cannot read.
+    #[error(
+        "unsupported {what} version {found} (this build reads version {supported}): upgrade ckptd to read it"
+    )]
+    UnsupportedVersion {
+        /// Which structure (`shard`, `manifest`).
+        what: &'static str,
+        /// The version found.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// A step was committed by another writer first.
+    #[error("step {step} of job `{job}` is already committed")]
+    Conflict {
+        /// The job.
+        job: String,
+        /// The step.
+        step: u64,
+    },
+    /// A step, shard or checkpoint does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for, e.g. `step 40 of job "llama"`.
+        what: String,
+    },
+    /// The caller's state does not match the checkpoint.
+    #[error("state does not match checkpoint step {step}: {}", problems.join("; "))]
+    StateMismatch {
+        /// The step being loaded.
+        step: u64,
+        /// Every offending tensor, one entry each.
+        problems: Vec<String>,
+    },
+    /// Not every rank wrote its shard before the commit deadline.
+    #[error(
+        "step {step} of job `{job}` is incomplete after {waited_ms} ms: ranks {missing:?} have no valid shard; the previous step stays latest"
+    )]
+    Incomplete {
+        /// The job.
+        job: String,
+        /// The step.
+        step: u64,
+        /// Ranks whose shard is missing or invalid.
+        missing: Vec<u32>,
+        /// How long the committer waited.
+        waited_ms: u64,
+    },
+    /// Compressing or decompressing a chunk failed.
+    #[error("codec failure: {source}")]
+    Codec {
+        /// The zstd error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine's I/O runtime or a worker is gone.
+    #[error("engine is shut down or a worker died: {reason}")]
+    Cancelled {
+        /// What was abandoned.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// The class of this failure, for retry and alert policy.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidUrl { .. } | Error::InvalidConfig { .. } | Error::InvalidTensor { .. } => {
+                ErrorKind::InvalidInput
+            }
+            Error::Store { source, .. } => store_error_kind(source),
+            Error::Io { source, .. } => io_error_kind(source),
+            Error::Corrupt { .. } | Error::Codec { .. } => ErrorKind::Corrupt,
+            Error::UnsupportedVersion { .. } => ErrorKind::Unsupported,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::StateMismatch { .. } => ErrorKind::Mismatch,
+            Error::Incomplete { .. } => ErrorKind::Timeout,
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
+        }
+    }
+
+    pub(crate) fn store(op: &'static str, path: impl std::fmt::Display, source: object_store::Error) -> Self {
+        Error::Store { op, path: path.to_string(), source }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { op, path: path.into(), source }
+    }
+
+    pub(crate) fn corrupt(location: Location, reason: impl Into<String>) -> Self {
+        Error::Corrupt { location, reason: reason.into() }
+    }
+
+    /// Whether this is a "not found" of any origin (store, file system or catalog).
+    pub fn is_not_found(&self) -> bool {
+        self.kind() == ErrorKind::NotFound
+    }
+}
+
+fn store_error_kind(e: &object_store::Error) -> ErrorKind {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => ErrorKind::NotFound,
+        E::AlreadyExists { .. } | E::Precondition { .. } => ErrorKind::Conflict,
+        E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => ErrorKind::InvalidInput,
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Storage,
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn io_error_kind(e: &std::io::Error) -> ErrorKind {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => ErrorKind::NotFound,
+        K::AlreadyExists => ErrorKind::Conflict,
+        K::InvalidInput | K::InvalidData => ErrorKind::InvalidInput,
+        K::TimedOut | K::Interrupted | K::WouldBlock | K::ConnectionReset => ErrorKind::Transient,
+        _ => ErrorKind::Storage,
+    }
+}

@@ -1,0 +1,33 @@
+//! `ckpt-core`: the ckptd checkpoint engine.
+//!
+//! It turns a snapshot (a contiguous byte region plus a typed tensor table) into a durable,
+//! verifiable, atomically committed checkpoint on any `object_store` backend, and turns that back
+//! into bytes. It holds no network server: the sidecar agent, the isolator and the Python bindings
+//! all call into it.
+//!
+//! The on-storage format is specified in `docs/FORMAT.md`; [`format`] and [`manifest`] implement it.
+//!
+//! Layout of a checkpoint on a store (`<root>` is the URL's path):
+//!
+//! ```text
+//! <root>/<job>/step-<N>/rank-<r>.ckpt   one shard per rank: chunks, index, trailer
+//! <root>/<job>/step-<N>/MANIFEST        the commit record; a step exists only once this exists
+//! ```
+
+pub mod catalog;
+pub mod codec;
+pub mod commit;
+pub mod dtype;
+pub mod durable;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod manifest;
+pub mod persist;
+pub mod restore;
+pub mod retention;
+pub mod store;
+pub mod tensor;
+
+pub use error::{Error, ErrorKind, Location, Result};
+pub use store::{Store, StoreOptions};

@@ -1,0 +1,1 @@
+//! Listing and aborting incomplete S3 multipart uploads (filled by the retention janitor work).

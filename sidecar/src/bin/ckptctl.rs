@@ -1,0 +1,2 @@
+//! `ckptctl`: operator tool.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `ckptd`: the daemon binary.
+fn main() {}
