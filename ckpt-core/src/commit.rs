@@ -1,1 +1,132 @@
-//! (in progress)
+//! Committing a step: the create-only MANIFEST write, and the rank-0 committer that waits for every
+//! shard of a step to be present and valid.
+//!
+//! Exactly one writer can create a MANIFEST: object stores get `PutMode::Create` (S3 `If-None-Match:
+//! *`), `file://` gets tmp + fsync + link + directory fsync ([`crate::durable::publish`]). The loser
+//! of a race gets [`Error::Conflict`].
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use object_store::{PutMode, PutOptions};
+use tokio::runtime::Handle;
+
+use crate::catalog;
+use crate::durable;
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, ShardEntry};
+use crate::restore;
+use crate::store::{Store, layout};
+
+/// Writes `manifest` create-only. Fails with [`Error::Conflict`] when the step is already
+/// committed.
+pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) -> Result<()> {
+    let rel = layout::manifest_path(&manifest.job, manifest.step);
+    let path = store.path(&rel);
+    let bytes = manifest.encode();
+    let conflict = || Error::Conflict { job: manifest.job.clone(), step: manifest.step };
+    if let Some(file) = store.local_file(&path) {
+        return durable::write_new(&file, &bytes)
+            .map_err(|e| if e.kind() == crate::ErrorKind::Conflict { conflict() } else { e });
+    }
+    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+    let os = store.object_store().clone();
+    match rt.block_on(os.put_opts(&path, bytes.into(), opts)) {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Err(conflict()),
+        Err(e) => Err(Error::store("put manifest", &path, e)),
+    }
+}
+
+/// How long the committer waits for shards, and how often it looks.
+#[derive(Debug, Clone)]
+pub struct CommitConfig {
+    /// Give up on a step after this long; the previous step stays latest.
+    pub deadline: Duration,
+    /// First polling interval; it doubles up to `max_poll`.
+    pub poll: Duration,
+    /// Longest polling interval.
+    pub max_poll: Duration,
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            deadline: Duration::from_secs(600),
+            poll: Duration::from_millis(20),
+            max_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Waits until every rank's shard of `step` is present and its header validates, then writes the
+/// MANIFEST. Blocking.
+pub(crate) fn commit_when_complete(
+    store: &Store,
+    rt: &Handle,
+    cfg: &CommitConfig,
+    job: &str,
+    step: u64,
+    world_size: u32,
+    metadata: BTreeMap<String, String>,
+) -> Result<Manifest> {
+    let started = Instant::now();
+    let mut entries: BTreeMap<u32, ShardEntry> = BTreeMap::new();
+    let mut poll = cfg.poll;
+    loop {
+        let steps = catalog::list_steps(store, rt, job)?;
+        let listed = steps.iter().find(|s| s.step == step);
+        if listed.is_some_and(|s| s.state == catalog::StepState::Committed) {
+            return Err(Error::Conflict { job: job.to_string(), step });
+        }
+        let present: Vec<u32> = listed
+            .map(|s| s.shard_ranks.iter().copied().filter(|r| *r < world_size && !entries.contains_key(r)).collect())
+            .unwrap_or_default();
+        let checked =
+            catalog::parallel_map(&present, 16, |&rank| restore::read_header(store, rt, job, step, rank, None));
+        for (rank, res) in present.iter().zip(checked) {
+            match res {
+                Ok(h) if h.index.world_size == world_size => {
+                    let entry = ShardEntry {
+                        rank: *rank,
+                        object: layout::shard_name(*rank),
+                        size: h.size,
+                        index_crc32c: h.trailer.index_crc32c,
+                        region_len: h.index.table.total_len(),
+                    };
+                    entries.insert(*rank, entry);
+                }
+                Ok(h) => {
+                    tracing::warn!(
+                        job,
+                        step,
+                        rank,
+                        found = h.index.world_size,
+                        world_size,
+                        "shard has another world size; ignoring it"
+                    );
+                }
+                // A shard being replaced or still written elsewhere; look again next round.
+                Err(e) => tracing::debug!(job, step, rank, error = %e, "shard not valid yet"),
+            }
+        }
+        if entries.len() == world_size as usize {
+            let manifest = Manifest::new(job, step, world_size, entries.into_values().collect(), metadata)?;
+            write_manifest(store, rt, &manifest)?;
+            tracing::info!(job, step, world_size, "step committed");
+            return Ok(manifest);
+        }
+        let waited = started.elapsed();
+        if waited >= cfg.deadline {
+            let missing = (0..world_size).filter(|r| !entries.contains_key(r)).collect();
+            return Err(Error::Incomplete {
+                job: job.to_string(),
+                step,
+                missing,
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(poll.min(cfg.deadline - waited));
+        poll = (poll * 2).min(cfg.max_poll);
+    }
+}

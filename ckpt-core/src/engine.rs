@@ -1,1 +1,205 @@
-//! (in progress)
+//! [`Engine`]: the engine's one entry point, tying a store, an I/O runtime and the configuration
+//! together.
+//!
+//! Every method blocks the calling thread: call them from plain threads (the trainer, the CLI) or
+//! from `tokio::task::spawn_blocking` (the agent). CPU work runs on bounded pools of named threads;
+//! store I/O runs on the engine's own small tokio runtime, so callers need no runtime of their own.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::runtime::{Handle, Runtime};
+
+use crate::catalog::{self, Depth, StepInfo, VerifyReport};
+use crate::commit::{self, CommitConfig};
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, ShardEntry};
+use crate::persist::{self, PersistConfig, ShardId, ShardInfo, Snapshot};
+use crate::restore::{self, ReadConfig, ShardHeader};
+use crate::retention::{self, GcReport, RetentionPolicy};
+use crate::store::{Store, StoreOptions};
+
+/// Everything the engine can be tuned with.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// How stores are opened.
+    pub store: StoreOptions,
+    /// How shards are written.
+    pub persist: PersistConfig,
+    /// How shards are read.
+    pub read: ReadConfig,
+    /// How the rank-0 committer waits.
+    pub commit: CommitConfig,
+    /// Threads of the I/O runtime (0 = 2).
+    pub io_threads: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Rt {
+    Owned(Arc<Runtime>),
+    Shared(Handle),
+}
+
+/// A store plus the machinery to write, commit, list, verify, restore and clean checkpoints on it.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    store: Store,
+    rt: Rt,
+    cfg: Arc<EngineConfig>,
+}
+
+impl Engine {
+    /// Opens the store at `url` with its own I/O runtime.
+    pub fn open(url: &str, cfg: EngineConfig) -> Result<Engine> {
+        let store = Store::open(url, &cfg.store)?;
+        Engine::new(store, cfg)
+    }
+
+    /// An engine over an already opened store, with its own I/O runtime.
+    pub fn new(store: Store, cfg: EngineConfig) -> Result<Engine> {
+        cfg.persist.validate()?;
+        let threads = if cfg.io_threads == 0 { 2 } else { cfg.io_threads };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("ckpt-io")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Cancelled { reason: format!("cannot start the I/O runtime: {e}") })?;
+        Ok(Engine { store, rt: Rt::Owned(Arc::new(rt)), cfg: Arc::new(cfg) })
+    }
+
+    /// An engine that runs its store I/O on an existing runtime (the agent's). Its blocking
+    /// methods must still be called off that runtime's worker threads.
+    pub fn with_handle(store: Store, cfg: EngineConfig, handle: Handle) -> Result<Engine> {
+        cfg.persist.validate()?;
+        Ok(Engine { store, rt: Rt::Shared(handle), cfg: Arc::new(cfg) })
+    }
+
+    fn rt(&self) -> Handle {
+        match &self.rt {
+            Rt::Owned(r) => r.handle().clone(),
+            Rt::Shared(h) => h.clone(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Writes one rank's shard of `step`. The step stays invisible until it is committed.
+    pub fn write_shard(&self, job: &str, step: u64, rank: u32, world_size: u32, snap: &Snapshot) -> Result<ShardInfo> {
+        persist::write_shard(&self.store, &self.rt(), &self.cfg.persist, ShardId { job, step, rank, world_size }, snap)
+    }
+
+    /// Writes the MANIFEST for shards the caller already knows (the isolator's global commit).
+    /// Exactly one of several racing committers succeeds; the others get [`Error::Conflict`].
+    pub fn commit(
+        &self,
+        job: &str,
+        step: u64,
+        world_size: u32,
+        shards: Vec<ShardEntry>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Manifest> {
+        let m = Manifest::new(job, step, world_size, shards, metadata)?;
+        commit::write_manifest(&self.store, &self.rt(), &m)?;
+        Ok(m)
+    }
+
+    /// Waits until every rank's shard of `step` is present and valid, then commits it (the rank-0
+    /// committer of storage-coordinated commits). After the configured deadline it fails with
+    /// [`Error::Incomplete`] and the previous step stays latest.
+    pub fn commit_when_complete(
+        &self,
+        job: &str,
+        step: u64,
+        world_size: u32,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Manifest> {
+        commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, job, step, world_size, metadata)
+    }
+
+    /// Writes this rank's shard and, on rank 0, commits the step once every shard is present.
+    /// Returns the manifest on rank 0 and `None` elsewhere.
+    pub fn save(
+        &self,
+        job: &str,
+        step: u64,
+        rank: u32,
+        world_size: u32,
+        snap: &Snapshot,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<(ShardInfo, Option<Manifest>)> {
+        let info = self.write_shard(job, step, rank, world_size, snap)?;
+        if rank != 0 {
+            return Ok((info, None));
+        }
+        let m = self.commit_when_complete(job, step, world_size, metadata)?;
+        Ok((info, Some(m)))
+    }
+
+    /// Every step of `job`, oldest first, committed or not.
+    pub fn steps(&self, job: &str) -> Result<Vec<StepInfo>> {
+        catalog::list_steps(&self.store, &self.rt(), job)
+    }
+
+    /// The MANIFEST of a committed step.
+    pub fn manifest(&self, job: &str, step: u64) -> Result<Manifest> {
+        catalog::read_manifest(&self.store, &self.rt(), job, step)
+    }
+
+    /// The newest committed step whose MANIFEST and shard headers validate (sizes, trailers, index
+    /// checksums), falling back past damaged steps. `None` when the job has no sound checkpoint.
+    pub fn latest(&self, job: &str) -> Result<Option<Manifest>> {
+        catalog::newest_valid(&self.store, &self.rt(), &self.cfg.read, job, Depth::Structure)
+    }
+
+    /// Like [`Engine::latest`] but reads and checks every chunk of every shard.
+    pub fn latest_valid(&self, job: &str) -> Result<Option<Manifest>> {
+        catalog::newest_valid(&self.store, &self.rt(), &self.cfg.read, job, Depth::Full)
+    }
+
+    /// Verifies every byte of a committed step, reporting every problem found.
+    pub fn verify(&self, job: &str, step: u64) -> Result<VerifyReport> {
+        catalog::verify_step(&self.store, &self.rt(), &self.cfg.read, job, step)
+    }
+
+    /// Reads a shard's validated trailer and index (its tensor table and metadata) without its
+    /// data.
+    pub fn shard_header(&self, job: &str, step: u64, rank: u32) -> Result<ShardHeader> {
+        let m = self.manifest(job, step)?;
+        let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
+            what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
+        })?;
+        restore::read_header(&self.store, &self.rt(), job, step, rank, Some(entry))
+    }
+
+    /// Restores rank `rank` of committed step `step` into `dst`, which must be exactly the shard's
+    /// region length (see [`Engine::shard_header`]). Every chunk is verified.
+    pub fn restore_into(&self, job: &str, step: u64, rank: u32, dst: &mut [u8]) -> Result<ShardHeader> {
+        let m = self.manifest(job, step)?;
+        let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
+            what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
+        })?;
+        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, job, step, rank, Some(entry), Some(dst))
+    }
+
+    /// Restores rank `rank` of a committed step into a new buffer.
+    pub fn restore(&self, job: &str, step: u64, rank: u32) -> Result<(ShardHeader, Vec<u8>)> {
+        let header = self.shard_header(job, step, rank)?;
+        let mut buf = vec![0u8; header.index.table.total_len() as usize];
+        let header = self.restore_into(job, step, rank, &mut buf)?;
+        Ok((header, buf))
+    }
+
+    /// Applies retention to `job`.
+    pub fn gc(&self, job: &str, policy: &RetentionPolicy) -> Result<GcReport> {
+        retention::gc(&self.store, &self.rt(), &self.cfg.read, job, policy)
+    }
+}

@@ -129,9 +129,7 @@ pub enum Error {
         reason: String,
     },
     /// Stored data uses a format version this build cannot read.
-    #[error(
-        "unsupported {what} version {found} (this build reads version {supported}): upgrade ckptd to read it"
-    )]
+    #[error("unsupported {what} version {found} (this build reads version {supported}): upgrade ckptd to read it")]
     UnsupportedVersion {
         /// Which structure (`shard`, `manifest`).
         what: &'static str,

@@ -29,5 +29,16 @@ pub mod retention;
 pub mod store;
 pub mod tensor;
 
+pub use catalog::{StepInfo, StepState, VerifyReport};
+pub use codec::Compression;
+pub use commit::CommitConfig;
+pub use dtype::DType;
+pub use engine::{Engine, EngineConfig};
 pub use error::{Error, ErrorKind, Location, Result};
+pub use format::{ShardIndex, Trailer};
+pub use manifest::{Manifest, ShardEntry};
+pub use persist::{PersistConfig, ShardInfo, Snapshot};
+pub use restore::{ReadConfig, ShardHeader};
+pub use retention::{GcReport, RetentionPolicy};
 pub use store::{Store, StoreOptions};
+pub use tensor::{TensorEntry, TensorMeta, TensorTable};

@@ -1,1 +1,218 @@
-//! (in progress)
+//! The per-step MANIFEST: the commit record of a checkpoint step.
+//!
+//! A step exists only once its MANIFEST exists. The MANIFEST is UTF-8 JSON followed by one line
+//! `crc32c=<8 lowercase hex digits>\n` that covers every byte before it, so any damaged byte is
+//! detected while the file stays readable with `cat`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Location, Result};
+use crate::store::layout;
+
+/// The manifest format version this build writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// The `format` field's value.
+pub const MANIFEST_FORMAT: &str = "ckptd.manifest";
+/// Largest manifest a reader accepts.
+pub const MAX_MANIFEST_LEN: usize = 64 << 20;
+/// Largest world size a manifest may declare.
+pub const MAX_WORLD_SIZE: u32 = 1 << 20;
+
+/// One rank's shard as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    /// The rank.
+    pub rank: u32,
+    /// Object name inside the step directory (`rank-<r>.ckpt`).
+    pub object: String,
+    /// Total size of the shard object in bytes.
+    pub size: u64,
+    /// The shard's checksum: the crc32c of its index, which holds every chunk's crc32c.
+    pub index_crc32c: u32,
+    /// Size of the rank's snapshot region (uncompressed bytes).
+    pub region_len: u64,
+}
+
+/// The commit record of one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Always [`MANIFEST_VERSION`] for this build.
+    pub version: u32,
+    /// The job name.
+    pub job: String,
+    /// The step.
+    pub step: u64,
+    /// Number of ranks; `shards` has exactly one entry per rank.
+    pub world_size: u32,
+    /// Commit time in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The shards, sorted by rank.
+    pub shards: Vec<ShardEntry>,
+    /// User metadata (free-form key/value pairs).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    format: Option<String>,
+    version: Option<u32>,
+}
+
+impl Manifest {
+    /// A manifest for `shards`, which must cover every rank once.
+    pub fn new(
+        job: &str,
+        step: u64,
+        world_size: u32,
+        mut shards: Vec<ShardEntry>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Manifest> {
+        shards.sort_by_key(|s| s.rank);
+        let created_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let m = Manifest {
+            format: MANIFEST_FORMAT.to_string(),
+            version: MANIFEST_VERSION,
+            job: job.to_string(),
+            step,
+            world_size,
+            created_unix_ms,
+            shards,
+            metadata,
+        };
+        m.validate().map_err(|reason| Error::InvalidConfig { field: "manifest", reason })?;
+        Ok(m)
+    }
+
+    /// Serialises the manifest with its checksum line.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain structs of strings and integers cannot fail.
+        let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
+        out.push(b'\n');
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(format!("crc32c={crc:08x}\n").as_bytes());
+        out
+    }
+
+    /// Parses and checks a manifest: size cap, checksum, version, and that the shards cover each
+    /// rank exactly once.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest> {
+        let bad =
+            |reason: String| Error::corrupt(Location { object: "MANIFEST".into(), ..Location::default() }, reason);
+        if bytes.len() > MAX_MANIFEST_LEN {
+            return Err(bad(format!("{} bytes exceed the {MAX_MANIFEST_LEN}-byte cap", bytes.len())));
+        }
+        const CRC_LINE: usize = "crc32c=00000000\n".len();
+        let split = bytes.len().checked_sub(CRC_LINE).ok_or_else(|| bad("too short to hold a checksum line".into()))?;
+        let (body, line) = bytes.split_at(split);
+        let hex = line
+            .strip_prefix(b"crc32c=")
+            .and_then(|l| l.strip_suffix(b"\n"))
+            .filter(|h| h.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| bad("missing or malformed `crc32c=` line".into()))?;
+        if crc32c::crc32c(body) != hex {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let probe: VersionProbe = serde_json::from_slice(body).map_err(|e| bad(format!("not a JSON manifest: {e}")))?;
+        if probe.format.as_deref() != Some(MANIFEST_FORMAT) {
+            return Err(bad(format!("`format` is not \"{MANIFEST_FORMAT}\"")));
+        }
+        match probe.version {
+            Some(MANIFEST_VERSION) => {}
+            Some(found) => {
+                return Err(Error::UnsupportedVersion { what: "manifest", found, supported: MANIFEST_VERSION });
+            }
+            None => return Err(bad("missing `version`".into())),
+        }
+        let m: Manifest = serde_json::from_slice(body).map_err(|e| bad(format!("invalid manifest: {e}")))?;
+        m.validate().map_err(bad)?;
+        Ok(m)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        layout::validate_job(&self.job).map_err(|e| e.to_string())?;
+        if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
+            return Err(format!("world size {} outside 1..={MAX_WORLD_SIZE}", self.world_size));
+        }
+        if self.shards.len() != self.world_size as usize {
+            return Err(format!("{} shards for world size {}", self.shards.len(), self.world_size));
+        }
+        for (i, s) in self.shards.iter().enumerate() {
+            if s.rank as usize != i {
+                return Err(format!("shard list is missing rank {i} or repeats a rank"));
+            }
+            if s.object != layout::shard_name(s.rank) {
+                return Err(format!("rank {} names object `{}`", s.rank, s.object));
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard entry of `rank`.
+    pub fn shard(&self, rank: u32) -> Option<&ShardEntry> {
+        self.shards.get(rank as usize)
+    }
+
+    /// Total stored bytes of the step.
+    pub fn total_size(&self) -> u64 {
+        self.shards.iter().map(|s| s.size).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let shards = (0..3)
+            .map(|r| ShardEntry {
+                rank: r,
+                object: layout::shard_name(r),
+                size: 1000 + u64::from(r),
+                index_crc32c: 0xabc0 + r,
+                region_len: 900,
+            })
+            .collect();
+        Manifest::new("job-a", 12, 3, shards, BTreeMap::from([("lr".to_string(), "3e-4".to_string())])).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_every_byte_flip_is_caught() {
+        let m = sample();
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(Manifest::decode(&b).is_err(), "flip at byte {i} accepted");
+        }
+    }
+
+    #[test]
+    fn incomplete_shard_lists_are_rejected() {
+        let mut m = sample();
+        m.shards.remove(1);
+        assert!(Manifest::new("j", 1, 3, m.shards.clone(), BTreeMap::new()).is_err());
+        let bytes = m.encode();
+        assert!(Manifest::decode(&bytes).unwrap_err().to_string().contains("shards for world size"));
+    }
+
+    #[test]
+    fn future_version_is_unsupported() {
+        let mut m = sample();
+        m.version = 9;
+        let e = Manifest::decode(&m.encode()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
+    }
+}

@@ -23,9 +23,7 @@ pub fn validate_job(job: &str) -> crate::Result<()> {
     } else {
         Err(crate::Error::InvalidConfig {
             field: "job",
-            reason: format!(
-                "`{job}` is not a valid job name: use 1-253 characters from [A-Za-z0-9._-]"
-            ),
+            reason: format!("`{job}` is not a valid job name: use 1-253 characters from [A-Za-z0-9._-]"),
         })
     }
 }
@@ -69,7 +67,8 @@ pub fn parse_shard_name(name: &str) -> Option<u32> {
 
 fn parse_decimal(digits: &str) -> Option<u64> {
     // Canonical decimals only, so "step-01" and "step-1" never name the same step twice.
-    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     digits.parse().ok()

@@ -189,8 +189,7 @@ impl Store {
             return Self::open_local(FsPath::new(url), &shown);
         }
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let prefix = Path::parse(parsed.path().trim_matches('/'))
-            .map_err(|e| bad(format!("bad path: {e}")))?;
+        let prefix = Path::parse(parsed.path().trim_matches('/')).map_err(|e| bad(format!("bad path: {e}")))?;
         match parsed.scheme() {
             "file" => {
                 let path = parsed.to_file_path().map_err(|()| bad("a file:// URL needs an absolute path".into()))?;
@@ -206,13 +205,7 @@ impl Store {
             "s3" | "oss" => {
                 let target = resolve_s3(&parsed, env).map_err(bad)?;
                 let s3 = Arc::new(build_s3(&target, &parsed, options, env).map_err(|e| bad(e.to_string()))?);
-                Ok(Store {
-                    inner: s3.clone(),
-                    prefix,
-                    backend: Backend::S3(target),
-                    url: shown,
-                    s3: Some(s3),
-                })
+                Ok(Store { inner: s3.clone(), prefix, backend: Backend::S3(target), url: shown, s3: Some(s3) })
             }
             "gs" => {
                 let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket".into()))?;
@@ -246,17 +239,17 @@ impl Store {
                     .map_err(|e| bad(e.to_string()))?;
                 Ok(Store { inner: Arc::new(store), prefix, backend: Backend::Other, url: shown, s3: None })
             }
-            other => Err(bad(format!(
-                "unknown scheme `{other}`: use file://, s3://, oss://, gs://, az:// or memory://"
-            ))),
+            other => {
+                Err(bad(format!("unknown scheme `{other}`: use file://, s3://, oss://, gs://, az:// or memory://")))
+            }
         }
     }
 
     fn open_local(path: &FsPath, shown: &str) -> Result<Store> {
         std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))?;
         let root = path.canonicalize().map_err(|e| Error::io("resolve directory", path, e))?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
-            .map_err(|e| Error::store("open", shown, e))?;
+        let fs =
+            object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| Error::store("open", shown, e))?;
         Ok(Store {
             inner: Arc::new(fs),
             prefix: Path::default(),
@@ -357,9 +350,7 @@ pub fn resolve_s3(url: &url::Url, env: &dyn Env) -> std::result::Result<S3Target
     if url.scheme() == "oss" {
         let region = query_value(url, "region")
             .or_else(|| first_env(env, &[ENV_OSS_REGION, ENV_ALIBABA_CLOUD_REGION_ID]))
-            .ok_or_else(|| {
-                format!("no OSS region: add `?region=cn-hangzhou` to the URL or set {ENV_OSS_REGION}")
-            })?;
+            .ok_or_else(|| format!("no OSS region: add `?region=cn-hangzhou` to the URL or set {ENV_OSS_REGION}"))?;
         let region = region.strip_prefix("oss-").unwrap_or(&region).to_string();
         let endpoint = query_value(url, "endpoint")
             .or_else(|| env.get(ENV_OSS_ENDPOINT))

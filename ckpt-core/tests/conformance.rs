@@ -1,0 +1,262 @@
+//! The store conformance suite: the same checks against `memory://`, `file://` and the loopback S3
+//! server (moto, started by `scripts/test.sh`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+
+use bytes::Bytes;
+use ckpt_core::{
+    Compression, DType, Engine, EngineConfig, ErrorKind, PersistConfig, RetentionPolicy, Snapshot, StepState,
+    TensorMeta, TensorTable,
+};
+
+/// Small chunks so that every test spans many chunks; 5 MiB parts (S3's minimum).
+fn config(compression: Compression) -> EngineConfig {
+    let mut cfg = EngineConfig::default();
+    cfg.persist = PersistConfig {
+        chunk_size: 64 << 10,
+        compression,
+        workers: 2,
+        inflight_bytes: 4 * ((64 << 10) + (5 << 20)),
+        part_size: 5 << 20,
+    };
+    cfg.commit.deadline = std::time::Duration::from_secs(20);
+    cfg
+}
+
+enum Backend {
+    Memory,
+    File,
+    S3,
+}
+
+struct Fixture {
+    engine: Engine,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn open(backend: &Backend, compression: Compression) -> Option<Fixture> {
+    let cfg = config(compression);
+    match backend {
+        Backend::Memory => Some(Fixture { engine: Engine::open("memory://", cfg).unwrap(), _dir: None }),
+        Backend::File => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("file://{}", dir.path().display());
+            Some(Fixture { engine: Engine::open(&url, cfg).unwrap(), _dir: Some(dir) })
+        }
+        Backend::S3 => {
+            if !common::s3::s3_available() {
+                return None;
+            }
+            let url = format!("s3://{}/{}", common::s3::bucket(), common::s3::unique_prefix("conformance"));
+            Some(Fixture { engine: Engine::open(&url, cfg).unwrap(), _dir: None })
+        }
+    }
+}
+
+/// A deterministic snapshot of mixed dtypes (zero-size tensors and scalars included), about
+/// `approx_bytes` large, half compressible and half noise.
+fn snapshot(seed: u64, approx_bytes: usize) -> Snapshot {
+    let per = (approx_bytes / 4).max(16) as u64;
+    let metas = vec![
+        TensorMeta::new("model.embed", DType::BF16, vec![per / 2]).unwrap(),
+        TensorMeta::new("model.scalar", DType::F64, vec![]).unwrap(),
+        TensorMeta::new("model.empty", DType::F32, vec![3, 0]).unwrap(),
+        TensorMeta::new("optim.exp_avg", DType::F32, vec![per / 4]).unwrap(),
+        TensorMeta::new("optim.step", DType::I64, vec![1]).unwrap(),
+        TensorMeta::new("rng", DType::U8, vec![per]).unwrap(),
+        TensorMeta::new("mask", DType::Bool, vec![17]).unwrap(),
+        TensorMeta::new("c", DType::C128, vec![2, 2]).unwrap(),
+    ];
+    let table = TensorTable::packed(metas, 64).unwrap();
+    let mut data = vec![0u8; table.total_len() as usize];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let half = data.len() / 2;
+    for (i, b) in data.iter_mut().enumerate() {
+        if i < half {
+            *b = (i / 1024) as u8;
+        } else {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    Snapshot { table, data: Bytes::from(data), metadata: format!("{{\"seed\":{seed}}}").into_bytes() }
+}
+
+fn round_trip(backend: Backend, compression: Compression) {
+    let Some(f) = open(&backend, compression) else { return };
+    let snap = snapshot(1, 600_000);
+    let (info, m) = f.engine.save("job", 10, 0, 1, &snap, BTreeMap::from([("k".into(), "v".into())])).unwrap();
+    let m = m.expect("rank 0 commits");
+    assert_eq!(m.world_size, 1);
+    assert_eq!(m.shards[0].size, info.size);
+    assert_eq!(m.metadata.get("k").map(String::as_str), Some("v"));
+    if compression == Compression::None {
+        assert_eq!(info.compressed_chunks, 0);
+    } else if compression == Compression::Auto {
+        assert!(info.compressed_chunks > 0, "the compressible half should compress");
+        assert!(info.compressed_chunks < info.chunks, "the noise half should stay raw under auto");
+    } else {
+        assert_eq!(info.compressed_chunks, info.chunks, "zstd mode compresses every chunk");
+    }
+    let (header, back) = f.engine.restore("job", 10, 0).unwrap();
+    assert_eq!(header.index.table, snap.table);
+    assert_eq!(header.index.metadata, snap.metadata);
+    assert!(back == snap.data, "restored bytes differ");
+    assert_eq!(f.engine.latest("job").unwrap().map(|m| m.step), Some(10));
+    assert_eq!(f.engine.latest_valid("job").unwrap().map(|m| m.step), Some(10));
+    assert!(f.engine.verify("job", 10).unwrap().ok());
+}
+
+fn concurrent_commit_has_one_winner(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let snap = snapshot(2, 10_000);
+    let info = f.engine.write_shard("job", 5, 0, 1, &snap).unwrap();
+    let racers = 6;
+    let barrier = Arc::new(Barrier::new(racers));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..racers)
+            .map(|i| {
+                let barrier = barrier.clone();
+                let engine = f.engine.clone();
+                let entry = info.entry();
+                s.spawn(move || {
+                    barrier.wait();
+                    engine.commit("job", 5, 1, vec![entry], BTreeMap::from([("writer".into(), i.to_string())]))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "exactly one committer must win: {results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        }
+    }
+    let stored = f.engine.manifest("job", 5).unwrap();
+    assert_eq!(&stored, winners[0], "the stored manifest is the winner's");
+}
+
+fn uncommitted_is_invisible(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let snap = snapshot(3, 50_000);
+    f.engine.save("job", 1, 0, 1, &snap, BTreeMap::new()).unwrap();
+    // Step 2: both shards of a 2-rank step written, never committed.
+    f.engine.write_shard("job", 2, 0, 2, &snap).unwrap();
+    f.engine.write_shard("job", 2, 1, 2, &snap).unwrap();
+    assert_eq!(f.engine.latest("job").unwrap().map(|m| m.step), Some(1));
+    let steps = f.engine.steps("job").unwrap();
+    assert_eq!(
+        steps.iter().map(|s| (s.step, s.state)).collect::<Vec<_>>(),
+        vec![(1, StepState::Committed), (2, StepState::Uncommitted)]
+    );
+    assert_eq!(f.engine.manifest("job", 2).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(f.engine.restore("job", 2, 0).unwrap_err().kind(), ErrorKind::NotFound);
+    // A job with nothing committed has no latest step.
+    assert_eq!(f.engine.latest("other").unwrap(), None);
+}
+
+fn retention_keeps_newest(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let snap = snapshot(4, 20_000);
+    for step in [10, 20, 30, 40] {
+        f.engine.save("job", step, 0, 1, &snap, BTreeMap::new()).unwrap();
+    }
+    // Debris: an uncommitted step older than the newest commit, and one newer (in progress).
+    f.engine.write_shard("job", 35, 0, 2, &snap).unwrap();
+    f.engine.write_shard("job", 50, 0, 2, &snap).unwrap();
+
+    let dry = f.engine.gc("job", &RetentionPolicy { keep: 2, dry_run: true, ..Default::default() }).unwrap();
+    assert_eq!(dry.deleted_committed, vec![10, 20]);
+    assert_eq!(f.engine.steps("job").unwrap().len(), 6, "a dry run deletes nothing");
+
+    let report = f.engine.gc("job", &RetentionPolicy { keep: 2, ..Default::default() }).unwrap();
+    assert_eq!(report.kept, vec![30, 40]);
+    assert_eq!(report.deleted_committed, vec![10, 20]);
+    assert_eq!(report.deleted_debris, vec![35]);
+    let left: Vec<_> = f.engine.steps("job").unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(left, vec![30, 40, 50]);
+
+    // keep=1 never deletes the newest committed step, and keep=0 is refused.
+    let report = f.engine.gc("job", &RetentionPolicy { keep: 1, ..Default::default() }).unwrap();
+    assert_eq!(report.kept, vec![40]);
+    assert_eq!(f.engine.latest("job").unwrap().map(|m| m.step), Some(40));
+    let (_, back) = f.engine.restore("job", 40, 0).unwrap();
+    assert!(back == snap.data);
+    let e = f.engine.gc("job", &RetentionPolicy { keep: 0, ..Default::default() }).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+}
+
+fn multipart_checkpoint(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    // About 18 MiB with 5 MiB parts: at least three parts.
+    let snap = snapshot(5, 24 << 20);
+    let (info, _) = f.engine.save("job", 7, 0, 1, &snap, BTreeMap::new()).unwrap();
+    assert!(info.size > 3 * (5 << 20), "shard is {} bytes", info.size);
+    let (_, back) = f.engine.restore("job", 7, 0).unwrap();
+    assert!(back == snap.data, "multipart round trip differs");
+    assert!(f.engine.verify("job", 7).unwrap().ok());
+}
+
+fn multi_rank_commit_and_deadline(backend: Backend) {
+    let Some(f) = open(&backend, Compression::Auto) else { return };
+    let world = 4u32;
+    let snaps: Vec<_> = (0..world).map(|r| snapshot(100 + u64::from(r), 30_000)).collect();
+    std::thread::scope(|s| {
+        for r in (0..world).rev() {
+            let engine = f.engine.clone();
+            let snap = &snaps[r as usize];
+            s.spawn(move || engine.save("job", 1, r, world, snap, BTreeMap::new()).unwrap());
+        }
+    });
+    let m = f.engine.latest("job").unwrap().expect("step 1 committed");
+    assert_eq!((m.step, m.world_size, m.shards.len()), (1, 4, 4));
+    for r in 0..world {
+        let (_, back) = f.engine.restore("job", 1, r).unwrap();
+        assert!(back == snaps[r as usize].data, "rank {r} differs");
+    }
+
+    // Step 2: rank 3 dies before writing. Rank 0's committer gives up at the deadline.
+    let mut cfg = config(Compression::Auto);
+    cfg.commit.deadline = std::time::Duration::from_millis(300);
+    let engine = Engine::new(f.engine.store().clone(), cfg).unwrap();
+    for r in 1..3 {
+        engine.write_shard("job", 2, r, world, &snaps[r as usize]).unwrap();
+    }
+    let e = engine.save("job", 2, 0, world, &snaps[0], BTreeMap::new()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("[3]"), "{e}");
+    assert_eq!(engine.latest("job").unwrap().map(|m| m.step), Some(1));
+}
+
+macro_rules! suite {
+    ($($backend:ident => $module:ident),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+            #[test]
+            fn round_trip_raw() { round_trip(Backend::$backend, Compression::None) }
+            #[test]
+            fn round_trip_auto() { round_trip(Backend::$backend, Compression::Auto) }
+            #[test]
+            fn round_trip_zstd() { round_trip(Backend::$backend, Compression::Zstd(3)) }
+            #[test]
+            fn concurrent_commit() { concurrent_commit_has_one_winner(Backend::$backend) }
+            #[test]
+            fn uncommitted_invisible() { uncommitted_is_invisible(Backend::$backend) }
+            #[test]
+            fn retention() { retention_keeps_newest(Backend::$backend) }
+            #[test]
+            fn multipart() { multipart_checkpoint(Backend::$backend) }
+            #[test]
+            fn multi_rank() { multi_rank_commit_and_deadline(Backend::$backend) }
+        }
+    )*};
+}
+
+suite!(Memory => memory, File => file, S3 => s3);
