@@ -12,7 +12,7 @@ use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::restore::{self, ReadConfig};
+use crate::restore::{self, ReadConfig, ShardRef};
 use crate::store::{Store, layout};
 
 /// Whether a step is committed.
@@ -190,8 +190,13 @@ pub(crate) fn validate_step(
 ) -> Result<Manifest> {
     let m = read_manifest(store, rt, job, step)?;
     let results = parallel_map(&m.shards, 16, |s| match depth {
-        Depth::Structure => restore::read_header(store, rt, job, step, s.rank, Some(s)).map(|_| ()),
-        Depth::Full => restore::read_shard(store, rt, read, job, step, s.rank, Some(s), None).map(|_| ()),
+        Depth::Structure => {
+            restore::read_header(store, rt, ShardRef { job, step, rank: s.rank, expected: Some(s) }).map(|_| ())
+        }
+        Depth::Full => {
+            restore::read_shard(store, rt, read, ShardRef { job, step, rank: s.rank, expected: Some(s) }, None)
+                .map(|_| ())
+        }
     });
     results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(m)
@@ -263,8 +268,9 @@ pub(crate) fn verify_step(store: &Store, rt: &Handle, read: &ReadConfig, job: &s
             return Ok(VerifyReport { step, manifest_ok: false, shards: Vec::new(), problems: vec![e.to_string()] });
         }
     };
-    let results =
-        parallel_map(&m.shards, 8, |s| restore::read_shard(store, rt, read, job, step, s.rank, Some(s), None));
+    let results = parallel_map(&m.shards, 8, |s| {
+        restore::read_shard(store, rt, read, ShardRef { job, step, rank: s.rank, expected: Some(s) }, None)
+    });
     let mut report = VerifyReport { step, manifest_ok: true, shards: Vec::new(), problems: Vec::new() };
     for (s, r) in m.shards.iter().zip(results) {
         let error = r.err().map(|e| e.to_string());

@@ -15,7 +15,7 @@ use crate::catalog;
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, ShardEntry};
-use crate::restore;
+use crate::restore::{self, ShardRef};
 use crate::store::{Store, layout};
 
 /// Writes `manifest` create-only. Fails with [`Error::Conflict`] when the step is already
@@ -82,8 +82,9 @@ pub(crate) fn commit_when_complete(
         let present: Vec<u32> = listed
             .map(|s| s.shard_ranks.iter().copied().filter(|r| *r < world_size && !entries.contains_key(r)).collect())
             .unwrap_or_default();
-        let checked =
-            catalog::parallel_map(&present, 16, |&rank| restore::read_header(store, rt, job, step, rank, None));
+        let checked = catalog::parallel_map(&present, 16, |&rank| {
+            restore::read_header(store, rt, ShardRef { job, step, rank, expected: None })
+        });
         for (rank, res) in present.iter().zip(checked) {
             match res {
                 Ok(h) if h.index.world_size == world_size => {

@@ -15,7 +15,7 @@ use crate::commit::{self, CommitConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, ShardEntry};
 use crate::persist::{self, PersistConfig, ShardId, ShardInfo, Snapshot};
-use crate::restore::{self, ReadConfig, ShardHeader};
+use crate::restore::{self, ReadConfig, ShardHeader, ShardRef};
 use crate::retention::{self, GcReport, RetentionPolicy};
 use crate::store::{Store, StoreOptions};
 
@@ -177,7 +177,7 @@ impl Engine {
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
             what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        restore::read_header(&self.store, &self.rt(), job, step, rank, Some(entry))
+        restore::read_header(&self.store, &self.rt(), ShardRef { job, step, rank, expected: Some(entry) })
     }
 
     /// Restores rank `rank` of committed step `step` into `dst`, which must be exactly the shard's
@@ -187,7 +187,13 @@ impl Engine {
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
             what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, job, step, rank, Some(entry), Some(dst))
+        restore::read_shard(
+            &self.store,
+            &self.rt(),
+            &self.cfg.read,
+            ShardRef { job, step, rank, expected: Some(entry) },
+            Some(dst),
+        )
     }
 
     /// Restores rank `rank` of a committed step into a new buffer.

@@ -93,16 +93,19 @@ impl Source {
     }
 }
 
+/// Which shard to read, and what the MANIFEST recorded for it (when it is committed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ShardRef<'a> {
+    pub job: &'a str,
+    pub step: u64,
+    pub rank: u32,
+    pub expected: Option<&'a ShardEntry>,
+}
+
 /// Reads and validates a shard's trailer and index. With `expected` (the manifest's entry), also
 /// checks the size and checksum the commit recorded.
-pub(crate) fn read_header(
-    store: &Store,
-    rt: &Handle,
-    job: &str,
-    step: u64,
-    rank: u32,
-    expected: Option<&ShardEntry>,
-) -> Result<ShardHeader> {
+pub(crate) fn read_header(store: &Store, rt: &Handle, r: ShardRef<'_>) -> Result<ShardHeader> {
+    let ShardRef { job, step, rank, expected } = r;
     let rel = layout::shard_path(job, step, rank);
     let path = store.path(&rel);
     let source = Source::open(store, rt, &path)?;
@@ -203,12 +206,10 @@ pub(crate) fn read_shard(
     store: &Store,
     rt: &Handle,
     cfg: &ReadConfig,
-    job: &str,
-    step: u64,
-    rank: u32,
-    expected: Option<&ShardEntry>,
+    r: ShardRef<'_>,
     dst: Option<&mut [u8]>,
 ) -> Result<ShardHeader> {
+    let ShardRef { job, step, rank, expected } = r;
     let rel = layout::shard_path(job, step, rank);
     let path = store.path(&rel);
     let source = Source::open(store, rt, &path)?;
@@ -247,7 +248,7 @@ pub(crate) fn read_shard(
                 .spawn_scoped(scope, move || {
                     let mut scratch = Vec::new();
                     for (span, stored, dst) in rx {
-                        if let Err(e) = check_chunk(index, &rel, &span, &stored, dst, &mut scratch) {
+                        if let Err(e) = check_chunk(index, rel, &span, &stored, dst, &mut scratch) {
                             let _ = err_tx.try_send(e);
                             return;
                         }

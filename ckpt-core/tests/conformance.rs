@@ -8,22 +8,21 @@ use std::sync::{Arc, Barrier};
 
 use bytes::Bytes;
 use ckpt_core::{
-    Compression, DType, Engine, EngineConfig, ErrorKind, PersistConfig, RetentionPolicy, Snapshot, StepState,
-    TensorMeta, TensorTable,
+    CommitConfig, Compression, DType, Engine, EngineConfig, ErrorKind, PersistConfig, RetentionPolicy, Snapshot,
+    StepState, TensorMeta, TensorTable,
 };
 
 /// Small chunks so that every test spans many chunks; 5 MiB parts (S3's minimum).
 fn config(compression: Compression) -> EngineConfig {
-    let mut cfg = EngineConfig::default();
-    cfg.persist = PersistConfig {
+    let persist = PersistConfig {
         chunk_size: 64 << 10,
         compression,
         workers: 2,
         inflight_bytes: 4 * ((64 << 10) + (5 << 20)),
         part_size: 5 << 20,
     };
-    cfg.commit.deadline = std::time::Duration::from_secs(20);
-    cfg
+    let commit = CommitConfig { deadline: std::time::Duration::from_secs(20), ..CommitConfig::default() };
+    EngineConfig { persist, commit, ..EngineConfig::default() }
 }
 
 enum Backend {

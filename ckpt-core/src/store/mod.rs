@@ -371,6 +371,20 @@ pub fn resolve_s3(url: &url::Url, env: &dyn Env) -> std::result::Result<S3Target
     Ok(S3Target { bucket, region, endpoint, virtual_hosted, allow_http })
 }
 
+/// `https://host` → `https://<bucket>.host`, unless the host already starts with the bucket.
+pub fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut u) => {
+            let host = u.host_str().unwrap_or_default().to_string();
+            if !host.starts_with(&format!("{bucket}.")) && u.set_host(Some(&format!("{bucket}.{host}"))).is_err() {
+                return endpoint.to_string();
+            }
+            u.as_str().trim_end_matches('/').to_string()
+        }
+        Err(_) => endpoint.to_string(),
+    }
+}
+
 fn build_s3(
     target: &S3Target,
     url: &url::Url,
@@ -410,6 +424,8 @@ fn build_s3(
         .with_retry(options.retry_config())
         .with_client_options(options.client_options(allow_http));
     if let Some(endpoint) = &target.endpoint {
+        // object_store expects a virtual-hosted endpoint to name the bucket already.
+        let endpoint = if target.virtual_hosted { bucket_endpoint(endpoint, &target.bucket) } else { endpoint.clone() };
         b = b.with_endpoint(endpoint);
     }
     b.build()
@@ -430,6 +446,14 @@ mod tests {
         assert_eq!(t.region, "cn-beijing");
         assert_eq!(t.endpoint.as_deref(), Some("https://oss-cn-beijing.aliyuncs.com"));
         assert!(t.virtual_hosted);
+        assert_eq!(
+            bucket_endpoint("https://oss-cn-beijing.aliyuncs.com", "bkt"),
+            "https://bkt.oss-cn-beijing.aliyuncs.com"
+        );
+        assert_eq!(
+            bucket_endpoint("https://bkt.oss-cn-beijing.aliyuncs.com", "bkt"),
+            "https://bkt.oss-cn-beijing.aliyuncs.com"
+        );
 
         let u = url::Url::parse("oss://bkt/jobs").unwrap();
         let t = resolve_s3(&u, &env(&[(ENV_ALIBABA_CLOUD_REGION_ID, "oss-cn-shanghai")])).unwrap();

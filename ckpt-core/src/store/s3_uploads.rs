@@ -200,7 +200,6 @@ impl<'a> Api<'a> {
             AwsAuthorizer::new(&credential, "s3", &self.target.region)
                 .try_authorize(&mut request, None)
                 .map_err(|e| Error::store(op, path, e))?;
-            drop(credential);
             let retryable = match self.http.execute(request).await {
                 Ok(response) => {
                     let status = response.status();
