@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use object_store::{PutMode, PutOptions};
+use object_store::{ObjectStoreExt, PutMode, PutOptions};
 use tokio::runtime::Handle;
 
 use crate::catalog;
@@ -19,22 +19,39 @@ use crate::restore::{self, ShardRef};
 use crate::store::{Store, layout};
 
 /// Writes `manifest` create-only. Fails with [`Error::Conflict`] when the step is already
-/// committed.
+/// committed by someone else.
+///
+/// A create-only PUT whose response was lost (the store kept the object, the connection dropped)
+/// is retried by the client and then refused because the object exists. So a refusal is checked:
+/// when the stored MANIFEST is byte-for-byte ours (it carries our creation time and shard
+/// checksums), our commit did land and this returns `Ok`.
 pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) -> Result<()> {
     let rel = layout::manifest_path(&manifest.job, manifest.step);
     let path = store.path(&rel);
     let bytes = manifest.encode();
-    let conflict = || Error::Conflict { job: manifest.job.clone(), step: manifest.step };
     if let Some(file) = store.local_file(&path) {
-        return durable::write_new(&file, &bytes)
-            .map_err(|e| if e.kind() == crate::ErrorKind::Conflict { conflict() } else { e });
+        match durable::write_new(&file, &bytes) {
+            Err(e) if e.kind() == crate::ErrorKind::Conflict => {}
+            other => return other,
+        }
+    } else {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let os = store.object_store().clone();
+        match rt.block_on(os.put_opts(&path, bytes.clone().into(), opts)) {
+            Ok(_) => return Ok(()),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
+            Err(e) => return Err(Error::store("put manifest", &path, e)),
+        }
     }
-    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
     let os = store.object_store().clone();
-    match rt.block_on(os.put_opts(&path, bytes.into(), opts)) {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Err(conflict()),
-        Err(e) => Err(Error::store("put manifest", &path, e)),
+    let existing = rt.block_on(async { os.get(&path).await?.bytes().await });
+    match existing {
+        Ok(existing) if existing.as_ref() == bytes.as_slice() => {
+            tracing::info!(job = %manifest.job, step = manifest.step, "create-only put was refused but the stored manifest is ours");
+            Ok(())
+        }
+        Ok(_) => Err(Error::Conflict { job: manifest.job.clone(), step: manifest.step }),
+        Err(e) => Err(Error::store("get manifest", &path, e)),
     }
 }
 
