@@ -26,10 +26,18 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// The directory that holds `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Creates the parent directories of `path`, fsyncing each new one's parent so that the
 /// directories themselves survive a crash.
 pub fn create_parent_dirs(path: &Path) -> Result<()> {
-    let Some(parent) = path.parent() else { return Ok(()) };
+    let parent = parent_dir(path);
     if parent.is_dir() {
         return Ok(());
     }
@@ -39,10 +47,7 @@ pub fn create_parent_dirs(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(Error::io("create directory", parent, e)),
     }
-    if let Some(grand) = parent.parent() {
-        sync_dir(grand)?;
-    }
-    Ok(())
+    sync_dir(parent_dir(parent))
 }
 
 /// fsyncs a directory, making the names in it durable.
@@ -71,7 +76,7 @@ pub fn publish(file: File, tmp: &Path, path: &Path) -> Result<()> {
     })();
     let _ = std::fs::remove_file(tmp);
     result?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent_dir(path))
 }
 
 /// Like [`publish`] but replaces an existing file (used for shards: a rank that retries a step
@@ -86,7 +91,7 @@ pub fn publish_replace(file: File, tmp: &Path, path: &Path) -> Result<()> {
         let _ = std::fs::remove_file(tmp);
     }
     result?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent_dir(path))
 }
 
 /// Writes `bytes` to `path` durably and create-only (see [`publish`]).
@@ -102,6 +107,13 @@ pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_file_names_live_in_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("plain-name")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("a/b")), Path::new("a"));
+        assert_eq!(parent_dir(Path::new("/x")), Path::new("/"));
+    }
 
     #[test]
     fn create_only_has_one_winner_and_leaves_no_tmp() {

@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Timeout,
     /// The engine is shutting down or the work was abandoned.
     Cancelled,
+    /// A GPU driver call failed (the device may be faulty or lost).
+    Device,
 }
 
 /// Where in a checkpoint a corruption was found.
@@ -181,6 +183,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A CUDA driver call failed.
+    #[error("{op} on CUDA device {device} failed: {reason}")]
+    Device {
+        /// The driver call.
+        op: &'static str,
+        /// The device ordinal.
+        device: u32,
+        /// The driver's error name and description.
+        reason: String,
+    },
     /// The engine's I/O runtime or a worker is gone.
     #[error("engine is shut down or a worker died: {reason}")]
     Cancelled {
@@ -205,6 +217,7 @@ impl Error {
             Error::StateMismatch { .. } => ErrorKind::Mismatch,
             Error::Incomplete { .. } => ErrorKind::Timeout,
             Error::Cancelled { .. } => ErrorKind::Cancelled,
+            Error::Device { .. } => ErrorKind::Device,
         }
     }
 

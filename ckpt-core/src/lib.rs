@@ -14,9 +14,11 @@
 //! <root>/<job>/step-<N>/MANIFEST        the commit record; a step exists only once this exists
 //! ```
 
+pub mod arena;
 pub mod catalog;
 pub mod codec;
 pub mod commit;
+pub mod copy;
 pub mod dtype;
 pub mod durable;
 pub mod engine;

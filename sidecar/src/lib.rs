@@ -1,5 +1,13 @@
 //! ckptd: the sidecar daemon, the trainer-side client, health monitoring, the node isolator, the
 //! admission webhook and the command-line tools. Everything durable goes through `ckpt-core`.
 
+pub mod cli;
+pub mod client;
+
+pub mod demo;
+pub mod error;
+
+pub use error::{Error, ErrorKind, Result};
+
 /// The version of this build, shown by `--version` and reported to peers.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -51,6 +51,53 @@ pub struct ShardIndex {
     pub metadata: Vec<u8>,
 }
 
+/// Appends the tensor records of `table` (docs/FORMAT.md, section 3.2).
+pub(crate) fn encode_tensors(table: &TensorTable, out: &mut Vec<u8>) {
+    for e in table.entries() {
+        out.extend_from_slice(&(e.meta.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(e.meta.name.as_bytes());
+        out.push(e.meta.dtype.code());
+        out.push(e.meta.shape.len() as u8);
+        for d in &e.meta.shape {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&e.offset.to_le_bytes());
+    }
+}
+
+/// Reads `count` tensor records and checks them against a region of `region_len` bytes.
+pub(crate) fn decode_tensors(r: &mut Reader<'_>, count: u32, region_len: u64) -> Result<TensorTable> {
+    if count > MAX_TENSORS {
+        return Err(r.error(format!("{count} tensors exceed the cap of {MAX_TENSORS}")));
+    }
+    if u64::from(count).saturating_mul(12) > r.remaining() as u64 {
+        return Err(r.error("tensor count exceeds the bytes present".to_string()));
+    }
+    let mut entries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let name_len = r.u16()? as usize;
+        if name_len == 0 || name_len > MAX_NAME_LEN {
+            return Err(r.error(format!("tensor name length {name_len} outside 1..={MAX_NAME_LEN}")));
+        }
+        let name = std::str::from_utf8(r.bytes(name_len)?).map_err(|_| r.error("tensor name is not UTF-8"))?.to_string();
+        let code = r.u8()?;
+        let dtype = DType::from_code(code).ok_or_else(|| r.error(format!("unknown dtype code {code}")))?;
+        let ndim = r.u8()? as usize;
+        if ndim > MAX_NDIM {
+            return Err(r.error(format!("{ndim} dimensions exceed the cap of {MAX_NDIM}")));
+        }
+        let mut shape = Vec::with_capacity(ndim);
+        for _ in 0..ndim {
+            shape.push(r.u64()?);
+        }
+        let offset = r.u64()?;
+        let meta = TensorMeta { name, dtype, shape };
+        let len = meta.byte_len().map_err(|e| r.error(e.to_string()))?;
+        entries.push(TensorEntry { meta, offset, len });
+    }
+    TensorTable::from_entries(entries, region_len).map_err(|e| r.error(e.to_string()))
+}
+
 /// Fixed header bytes before the tensor table.
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 8 + 4;
 /// Bytes per chunk entry.
@@ -73,16 +120,7 @@ impl ShardIndex {
         out.extend_from_slice(&(self.table.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
         out.extend_from_slice(&(self.metadata.len() as u32).to_le_bytes());
-        for e in self.table.entries() {
-            out.extend_from_slice(&(e.meta.name.len() as u16).to_le_bytes());
-            out.extend_from_slice(e.meta.name.as_bytes());
-            out.push(e.meta.dtype.code());
-            out.push(e.meta.shape.len() as u8);
-            for d in &e.meta.shape {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&e.offset.to_le_bytes());
-        }
+        encode_tensors(&self.table, &mut out);
         for c in &self.chunks {
             out.push(c.codec);
             out.extend_from_slice(&c.stored_len.to_le_bytes());
@@ -130,30 +168,7 @@ impl ShardIndex {
         if min_needed.is_none_or(|n| n > r.remaining() as u64) {
             return Err(r.error("counts exceed the index length".to_string()));
         }
-        let mut entries = Vec::with_capacity(tensor_count as usize);
-        for _ in 0..tensor_count {
-            let name_len = r.u16()? as usize;
-            if name_len == 0 || name_len > MAX_NAME_LEN {
-                return Err(r.error(format!("tensor name length {name_len} outside 1..={MAX_NAME_LEN}")));
-            }
-            let name =
-                std::str::from_utf8(r.bytes(name_len)?).map_err(|_| r.error("tensor name is not UTF-8"))?.to_string();
-            let code = r.u8()?;
-            let dtype = DType::from_code(code).ok_or_else(|| r.error(format!("unknown dtype code {code}")))?;
-            let ndim = r.u8()? as usize;
-            if ndim > MAX_NDIM {
-                return Err(r.error(format!("{ndim} dimensions exceed the cap of {MAX_NDIM}")));
-            }
-            let mut shape = Vec::with_capacity(ndim);
-            for _ in 0..ndim {
-                shape.push(r.u64()?);
-            }
-            let offset = r.u64()?;
-            let meta = TensorMeta { name, dtype, shape };
-            let len = meta.byte_len().map_err(|e| r.error(e.to_string()))?;
-            entries.push(TensorEntry { meta, offset, len });
-        }
-        let table = TensorTable::from_entries(entries, region_len).map_err(|e| r.error(e.to_string()))?;
+        let table = decode_tensors(&mut r, tensor_count, region_len)?;
         let mut chunks = Vec::with_capacity(chunk_count_field as usize);
         let mut raw_left = region_len;
         for i in 0..chunk_count_field {

@@ -6,12 +6,12 @@
 
 mod index;
 mod trailer;
-mod wire;
+pub(crate) mod wire;
 
 pub use index::{ChunkEntry, ChunkSpan, ShardIndex};
 pub use trailer::Trailer;
 
-pub(crate) use index::chunk_count as index_chunk_count;
+pub(crate) use index::{chunk_count as index_chunk_count, decode_tensors, encode_tensors};
 
 /// The shard format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

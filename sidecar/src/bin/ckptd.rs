@@ -1,2 +1,141 @@
-//! `ckptd`: the daemon binary.
-fn main() {}
+//! `ckptd`: the daemon binary. Each role is a subcommand; today there is `demo`, which runs the
+//! embedded-mode checkpoint path end to end with nothing else installed.
+//!
+//! Exit codes: 0 on success, 64 for a bad configuration (one line on stderr, as linkerd does), 1
+//! when a run fails.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use ckpt_core::Compression;
+use ckptd::demo;
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Environment variable: the filter for the logs written to stderr, in `tracing_subscriber`'s
+/// `EnvFilter` syntax (`info`, `ckpt_core=debug,warn`, ...). Unset means `warn`.
+const ENV_LOG: &str = "CKPTD_LOG";
+
+/// Exit code for a bad configuration (`EX_USAGE` of sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "ckptd", version = ckptd::VERSION, about = "ckptd: fast, verified checkpoints for GPU training")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a synthetic model, checkpoint it in the background, crash, restore and verify bitwise.
+    /// Needs no GPU, cluster or server.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Store URL (file:///dir, s3://bucket/prefix, memory://, ...) [default: ./ckptd-demo-store]
+    #[arg(long)]
+    store: Option<String>,
+    /// Job name in the store.
+    #[arg(long, default_value = "demo")]
+    job: String,
+    /// Size of the training state in MiB.
+    #[arg(long, default_value_t = 256)]
+    state_mib: u64,
+    /// Training steps before the simulated crash.
+    #[arg(long, default_value_t = 30)]
+    steps: u64,
+    /// Checkpoint every this many steps.
+    #[arg(long, default_value_t = 5)]
+    every: u64,
+    /// Chunk compression: none, auto, zstd or zstd:<level>.
+    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    compression: Compression,
+    /// Simulated forward + backward time per step, in milliseconds; persisting overlaps it.
+    #[arg(long, default_value_t = 100)]
+    compute_ms: u64,
+    /// Committed steps to keep (0 keeps all).
+    #[arg(long, default_value_t = 2)]
+    keep: usize,
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse().map_err(|e: ckpt_core::Error| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let reason = match e.kind() {
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+                    "a subcommand is required".to_string()
+                }
+                _ => e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string(),
+            };
+            return fail_config(&format!("{reason} (see `ckptd --help`)"));
+        }
+    };
+    if let Err(e) = init_logging() {
+        return fail_config(&format!("{e:#}"));
+    }
+    match cli.command {
+        Command::Demo(args) => run_demo(args),
+    }
+}
+
+fn init_logging() -> anyhow::Result<()> {
+    let filter = match std::env::var(ENV_LOG) {
+        Ok(v) => EnvFilter::try_new(&v).with_context(|| format!("{ENV_LOG}=`{v}` is not a valid log filter"))?,
+        Err(std::env::VarError::NotPresent) => EnvFilter::new("warn"),
+        Err(e) => anyhow::bail!("{ENV_LOG}: {e}"),
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
+}
+
+fn run_demo(args: DemoArgs) -> ExitCode {
+    let store = match args.store {
+        Some(s) => s,
+        None => match std::env::current_dir() {
+            Ok(cwd) => demo::default_store(&cwd),
+            Err(e) => return fail_config(&format!("cannot resolve the current directory for the default store: {e}")),
+        },
+    };
+    let cfg = demo::Config {
+        job: args.job,
+        state_bytes: args.state_mib.saturating_mul(1 << 20),
+        steps: args.steps,
+        every: args.every,
+        compression: args.compression,
+        compute: Duration::from_millis(args.compute_ms),
+        keep: args.keep,
+        ..demo::Config::new(store)
+    };
+    let stdout = std::io::stdout();
+    match demo::run(&cfg, &mut stdout.lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => fail_config(&e.to_string()),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "ckptd demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fail_config(reason: &str) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "ckptd: {reason}");
+    ExitCode::from(EXIT_CONFIG)
+}

@@ -1,0 +1,565 @@
+//! The arena: a file in a memory-backed directory holding a header page and N snapshot slots, mapped
+//! by the trainer (and, in sidecar mode, by the agent) so that a snapshot crosses the process
+//! boundary without a copy.
+//!
+//! ```text
+//! 0        4096                         4096 + slot_stride             ...
+//! +--------+------------------------------+------------------------------+
+//! | header | slot 0: region | descriptor  | slot 1: region | descriptor  | ...
+//! +--------+------------------------------+------------------------------+
+//! ```
+//!
+//! Each slot moves through `free → writing → sealed → persisting → durable → free`. Transitions are
+//! compare-and-swap on an atomic word in the shared header, so two processes never disagree on who
+//! owns a slot. The newest durable slot is kept as the **memory tier**: a restarted trainer (same
+//! pod, same arena file) restores from it without reading storage. Its descriptor (tensor table and
+//! user metadata, checksummed) lives in the slot after the region.
+//!
+//! Host memory stays bounded by `slots × slot_stride + one page`; nothing else grows with the state.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::error::{Error, Location, Result};
+use crate::format::wire::Reader;
+use crate::tensor::TensorTable;
+
+/// Default directory of arenas: memory-backed on every Linux host and in Kubernetes pods (mount a
+/// `medium: Memory` emptyDir there; the runtime's 64 MiB default is far too small).
+pub const DEFAULT_ARENA_DIR: &str = "/dev/shm/ckptd";
+/// Default number of slots: one being written while the previous one persists.
+pub const DEFAULT_SLOTS: u32 = 2;
+/// Most slots an arena may have.
+pub const MAX_SLOTS: u32 = 32;
+
+const MAGIC: [u8; 8] = *b"CKPTAREN";
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 4096;
+const SLOT_RECORDS_AT: usize = 64;
+const SLOT_RECORD_LEN: usize = 64;
+const DESCRIPTOR_MAGIC: u32 = 0x4b44_5343; // "CSDK"
+/// Largest pinning call (cudaHostRegister) made at once.
+pub const PIN_CHUNK: u64 = 1 << 30;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// The state of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum SlotState {
+    /// Unused; may be acquired.
+    Free = 0,
+    /// A snapshot is being copied in.
+    Writing = 1,
+    /// Copies finished; the snapshot is complete and waits to be persisted.
+    Sealed = 2,
+    /// Being written to storage.
+    Persisting = 3,
+    /// Committed to storage; kept as the memory tier until a newer one is durable.
+    Durable = 4,
+}
+
+impl SlotState {
+    fn from_u32(v: u32) -> Option<SlotState> {
+        [SlotState::Free, SlotState::Writing, SlotState::Sealed, SlotState::Persisting, SlotState::Durable]
+            .into_iter()
+            .find(|s| *s as u32 == v)
+    }
+}
+
+/// How to create an arena.
+#[derive(Debug, Clone)]
+pub struct ArenaConfig {
+    /// Memory-backed directory that holds the arena file.
+    pub dir: PathBuf,
+    /// File name (one arena per rank: e.g. `<job>-rank-<r>.arena`).
+    pub name: String,
+    /// Number of slots.
+    pub slots: u32,
+    /// Bytes per slot: the largest region plus its descriptor.
+    pub slot_size: u64,
+}
+
+/// What a sealed or durable slot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotContent {
+    /// Slot number.
+    pub slot: u32,
+    /// The step of the snapshot.
+    pub step: u64,
+    /// The tensors and region size.
+    pub table: TensorTable,
+    /// User metadata recorded with the snapshot.
+    pub metadata: Vec<u8>,
+}
+
+/// Something that can page-lock host memory for fast device copies (CUDA's `cudaHostRegister`).
+pub trait HostPinner: Send + Sync + std::fmt::Debug {
+    /// Page-locks `[addr, addr + len)`.
+    fn pin(&self, addr: u64, len: u64) -> Result<()>;
+    /// Undoes [`HostPinner::pin`] for a range pinned earlier.
+    fn unpin(&self, addr: u64) -> Result<()>;
+}
+
+/// A mapped arena.
+#[derive(Debug)]
+pub struct Arena {
+    map: memmap2::MmapRaw,
+    path: PathBuf,
+    slots: u32,
+    slot_size: u64,
+}
+
+fn align_up(v: u64, a: u64) -> Option<u64> {
+    v.checked_next_multiple_of(a)
+}
+
+/// Free bytes of the file system holding `dir`, and whether it is memory-backed.
+pub fn free_space(dir: &Path) -> Result<(u64, bool)> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::InvalidConfig { field: "arena_dir", reason: "path contains a NUL byte".into() })?;
+    let mut vfs = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and both out-pointers point to properly sized,
+    // writable structures that outlive the calls.
+    let (rv, rf) = unsafe { (libc::statvfs(c.as_ptr(), vfs.as_mut_ptr()), libc::statfs(c.as_ptr(), fs.as_mut_ptr())) };
+    if rv != 0 {
+        return Err(Error::io("statvfs", dir, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it initialised the structure.
+    let vfs = unsafe { vfs.assume_init() };
+    // The field types differ between platforms (u32 on some 32-bit targets).
+    #[allow(clippy::unnecessary_cast)]
+    let free = (vfs.f_bavail as u64).saturating_mul(vfs.f_frsize as u64);
+    // SAFETY: read only when statfs returned 0 and so initialised it.
+    let memory = rf == 0 && i64::from(unsafe { fs.assume_init() }.f_type as i32) == TMPFS_MAGIC;
+    Ok((free, memory))
+}
+
+/// Formats a byte count for messages.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+impl Arena {
+    /// Creates the arena file, or reuses an existing one with the same geometry (which keeps its
+    /// durable slot: the memory tier survives a trainer restart). Checks first that the directory
+    /// has room, and says what to change when it has not.
+    pub fn create(cfg: &ArenaConfig) -> Result<Arena> {
+        if cfg.slots == 0 || cfg.slots > MAX_SLOTS {
+            return Err(Error::InvalidConfig { field: "slots", reason: format!("{} is outside 1..={MAX_SLOTS}", cfg.slots) });
+        }
+        if cfg.name.is_empty() || cfg.name.contains('/') {
+            return Err(Error::InvalidConfig { field: "arena name", reason: format!("`{}` is not a file name", cfg.name) });
+        }
+        let slot_size = align_up(cfg.slot_size.max(4096), 4096)
+            .ok_or_else(|| Error::InvalidConfig { field: "slot_size", reason: "overflows".into() })?;
+        let total = slot_size
+            .checked_mul(u64::from(cfg.slots))
+            .and_then(|v| v.checked_add(HEADER_LEN))
+            .ok_or_else(|| Error::InvalidConfig { field: "slot_size", reason: "arena size overflows".into() })?;
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| Error::io("create directory", &cfg.dir, e))?;
+        let path = cfg.dir.join(&cfg.name);
+        if let Ok(existing) = Arena::open(&path)
+            && existing.slots == cfg.slots
+            && existing.slot_size == slot_size
+        {
+            existing.recover();
+            return Ok(existing);
+        }
+        let existing_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let (free, memory) = free_space(&cfg.dir)?;
+        if free.saturating_add(existing_len) < total {
+            return Err(Error::InvalidConfig {
+                field: "arena_dir",
+                reason: format!(
+                    "{} has {} free, the arena needs {} ({} slots of {}): mount a larger memory-backed volume \
+                     (Kubernetes: an emptyDir with medium: Memory and a sizeLimit of at least {}) or lower the slot count",
+                    cfg.dir.display(),
+                    human_bytes(free.saturating_add(existing_len)),
+                    human_bytes(total),
+                    cfg.slots,
+                    human_bytes(slot_size),
+                    human_bytes(total)
+                ),
+            });
+        }
+        if !memory {
+            tracing::warn!(dir = %cfg.dir.display(), "arena directory is not memory-backed (tmpfs); snapshots will go through the page cache of a disk");
+        }
+        let tmp = crate::durable::tmp_path(&path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io("create", &tmp, e))?;
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        file.set_len(total).map_err(|e| cleanup(Error::io("truncate", &tmp, e)))?;
+        let map = memmap2::MmapOptions::new().map_raw(&file).map_err(|e| cleanup(Error::io("mmap", &tmp, e)))?;
+        let arena = Arena { map, path: path.clone(), slots: cfg.slots, slot_size };
+        arena.write_header();
+        std::fs::rename(&tmp, &path).map_err(|e| cleanup(Error::io("rename", &path, e)))?;
+        Ok(arena)
+    }
+
+    /// Maps an existing arena (the agent maps the trainer's, a restarted trainer its own).
+    pub fn open(path: &Path) -> Result<Arena> {
+        let bad = |reason: String| Error::corrupt(Location { object: path.display().to_string(), ..Location::default() }, reason);
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io("open", path, e))?;
+        let len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+        if len < HEADER_LEN {
+            return Err(bad(format!("{len} bytes is too short for an arena")));
+        }
+        let map = memmap2::MmapOptions::new().map_raw(&file).map_err(|e| Error::io("mmap", path, e))?;
+        // SAFETY: the mapping is at least HEADER_LEN bytes long (checked above) and lives as long as
+        // this slice is used (until the end of this function).
+        let header = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_LEN as usize) };
+        let mut r = Reader::new(header, "arena header");
+        if r.array::<8>()? != MAGIC {
+            return Err(bad("not a ckptd arena".into()));
+        }
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(Error::UnsupportedVersion { what: "arena", found: version, supported: VERSION });
+        }
+        let slots = r.u32()?;
+        let slot_size = r.u64()?;
+        if slots == 0 || slots > MAX_SLOTS || slot_size % 4096 != 0 {
+            return Err(bad(format!("bad geometry: {slots} slots of {slot_size} bytes")));
+        }
+        let need = slot_size.checked_mul(u64::from(slots)).and_then(|v| v.checked_add(HEADER_LEN));
+        if need != Some(len) {
+            return Err(bad(format!("file is {len} bytes, its header describes {need:?}")));
+        }
+        Ok(Arena { map, path: path.to_path_buf(), slots, slot_size })
+    }
+
+    fn write_header(&self) {
+        let mut h = [0u8; 24];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&self.slots.to_le_bytes());
+        h[16..24].copy_from_slice(&self.slot_size.to_le_bytes());
+        // SAFETY: the mapping holds at least HEADER_LEN bytes and nobody else knows the file yet
+        // (it still has its temporary name).
+        unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), self.map.as_mut_ptr(), h.len()) };
+    }
+
+    /// Slots that a crashed owner left mid-way (writing, sealed, persisting) cannot be trusted to
+    /// finish: free them. Durable slots are kept.
+    fn recover(&self) {
+        for i in 0..self.slots {
+            let s = self.state(i);
+            if matches!(s, Some(SlotState::Writing | SlotState::Sealed | SlotState::Persisting) | None) {
+                self.word(i).store(SlotState::Free as u32, Ordering::Release);
+            }
+        }
+    }
+
+    /// Path of the arena file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of slots.
+    pub fn slot_count(&self) -> u32 {
+        self.slots
+    }
+
+    /// Bytes per slot (region plus descriptor).
+    pub fn slot_size(&self) -> u64 {
+        self.slot_size
+    }
+
+    /// Total mapped bytes.
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Whether the arena maps no slot bytes (never true for a valid arena).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() as u64 <= HEADER_LEN
+    }
+
+    fn record(&self, slot: u32) -> *mut u8 {
+        assert!(slot < self.slots, "slot {slot} out of range");
+        // SAFETY: slot < slots ≤ MAX_SLOTS, so the record lies inside the header page.
+        unsafe { self.map.as_mut_ptr().add(SLOT_RECORDS_AT + slot as usize * SLOT_RECORD_LEN) }
+    }
+
+    fn word(&self, slot: u32) -> &AtomicU32 {
+        // SAFETY: the record is 64-byte aligned inside a page-aligned shared mapping that lives as
+        // long as `self`; all processes access this word only atomically.
+        unsafe { &*(self.record(slot) as *const AtomicU32) }
+    }
+
+    fn field(&self, slot: u32, at: usize) -> &AtomicU64 {
+        // SAFETY: `at` is one of the 8-byte-aligned offsets 8, 16, 24, 32 inside the 64-byte record;
+        // see `word`.
+        unsafe { &*(self.record(slot).add(at) as *const AtomicU64) }
+    }
+
+    /// The state of `slot`, or `None` when the shared word holds garbage.
+    pub fn state(&self, slot: u32) -> Option<SlotState> {
+        SlotState::from_u32(self.word(slot).load(Ordering::Acquire))
+    }
+
+    /// Moves `slot` from `from` to `to` if it is in `from`. Returns whether it did.
+    pub fn transition(&self, slot: u32, from: SlotState, to: SlotState) -> bool {
+        self.word(slot).compare_exchange(from as u32, to as u32, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Claims a free slot for writing.
+    pub fn acquire(&self) -> Option<u32> {
+        (0..self.slots).find(|&i| self.transition(i, SlotState::Free, SlotState::Writing))
+    }
+
+    /// Address of the first byte of `slot`.
+    pub fn slot_addr(&self, slot: u32) -> u64 {
+        assert!(slot < self.slots, "slot {slot} out of range");
+        self.map.as_ptr() as u64 + HEADER_LEN + u64::from(slot) * self.slot_size
+    }
+
+    /// The bytes of `slot`.
+    ///
+    /// # Safety
+    /// The caller must own the slot in a state where nobody writes it (sealed, persisting,
+    /// durable), and must not hold the slice past a transition that gives the slot away.
+    pub unsafe fn slot_bytes(&self, slot: u32) -> &[u8] {
+        // SAFETY: the slot lies inside the mapping; the caller guarantees no concurrent writer.
+        unsafe { std::slice::from_raw_parts(self.slot_addr(slot) as *const u8, self.slot_size as usize) }
+    }
+
+    /// The bytes of `slot`, writable.
+    ///
+    /// # Safety
+    /// The caller must own the slot in the `writing` state, and no other reference to it may exist.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_bytes_mut(&self, slot: u32) -> &mut [u8] {
+        // SAFETY: as above, and the caller guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.slot_addr(slot) as *mut u8, self.slot_size as usize) }
+    }
+
+    /// Largest region a slot can hold for a table of this shape (slot size minus its descriptor).
+    pub fn fits(&self, table: &TensorTable, metadata_len: usize) -> bool {
+        descriptor_at(table.total_len())
+            .and_then(|at| at.checked_add(descriptor_len(table, metadata_len)))
+            .is_some_and(|end| end <= self.slot_size)
+    }
+
+    /// Records what `slot` holds and moves it from writing to sealed. The caller's copies into the
+    /// region must have completed.
+    pub fn seal(&self, slot: u32, step: u64, table: &TensorTable, metadata: &[u8]) -> Result<()> {
+        if self.state(slot) != Some(SlotState::Writing) {
+            return Err(Error::Cancelled { reason: format!("slot {slot} is not being written") });
+        }
+        if !self.fits(table, metadata.len()) {
+            return Err(Error::InvalidConfig {
+                field: "slot_size",
+                reason: format!("a {} snapshot does not fit a {} slot", human_bytes(table.total_len()), human_bytes(self.slot_size)),
+            });
+        }
+        let mut d = Vec::with_capacity(descriptor_len(table, metadata.len()) as usize);
+        d.extend_from_slice(&DESCRIPTOR_MAGIC.to_le_bytes());
+        d.extend_from_slice(&step.to_le_bytes());
+        d.extend_from_slice(&table.total_len().to_le_bytes());
+        d.extend_from_slice(&(table.len() as u32).to_le_bytes());
+        d.extend_from_slice(&(metadata.len() as u32).to_le_bytes());
+        crate::format::encode_tensors(table, &mut d);
+        d.extend_from_slice(metadata);
+        let crc = crc32c::crc32c(&d);
+        let at = descriptor_at(table.total_len()).unwrap_or(0);
+        // SAFETY: we own the slot in the writing state, and `fits` checked that the descriptor ends
+        // inside it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(d.as_ptr(), (self.slot_addr(slot) + at) as *mut u8, d.len());
+        }
+        self.field(slot, 8).store(step, Ordering::Relaxed);
+        self.field(slot, 16).store(d.len() as u64 | (u64::from(crc) << 32), Ordering::Relaxed);
+        self.field(slot, 24).store(table.total_len(), Ordering::Relaxed);
+        let seq = self.next_seq();
+        self.field(slot, 32).store(seq, Ordering::Relaxed);
+        if !self.transition(slot, SlotState::Writing, SlotState::Sealed) {
+            return Err(Error::Cancelled { reason: format!("slot {slot} was taken while sealing") });
+        }
+        Ok(())
+    }
+
+    fn next_seq(&self) -> u64 {
+        (0..self.slots).map(|i| self.field(i, 32).load(Ordering::Relaxed)).max().unwrap_or(0) + 1
+    }
+
+    /// Reads what a sealed, persisting or durable slot holds, checking its descriptor.
+    pub fn content(&self, slot: u32) -> Result<SlotContent> {
+        let bad = |reason: String| {
+            Error::corrupt(Location { object: format!("{} slot {slot}", self.path.display()), ..Location::default() }, reason)
+        };
+        let step = self.field(slot, 8).load(Ordering::Relaxed);
+        let packed = self.field(slot, 16).load(Ordering::Relaxed);
+        let region_len = self.field(slot, 24).load(Ordering::Relaxed);
+        let (len, crc) = (packed & 0xffff_ffff, (packed >> 32) as u32);
+        let at = descriptor_at(region_len).ok_or_else(|| bad("region length overflows".into()))?;
+        if at.checked_add(len).is_none_or(|end| end > self.slot_size) {
+            return Err(bad(format!("descriptor of {len} bytes at {at} lies outside the slot")));
+        }
+        // SAFETY: the range lies inside the slot (checked above); descriptors are written before
+        // the release-store that seals the slot, and readers hold the slot in a non-writing state.
+        let d = unsafe { std::slice::from_raw_parts((self.slot_addr(slot) + at) as *const u8, len as usize) };
+        if crc32c::crc32c(d) != crc {
+            return Err(bad("descriptor checksum mismatch".into()));
+        }
+        let mut r = Reader::new(d, "slot descriptor");
+        if r.u32()? != DESCRIPTOR_MAGIC || r.u64()? != step || r.u64()? != region_len {
+            return Err(bad("descriptor does not match its slot record".into()));
+        }
+        let count = r.u32()?;
+        let meta_len = r.u32()? as usize;
+        let table = crate::format::decode_tensors(&mut r, count, region_len)?;
+        let metadata = r.bytes(meta_len)?.to_vec();
+        Ok(SlotContent { slot, step, table, metadata })
+    }
+
+    /// Marks a persisted slot durable; the previous durable slot (an older memory tier) is freed.
+    pub fn mark_durable(&self, slot: u32) -> Result<()> {
+        if !self.transition(slot, SlotState::Persisting, SlotState::Durable) {
+            return Err(Error::Cancelled { reason: format!("slot {slot} is not being persisted") });
+        }
+        let seq = self.field(slot, 32).load(Ordering::Relaxed);
+        for i in (0..self.slots).filter(|&i| i != slot) {
+            if self.field(i, 32).load(Ordering::Relaxed) < seq {
+                self.transition(i, SlotState::Durable, SlotState::Free);
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest durable slot (the memory tier), if any.
+    pub fn newest_durable(&self) -> Option<u32> {
+        (0..self.slots)
+            .filter(|&i| self.state(i) == Some(SlotState::Durable))
+            .max_by_key(|&i| self.field(i, 32).load(Ordering::Relaxed))
+    }
+
+    /// Gives a slot back (a failed or abandoned snapshot) whatever its state.
+    pub fn release(&self, slot: u32) {
+        self.word(slot).store(SlotState::Free as u32, Ordering::Release);
+    }
+
+    /// Faults every page in and, when `pinner` is given, page-locks the slots in pieces of at most
+    /// [`PIN_CHUNK`] bytes. Runs on the calling thread: call it from a background thread, never
+    /// on the save path.
+    pub fn prepare(&self, pinner: Option<&dyn HostPinner>) -> Result<()> {
+        let base = self.map.as_ptr() as u64 + HEADER_LEN;
+        let len = self.slot_size * u64::from(self.slots);
+        // SAFETY: the range is inside our shared mapping; MADV_POPULATE_WRITE only faults pages in
+        // and never changes their content. Kernels before 5.14 reject it, which is harmless.
+        let _ = unsafe { libc::madvise(base as *mut libc::c_void, len as usize, 23 /* MADV_POPULATE_WRITE */) };
+        if let Some(p) = pinner {
+            let mut off = 0;
+            while off < len {
+                let n = PIN_CHUNK.min(len - off);
+                p.pin(base + off, n)?;
+                off += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a slot's descriptor starts: after the region, 64-byte aligned.
+fn descriptor_at(region_len: u64) -> Option<u64> {
+    align_up(region_len, 64)
+}
+
+/// Bytes a descriptor needs.
+fn descriptor_len(table: &TensorTable, metadata_len: usize) -> u64 {
+    let tensors: u64 =
+        table.entries().iter().map(|e| 2 + e.meta.name.len() as u64 + 2 + 8 * e.meta.shape.len() as u64 + 8).sum();
+    4 + 8 + 8 + 4 + 4 + tensors + metadata_len as u64
+}
+
+/// Slot size needed for a snapshot of `table` with `metadata_len` bytes of metadata.
+pub fn slot_size_for(table: &TensorTable, metadata_len: usize) -> u64 {
+    descriptor_at(table.total_len()).unwrap_or(u64::MAX).saturating_add(descriptor_len(table, metadata_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::tensor::TensorMeta;
+
+    fn table() -> TensorTable {
+        TensorTable::packed(
+            [TensorMeta::new("w", DType::F32, vec![1000]).unwrap(), TensorMeta::new("s", DType::I64, vec![]).unwrap()],
+            64,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn state_machine_and_memory_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table();
+        let cfg = ArenaConfig { dir: dir.path().into(), name: "a".into(), slots: 2, slot_size: slot_size_for(&t, 16) };
+        let arena = Arena::create(&cfg).unwrap();
+        let s0 = arena.acquire().unwrap();
+        let s1 = arena.acquire().unwrap();
+        assert_ne!(s0, s1);
+        assert_eq!(arena.acquire(), None, "two slots, both taken");
+        arena.seal(s0, 5, &t, b"meta-5").unwrap();
+        assert!(arena.transition(s0, SlotState::Sealed, SlotState::Persisting));
+        arena.mark_durable(s0).unwrap();
+        assert_eq!(arena.newest_durable(), Some(s0));
+        arena.seal(s1, 6, &t, b"meta-6").unwrap();
+        assert!(arena.transition(s1, SlotState::Sealed, SlotState::Persisting));
+        arena.mark_durable(s1).unwrap();
+        assert_eq!(arena.newest_durable(), Some(s1));
+        assert_eq!(arena.state(s0), Some(SlotState::Free), "older durable slot is freed");
+        let c = arena.content(s1).unwrap();
+        assert_eq!((c.step, c.metadata.as_slice()), (6, b"meta-6".as_slice()));
+        assert_eq!(c.table, t);
+
+        // Another process maps the same file and sees the same memory tier; a re-create with the
+        // same geometry keeps it and frees unfinished slots.
+        let other = Arena::open(&dir.path().join("a")).unwrap();
+        assert_eq!(other.newest_durable(), Some(s1));
+        let s = other.acquire().unwrap();
+        drop(other);
+        let again = Arena::create(&cfg).unwrap();
+        assert_eq!(again.newest_durable(), Some(s1));
+        assert_eq!(again.state(s), Some(SlotState::Free));
+    }
+
+    #[test]
+    fn too_little_space_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ArenaConfig { dir: dir.path().into(), name: "big".into(), slots: 2, slot_size: u64::MAX / 4 };
+        let e = Arena::create(&cfg).unwrap_err().to_string();
+        assert!(e.contains("the arena needs") && e.contains("medium: Memory"), "{e}");
+    }
+
+    #[test]
+    fn snapshot_that_does_not_fit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table();
+        let cfg = ArenaConfig { dir: dir.path().into(), name: "s".into(), slots: 1, slot_size: 8192 };
+        let arena = Arena::create(&cfg).unwrap();
+        let s = arena.acquire().unwrap();
+        let big = TensorTable::packed([TensorMeta::new("w", DType::F32, vec![5000]).unwrap()], 64).unwrap();
+        assert!(!arena.fits(&big, 0));
+        assert!(arena.seal(s, 1, &big, &[]).is_err());
+        assert!(arena.fits(&t, 0));
+    }
+}

@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Runs the whole ckptd test suite: formatting, clippy, the Rust tests against a
+# real loopback S3 server (moto), and a short cargo-fuzz smoke run of every
+# fuzz target. CI runs this through `.ci/run`; developers run it directly.
+#
+# It installs what it needs itself (a Python venv with moto at .venv-test/,
+# cargo-fuzz), so it works on a fresh Debian machine with rustup stable,
+# python3 and gcc.
+#
+# Environment:
+#   CKPTD_FUZZ_SECONDS  seconds to run each fuzz target (default 20);
+#                       0 skips the fuzz stage (quick local loops)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO_ROOT="$(pwd)"
+VENV="$REPO_ROOT/.venv-test"
+FUZZ_SECONDS="${CKPTD_FUZZ_SECONDS:-20}"
+[[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]] || { echo "test.sh: CKPTD_FUZZ_SECONDS must be a whole number of seconds, got '$FUZZ_SECONDS'" >&2; exit 64; }
+S3_BUCKET="ckptd-test"
+SCRIPT_START=$SECONDS
+STAGES_RUN=()
+
+section() {
+    printf '\n==> %s\n' "$*"
+}
+
+die() {
+    printf 'test.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+# Runs "$@" and records the stage name ($1) with its duration for the summary.
+stage() {
+    local name="$1"
+    shift
+    local start=$SECONDS
+    "$@"
+    STAGES_RUN+=("$name $((SECONDS - start))s")
+}
+
+# ---------------------------------------------------------------- prerequisites
+
+check_toolchain() {
+    section "toolchain"
+    command -v cargo >/dev/null || die "cargo not found: install rustup stable"
+    cargo --version
+    cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+    cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+    command -v python3 >/dev/null || die "python3 not found"
+    python3 --version
+}
+
+# Creates .venv-test with moto[server]; a venv that already imports moto's
+# server is reused so repeat runs skip pip entirely.
+setup_venv() {
+    section "python venv ($VENV)"
+    if [[ -x "$VENV/bin/moto_server" ]] && "$VENV/bin/python" -c 'import moto.server, boto3' 2>/dev/null; then
+        echo "moto already installed: $("$VENV/bin/python" -c 'import moto; print(moto.__version__)')"
+        return
+    fi
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "python3 venv/ensurepip missing: installing python3-venv with apt-get"
+        [[ $(id -u) -eq 0 ]] || die "python3-venv is missing and this is not root: apt-get install python3-venv"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    fi
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet 'moto[server]'
+    "$VENV/bin/python" -c 'import moto; print("installed moto", moto.__version__)'
+}
+
+setup_cargo_fuzz() {
+    section "cargo-fuzz"
+    if cargo fuzz --version >/dev/null 2>&1; then
+        cargo fuzz --version
+        return
+    fi
+    echo "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+    cargo fuzz --version
+}
+
+# ------------------------------------------------------------ loopback S3 server
+
+S3_PID=""
+S3_LOG=""
+
+# Stops the S3 server on every exit path, and prints its log when the run failed.
+cleanup() {
+    local rc=$?
+    if [[ -n "$S3_PID" ]] && kill -0 "$S3_PID" 2>/dev/null; then
+        kill "$S3_PID" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$S3_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$S3_PID" 2>/dev/null || true
+        wait "$S3_PID" 2>/dev/null || true
+    fi
+    if [[ -n "$S3_LOG" && -f "$S3_LOG" ]]; then
+        if [[ $rc -ne 0 ]]; then
+            printf '\n==> moto server log (last 200 lines of %s)\n' "$S3_LOG" >&2
+            tail -n 200 "$S3_LOG" >&2 || true
+        fi
+        rm -f "$S3_LOG"
+    fi
+    if [[ $rc -ne 0 ]]; then
+        printf '\ntest.sh: FAILED (exit %d) after %ds\n' "$rc" "$((SECONDS - SCRIPT_START))" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_s3() {
+    section "loopback S3 server (moto)"
+    local port
+    port="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+    S3_LOG="$(mktemp -t ckptd-moto.XXXXXX.log)"
+    "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$S3_LOG" 2>&1 </dev/null &
+    S3_PID=$!
+    local endpoint="http://127.0.0.1:$port"
+
+    # Wait until it answers HTTP (any status), then create the bucket with a
+    # plain PUT: moto does not check request signatures.
+    "$VENV/bin/python" - "$endpoint" "$S3_BUCKET" "$S3_PID" <<'EOF'
+import os, sys, time, urllib.error, urllib.request
+
+endpoint, bucket, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.monotonic() + 60
+while True:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("moto server exited during startup")
+    try:
+        urllib.request.urlopen(endpoint + "/", timeout=2).close()
+        break
+    except urllib.error.HTTPError:
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("moto server did not answer within 60s")
+        time.sleep(0.2)
+req = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")
+with urllib.request.urlopen(req, timeout=10) as resp:
+    if resp.status != 200:
+        sys.exit(f"creating bucket {bucket}: HTTP {resp.status}")
+print(f"moto at {endpoint}, bucket {bucket} created")
+EOF
+
+    export CKPTD_TEST_S3_ENDPOINT="$endpoint"
+    export CKPTD_TEST_S3_BUCKET="$S3_BUCKET"
+    export AWS_ACCESS_KEY_ID=test
+    export AWS_SECRET_ACCESS_KEY=test
+    export AWS_REGION=us-east-1
+    export AWS_ENDPOINT_URL="$CKPTD_TEST_S3_ENDPOINT"
+    export AWS_ALLOW_HTTP=true
+}
+
+# ------------------------------------------------------------------ Rust stages
+
+run_fmt() {
+    section "cargo fmt --check"
+    cargo fmt --all -- --check
+}
+
+run_clippy() {
+    section "cargo clippy"
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+}
+
+run_cargo_test() {
+    section "cargo test"
+    cargo test --workspace --locked
+}
+
+# Builds every target in ckpt-core/fuzz and runs each for FUZZ_SECONDS.
+#
+# cargo-fuzz passes nightly-only rustc flags (-Zsanitizer=address);
+# RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them. It is set only for
+# the fuzz commands, so the main workspace keeps its cache fingerprints. The
+# fuzz crate is its own workspace with its own target dir (ckpt-core/fuzz/target).
+# `build` and `run` get the same flags, or `run` would rebuild everything.
+# --codegen-units 16 trades some fuzzing speed for a much faster cold build.
+FUZZ_BUILD_FLAGS=(--codegen-units 16)
+
+run_fuzz() {
+    section "fuzz smoke (${FUZZ_SECONDS}s per target)"
+    local targets
+    targets="$(cd ckpt-core && cargo fuzz list)"
+    [[ -n "$targets" ]] || die "no fuzz targets found in ckpt-core/fuzz"
+    echo "targets:" $targets
+    (cd ckpt-core && RUSTC_BOOTSTRAP=1 cargo fuzz build "${FUZZ_BUILD_FLAGS[@]}")
+    local t args
+    for t in $targets; do
+        section "fuzz $t"
+        args=(-max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1)
+        if [[ -f "ckpt-core/fuzz/dicts/$t.dict" ]]; then
+            args+=(-dict="fuzz/dicts/$t.dict")
+        fi
+        (cd ckpt-core && RUSTC_BOOTSTRAP=1 cargo fuzz run "${FUZZ_BUILD_FLAGS[@]}" "$t" -- "${args[@]}")
+    done
+}
+
+# ---------------------------------------------------------------- Python stages
+
+# The place for the Python / torch suites (python-bindings). None exist yet.
+# When they do: build the extension into $VENV (maturin develop), install
+# pytest there, and run `"$VENV/bin/python" -m pytest python-bindings/tests`
+# with the S3 variables above. Treat pytest's exit code 5 (no tests collected)
+# as a failure to collect, not as success.
+run_python_tests() {
+    section "python tests"
+    echo "no python test suites yet: skipped"
+}
+
+# ------------------------------------------------------------------------ main
+
+main() {
+    check_toolchain
+    stage venv setup_venv
+    if [[ "$FUZZ_SECONDS" != 0 ]]; then
+        stage cargo-fuzz-install setup_cargo_fuzz
+    fi
+    stage s3 start_s3
+    stage fmt run_fmt
+    stage clippy run_clippy
+    stage cargo-test run_cargo_test
+    stage python run_python_tests
+    if [[ "$FUZZ_SECONDS" == 0 ]]; then
+        section "fuzz smoke skipped (CKPTD_FUZZ_SECONDS=0)"
+    else
+        stage fuzz run_fuzz
+    fi
+    section "summary"
+    echo "test.sh: all stages ok in $((SECONDS - SCRIPT_START))s (${STAGES_RUN[*]})"
+}
+
+main "$@"

@@ -1,0 +1,337 @@
+//! `ckptctl export`: one rank's tensors as a safetensors file, so that weights leave ckptd for any
+//! tool that reads the Hugging Face format.
+//!
+//! The writer is pure: [`SafetensorsLayout::plan`] turns a shard's tensor table into the file's
+//! header and the order in which region bytes follow it, and [`SafetensorsLayout::write_to`]
+//! streams a restored region through that plan into any writer. Only
+//! [`write_safetensors_file`] touches the file system, through `ckpt_core::durable`.
+//!
+//! The file is the safetensors format: an 8-byte little-endian header length N, N bytes of JSON
+//! (padded with spaces to a multiple of 8 so that the data is 8-byte aligned), then every tensor's
+//! bytes back to back. The region's alignment padding is dropped; each tensor's `data_offsets` are
+//! relative to the first data byte.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::Context as _;
+use ckpt_core::TensorTable;
+use indicatif::HumanBytes;
+use serde_json::{Value, json};
+
+use super::{Ctx, ExportArgs, ExportFormat, progress, step_or_latest};
+
+/// Largest JSON header the reference safetensors reader accepts (its `MAX_HEADER_SIZE`); a larger
+/// one would make a file nobody can open, so planning refuses it.
+pub const MAX_HEADER_LEN: usize = 100_000_000;
+
+/// The key safetensors reserves for string metadata; no tensor may be named so.
+const METADATA_KEY: &str = "__metadata__";
+
+/// Bytes handed to the writer at once, so that progress advances on large tensors.
+const WRITE_SLICE: usize = 8 << 20;
+
+/// The safetensors rendering of one tensor table: the header, and which region bytes follow it in
+/// which order.
+#[derive(Debug, Clone)]
+pub struct SafetensorsLayout {
+    /// The 8-byte length prefix and the padded JSON header.
+    header: Vec<u8>,
+    /// Region ranges of the exported tensors, in file order.
+    ranges: Vec<Range<u64>>,
+    /// Length the region must have (the table's `total_len`).
+    region_len: u64,
+    /// Bytes of tensor data after the header.
+    data_len: u64,
+    /// Tensors left out because safetensors has no dtype for them, as `name (dtype)`.
+    skipped: Vec<String>,
+}
+
+impl SafetensorsLayout {
+    /// Plans the file for `table`, with `metadata` as the header's `__metadata__` (omitted when
+    /// empty). A tensor whose dtype safetensors cannot represent (complex128) is an error naming
+    /// it, unless `skip_unsupported` leaves such tensors out.
+    pub fn plan(
+        table: &TensorTable,
+        metadata: &BTreeMap<String, String>,
+        skip_unsupported: bool,
+    ) -> anyhow::Result<SafetensorsLayout> {
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert(METADATA_KEY.to_string(), json!(metadata));
+        }
+        let mut ranges = Vec::with_capacity(table.len());
+        let mut unsupported = Vec::new();
+        let mut offset = 0u64;
+        for e in table.entries() {
+            let Some(dtype) = e.meta.dtype.safetensors_name() else {
+                unsupported.push(format!("`{}` ({})", e.meta.name, e.meta.dtype));
+                continue;
+            };
+            if e.meta.name == METADATA_KEY {
+                anyhow::bail!(
+                    "tensor `{METADATA_KEY}` cannot be exported: safetensors reserves that name for metadata"
+                );
+            }
+            let end =
+                offset.checked_add(e.len).with_context(|| format!("tensor `{}` ends past 2^64 bytes", e.meta.name))?;
+            header.insert(
+                e.meta.name.clone(),
+                json!({ "dtype": dtype, "shape": e.meta.shape, "data_offsets": [offset, end] }),
+            );
+            ranges.push(e.offset..e.offset + e.len);
+            offset = end;
+        }
+        if !unsupported.is_empty() && !skip_unsupported {
+            anyhow::bail!(
+                "safetensors has no dtype for {}: pass --skip-unsupported to export the other tensors without them",
+                name_list(&unsupported)
+            );
+        }
+        let mut json = serde_json::to_vec(&Value::Object(header)).context("cannot encode the safetensors header")?;
+        json.resize(json.len().next_multiple_of(8), b' ');
+        if json.len() > MAX_HEADER_LEN {
+            anyhow::bail!(
+                "the safetensors header would be {} bytes, over the {MAX_HEADER_LEN}-byte limit readers accept: \
+                 the shard has too many tensors for one safetensors file",
+                json.len()
+            );
+        }
+        let mut bytes = Vec::with_capacity(8 + json.len());
+        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        Ok(SafetensorsLayout {
+            header: bytes,
+            ranges,
+            region_len: table.total_len(),
+            data_len: offset,
+            skipped: unsupported,
+        })
+    }
+
+    /// Size of the whole file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.header.len() as u64 + self.data_len
+    }
+
+    /// Number of tensors the file holds.
+    pub fn tensors(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Tensors left out by `skip_unsupported`, as `` `name` (dtype) ``.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
+    }
+
+    /// Writes the file: the header, then each tensor's bytes from `region` (the restored region
+    /// the table describes). `progress` is told how many bytes each write added.
+    pub fn write_to(&self, region: &[u8], out: &mut dyn Write, progress: &dyn Fn(u64)) -> anyhow::Result<()> {
+        if region.len() as u64 != self.region_len {
+            anyhow::bail!("region is {} bytes, the tensor table describes {}", region.len(), self.region_len);
+        }
+        out.write_all(&self.header).context("cannot write the safetensors header")?;
+        progress(self.header.len() as u64);
+        for r in &self.ranges {
+            let bytes = region
+                .get(r.start as usize..r.end as usize)
+                .with_context(|| format!("tensor bytes {r:?} lie outside the {}-byte region", region.len()))?;
+            for slice in bytes.chunks(WRITE_SLICE) {
+                out.write_all(slice).context("cannot write tensor data")?;
+                progress(slice.len() as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names at most five entries of `names`, then how many more there are.
+fn name_list(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// Writes the file durably: into a temporary file next to `path`, fsynced, renamed over `path`,
+/// and the directory fsynced, so a crash leaves either the old file or the complete new one.
+pub fn write_safetensors_file(
+    path: &Path,
+    layout: &SafetensorsLayout,
+    region: &[u8],
+    progress: &dyn Fn(u64),
+) -> anyhow::Result<()> {
+    // The durable helpers fsync the parent directory, which a bare file name lacks.
+    let path = std::path::absolute(path).with_context(|| format!("cannot resolve `{}`", path.display()))?;
+    let (file, tmp) = ckpt_core::durable::create_tmp(&path)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let written = layout
+        .write_to(region, &mut w, progress)
+        .and_then(|()| w.into_inner().map_err(|e| anyhow::Error::new(e.into_error())));
+    let file = match written {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!("cannot write `{}`", tmp.display())));
+        }
+    };
+    ckpt_core::durable::publish_replace(file, &tmp, &path)?;
+    Ok(())
+}
+
+pub(super) fn run(ctx: &mut Ctx<'_>, args: &ExportArgs) -> anyhow::Result<()> {
+    // The only format today; a new one gets its own writer here.
+    let ExportFormat::Safetensors = args.format;
+    let (step, _) = step_or_latest(ctx, args.step)?;
+    let rank = args.rank;
+    let header = ctx.engine.shard_header(&ctx.job, step, rank)?;
+    let metadata = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("ckptd.job".to_string(), ctx.job.clone()),
+        ("ckptd.step".to_string(), step.to_string()),
+        ("ckptd.rank".to_string(), rank.to_string()),
+        ("ckptd.world_size".to_string(), header.index.world_size.to_string()),
+    ]);
+    // Planning first: an unsupported dtype fails before any data is read.
+    let layout = SafetensorsLayout::plan(&header.index.table, &metadata, args.skip_unsupported)?;
+    let region_len = usize::try_from(header.index.table.total_len()).context("the region does not fit in memory")?;
+    let mut region = vec![0u8; region_len];
+    let spinner = progress::spinner(ctx.progress, &format!("restoring step {step} rank {rank}"));
+    let restored = ctx.engine.restore_into(&ctx.job, step, rank, &mut region);
+    spinner.finish_and_clear();
+    restored?;
+    let bar = progress::bytes(ctx.progress, layout.file_len(), "writing");
+    let written = write_safetensors_file(&args.out, &layout, &region, &|n| bar.inc(n));
+    bar.finish_and_clear();
+    written?;
+    write_summary(ctx.out, &args.out, step, rank, &layout).context("cannot write output")
+}
+
+fn write_summary(
+    out: &mut dyn Write,
+    path: &Path,
+    step: u64,
+    rank: u32,
+    layout: &SafetensorsLayout,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "wrote {}: step {step} rank {rank}, {} tensors, {} ({} bytes)",
+        path.display(),
+        layout.tensors(),
+        HumanBytes(layout.file_len()),
+        layout.file_len()
+    )?;
+    for s in layout.skipped() {
+        writeln!(out, "skipped {s}: safetensors has no such dtype")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ckpt_core::{DType, TensorMeta};
+
+    use super::*;
+
+    fn table(metas: Vec<TensorMeta>) -> TensorTable {
+        TensorTable::packed(metas, 64).unwrap()
+    }
+
+    fn region(t: &TensorTable) -> Vec<u8> {
+        (0..t.total_len()).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    fn render(t: &TensorTable, meta: &BTreeMap<String, String>, skip: bool) -> anyhow::Result<Vec<u8>> {
+        let layout = SafetensorsLayout::plan(t, meta, skip)?;
+        let mut out = Vec::new();
+        layout.write_to(&region(t), &mut out, &|_| {})?;
+        assert_eq!(out.len() as u64, layout.file_len());
+        Ok(out)
+    }
+
+    #[test]
+    fn every_representable_dtype_scalars_and_empties_load_in_safetensors() {
+        let mut metas: Vec<TensorMeta> = DType::ALL
+            .iter()
+            .filter(|d| d.safetensors_name().is_some())
+            .map(|&d| TensorMeta::new(format!("t.{d}"), d, vec![3, 5]).unwrap())
+            .collect();
+        metas.push(TensorMeta::new("scalar", DType::F64, vec![]).unwrap());
+        metas.push(TensorMeta::new("empty", DType::BF16, vec![4, 0]).unwrap());
+        metas.push(TensorMeta::new("last", DType::U8, vec![7]).unwrap());
+        let t = table(metas);
+        let meta = BTreeMap::from([("ckptd.step".to_string(), "7".to_string())]);
+        let bytes = render(&t, &meta, false).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert_eq!(n % 8, 0, "header is padded to 8 bytes");
+
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), t.len());
+        let data = region(&t);
+        for e in t.entries() {
+            let view = st.tensor(&e.meta.name).unwrap();
+            assert_eq!(format!("{:?}", view.dtype()), e.meta.dtype.safetensors_name().unwrap(), "{}", e.meta.name);
+            let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+            assert_eq!(shape, e.meta.shape, "{}", e.meta.name);
+            assert_eq!(view.data(), &data[e.range()], "{}", e.meta.name);
+        }
+        let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(md.metadata().as_ref().and_then(|m| m.get("ckptd.step")).map(String::as_str), Some("7"));
+    }
+
+    #[test]
+    fn complex128_is_refused_by_name_or_skipped() {
+        let t = table(vec![
+            TensorMeta::new("w", DType::F32, vec![2]).unwrap(),
+            TensorMeta::new("z", DType::C128, vec![2, 2]).unwrap(),
+        ]);
+        let e = render(&t, &BTreeMap::new(), false).unwrap_err().to_string();
+        assert!(e.contains("`z` (complex128)") && e.contains("--skip-unsupported"), "{e}");
+
+        let layout = SafetensorsLayout::plan(&t, &BTreeMap::new(), true).unwrap();
+        assert_eq!(layout.skipped(), ["`z` (complex128)"]);
+        let bytes = render(&t, &BTreeMap::new(), true).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.names(), ["w"]);
+        assert_eq!(st.tensor("w").unwrap().data(), &region(&t)[..8]);
+    }
+
+    #[test]
+    fn empty_table_and_reserved_name() {
+        let bytes = render(&TensorTable::default(), &BTreeMap::new(), false).unwrap();
+        assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().is_empty());
+
+        let t = table(vec![TensorMeta::new(METADATA_KEY, DType::U8, vec![1]).unwrap()]);
+        assert!(render(&t, &BTreeMap::new(), false).unwrap_err().to_string().contains("reserves"));
+    }
+
+    #[test]
+    fn a_region_of_the_wrong_size_is_refused() {
+        let t = table(vec![TensorMeta::new("w", DType::F32, vec![4]).unwrap()]);
+        let layout = SafetensorsLayout::plan(&t, &BTreeMap::new(), false).unwrap();
+        let e = layout.write_to(&[0u8; 3], &mut Vec::new(), &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("region is 3 bytes"), "{e}");
+    }
+
+    #[test]
+    fn file_is_replaced_whole_without_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table(vec![TensorMeta::new("w", DType::I32, vec![3]).unwrap()]);
+        let layout = SafetensorsLayout::plan(&t, &BTreeMap::new(), false).unwrap();
+        let path = dir.path().join("sub/out.safetensors");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"old contents that are longer than the new file will be, by far").unwrap();
+        write_safetensors_file(&path, &layout, &region(&t), &|_| {}).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, layout.file_len());
+        safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["out.safetensors"], "no temporary file is left behind");
+    }
+}

@@ -1,0 +1,361 @@
+//! System tests of `ckptctl`: checkpoints are written with the real engine into a `file://` store,
+//! then the real binary runs against them and its exit codes and output are checked.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use bytes::Bytes;
+use ckpt_core::{CommitConfig, DType, Engine, EngineConfig, PersistConfig, Snapshot, TensorMeta, TensorTable};
+use serde_json::Value;
+
+const JOB: &str = "llama";
+/// Chunk size of the test shards: small, so that a shard spans many chunks.
+const CHUNK: u32 = 4096;
+
+struct Store {
+    dir: tempfile::TempDir,
+    url: String,
+    engine: Engine,
+}
+
+fn store() -> Store {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let cfg = EngineConfig {
+        persist: PersistConfig {
+            chunk_size: CHUNK,
+            workers: 2,
+            inflight_bytes: 4 * (u64::from(CHUNK) + (5 << 20)),
+            part_size: 5 << 20,
+            ..PersistConfig::default()
+        },
+        commit: CommitConfig { deadline: std::time::Duration::from_secs(20), ..CommitConfig::default() },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(&url, cfg).unwrap();
+    Store { dir, url, engine }
+}
+
+/// Mixed dtypes, a scalar, a zero-size tensor and a complex128 tensor (which safetensors lacks),
+/// about 25 KiB, with bytes that depend on `seed`.
+fn snapshot(seed: u8) -> Snapshot {
+    let metas = vec![
+        TensorMeta::new("model.embed", DType::BF16, vec![64, 128]).unwrap(),
+        TensorMeta::new("model.scalar", DType::F64, vec![]).unwrap(),
+        TensorMeta::new("model.empty", DType::F32, vec![3, 0]).unwrap(),
+        TensorMeta::new("optim.exp_avg", DType::F32, vec![2048]).unwrap(),
+        TensorMeta::new("optim.step", DType::I64, vec![1]).unwrap(),
+        TensorMeta::new("mask", DType::Bool, vec![17]).unwrap(),
+        TensorMeta::new("fp8", DType::F8E4M3FN, vec![5, 3]).unwrap(),
+        TensorMeta::new("c", DType::C128, vec![2, 2]).unwrap(),
+    ];
+    let table = TensorTable::packed(metas, 64).unwrap();
+    let data: Vec<u8> = (0..table.total_len()).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    Snapshot { table, data: Bytes::from(data), metadata: b"{\"epoch\":3}".to_vec() }
+}
+
+/// Writes and commits `step` with `world_size` ranks.
+fn commit(s: &Store, step: u64, world_size: u32) {
+    for rank in (1..world_size).rev() {
+        s.engine.write_shard(JOB, step, rank, world_size, &snapshot(rank as u8)).unwrap();
+    }
+    let meta = BTreeMap::from([("lr".to_string(), "3e-4".to_string())]);
+    let (_, m) = s.engine.save(JOB, step, 0, world_size, &snapshot(0), meta).unwrap();
+    assert!(m.is_some(), "rank 0 commits");
+}
+
+/// Runs `ckptctl` with `args`; the target comes from the flags, never from the caller's environment.
+fn ckptctl(args: &[&str]) -> Output {
+    ckptctl_in(None, args)
+}
+
+fn ckptctl_in(cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckptctl"));
+    cmd.args(args).env_remove(ckptd::cli::ENV_STORE).env_remove(ckptd::cli::ENV_JOB).env_remove(ckptd::cli::ENV_LOG);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.output().unwrap()
+}
+
+/// `args` followed by `--store <url> --job llama`.
+fn on(s: &Store, args: &[&str]) -> Output {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--store", &s.url, "--job", JOB]);
+    ckptctl(&all)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("ckptctl exited by a signal")
+}
+
+fn json(o: &Output) -> Value {
+    assert_eq!(code(o), 0, "stdout: {}\nstderr: {}", stdout(o), stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", stdout(o)))
+}
+
+#[test]
+fn ls_lists_committed_and_uncommitted_steps_and_marks_latest() {
+    let s = store();
+    commit(&s, 10, 1);
+    commit(&s, 20, 2);
+    // Step 30: only rank 1 of 2 wrote its shard, nobody committed.
+    s.engine.write_shard(JOB, 30, 1, 2, &snapshot(1)).unwrap();
+
+    let doc = json(&on(&s, &["ls", "--json"]));
+    assert_eq!(doc["job"], JOB);
+    assert_eq!(doc["latest"], 20);
+    let steps = doc["steps"].as_array().unwrap();
+    let summary: Vec<(u64, &str, u64, bool)> = steps
+        .iter()
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["state"].as_str().unwrap(),
+                v["shards"].as_u64().unwrap(),
+                v["latest"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(summary, [(10, "committed", 1, false), (20, "committed", 2, true), (30, "uncommitted", 1, false)]);
+    for v in steps {
+        assert!(v["bytes"].as_u64().unwrap() > 20_000, "{v}");
+        let modified = v["modified"].as_str().unwrap();
+        assert!(modified.len() == 20 && modified.ends_with('Z') && modified.as_bytes()[10] == b'T', "{modified}");
+    }
+
+    // The table, with the target taken from the environment this time.
+    let o = Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .arg("ls")
+        .env(ckptd::cli::ENV_STORE, &s.url)
+        .env(ckptd::cli::ENV_JOB, JOB)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    let line = |step: &str| text.lines().find(|l| l.split_whitespace().next() == Some(step)).unwrap_or_default();
+    assert!(line("20").contains("committed") && line("20").contains("latest"), "{text}");
+    assert!(line("30").contains("uncommitted") && !line("30").contains("latest"), "{text}");
+    assert!(!line("10").contains("latest"), "{text}");
+    assert!(o.stderr.is_empty(), "no progress or logs when stdout is not a terminal: {}", stderr(&o));
+}
+
+#[test]
+fn ls_of_an_empty_job_says_so() {
+    let s = store();
+    let doc = json(&on(&s, &["ls", "--json"]));
+    assert_eq!(doc["steps"], Value::Array(vec![]));
+    assert_eq!(doc["latest"], Value::Null);
+    let o = on(&s, &["ls"]);
+    assert_eq!(code(&o), 0);
+    assert!(stdout(&o).contains("has no steps"), "{}", stdout(&o));
+}
+
+#[test]
+fn inspect_shows_the_manifest_and_every_rank_tensor_table() {
+    let s = store();
+    commit(&s, 3, 1);
+    commit(&s, 7, 2);
+
+    let doc = json(&on(&s, &["inspect", "--json"]));
+    assert_eq!(doc["step"], 7, "defaults to the latest step");
+    assert_eq!(doc["latest"], true);
+    assert_eq!(doc["world_size"], 2);
+    assert_eq!(doc["metadata"]["lr"], "3e-4");
+    let m = s.engine.manifest(JOB, 7).unwrap();
+    let shards = doc["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2);
+    for (v, e) in shards.iter().zip(&m.shards) {
+        assert_eq!(v["size"], e.size);
+        assert_eq!(v["index_crc32c"], e.index_crc32c);
+    }
+    let ranks = doc["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 2);
+    let snap = snapshot(0);
+    let tensors = ranks[0]["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), snap.table.len());
+    for (v, e) in tensors.iter().zip(snap.table.entries()) {
+        assert_eq!(v["name"], e.meta.name.as_str());
+        assert_eq!(v["dtype"], e.meta.dtype.name());
+        assert_eq!(v["shape"], serde_json::json!(e.meta.shape));
+        assert_eq!(v["bytes"], e.len);
+    }
+    assert_eq!(tensors[1]["shape"], serde_json::json!([]), "scalar");
+    assert_eq!(tensors[2]["bytes"], 0, "zero-size tensor");
+    assert_eq!(ranks[0]["user_metadata_len"], snap.metadata.len());
+    assert!(ranks[0]["chunks"].as_u64().unwrap() > 5);
+
+    let doc = json(&on(&s, &["inspect", "--json", "--step", "3", "--rank", "0"]));
+    assert_eq!((doc["step"].as_u64(), doc["latest"].as_bool()), (Some(3), Some(false)));
+    assert_eq!(doc["ranks"].as_array().unwrap().len(), 1);
+
+    let o = on(&s, &["inspect", "--rank", "1"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("world size  2") && text.contains("optim.exp_avg") && text.contains("bfloat16"), "{text}");
+    assert!(text.contains("rank 1:") && !text.contains("rank 0:"), "{text}");
+
+    let o = on(&s, &["inspect", "--rank", "5"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).starts_with("error: rank 5 does not exist"), "{}", stderr(&o));
+}
+
+/// Flips one bit of `rank`'s shard of `step` at `offset`.
+fn flip(s: &Store, step: u64, rank: u32, offset: usize) {
+    let path = s.dir.path().join(format!("{JOB}/step-{step}/rank-{rank}.ckpt"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn verify_exits_0_when_sound_and_1_naming_rank_and_chunk_after_a_flipped_byte() {
+    let s = store();
+    commit(&s, 4, 1);
+    commit(&s, 5, 2);
+
+    let o = on(&s, &["verify", "--step", "5"]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("step 5: ok"), "{}", stdout(&o));
+    assert!(o.stderr.is_empty(), "{}", stderr(&o));
+
+    // Chunks are stored raw from offset 0, so this byte lies in chunk 2 of rank 1.
+    flip(&s, 5, 1, 2 * CHUNK as usize + 100);
+
+    let o = on(&s, &["verify"]);
+    assert_eq!(code(&o), 1, "the newest commit is verified by default: {}", stdout(&o));
+    let text = stdout(&o);
+    assert!(text.contains("step 5: CORRUPT"), "{text}");
+    let problem = text.lines().find(|l| l.trim_start().starts_with("rank 1:")).unwrap_or_else(|| panic!("{text}"));
+    assert!(problem.contains("chunk 2") && problem.contains("crc32c mismatch"), "{problem}");
+    assert!(problem.contains(&format!("at offset {}", 2 * CHUNK)), "{problem}");
+    assert!(!text.contains("rank 0:"), "rank 0 is sound: {text}");
+
+    let doc: Value = serde_json::from_slice(&on(&s, &["verify", "--all", "--json"]).stdout).unwrap();
+    assert_eq!(doc["ok"], false);
+    let steps = doc["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!((steps[0]["step"].as_u64(), steps[0]["ok"].as_bool()), (Some(4), Some(true)));
+    assert_eq!((steps[1]["step"].as_u64(), steps[1]["ok"].as_bool()), (Some(5), Some(false)));
+    assert_eq!(steps[1]["shards"][0]["error"], Value::Null);
+    let err = steps[1]["shards"][1]["error"].as_str().unwrap();
+    assert!(err.contains("step 5, rank 1") && err.contains("chunk 2"), "{err}");
+    assert_eq!(code(&on(&s, &["verify", "--all"])), 1);
+
+    assert_eq!(code(&on(&s, &["verify", "--step", "4"])), 0, "an older sound step still verifies");
+}
+
+#[test]
+fn verify_of_a_step_that_does_not_exist_exits_2() {
+    let s = store();
+    commit(&s, 1, 1);
+    let o = on(&s, &["verify", "--step", "99"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("step 99") && stderr(&o).contains("not found"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
+
+#[test]
+fn gc_keep_1_leaves_only_the_newest_step() {
+    let s = store();
+    for step in 1..=3 {
+        commit(&s, step, 1);
+    }
+    // Uncommitted: step 0 is abandoned debris older than the newest commit, which goes; step 25 is
+    // newer than it and may be in progress, so retention leaves it alone.
+    s.engine.write_shard(JOB, 0, 1, 2, &snapshot(1)).unwrap();
+    s.engine.write_shard(JOB, 25, 1, 2, &snapshot(1)).unwrap();
+
+    let o = on(&s, &["gc", "--keep", "1", "--dry-run"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("would delete committed steps: 1, 2"), "{}", stdout(&o));
+    assert_eq!(s.engine.steps(JOB).unwrap().len(), 5, "a dry run deletes nothing");
+
+    let doc = json(&on(&s, &["gc", "--keep", "1", "--json"]));
+    assert_eq!(doc["kept"], serde_json::json!([3]));
+    assert_eq!(doc["deleted_committed"], serde_json::json!([1, 2]));
+    assert_eq!(doc["deleted_debris"], serde_json::json!([0]));
+    let after: Vec<u64> = s.engine.steps(JOB).unwrap().iter().map(|i| i.step).collect();
+    assert_eq!(after, [3, 25]);
+    assert_eq!(s.engine.latest(JOB).unwrap().map(|m| m.step), Some(3));
+
+    let o = on(&s, &["gc", "--keep", "0"]);
+    assert_eq!(code(&o), 64, "{}", stderr(&o));
+    assert_eq!(s.engine.steps(JOB).unwrap().len(), 2);
+}
+
+#[test]
+fn export_writes_a_file_that_safetensors_loads_with_identical_bytes() {
+    let s = store();
+    commit(&s, 8, 2);
+    let out_dir = tempfile::tempdir().unwrap();
+
+    // complex128 has no safetensors dtype: a clear error naming the tensor, and no file.
+    let out = out_dir.path().join("rank1.safetensors");
+    let o = on(&s, &["export", "--format", "safetensors", "--rank", "1", "--out", out.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("`c` (complex128)") && err.contains("--skip-unsupported"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // A relative --out, resolved against the working directory.
+    let mut args = vec!["export", "--format", "safetensors", "--rank", "1", "--out", "rank1.safetensors"];
+    args.extend(["--skip-unsupported", "--step", "8", "--store", &s.url, "--job", JOB]);
+    let o = ckptctl_in(Some(out_dir.path()), &args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("skipped `c` (complex128)"), "{}", stdout(&o));
+    assert!(o.stderr.is_empty(), "{}", stderr(&o));
+
+    let file = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let snap = snapshot(1);
+    let exported: Vec<_> = snap.table.entries().iter().filter(|e| e.meta.dtype != DType::C128).collect();
+    assert_eq!(st.len(), exported.len());
+    for e in exported {
+        let view = st.tensor(&e.meta.name).unwrap();
+        assert_eq!(format!("{:?}", view.dtype()), e.meta.dtype.safetensors_name().unwrap(), "{}", e.meta.name);
+        assert_eq!(view.shape().iter().map(|&d| d as u64).collect::<Vec<_>>(), e.meta.shape, "{}", e.meta.name);
+        assert!(view.data() == &snap.data[e.range()], "bytes of `{}` differ", e.meta.name);
+    }
+    let (_, md) = safetensors::SafeTensors::read_metadata(&file).unwrap();
+    let md = md.metadata().clone().unwrap();
+    assert_eq!((md["ckptd.job"].as_str(), md["ckptd.step"].as_str(), md["ckptd.rank"].as_str()), (JOB, "8", "1"));
+    let leftovers: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, ["rank1.safetensors"], "no temporary file is left behind");
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_line_and_no_credentials() {
+    let o = ckptctl(&["ls", "--store", "bogus://alice:s3cr3t@host/x?token=hunter2", "--job", JOB]);
+    assert_eq!(code(&o), 64);
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: invalid store url") && err.contains("unknown scheme"), "{err}");
+    assert!(!err.contains("s3cr3t") && !err.contains("hunter2"), "credentials leaked: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let o = ckptctl(&["ls", "--store", &url, "--job", "a/b"]);
+    assert_eq!(code(&o), 64, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a valid job name"), "{}", stderr(&o));
+
+    let o = ckptctl(&["ls", "--job", JOB]);
+    assert_eq!(code(&o), 64, "a missing --store is a usage error: {}", stderr(&o));
+    assert!(stderr(&o).contains("--store"), "{}", stderr(&o));
+    let o = ckptctl(&["frobnicate"]);
+    assert_eq!(code(&o), 64);
+    assert_eq!(code(&ckptctl(&["--help"])), 0);
+}
