@@ -154,10 +154,16 @@ impl Arena {
     /// has room, and says what to change when it has not.
     pub fn create(cfg: &ArenaConfig) -> Result<Arena> {
         if cfg.slots == 0 || cfg.slots > MAX_SLOTS {
-            return Err(Error::InvalidConfig { field: "slots", reason: format!("{} is outside 1..={MAX_SLOTS}", cfg.slots) });
+            return Err(Error::InvalidConfig {
+                field: "slots",
+                reason: format!("{} is outside 1..={MAX_SLOTS}", cfg.slots),
+            });
         }
         if cfg.name.is_empty() || cfg.name.contains('/') {
-            return Err(Error::InvalidConfig { field: "arena name", reason: format!("`{}` is not a file name", cfg.name) });
+            return Err(Error::InvalidConfig {
+                field: "arena name",
+                reason: format!("`{}` is not a file name", cfg.name),
+            });
         }
         let slot_size = align_up(cfg.slot_size.max(4096), 4096)
             .ok_or_else(|| Error::InvalidConfig { field: "slot_size", reason: "overflows".into() })?;
@@ -215,7 +221,9 @@ impl Arena {
 
     /// Maps an existing arena (the agent maps the trainer's, a restarted trainer its own).
     pub fn open(path: &Path) -> Result<Arena> {
-        let bad = |reason: String| Error::corrupt(Location { object: path.display().to_string(), ..Location::default() }, reason);
+        let bad = |reason: String| {
+            Error::corrupt(Location { object: path.display().to_string(), ..Location::default() }, reason)
+        };
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io("open", path, e))?;
         let len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
         if len < HEADER_LEN {
@@ -367,7 +375,11 @@ impl Arena {
         if !self.fits(table, metadata.len()) {
             return Err(Error::InvalidConfig {
                 field: "slot_size",
-                reason: format!("a {} snapshot does not fit a {} slot", human_bytes(table.total_len()), human_bytes(self.slot_size)),
+                reason: format!(
+                    "a {} snapshot does not fit a {} slot",
+                    human_bytes(table.total_len()),
+                    human_bytes(self.slot_size)
+                ),
             });
         }
         let mut d = Vec::with_capacity(descriptor_len(table, metadata.len()) as usize);
@@ -403,7 +415,10 @@ impl Arena {
     /// Reads what a sealed, persisting or durable slot holds, checking its descriptor.
     pub fn content(&self, slot: u32) -> Result<SlotContent> {
         let bad = |reason: String| {
-            Error::corrupt(Location { object: format!("{} slot {slot}", self.path.display()), ..Location::default() }, reason)
+            Error::corrupt(
+                Location { object: format!("{} slot {slot}", self.path.display()), ..Location::default() },
+                reason,
+            )
         };
         let step = self.field(slot, 8).load(Ordering::Relaxed);
         let packed = self.field(slot, 16).load(Ordering::Relaxed);
@@ -464,7 +479,9 @@ impl Arena {
         let len = self.slot_size * u64::from(self.slots);
         // SAFETY: the range is inside our shared mapping; MADV_POPULATE_WRITE only faults pages in
         // and never changes their content. Kernels before 5.14 reject it, which is harmless.
-        let _ = unsafe { libc::madvise(base as *mut libc::c_void, len as usize, 23 /* MADV_POPULATE_WRITE */) };
+        let _ = unsafe {
+            libc::madvise(base as *mut libc::c_void, len as usize, 23 /* MADV_POPULATE_WRITE */)
+        };
         if let Some(p) = pinner {
             let mut off = 0;
             while off < len {

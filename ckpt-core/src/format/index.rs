@@ -79,7 +79,8 @@ pub(crate) fn decode_tensors(r: &mut Reader<'_>, count: u32, region_len: u64) ->
         if name_len == 0 || name_len > MAX_NAME_LEN {
             return Err(r.error(format!("tensor name length {name_len} outside 1..={MAX_NAME_LEN}")));
         }
-        let name = std::str::from_utf8(r.bytes(name_len)?).map_err(|_| r.error("tensor name is not UTF-8"))?.to_string();
+        let name =
+            std::str::from_utf8(r.bytes(name_len)?).map_err(|_| r.error("tensor name is not UTF-8"))?.to_string();
         let code = r.u8()?;
         let dtype = DType::from_code(code).ok_or_else(|| r.error(format!("unknown dtype code {code}")))?;
         let ndim = r.u8()? as usize;

@@ -388,7 +388,9 @@ impl Checkpointer {
             // A restarted trainer finds the arena its predecessor left in the same pod.
             match Arena::open(&self.shared.arena_path) {
                 Ok(a) => *guard = Some(Arc::new(a)),
-                Err(e) => tracing::warn!(path = %self.shared.arena_path.display(), error = %e, "ignoring unusable arena"),
+                Err(e) => {
+                    tracing::warn!(path = %self.shared.arena_path.display(), error = %e, "ignoring unusable arena")
+                }
             }
         }
         let arena = guard.clone()?;
@@ -416,7 +418,8 @@ impl Checkpointer {
                 self.wait_all()?;
                 guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
                 let dir = self.shared.arena_path.parent().map(PathBuf::from).unwrap_or_default();
-                let name = self.shared.arena_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name =
+                    self.shared.arena_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 // Headroom, so that a state that grows a little (an optimizer's lazily created
                 // buffers, a new metadata key) does not recreate the arena at every save.
                 let slot_size = needed.saturating_add(needed / 16).saturating_add(1 << 20);
@@ -449,7 +452,11 @@ impl Checkpointer {
             match oldest {
                 Some(h) => {
                     let _ = h.wait();
-                    self.shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).retain(|x| !Arc::ptr_eq(&x.state, &h.state));
+                    self.shared
+                        .in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|x| !Arc::ptr_eq(&x.state, &h.state));
                 }
                 None => {
                     if started.elapsed() > Duration::from_secs(60) {

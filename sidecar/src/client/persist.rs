@@ -96,7 +96,9 @@ fn run(shared: &Shared, job: Job) -> Result<()> {
         }
         arena.seal(slot, step, &table, &metadata)?;
         if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
-            return Err(ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into());
+            return Err(
+                ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into()
+            );
         }
         let len = table.total_len() as usize;
         let data = Bytes::from_owner(SlotRegion { arena: arena.clone(), slot, len });
