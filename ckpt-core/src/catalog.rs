@@ -259,11 +259,26 @@ pub struct ShardReport {
     pub error: Option<String>,
 }
 
-/// Verifies every byte of a step and reports every problem rather than the first.
+/// Whether an error is a verdict about the stored bytes (damage, a missing object, an unknown
+/// version), as opposed to a failure to find out (a store outage, a timeout, a local I/O error).
+fn is_verdict(e: &Error) -> bool {
+    matches!(
+        e.kind(),
+        crate::ErrorKind::Corrupt
+            | crate::ErrorKind::Unsupported
+            | crate::ErrorKind::NotFound
+            | crate::ErrorKind::Mismatch
+    )
+}
+
+/// Verifies every byte of a step and reports every problem rather than the first. Only verdicts
+/// about the data go into the report; a read that fails for another reason (the store is down, a
+/// request timed out) is returned as an error, so a sound step is never reported as damaged
+/// because of a network blip.
 pub(crate) fn verify_step(store: &Store, rt: &Handle, read: &ReadConfig, job: &str, step: u64) -> Result<VerifyReport> {
     let m = match read_manifest(store, rt, job, step) {
         Ok(m) => m,
-        Err(e) if e.kind() == crate::ErrorKind::NotFound => return Err(e),
+        Err(e) if e.kind() == crate::ErrorKind::NotFound || !is_verdict(&e) => return Err(e),
         Err(e) => {
             return Ok(VerifyReport { step, manifest_ok: false, shards: Vec::new(), problems: vec![e.to_string()] });
         }
@@ -273,7 +288,11 @@ pub(crate) fn verify_step(store: &Store, rt: &Handle, read: &ReadConfig, job: &s
     });
     let mut report = VerifyReport { step, manifest_ok: true, shards: Vec::new(), problems: Vec::new() };
     for (s, r) in m.shards.iter().zip(results) {
-        let error = r.err().map(|e| e.to_string());
+        let error = match r {
+            Ok(_) => None,
+            Err(e) if is_verdict(&e) => Some(e.to_string()),
+            Err(e) => return Err(e),
+        };
         if let Some(e) = &error {
             report.problems.push(e.clone());
         }

@@ -198,6 +198,14 @@ pub(crate) fn write_shard(
         });
     }
     layout::validate_job(id.job)?;
+    // A committed step is immutable: a retried or late save must not replace a shard under its
+    // MANIFEST (the isolator's or rank 0's commit may already have landed).
+    let manifest = store.path(&layout::manifest_path(id.job, id.step));
+    match rt.block_on(store.object_store().head(&manifest)) {
+        Ok(_) => return Err(Error::Conflict { job: id.job.to_string(), step: id.step }),
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(Error::store("head", &manifest, e)),
+    }
     let rel = layout::shard_path(id.job, id.step, id.rank);
     let path = store.path(&rel);
     let mut sink: Box<dyn Sink> = match store.local_file(&path) {

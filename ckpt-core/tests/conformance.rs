@@ -140,6 +140,11 @@ fn concurrent_commit_has_one_winner(backend: Backend) {
     }
     let stored = f.engine.manifest("job", 5).unwrap();
     assert_eq!(&stored, winners[0], "the stored manifest is the winner's");
+    // A committed step is immutable: a late or retried shard write is refused.
+    let e = f.engine.write_shard("job", 5, 0, 1, &snapshot(3, 10_000)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    let (_, back) = f.engine.restore("job", 5, 0).unwrap();
+    assert!(back == snap.data);
 }
 
 fn uncommitted_is_invisible(backend: Backend) {
