@@ -192,7 +192,7 @@ impl std::fmt::Display for Error {
             Error::Engine { op, step: Some(step), source } => write!(f, "{op} of step {step} failed: {source}"),
             Error::Engine { op, step: None, source } => write!(f, "{op} failed: {source}"),
             Error::Verify { step, problems } => {
-                write!(f, "restored step {step} is not the saved state: {}", problems.join("; "))
+                write!(f, "verification of step {step} failed: {}", problems.join("; "))
             }
             Error::Thread { reason } => f.write_str(reason),
             Error::Output { source } => write!(f, "cannot write the report: {source}"),
@@ -290,64 +290,9 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, Error> {
     writeln!(out, "crash: dropped the trainer's state and its engine; restoring with a fresh engine")?;
 
     let engine = reopen(cfg, &store)?;
-    let t = Instant::now();
-    let manifest = engine
-        .latest(&cfg.job)
-        .map_err(engine_err("find the newest committed step", None))?
-        .ok_or_else(|| Error::Verify { step: last_step, problems: vec!["the store has no committed step".into()] })?;
-    let find = t.elapsed();
-    let step = manifest.step;
-    if step != last_step {
-        return Err(Error::Verify {
-            step,
-            problems: vec![format!("the newest committed step is {step}, the run's last checkpoint was {last_step}")],
-        });
-    }
-    let header = engine.shard_header(&cfg.job, step, 0).map_err(engine_err("read the shard header", Some(step)))?;
-    let problems = header.index.table.mismatches(&metas);
-    if !problems.is_empty() {
-        return Err(Error::Verify { step, problems });
-    }
-    let local = saved_local_step(&header.index.metadata).ok_or_else(|| Error::Verify {
-        step,
-        problems: vec!["the shard's metadata has no readable demo step".into()],
-    })?;
-    if local != last_local {
-        return Err(Error::Verify {
-            step,
-            problems: vec![format!("the shard holds training step {local}, expected {last_local}")],
-        });
-    }
-    let mut region = vec![0u8; header.index.table.total_len() as usize];
-    prefault(&mut region);
-    let t = Instant::now();
-    engine.restore_into(&cfg.job, step, 0, &mut region).map_err(engine_err("restore", Some(step)))?;
-    let restore = t.elapsed();
-    let t = Instant::now();
-    let mut restored = State::load(&specs, &header.index.table, &region, local, cfg.seed, threads);
-    let load = t.elapsed();
-    drop(region);
-
-    // The independent copy: the same seed and the same number of steps, from scratch.
-    let t = Instant::now();
-    let mut expected = State::init(&specs, cfg.seed);
-    while expected.step < local {
-        expected.advance();
-    }
-    let derive = t.elapsed();
-    let problems = restored.diff(&expected);
-    if !problems.is_empty() {
-        return Err(Error::Verify { step, problems });
-    }
-    for _ in 0..cfg.every {
-        restored.advance();
-        expected.advance();
-    }
-    let problems = restored.diff(&expected);
-    if !problems.is_empty() {
-        let problems = problems.into_iter().map(|p| format!("after resuming {} steps: {p}", cfg.every)).collect();
-        return Err(Error::Verify { step, problems });
-    }
+    let r = recover(&engine, cfg, &specs, last_step, last_local, threads)?;
+    let step = r.step;
+    let cache = if matches!(store.backend(), Backend::Local { .. }) { ", page cache warm" } else { "" };
     let committed: Vec<u64> = engine
         .steps(&cfg.job)
         .map_err(engine_err("list the job's steps", None))?
@@ -381,26 +326,114 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<Outcome, Error> {
     )?;
     writeln!(
         out,
-        "  restore      {:.1} MiB in {:.0} ms ({:.2} GB/s, every chunk verified) after finding step {step} in {:.1} ms; \
-         loaded into fresh tensors in {:.0} ms",
+        "  restore      {:.1} MiB in {:.0} ms ({:.2} GB/s, every chunk verified{cache}) after finding step {step} in \
+         {:.1} ms; loaded into fresh tensors in {:.0} ms",
         mib(total),
-        ms(restore),
-        gbps(total, restore),
-        ms(find),
-        ms(load),
+        ms(r.restore),
+        gbps(total, r.restore),
+        ms(r.find),
+        ms(r.load),
     )?;
     writeln!(
         out,
         "  verify       {} tensors bitwise identical to the state re-derived from the seed ({:.0} ms to re-derive); \
          {} more steps from the restored state match an uninterrupted run",
         metas.len(),
-        ms(derive),
+        ms(r.derive),
         cfg.every,
     )?;
     let kept = if cfg.keep == 0 { "retention off".to_string() } else { format!("retention keeps {}", cfg.keep) };
     writeln!(out, "  store        committed steps {committed:?} ({kept})")?;
     writeln!(out, "demo ok: restored step {step} ({:.1} MiB) bitwise identical", mib(total))?;
     Ok(Outcome { restored_step: step, state_bytes: total, saves: stats.stalls.len() })
+}
+
+/// Timings of a successful recovery.
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    step: u64,
+    /// `Engine::latest`.
+    find: Duration,
+    /// `Engine::restore_into`.
+    restore: Duration,
+    /// Copying the restored region into fresh tensors.
+    load: Duration,
+    /// Re-deriving the expected state from the seed.
+    derive: Duration,
+}
+
+/// The restart after the crash: finds the newest committed step with `engine`, restores it into
+/// fresh tensors and checks them bitwise against the state re-derived from the seed, then checks
+/// that training resumed from them continues like an uninterrupted run.
+fn recover(
+    engine: &Engine,
+    cfg: &Config,
+    specs: &[(TensorMeta, Rule)],
+    last_step: u64,
+    last_local: u64,
+    threads: usize,
+) -> Result<Recovery, Error> {
+    let metas: Vec<TensorMeta> = specs.iter().map(|(m, _)| m.clone()).collect();
+    let t = Instant::now();
+    let manifest = engine
+        .latest(&cfg.job)
+        .map_err(engine_err("find the newest committed step", None))?
+        .ok_or_else(|| Error::Verify { step: last_step, problems: vec!["the store has no committed step".into()] })?;
+    let find = t.elapsed();
+    let step = manifest.step;
+    if step != last_step {
+        return Err(Error::Verify {
+            step,
+            problems: vec![format!("the newest committed step is {step}, the run's last checkpoint was {last_step}")],
+        });
+    }
+    let header = engine.shard_header(&cfg.job, step, 0).map_err(engine_err("read the shard header", Some(step)))?;
+    let problems = header.index.table.mismatches(&metas);
+    if !problems.is_empty() {
+        return Err(Error::Verify { step, problems });
+    }
+    let local = saved_local_step(&header.index.metadata).ok_or_else(|| Error::Verify {
+        step,
+        problems: vec!["the shard's metadata has no readable demo step".into()],
+    })?;
+    if local != last_local {
+        return Err(Error::Verify {
+            step,
+            problems: vec![format!("the shard holds training step {local}, expected {last_local}")],
+        });
+    }
+    let mut region = vec![0u8; header.index.table.total_len() as usize];
+    prefault(&mut region);
+    let t = Instant::now();
+    engine.restore_into(&cfg.job, step, 0, &mut region).map_err(engine_err("restore", Some(step)))?;
+    let restore = t.elapsed();
+    let mut restored = State::empty(specs, cfg.seed);
+    let t = Instant::now();
+    restored.load(&header.index.table, &region, local, threads);
+    let load = t.elapsed();
+    drop(region);
+
+    // The independent copy: the same seed and the same number of steps, from scratch.
+    let t = Instant::now();
+    let mut expected = State::init(specs, cfg.seed);
+    while expected.step < local {
+        expected.advance();
+    }
+    let derive = t.elapsed();
+    let problems = restored.diff(&expected);
+    if !problems.is_empty() {
+        return Err(Error::Verify { step, problems });
+    }
+    for _ in 0..cfg.every {
+        restored.advance();
+        expected.advance();
+    }
+    let problems = restored.diff(&expected);
+    if !problems.is_empty() {
+        let problems = problems.into_iter().map(|p| format!("after resuming {} steps: {p}", cfg.every)).collect();
+        return Err(Error::Verify { step, problems });
+    }
+    Ok(Recovery { step, restore, find, load, derive })
 }
 
 fn engine_config(cfg: &Config) -> EngineConfig {
@@ -773,30 +806,30 @@ impl State {
         State { seed, step: 0, tensors }
     }
 
-    /// A state at `step` whose tensors are loaded from a restored region.
-    fn load(
-        specs: &[(TensorMeta, Rule)],
-        table: &TensorTable,
-        region: &[u8],
-        step: u64,
-        seed: u64,
-        threads: usize,
-    ) -> State {
-        let mut tensors: Vec<Tensor> = specs
+    /// A state whose tensors are allocated and paged in but hold zeros, ready to be loaded into
+    /// (like a model built before its checkpoint is loaded).
+    fn empty(specs: &[(TensorMeta, Rule)], seed: u64) -> State {
+        let tensors = specs
             .iter()
-            .map(|(meta, rule)| Tensor {
-                meta: meta.clone(),
-                rule: *rule,
-                data: vec![0u8; meta.byte_len().unwrap_or(0) as usize],
+            .map(|(meta, rule)| {
+                let mut data = vec![0u8; meta.byte_len().unwrap_or(0) as usize];
+                prefault(&mut data);
+                Tensor { meta: meta.clone(), rule: *rule, data }
             })
             .collect();
+        State { seed, step: 0, tensors }
+    }
+
+    /// Loads every tensor from a restored region and sets the step.
+    fn load(&mut self, table: &TensorTable, region: &[u8], step: u64, threads: usize) {
         // `run` checked the table against the specs, so every name is there with the same length.
-        let pairs = tensors
+        let pairs = self
+            .tensors
             .iter_mut()
             .filter_map(|t| table.get(&t.meta.name).map(|e| (&region[e.range()], t.data.as_mut_slice())))
             .collect();
         parallel_copy(pairs, threads);
-        State { seed, step, tensors }
+        self.step = step;
     }
 
     /// One training step: a deterministic function of the previous state, the seed and the step.
@@ -1025,7 +1058,8 @@ mod tests {
             for (e, t) in table.entries().iter().zip(&state.tensors) {
                 assert_eq!(&region[e.range()], t.data.as_slice());
             }
-            let back = State::load(&specs, &table, &region, state.step, 3, threads);
+            let mut back = State::empty(&specs, 3);
+            back.load(&table, &region, state.step, threads);
             assert!(back.diff(&state).is_empty());
         }
     }

@@ -4,7 +4,7 @@
 //! Exit codes: 0 on success, 64 for a bad configuration (one line on stderr, as linkerd does), 1
 //! when a run fails.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -101,6 +101,7 @@ fn init_logging() -> anyhow::Result<()> {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))

@@ -102,6 +102,8 @@ pub struct Loaded {
 struct SaveState {
     outcome: Mutex<Option<std::result::Result<(), Arc<Error>>>>,
     cv: Condvar,
+    /// Set once a caller has seen this save's failure, so `close` does not raise it again.
+    reported: std::sync::atomic::AtomicBool,
 }
 
 impl SaveState {
@@ -131,7 +133,10 @@ impl SaveHandle {
         loop {
             match &*o {
                 Some(Ok(())) => return Ok(()),
-                Some(Err(e)) => return Err(Error::SaveFailed { step: self.step, source: e.clone() }),
+                Some(Err(e)) => {
+                    self.state.reported.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(Error::SaveFailed { step: self.step, source: e.clone() });
+                }
                 None => o = self.state.cv.wait(o).unwrap_or_else(|p| p.into_inner()),
             }
         }
@@ -148,7 +153,7 @@ struct Shared {
     engine: Engine,
     arena_path: PathBuf,
     arena: Mutex<Option<Arc<Arena>>>,
-    host: HostCopy,
+    host: Arc<HostCopy>,
     cuda: Mutex<HashMap<u32, Arc<CudaCopy>>>,
     /// Copies of the newest save, for `fence`.
     last_copies: Mutex<Vec<Arc<dyn CopyTicket>>>,
@@ -223,7 +228,7 @@ impl Checkpointer {
             engine,
             arena_path,
             arena: Mutex::new(None),
-            host: HostCopy::with_default_threads()?,
+            host: Arc::new(HostCopy::with_default_threads()?),
             cuda: Mutex::new(HashMap::new()),
             last_copies: Mutex::new(Vec::new()),
             in_flight: Mutex::new(Vec::new()),
@@ -299,12 +304,16 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Waits for every save in flight to be durable; returns the first failure.
+    /// Waits for every save in flight to be durable; returns the first failure that no caller has
+    /// seen yet through [`SaveHandle::wait`].
     pub fn wait_all(&self) -> Result<()> {
         let handles = std::mem::take(&mut *self.shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()));
         let mut first = None;
         for h in handles {
-            if let Err(e) = h.wait() {
+            let seen = h.state.reported.load(std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = h.wait()
+                && !seen
+            {
                 first.get_or_insert(e);
             }
         }
@@ -520,19 +529,28 @@ impl Checkpointer {
             };
             by_device.entry(t.device).or_default().push(Region { src, dst, len: entry.len as usize });
         }
-        let mut tickets = Vec::with_capacity(by_device.len());
+        let mut tickets: Vec<Arc<dyn CopyTicket>> = Vec::with_capacity(by_device.len());
         for (device, regions) in by_device {
             let engine: Arc<dyn CopyEngine> = match device {
-                Device::Cpu => {
-                    // SAFETY: the caller of save/load vouched for the tensors' addresses; the slot
-                    // side lies inside the slot we own, sized by the table.
-                    tickets.push(unsafe { self.shared.host.submit(direction, device, &regions, stream) }?);
-                    continue;
-                }
-                Device::Cuda(n) => self.cuda(n)?,
+                Device::Cpu => self.shared.host.clone(),
+                Device::Cuda(n) => match self.cuda(n) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        wait_quietly(&tickets);
+                        return Err(e);
+                    }
+                },
             };
-            // SAFETY: as above.
-            tickets.push(unsafe { engine.submit(direction, device, &regions, stream) }?);
+            // SAFETY: the caller of save/load vouched for the tensors' addresses; the slot side lies
+            // inside the slot we own, sized by the table.
+            let submitted = unsafe { engine.submit(direction, device, &regions, stream) };
+            match submitted {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    wait_quietly(&tickets);
+                    return Err(e.into());
+                }
+            }
         }
         Ok(tickets)
     }
@@ -553,6 +571,14 @@ impl Drop for Checkpointer {
         if let Err(e) = self.close() {
             tracing::warn!(error = %e, "a save failed before the checkpointer was dropped");
         }
+    }
+}
+
+/// Copies already started on another device still read the tensors and write the slot: let them
+/// finish before an error lets the caller free either.
+fn wait_quietly(tickets: &[Arc<dyn CopyTicket>]) {
+    for t in tickets {
+        let _ = t.wait();
     }
 }
 

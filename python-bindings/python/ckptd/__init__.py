@@ -1,0 +1,290 @@
+"""ckptd: fast, crash-consistent checkpoints of a training state.
+
+>>> ck = ckptd.Checkpointer("my-job", store="file:///tmp/ckpt", arena_dir="/tmp/arena")
+>>> h = ck.save({"w": weights, "epoch": 3}, step=100)   # returns once the copies are enqueued
+>>> ck.fence()                                           # before the next write to `weights`
+>>> h.wait()                                             # durable and committed
+>>> ck.load(state)                                       # fills `state` in place; returns the step
+
+State: nested dicts, lists and tuples whose dict keys are ``str`` or ``int`` (as in
+``optimizer.state_dict()``). Leaves are tensors (torch CPU or CUDA, C-contiguous numpy arrays,
+objects with ``__dlpack__`` or ``__array_interface__``), saved as raw bytes, and Python scalars
+(``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``), saved as typed JSON in the shard's
+metadata. Nothing is pickled. ``load`` fills tensors in place and sets scalar leaves back into
+their dicts and lists (a tuple holding scalars is replaced in its parent).
+
+Tensor names are key paths: the keys from the root, joined by ``/``. An ``int`` key or index is
+written ``#<n>``; in a ``str`` key ``~`` becomes ``~0``, ``/`` becomes ``~1``, ``#`` becomes ``~2``
+and the empty string is ``~``. So ``state["optimizer"]["state"][0]["exp_avg"]`` is named
+``optimizer/state/#0/exp_avg`` while a ``str`` key ``"0"`` stays ``0``, and
+``model/layer.0.weight`` keeps its dots. Errors name leaves by these paths.
+
+Errors are subclasses of :class:`CkptError`: :class:`StoreError`, :class:`CorruptCheckpoint`,
+:class:`StateMismatch`, :class:`ArenaFull`, :class:`AgentUnavailable`, :class:`NoCheckpoint`,
+:class:`ConfigError` (also a ``ValueError``) and :class:`CheckpointerClosed`.
+
+torch is optional and never imported here; see :mod:`ckptd.torch` for model/optimizer helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+from . import _native, _tree
+from ._native import (
+    AgentUnavailable,
+    ArenaFull,
+    CheckpointerClosed,
+    CkptError,
+    ConfigError,
+    CorruptCheckpoint,
+    NoCheckpoint,
+    StateMismatch,
+    StoreError,
+)
+from ._tree import TensorInfo
+
+__all__ = [
+    "AgentUnavailable",
+    "ArenaFull",
+    "Checkpointer",
+    "CheckpointerClosed",
+    "CkptError",
+    "ConfigError",
+    "CorruptCheckpoint",
+    "Description",
+    "NoCheckpoint",
+    "SaveHandle",
+    "StateMismatch",
+    "StoreError",
+    "TensorInfo",
+    "__version__",
+]
+
+__version__: Final[str] = _native.__version__
+
+_ADVANCED: Final = frozenset({"arena_dir", "chunk_size", "commit_timeout"})
+
+
+class SaveHandle:
+    """A save in progress."""
+
+    __slots__ = ("_native",)
+
+    def __init__(self, native: _native._SaveHandle) -> None:
+        self._native = native
+
+    @property
+    def step(self) -> int:
+        """The step being saved."""
+        return self._native.step
+
+    def wait(self) -> None:
+        """Blocks until the step is durable and committed on every rank; raises if it failed."""
+        self._native.wait()
+
+    def done(self) -> bool:
+        """Whether the save finished, successfully or not (``wait()`` tells which)."""
+        return self._native.done()
+
+    def __repr__(self) -> str:
+        return f"SaveHandle(step={self.step}, done={self.done()})"
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a stored step holds, read without its tensor data (see :meth:`Checkpointer.describe`)."""
+
+    #: The step described.
+    step: int
+    #: Every stored tensor by key path.
+    tensors: dict[str, TensorInfo]
+    #: The saved state's structure: scalars as saved, :class:`TensorInfo` at tensor leaves.
+    #: ``None`` when the step was not written by this package (no state metadata).
+    state: Any
+
+    def allocate(self, make: Callable[[str, TensorInfo], Any] | None = None, *, key: str | int | None = None) -> Any:
+        """A new state shaped like the saved one (or like its part ``state[key]``), with
+        ``make(name, info)`` at each tensor leaf (default: an empty numpy array), ready to be
+        loaded into."""
+        if self.state is None:
+            raise CkptError(f"step {self.step} has no ckptd state metadata to rebuild its structure from")
+        if key is None:
+            return _tree.materialize(self.state, make or _numpy_empty, "")
+        return _tree.materialize(self.state[key], make or _numpy_empty, _tree.encode_key(key))
+
+
+def _numpy_empty(name: str, info: TensorInfo) -> Any:
+    del name
+    import numpy
+
+    return numpy.empty(info.shape, dtype=numpy.dtype(info.dtype))
+
+
+def _cuda_stream(device: int | None) -> int | None:
+    """The raw current CUDA stream of ``device``, which copies must be ordered after."""
+    if device is None:
+        return None
+    torch = sys.modules["torch"]
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _check_step(step: object, *, optional: bool = False) -> None:
+    if optional and step is None:
+        return
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**64:
+        raise ConfigError(f"step must be an int in 0..2**64, not {step!r}")
+
+
+def _cuda_device(leaves: list[_tree.Leaf]) -> int | None:
+    devices = {leaf.device for leaf in leaves if leaf.device >= 0}
+    if len(devices) > 1:
+        raise ConfigError(
+            f"the state has tensors on CUDA devices {sorted(devices)}: use one Checkpointer per device"
+        )
+    return devices.pop() if devices else None
+
+
+class Checkpointer:
+    """Saves and loads a training state to a store; see the module documentation.
+
+    ``store`` is a URL (``file:///path``, ``s3://bucket/prefix``, ``oss://``, ``gs://``, ``az://``,
+    ``memory://``); it defaults to ``$CKPTD_STORE`` or ``./ckptd-store``. ``socket`` selects sidecar
+    mode (the agent's Unix socket; default ``$CKPTD_SOCKET``), else the checkpointer runs embedded.
+    ``compression`` is ``none``, ``auto``, ``zstd`` or ``zstd:<level>``. Advanced options:
+    ``arena_dir`` (memory-backed directory of the snapshot arena; default ``$CKPTD_ARENA_DIR`` or
+    ``/dev/shm/ckptd``), ``chunk_size`` (bytes), ``commit_timeout`` (seconds rank 0 waits for
+    every rank's shard).
+    """
+
+    def __init__(
+        self,
+        job: str,
+        *,
+        store: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        socket: str | os.PathLike[str] | None = None,
+        slots: int = 2,
+        compression: str = "none",
+        **advanced: Any,
+    ) -> None:
+        unknown = sorted(set(advanced) - _ADVANCED)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}: accepted are {', '.join(sorted(_ADVANCED))}")
+        self._native = _native._Checkpointer(
+            job,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            socket=socket,
+            slots=slots,
+            compression=compression,
+            **advanced,
+        )
+        self._job = job
+        self._fence_device: int | None = None
+        #: Whether the last :meth:`load` came from the shared-memory arena (memory tier) rather
+        #: than the store; ``None`` before the first load.
+        self.last_load_from_memory: bool | None = None
+
+    @property
+    def job(self) -> str:
+        """The job name."""
+        return self._job
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._native.closed
+
+    def save(self, state: Any, step: int) -> SaveHandle:
+        """Starts saving ``state`` as ``step`` and returns once the copies are enqueued.
+
+        Call :meth:`fence` (or use :func:`ckptd.torch.fence_before_step`) before the training loop
+        next writes the saved tensors; call ``wait()`` on the handle to know it is durable.
+        """
+        _check_step(step)
+        flat = _tree.flatten(state, writable=False)
+        device = _cuda_device(flat.tensors)
+        metadata = _tree.encode_metadata(flat)
+        native = self._native.save(
+            [leaf.as_tuple() for leaf in flat.tensors],
+            step,
+            metadata,
+            _cuda_stream(device),
+            # The native checkpointer keeps these referenced until the save has finished.
+            keepalive=[leaf.owner for leaf in flat.tensors],
+        )
+        self._fence_device = device
+        return SaveHandle(native)
+
+    def fence(self) -> None:
+        """Returns once the newest save's copies have read the tensors, so they may be written.
+
+        For CUDA tensors the trainer's current stream waits instead of the host."""
+        self._native.fence(_cuda_stream(self._fence_device))
+
+    def describe(self, step: int | None = None) -> Description:
+        """What ``step`` (default: the newest committed step) holds, without reading tensor data."""
+        _check_step(step, optional=True)
+        got, table, metadata = self._native.describe(step)
+        tensors = {name: TensorInfo(dtype, tuple(shape)) for name, dtype, shape in table}
+        tree = _tree.decode_metadata(metadata)
+        state = None if tree is None else _tree.build(tree, tensors, lambda _name, info: info)
+        return Description(got, tensors, state)
+
+    def load(self, state: Any, step: int | None = None) -> int:
+        """Fills ``state`` in place from ``step`` (default: the newest committed step) and returns
+        the step loaded.
+
+        ``state`` must have the saved structure: every difference (missing or extra keys, shape or
+        dtype changes) is reported at once as :class:`StateMismatch`, before anything is written.
+        """
+        _check_step(step, optional=True)
+        flat = _tree.flatten(state, writable=True)
+        device = _cuda_device(flat.tensors)
+        got, _table, raw = self._native.describe(step)
+        tree = _tree.decode_metadata(raw)
+        stored = _tree.tree_scalars(tree) if tree is not None else {}
+        problems = [f"`{n}`: not in the checkpoint" for n in flat.scalars if n not in stored]
+        problems += [f"`{n}`: in the checkpoint but not in the state" for n in stored if n not in flat.scalars]
+        tensors = [leaf.as_tuple() for leaf in flat.tensors]
+        if problems:
+            problems = self._native.mismatches(tensors, got) + problems
+            raise StateMismatch(f"state does not match checkpoint step {got}: {'; '.join(problems)}")
+        loaded, _metadata, from_memory = self._native.load(tensors, got, _cuda_stream(device))
+        _tree.assign_scalars(state, stored)
+        self.last_load_from_memory = from_memory
+        return loaded
+
+    def latest_step(self) -> int | None:
+        """The newest committed step that validates, or ``None``."""
+        return self._native.latest_step()
+
+    def wait_all(self) -> None:
+        """Waits for every save in flight to be durable; raises the first failure."""
+        self._native.wait_all()
+
+    def close(self) -> None:
+        """Waits for the saves in flight and stops. Closing twice does nothing."""
+        self._native.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer(job={self._job!r}, closed={self.closed})"

@@ -1,0 +1,85 @@
+"""The private native module of ckptd (Rust, PyO3). Use the ``ckptd`` package instead."""
+
+import os
+from pathlib import Path
+from typing import Final, final
+
+__all__ = [
+    "__version__",
+    "_TEST_HOOKS",
+    "_Checkpointer",
+    "_SaveHandle",
+    "CkptError",
+    "StoreError",
+    "CorruptCheckpoint",
+    "StateMismatch",
+    "ArenaFull",
+    "AgentUnavailable",
+    "NoCheckpoint",
+    "CheckpointerClosed",
+    "ConfigError",
+]
+
+__version__: Final[str]
+_TEST_HOOKS: Final[bool]
+
+#: `(name, dtype, shape, addr, device)`; device -1 is host memory, n is cuda:n.
+_Tensor = tuple[str, str, tuple[int, ...], int, int]
+
+class CkptError(Exception): ...
+class StoreError(CkptError): ...
+class CorruptCheckpoint(CkptError): ...
+class StateMismatch(CkptError): ...
+class ArenaFull(CkptError): ...
+class AgentUnavailable(CkptError): ...
+class NoCheckpoint(CkptError): ...
+class ConfigError(CkptError, ValueError): ...
+class CheckpointerClosed(CkptError): ...
+
+@final
+class _SaveHandle:
+    def wait(self) -> None: ...
+    def done(self) -> bool: ...
+    @property
+    def step(self) -> int: ...
+
+@final
+class _Checkpointer:
+    def __new__(
+        cls,
+        job: str,
+        *,
+        store: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        socket: str | os.PathLike[str] | None = None,
+        slots: int = 2,
+        compression: str = "none",
+        arena_dir: str | os.PathLike[str] | None = None,
+        chunk_size: int | None = None,
+        commit_timeout: float | None = None,
+    ) -> _Checkpointer: ...
+    def save(
+        self,
+        tensors: list[_Tensor],
+        step: int,
+        metadata: bytes,
+        stream: int | None = None,
+        *,
+        keepalive: object = None,
+    ) -> _SaveHandle: ...
+    def load(
+        self, tensors: list[_Tensor], step: int | None = None, stream: int | None = None
+    ) -> tuple[int, bytes, bool]: ...
+    def describe(
+        self, step: int | None = None
+    ) -> tuple[int, list[tuple[str, str, tuple[int, ...]]], bytes]: ...
+    def mismatches(self, tensors: list[_Tensor], step: int) -> list[str]: ...
+    def fence(self, stream: int | None = None) -> None: ...
+    def latest_step(self) -> int | None: ...
+    def wait_all(self) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def arena_path(self) -> Path: ...

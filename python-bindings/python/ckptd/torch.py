@@ -1,0 +1,154 @@
+"""torch helpers: capture and restore a whole training state, and fence the optimizer step.
+
+>>> ck = ckptd.Checkpointer("job")
+>>> ckptd.torch.fence_before_step(optimizer, ck)
+>>> ck.save(ckptd.torch.capture(model, optimizer, scheduler), step)
+...
+>>> step = ckptd.torch.restore(ck, model, optimizer, scheduler)
+
+The captured state is a dict with the keys ``model``, ``optimizer``, ``scheduler``, ``extra``
+(each present when given) and ``rng``: the torch CPU generator, every CUDA generator (when CUDA
+is initialised), numpy's global generator (when numpy is installed) and Python's ``random``.
+``restore`` loads in place and re-applies them all, so a resumed run continues bitwise
+identically.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import Checkpointer, CkptError, Description, TensorInfo, _tree
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+__all__ = ["capture", "fence_before_step", "restore"]
+
+
+def _rng_state() -> dict[str, Any]:
+    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        rng["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    try:
+        import numpy
+    except ImportError:
+        pass
+    else:
+        rng["numpy"] = numpy.random.get_state(legacy=True)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        for i, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+    if "numpy" in rng:
+        import numpy
+
+        numpy.random.set_state(tuple(rng["numpy"]))
+
+
+def capture(
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    extra: Any = None,
+) -> dict[str, Any]:
+    """The training state to pass to :meth:`ckptd.Checkpointer.save`.
+
+    Model and optimizer tensors are the live ones (no copy is made here: the checkpointer copies
+    them into shared memory); ``extra`` is any state tree of your own (e.g. the data-loader
+    position)."""
+    state: dict[str, Any] = {}
+    if model is not None:
+        state["model"] = model.state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if extra is not None:
+        state["extra"] = extra
+    state["rng"] = _rng_state()
+    return state
+
+
+def _empty(name: str, info: TensorInfo) -> Any:
+    """A tensor to load ``info`` into; numpy's generator state stays a numpy array."""
+    if name.startswith("rng/numpy/"):
+        import numpy
+
+        return numpy.empty(info.shape, dtype=numpy.dtype(info.dtype))
+    return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+
+
+def _same_layout(live: Any, desc: Description, key: str) -> bool:
+    """Whether the live part ``live`` has exactly the tensors and scalar paths that the stored
+    ``state[key]`` has, so it can be loaded into in place."""
+    try:
+        flat = _tree.flatten({key: live}, writable=True)
+    except CkptError:
+        return False
+    stored_tensors, stored_scalars = _tree.described_leaves(desc.state[key], _tree.encode_key(key))
+    live_tensors = {leaf.name: TensorInfo(leaf.dtype, leaf.shape) for leaf in flat.tensors}
+    return live_tensors == stored_tensors and set(flat.scalars) == stored_scalars
+
+
+def restore(
+    ck: Checkpointer,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    step: int | None = None,
+    *,
+    extra: Any = None,
+) -> int:
+    """Loads ``step`` (default: the newest committed step) into ``model`` and ``optimizer`` in
+    place, re-applies the optimizer's and the scheduler's state dicts and the RNG states, fills
+    ``extra`` (a dict or list) in place, and returns the step loaded.
+
+    An optimizer whose state does not exist yet (a fresh optimizer before its first step) gets
+    it from the checkpoint. Parts of the checkpoint that are not asked for are read and dropped.
+    """
+    desc = ck.describe(step)
+    if desc.state is None or not isinstance(desc.state, dict):
+        raise CkptError(f"step {desc.step} was not saved by ckptd.torch.capture")
+    target: dict[str, Any] = {}
+    for key in desc.state:
+        if key == "model" and model is not None:
+            target[key] = model.state_dict()
+        elif key == "optimizer" and optimizer is not None:
+            live = optimizer.state_dict()
+            target[key] = live if _same_layout(live, desc, key) else desc.allocate(_empty, key=key)
+        elif key == "extra" and extra is not None:
+            target[key] = extra
+        else:
+            target[key] = desc.allocate(_empty, key=key)
+    loaded = ck.load(target, desc.step)
+    if optimizer is not None and "optimizer" in target:
+        optimizer.load_state_dict(target["optimizer"])
+    if scheduler is not None and "scheduler" in target:
+        scheduler.load_state_dict(target["scheduler"])
+    if "rng" in target:
+        _set_rng_state(target["rng"])
+    return loaded
+
+
+def fence_before_step(optimizer: torch.optim.Optimizer, ck: Checkpointer) -> RemovableHandle:
+    """Registers an optimizer step pre-hook that calls ``ck.fence()``, so ``optimizer.step()``
+    never overwrites parameters or state that a save is still copying. Returns the hook handle
+    (``.remove()`` it to unregister). The hook does nothing once ``ck`` is closed."""
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        del opt, args, kwargs
+        if not ck.closed:
+            ck.fence()
+
+    return optimizer.register_step_pre_hook(hook)
