@@ -6,7 +6,7 @@
 //! - a committed step loses its MANIFEST first, so no reader ever sees it half-deleted;
 //! - steps newer than the newest commit are left alone: they may be in progress.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use object_store::ObjectStoreExt;
 use tokio::runtime::Handle;
@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use crate::catalog::{self, Depth, StepState};
 use crate::error::{Error, Result};
 use crate::restore::ReadConfig;
-use crate::store::{Store, layout, s3_uploads};
+use crate::store::{Store, layout};
 
 /// What retention keeps and removes.
 #[derive(Debug, Clone)]
@@ -112,6 +112,25 @@ pub(crate) fn gc(
         tracing::info!(job, step = s.step, bytes = s.bytes(), dry_run = policy.dry_run, "retention removed step");
     }
 
+    #[cfg(feature = "cloud")]
+    abort_stale_uploads(store, rt, job, policy, newest_commit, &keep, &mut report)?;
+    Ok(report)
+}
+
+/// Aborts incomplete multipart uploads of steps that are superseded, or older than the policy's
+/// age limit.
+#[cfg(feature = "cloud")]
+fn abort_stale_uploads(
+    store: &Store,
+    rt: &Handle,
+    job: &str,
+    policy: &RetentionPolicy,
+    newest_commit: Option<u64>,
+    keep: &[u64],
+    report: &mut GcReport,
+) -> Result<()> {
+    use crate::store::s3_uploads;
+    use std::time::SystemTime;
     let prefix = store.path(&layout::job_dir(job));
     let uploads = rt.block_on(s3_uploads::list_pending(store, &format!("{prefix}/")))?;
     let now = SystemTime::now();
@@ -132,5 +151,5 @@ pub(crate) fn gc(
         report.aborted_uploads += 1;
         tracing::info!(job, key = %up.key, dry_run = policy.dry_run, "retention aborted multipart upload");
     }
-    Ok(report)
+    Ok(())
 }

@@ -11,16 +11,17 @@
 //! or an error: [`Store::url`] is the URL with user-info and query values removed.
 
 pub mod layout;
+#[cfg(feature = "cloud")]
 pub mod s3_uploads;
 
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::ObjectStore;
 use object_store::path::Path;
+#[cfg(feature = "cloud")]
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
 use crate::error::{Error, Result};
@@ -108,6 +109,7 @@ impl Default for StoreOptions {
     }
 }
 
+#[cfg(feature = "cloud")]
 impl StoreOptions {
     fn retry_config(&self) -> RetryConfig {
         RetryConfig {
@@ -164,6 +166,7 @@ pub struct Store {
     prefix: Path,
     backend: Backend,
     url: String,
+    #[cfg(feature = "cloud")]
     s3: Option<Arc<object_store::aws::AmazonS3>>,
 }
 
@@ -200,12 +203,39 @@ impl Store {
                 prefix,
                 backend: Backend::Memory,
                 url: shown,
+                #[cfg(feature = "cloud")]
+                #[cfg(feature = "cloud")]
                 s3: None,
             }),
+            "s3" | "oss" | "gs" | "az" | "azure" | "abfs" => Self::open_cloud(&parsed, prefix, options, env, shown),
+            other => {
+                Err(bad(format!("unknown scheme `{other}`: use file://, s3://, oss://, gs://, az:// or memory://")))
+            }
+        }
+    }
+
+    #[cfg(feature = "cloud")]
+    fn open_cloud(
+        parsed: &url::Url,
+        prefix: Path,
+        options: &StoreOptions,
+        env: &dyn Env,
+        shown: String,
+    ) -> Result<Store> {
+        use std::str::FromStr;
+        let bad = |reason: String| Error::InvalidUrl { url: shown.clone(), reason };
+        match parsed.scheme() {
             "s3" | "oss" => {
-                let target = resolve_s3(&parsed, env).map_err(bad)?;
-                let s3 = Arc::new(build_s3(&target, &parsed, options, env).map_err(|e| bad(e.to_string()))?);
-                Ok(Store { inner: s3.clone(), prefix, backend: Backend::S3(target), url: shown, s3: Some(s3) })
+                let target = resolve_s3(parsed, env).map_err(bad)?;
+                let s3 = Arc::new(build_s3(&target, parsed, options, env).map_err(|e| bad(e.to_string()))?);
+                Ok(Store {
+                    inner: s3.clone(),
+                    prefix,
+                    backend: Backend::S3(target),
+                    url: shown.clone(),
+                    #[cfg(feature = "cloud")]
+                    s3: Some(s3),
+                })
             }
             "gs" => {
                 let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket".into()))?;
@@ -221,7 +251,14 @@ impl Store {
                     .with_client_options(options.client_options(false))
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                Ok(Store { inner: Arc::new(store), prefix, backend: Backend::Other, url: shown, s3: None })
+                Ok(Store {
+                    inner: Arc::new(store),
+                    prefix,
+                    backend: Backend::Other,
+                    url: shown.clone(),
+                    #[cfg(feature = "cloud")]
+                    s3: None,
+                })
             }
             "az" | "azure" | "abfs" => {
                 let container = parsed.host_str().ok_or_else(|| bad("missing container".into()))?;
@@ -237,12 +274,28 @@ impl Store {
                     .with_client_options(options.client_options(false))
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                Ok(Store { inner: Arc::new(store), prefix, backend: Backend::Other, url: shown, s3: None })
+                Ok(Store {
+                    inner: Arc::new(store),
+                    prefix,
+                    backend: Backend::Other,
+                    url: shown.clone(),
+                    #[cfg(feature = "cloud")]
+                    s3: None,
+                })
             }
-            other => {
-                Err(bad(format!("unknown scheme `{other}`: use file://, s3://, oss://, gs://, az:// or memory://")))
-            }
+            _ => Err(bad("not a cloud scheme".into())),
         }
+    }
+
+    #[cfg(not(feature = "cloud"))]
+    fn open_cloud(parsed: &url::Url, _: Path, _: &StoreOptions, _: &dyn Env, shown: String) -> Result<Store> {
+        Err(Error::InvalidUrl {
+            url: shown,
+            reason: format!(
+                "this build of ckpt-core has no `{}://` support: enable its `cloud` feature",
+                parsed.scheme()
+            ),
+        })
     }
 
     fn open_local(path: &FsPath, shown: &str) -> Result<Store> {
@@ -255,6 +308,7 @@ impl Store {
             prefix: Path::default(),
             backend: Backend::Local { root },
             url: shown.to_string(),
+            #[cfg(feature = "cloud")]
             s3: None,
         })
     }
@@ -264,7 +318,14 @@ impl Store {
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, prefix: &str, label: &str) -> Result<Store> {
         let prefix = Path::parse(prefix.trim_matches('/'))
             .map_err(|e| Error::InvalidUrl { url: label.to_string(), reason: format!("bad prefix: {e}") })?;
-        Ok(Store { inner, prefix, backend: Backend::Other, url: label.to_string(), s3: None })
+        Ok(Store {
+            inner,
+            prefix,
+            backend: Backend::Other,
+            url: label.to_string(),
+            #[cfg(feature = "cloud")]
+            s3: None,
+        })
     }
 
     /// The object store itself.
@@ -283,6 +344,7 @@ impl Store {
     }
 
     /// The `AmazonS3` client, for `s3://` and `oss://` stores.
+    #[cfg(feature = "cloud")]
     pub fn s3_client(&self) -> Option<&Arc<object_store::aws::AmazonS3>> {
         self.s3.as_ref()
     }
@@ -336,6 +398,7 @@ fn first_env(env: &dyn Env, keys: &[&str]) -> Option<String> {
     keys.iter().find_map(|k| env.get(k))
 }
 
+#[cfg(feature = "cloud")]
 fn is_loopback_endpoint(endpoint: &str) -> bool {
     url::Url::parse(endpoint)
         .ok()
@@ -385,6 +448,7 @@ pub fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
     }
 }
 
+#[cfg(feature = "cloud")]
 fn build_s3(
     target: &S3Target,
     url: &url::Url,
@@ -392,6 +456,7 @@ fn build_s3(
     env: &dyn Env,
 ) -> std::result::Result<object_store::aws::AmazonS3, object_store::Error> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    use std::str::FromStr;
     let mut b = AmazonS3Builder::new();
     if url.scheme() == "s3" {
         for (k, v) in env.vars() {
