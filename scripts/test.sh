@@ -13,6 +13,12 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+
+# A test run is a clean build on CI: incremental state and full debug info only cost time there
+# (CI has 2 cores). Callers may override either.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
+export CARGO_PROFILE_TEST_DEBUG="${CARGO_PROFILE_TEST_DEBUG:-line-tables-only}"
 REPO_ROOT="$(pwd)"
 VENV="$REPO_ROOT/.venv-test"
 FUZZ_SECONDS="${CKPTD_FUZZ_SECONDS:-20}"
