@@ -198,15 +198,9 @@ impl Store {
                 let path = parsed.to_file_path().map_err(|()| bad("a file:// URL needs an absolute path".into()))?;
                 Self::open_local(&path, &shown)
             }
-            "memory" => Ok(Store {
-                inner: Arc::new(object_store::memory::InMemory::new()),
-                prefix,
-                backend: Backend::Memory,
-                url: shown,
-                #[cfg(feature = "cloud")]
-                #[cfg(feature = "cloud")]
-                s3: None,
-            }),
+            "memory" => {
+                Ok(Store::plain(Arc::new(object_store::memory::InMemory::new()), prefix, Backend::Memory, shown))
+            }
             "s3" | "oss" | "gs" | "az" | "azure" | "abfs" => Self::open_cloud(&parsed, prefix, options, env, shown),
             other => {
                 Err(bad(format!("unknown scheme `{other}`: use file://, s3://, oss://, gs://, az:// or memory://")))
@@ -251,14 +245,7 @@ impl Store {
                     .with_client_options(options.client_options(false))
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                Ok(Store {
-                    inner: Arc::new(store),
-                    prefix,
-                    backend: Backend::Other,
-                    url: shown.clone(),
-                    #[cfg(feature = "cloud")]
-                    s3: None,
-                })
+                Ok(Store::plain(Arc::new(store), prefix, Backend::Other, shown.clone()))
             }
             "az" | "azure" | "abfs" => {
                 let container = parsed.host_str().ok_or_else(|| bad("missing container".into()))?;
@@ -274,14 +261,7 @@ impl Store {
                     .with_client_options(options.client_options(false))
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                Ok(Store {
-                    inner: Arc::new(store),
-                    prefix,
-                    backend: Backend::Other,
-                    url: shown.clone(),
-                    #[cfg(feature = "cloud")]
-                    s3: None,
-                })
+                Ok(Store::plain(Arc::new(store), prefix, Backend::Other, shown.clone()))
             }
             _ => Err(bad("not a cloud scheme".into())),
         }
@@ -303,14 +283,19 @@ impl Store {
         let root = path.canonicalize().map_err(|e| Error::io("resolve directory", path, e))?;
         let fs =
             object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| Error::store("open", shown, e))?;
-        Ok(Store {
-            inner: Arc::new(fs),
-            prefix: Path::default(),
-            backend: Backend::Local { root },
-            url: shown.to_string(),
+        Ok(Store::plain(Arc::new(fs), Path::default(), Backend::Local { root }, shown.to_string()))
+    }
+
+    /// A store with no S3 client attached.
+    fn plain(inner: Arc<dyn ObjectStore>, prefix: Path, backend: Backend, url: String) -> Store {
+        Store {
+            inner,
+            prefix,
+            backend,
+            url,
             #[cfg(feature = "cloud")]
             s3: None,
-        })
+        }
     }
 
     /// Wraps a store built by the caller (a test double around a real store, a custom client).
@@ -318,14 +303,7 @@ impl Store {
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, prefix: &str, label: &str) -> Result<Store> {
         let prefix = Path::parse(prefix.trim_matches('/'))
             .map_err(|e| Error::InvalidUrl { url: label.to_string(), reason: format!("bad prefix: {e}") })?;
-        Ok(Store {
-            inner,
-            prefix,
-            backend: Backend::Other,
-            url: label.to_string(),
-            #[cfg(feature = "cloud")]
-            s3: None,
-        })
+        Ok(Store::plain(inner, prefix, Backend::Other, label.to_string()))
     }
 
     /// The object store itself.

@@ -142,6 +142,15 @@ impl SaveHandle {
         }
     }
 
+    /// Still running, or failed without anyone having seen the failure.
+    fn needs_attention(&self) -> bool {
+        match &*self.state.outcome.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(_)) => !self.state.reported.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Whether the save finished (successfully or not).
     pub fn done(&self) -> bool {
         self.state.outcome.lock().unwrap_or_else(|p| p.into_inner()).is_some()
@@ -281,7 +290,13 @@ impl Checkpointer {
         };
         *self.shared.last_copies.lock().unwrap_or_else(|p| p.into_inner()) = tickets.clone();
         let handle = SaveHandle { step, state: Arc::new(SaveState::default()) };
-        self.shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).push(handle.clone());
+        {
+            let mut in_flight = self.shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Finished saves leave the list unless their failure has not been seen yet, so it stays
+            // bounded by the saves actually in flight.
+            in_flight.retain(SaveHandle::needs_attention);
+            in_flight.push(handle.clone());
+        }
         let job = persist::Job { arena, slot, step, table, metadata, tickets, handle: handle.clone() };
         if let Err(job) = self.persist.submit(job) {
             job.arena.release(job.slot);
