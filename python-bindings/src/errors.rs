@@ -113,6 +113,7 @@ fn class_of(kind: ErrorKind) -> Class {
         ErrorKind::AgentUnavailable => Class::Agent,
         ErrorKind::NoCheckpoint => Class::NoCheckpoint,
         ErrorKind::Closed => Class::Closed,
+        ErrorKind::Config => Class::Config,
         _ => Class::Base,
     }
 }

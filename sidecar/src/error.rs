@@ -17,6 +17,9 @@ pub enum ErrorKind {
     NoCheckpoint,
     /// The checkpointer was closed.
     Closed,
+    /// A configuration value (flag, environment variable, file, annotation) is invalid; daemons
+    /// exit with code 64.
+    Config,
 }
 
 /// The error type of the `ckptd` library.
@@ -70,6 +73,14 @@ pub enum Error {
     /// The checkpointer was closed.
     #[error("the checkpointer is closed")]
     Closed,
+    /// A configuration value is invalid.
+    #[error("invalid {what}: {reason}")]
+    Config {
+        /// The flag, variable, file or annotation.
+        what: String,
+        /// What is wrong and the accepted form.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -83,6 +94,7 @@ impl Error {
             Error::SaveFailed { source, .. } => source.kind(),
             Error::CommitTimeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
             Error::Closed => ErrorKind::Closed,
+            Error::Config { .. } => ErrorKind::Config,
         }
     }
 }

@@ -1,8 +1,16 @@
 //! ckptd: the sidecar daemon, the trainer-side client, health monitoring, the node isolator, the
 //! admission webhook and the command-line tools. Everything durable goes through `ckpt-core`.
 
+#[cfg(feature = "server")]
+pub mod agent;
 pub mod cli;
 pub mod client;
+#[cfg(feature = "server")]
+pub mod health;
+#[cfg(feature = "server")]
+pub mod isolator;
+#[cfg(feature = "server")]
+pub mod webhook;
 
 pub mod demo;
 pub mod error;

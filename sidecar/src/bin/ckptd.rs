@@ -1,5 +1,5 @@
-//! `ckptd`: the daemon binary. Each role is a subcommand; today there is `demo`, which runs the
-//! embedded-mode checkpoint path end to end with nothing else installed.
+//! `ckptd`: the daemon binary. Each role is a subcommand: `agent`, `isolator`, `webhook`, and `demo`,
+//! which runs the checkpoint path end to end with nothing else installed.
 //!
 //! Exit codes: 0 on success, 64 for a bad configuration (one line on stderr, as linkerd does), 1
 //! when a run fails.
@@ -34,6 +34,12 @@ enum Command {
     /// Train a synthetic model, checkpoint it in the background, crash, restore and verify bitwise.
     /// Needs no GPU, cluster or server.
     Demo(DemoArgs),
+    /// The per-pod agent: serves trainers over a Unix socket and persists their snapshots.
+    Agent(ckptd::agent::AgentArgs),
+    /// The cluster node isolator: fault intake, global commit, node isolation, coordinated restore.
+    Isolator(ckptd::isolator::IsolatorArgs),
+    /// The mutating admission webhook that injects the agent into training pods.
+    Webhook(ckptd::webhook::WebhookArgs),
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +96,21 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Demo(args) => run_demo(args),
+        Command::Agent(args) => exit_with(ckptd::agent::run(args)),
+        Command::Isolator(args) => exit_with(ckptd::isolator::run(args)),
+        Command::Webhook(args) => exit_with(ckptd::webhook::run(args)),
+    }
+}
+
+/// Exit code of a daemon's run: 64 with one line for a bad configuration, 1 for any other failure.
+fn exit_with(r: ckptd::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == ckptd::ErrorKind::Config => fail_config(&e.to_string()),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "ckptd: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
