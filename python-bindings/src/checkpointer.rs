@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ckpt_core::copy::Device;
 use ckpt_core::{Compression, DType, TensorMeta};
-use ckptd::client::{Checkpointer, CheckpointerConfig, SaveHandle, TensorRef};
+use ckptd::client::{Checkpointer, CheckpointerConfig, Phase, SaveHandle, TensorRef};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -80,19 +80,6 @@ impl PyCheckpointer {
     /// Releases the objects of saves that have finished.
     fn prune(&self) {
         self.keepalive.lock().unwrap_or_else(|p| p.into_inner()).retain(|(h, _)| !h.done());
-    }
-
-    fn resolve_step(&self, ck: &Checkpointer, step: Option<u64>) -> ckptd::Result<u64> {
-        match step {
-            Some(s) => Ok(s),
-            None => match ck.engine().latest(&self.job)? {
-                Some(m) => Ok(m.step),
-                None => Err(ckptd::Error::NoCheckpoint {
-                    job: self.job.clone(),
-                    store: ck.engine().store().url().to_string(),
-                }),
-            },
-        }
     }
 }
 
@@ -200,16 +187,14 @@ impl PyCheckpointer {
         let ck = self.get()?;
         let (step, table, metadata) = py
             .detach(|| {
-                let step = self.resolve_step(&ck, step)?;
-                let header = ck.engine().shard_header(&self.job, step, self.rank)?;
-                let table: Vec<StoredTensor> = header
-                    .index
+                let d = ck.describe(step)?;
+                let table: Vec<StoredTensor> = d
                     .table
                     .entries()
                     .iter()
                     .map(|e| (e.meta.name.clone(), e.meta.dtype.name().to_string(), e.meta.shape.clone()))
                     .collect();
-                Ok::<_, ckptd::Error>((step, table, header.index.metadata))
+                Ok::<_, ckptd::Error>((d.step, table, d.metadata))
             })
             .map_err(to_py)?;
         Ok((step, table, PyBytes::new(py, &metadata).unbind()))
@@ -223,8 +208,8 @@ impl PyCheckpointer {
         let wanted: Vec<TensorMeta> =
             refs.into_iter().map(|t| TensorMeta { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
         py.detach(|| {
-            let header = ck.engine().shard_header(&self.job, step, self.rank)?;
-            Ok::<_, ckptd::Error>(header.index.table.mismatches(&wanted))
+            let d = ck.describe(Some(step))?;
+            Ok::<_, ckptd::Error>(d.table.mismatches(&wanted))
         })
         .map_err(to_py)
     }
@@ -267,6 +252,47 @@ impl PyCheckpointer {
         // Every save has finished (or never will): nothing reads the tensors any more.
         self.keepalive.lock().unwrap_or_else(|p| p.into_inner()).clear();
         r.map_err(to_py)
+    }
+
+    /// Reports progress to the agent (sidecar mode; nothing embedded). `phase` is `init`, `step`,
+    /// `checkpoint-save` or `checkpoint-load`. Returns the id of a snapshot the agent requested,
+    /// or `None`.
+    #[pyo3(signature = (step, phase="step"))]
+    fn heartbeat(&self, py: Python<'_>, step: u64, phase: &str) -> PyResult<Option<u64>> {
+        let phase = match phase {
+            "init" => Phase::Init,
+            "step" => Phase::Step,
+            "checkpoint-save" => Phase::CheckpointSave,
+            "checkpoint-load" => Phase::CheckpointLoad,
+            other => {
+                return Err(invalid_config(
+                    "phase",
+                    format!("`{other}` is not one of init, step, checkpoint-save, checkpoint-load"),
+                ));
+            }
+        };
+        let ck = self.get()?;
+        py.detach(|| ck.heartbeat(step, phase)).map_err(to_py)
+    }
+
+    /// Blocks up to `timeout` seconds (GIL released) for a snapshot request from the agent.
+    fn wait_snapshot_request(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<u64>> {
+        let timeout = Duration::try_from_secs_f64(timeout)
+            .map_err(|_| invalid_config("timeout", format!("{timeout} is not a number of seconds")))?;
+        let ck = self.get()?;
+        py.detach(|| ck.wait_snapshot_request(timeout)).map_err(to_py)
+    }
+
+    /// The snapshot request not yet answered by a save, if any.
+    #[getter]
+    fn snapshot_requested(&self) -> PyResult<Option<u64>> {
+        Ok(self.get()?.snapshot_requested())
+    }
+
+    /// `"sidecar"` when the checkpointer runs against an agent, else `"embedded"`.
+    #[getter]
+    fn mode(&self) -> PyResult<&'static str> {
+        Ok(if self.get()?.is_sidecar() { "sidecar" } else { "embedded" })
     }
 
     /// Whether `close()` was called.

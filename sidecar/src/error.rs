@@ -73,6 +73,16 @@ pub enum Error {
     /// The checkpointer was closed.
     #[error("the checkpointer is closed")]
     Closed,
+    /// The agent refused or failed a call; `kind` is the class of the agent-side failure.
+    #[error("the ckptd agent failed `{op}`: {message}")]
+    Agent {
+        /// The call.
+        op: &'static str,
+        /// The class of the failure on the agent's side.
+        kind: ErrorKind,
+        /// The agent's message.
+        message: String,
+    },
     /// A configuration value is invalid.
     #[error("invalid {what}: {reason}")]
     Config {
@@ -95,7 +105,58 @@ impl Error {
             Error::CommitTimeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
             Error::Closed => ErrorKind::Closed,
             Error::Config { .. } => ErrorKind::Config,
+            Error::Agent { kind, .. } => *kind,
         }
+    }
+}
+
+impl ErrorKind {
+    /// A stable short name, carried in gRPC status metadata so that the peer can rebuild the kind.
+    pub fn as_str(self) -> &'static str {
+        use ckpt_core::ErrorKind as K;
+        match self {
+            ErrorKind::Core(K::InvalidInput) => "invalid_input",
+            ErrorKind::Core(K::NotFound) => "not_found",
+            ErrorKind::Core(K::Conflict) => "conflict",
+            ErrorKind::Core(K::Corrupt) => "corrupt",
+            ErrorKind::Core(K::Unsupported) => "unsupported",
+            ErrorKind::Core(K::Mismatch) => "mismatch",
+            ErrorKind::Core(K::Transient) => "transient",
+            ErrorKind::Core(K::Storage) => "storage",
+            ErrorKind::Core(K::Timeout) => "timeout",
+            ErrorKind::Core(K::Cancelled) => "cancelled",
+            ErrorKind::Core(K::Device) => "device",
+            ErrorKind::Core(_) => "core",
+            ErrorKind::ArenaFull => "arena_full",
+            ErrorKind::AgentUnavailable => "agent_unavailable",
+            ErrorKind::NoCheckpoint => "no_checkpoint",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Config => "config",
+        }
+    }
+
+    /// The kind named by [`ErrorKind::as_str`], if any.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        use ckpt_core::ErrorKind as K;
+        Some(match name {
+            "invalid_input" => ErrorKind::Core(K::InvalidInput),
+            "not_found" => ErrorKind::Core(K::NotFound),
+            "conflict" => ErrorKind::Core(K::Conflict),
+            "corrupt" => ErrorKind::Core(K::Corrupt),
+            "unsupported" => ErrorKind::Core(K::Unsupported),
+            "mismatch" => ErrorKind::Core(K::Mismatch),
+            "transient" => ErrorKind::Core(K::Transient),
+            "storage" => ErrorKind::Core(K::Storage),
+            "timeout" => ErrorKind::Core(K::Timeout),
+            "cancelled" => ErrorKind::Core(K::Cancelled),
+            "device" => ErrorKind::Core(K::Device),
+            "arena_full" => ErrorKind::ArenaFull,
+            "agent_unavailable" => ErrorKind::AgentUnavailable,
+            "no_checkpoint" => ErrorKind::NoCheckpoint,
+            "closed" => ErrorKind::Closed,
+            "config" => ErrorKind::Config,
+            _ => return None,
+        })
     }
 }
 

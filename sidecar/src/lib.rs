@@ -14,6 +14,7 @@ pub mod webhook;
 
 pub mod demo;
 pub mod error;
+pub mod rpc;
 
 pub use error::{Error, ErrorKind, Result};
 

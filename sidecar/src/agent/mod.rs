@@ -1,11 +1,544 @@
-//! The per-pod agent (issue #4): serves trainers over a Unix socket, persists their sealed arena
-//! slots, keeps the memory tier and flushes on trainer failure.
+//! The per-pod agent, `ckptd agent`: serves every rank process of its pod over a Unix socket,
+//! persists their snapshots out of process, keeps the newest durable snapshot of each rank in
+//! memory, and still persists a snapshot whose trainer died.
+//!
+//! Why a separate process: in embedded mode a crashed trainer takes its unsaved snapshot with it,
+//! and persist threads compete with training for CPU and the GIL. Here the trainer only copies
+//! into its arena (a shared-memory file the agent created) and hands the sealed slot over; the
+//! agent writes the shard, commits through storage as embedded mode does, and answers the next
+//! load from the arena — filled from storage first when a pod restart emptied it.
+//!
+//! Layout: [`service`] implements the gRPC services (`Trainer`, `Admin` in `ckptd.v1`), [`rank`]
+//! holds one rank's arena, session and persist thread, [`metrics`] the Prometheus endpoint. The
+//! protocol and the slot state machine are described in docs/PROTOCOL.md.
 
-/// Command-line flags of `ckptd agent`.
+mod metrics;
+mod rank;
+mod service;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ckpt_core::arena::{self, Arena, ArenaConfig, SlotState};
+use ckpt_core::{Compression, Engine, EngineConfig, TensorTable};
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+use rank::Rank;
+
+use crate::error::{Error, Result};
+
+/// Environment variable: the socket path (`--socket`).
+pub const ENV_SOCKET: &str = "CKPTD_SOCKET";
+/// Environment variable: the arena directory (`--arena-dir`).
+pub const ENV_ARENA_DIR: &str = "CKPTD_ARENA_DIR";
+/// Environment variable: the store URL (`--store`).
+pub const ENV_STORE: &str = "CKPTD_STORE";
+/// Environment variable: the job name (`--job`).
+pub const ENV_JOB: &str = "CKPTD_JOB";
+/// Environment variable: arena slots per rank (`--slots`).
+pub const ENV_SLOTS: &str = "CKPTD_SLOTS";
+/// Environment variable: the metrics listen address (`--metrics-addr`).
+pub const ENV_METRICS_ADDR: &str = "CKPTD_METRICS_ADDR";
+/// Environment variable: ranks to prefetch at start-up (`--ranks`).
+pub const ENV_RANKS: &str = "CKPTD_RANKS";
+/// Environment variable: the job's world size (`--world-size`).
+pub const ENV_WORLD_SIZE: &str = "CKPTD_WORLD_SIZE";
+/// Environment variable: the shutdown grace period (`--grace-period`).
+pub const ENV_GRACE_PERIOD: &str = "CKPTD_GRACE_PERIOD";
+/// Environment variable: chunk compression (`--compression`).
+pub const ENV_COMPRESSION: &str = "CKPTD_COMPRESSION";
+/// Environment variable: how long a rank waits for a step's commit (`--commit-timeout`).
+pub const ENV_COMMIT_TIMEOUT: &str = "CKPTD_COMMIT_TIMEOUT";
+/// Environment variable: committed steps to keep (`--keep`).
+pub const ENV_KEEP: &str = "CKPTD_KEEP";
+
+/// Command-line flags of `ckptd agent`; each is also an environment variable.
 #[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {}
+pub struct AgentArgs {
+    /// Unix socket to serve trainers on (created with mode 0600).
+    #[arg(long, env = ENV_SOCKET)]
+    pub socket: PathBuf,
+    /// Memory-backed directory for the ranks' arenas (an emptyDir with medium: Memory in Kubernetes).
+    #[arg(long, env = ENV_ARENA_DIR, default_value = arena::DEFAULT_ARENA_DIR)]
+    pub arena_dir: PathBuf,
+    /// Store URL: file:///path, s3://bucket/prefix, oss://, gs://, az:// or memory://.
+    #[arg(long, env = ENV_STORE, hide_env_values = true)]
+    pub store: String,
+    /// Job name (one directory on the store); trainers must attach with the same name.
+    #[arg(long, env = ENV_JOB)]
+    pub job: String,
+    /// Arena slots per rank (2 lets one snapshot persist while the next is copied).
+    #[arg(long, env = ENV_SLOTS, default_value_t = arena::DEFAULT_SLOTS)]
+    pub slots: u32,
+    /// Address for Prometheus `/metrics` and `/healthz` (e.g. 0.0.0.0:9101); off when unset.
+    #[arg(long, env = ENV_METRICS_ADDR)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Ranks this pod runs (e.g. `0-7` or `0,2,4`): their newest committed step is prefetched into
+    /// memory at start-up. Without it, a rank is prefetched when its trainer attaches.
+    #[arg(long, env = ENV_RANKS, value_parser = parse_ranks)]
+    pub ranks: Option<RankList>,
+    /// The job's world size; checked against what trainers report.
+    #[arg(long, env = ENV_WORLD_SIZE)]
+    pub world_size: Option<u32>,
+    /// How long a SIGTERM waits for in-flight persists.
+    #[arg(long, env = ENV_GRACE_PERIOD, default_value = "30s")]
+    pub grace_period: humantime::Duration,
+    /// Chunk compression: none, auto, zstd or zstd:<level>.
+    #[arg(long, env = ENV_COMPRESSION, default_value = "none")]
+    pub compression: String,
+    /// How long a rank's shard waits for the step's commit (rank 0's agent sees every shard).
+    #[arg(long, env = ENV_COMMIT_TIMEOUT, default_value = "10m")]
+    pub commit_timeout: humantime::Duration,
+    /// Committed steps to keep on the store (rank 0's agent applies it after each commit); 0 keeps all.
+    #[arg(long, env = ENV_KEEP, default_value_t = 0)]
+    pub keep: usize,
+}
 
-/// Runs the agent until SIGTERM.
-pub fn run(_args: AgentArgs) -> crate::Result<()> {
-    Err(crate::Error::Config { what: "ckptd agent".into(), reason: "not built yet (issue #4)".into() })
+/// A set of ranks, parsed from `0-7`, `0,2,4` or `0-3,8`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankList(pub Vec<u32>);
+
+/// Parses a [`RankList`].
+pub fn parse_ranks(s: &str) -> std::result::Result<RankList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("`{part}` is not a rank or a range like 0-7");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                if a > b || b - a >= 4096 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err("no ranks given (e.g. 0-7)".into());
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(RankList(out))
+}
+
+/// The agent's validated settings.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentConfig {
+    pub job: String,
+    pub arena_dir: PathBuf,
+    pub slots: u32,
+    pub world_size: Option<u32>,
+    pub keep: usize,
+}
+
+/// The agent's shared state.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub cfg: AgentConfig,
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    ranks: Mutex<BTreeMap<u32, Arc<Rank>>>,
+    next_id: AtomicU64,
+    rt: tokio::runtime::Handle,
+}
+
+fn config_error(what: &str, reason: impl std::fmt::Display) -> Error {
+    Error::Config { what: what.into(), reason: reason.to_string() }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then finishes in-flight persists within the grace
+/// period.
+pub fn run(args: AgentArgs) -> Result<()> {
+    ckpt_core::store::layout::validate_job(&args.job).map_err(|e| config_error("--job", e))?;
+    if args.slots == 0 || args.slots > arena::MAX_SLOTS {
+        return Err(config_error("--slots", format!("{} is outside 1..={}", args.slots, arena::MAX_SLOTS)));
+    }
+    if args.world_size == Some(0) {
+        return Err(config_error("--world-size", "must be at least 1"));
+    }
+    if let (Some(w), Some(r)) = (args.world_size, &args.ranks)
+        && let Some(bad) = r.0.iter().find(|&&r| r >= w)
+    {
+        return Err(config_error("--ranks", format!("rank {bad} is outside world size {w}")));
+    }
+    let compression: Compression = args.compression.parse().map_err(|e| config_error("--compression", e))?;
+    let mut ecfg = EngineConfig::default();
+    ecfg.persist.compression = compression;
+    ecfg.commit.deadline = args.commit_timeout.into();
+    let engine = Engine::open(&args.store, ecfg).map_err(|e| match e.kind() {
+        ckpt_core::ErrorKind::InvalidInput => config_error("--store", e),
+        _ => Error::Core(e),
+    })?;
+    std::fs::create_dir_all(&args.arena_dir)
+        .map_err(|e| config_error("--arena-dir", format!("cannot create {}: {e}", args.arena_dir.display())))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ckptd-agent")
+        .enable_all()
+        .build()
+        .map_err(|e| ckpt_core::Error::Cancelled { reason: format!("cannot start the runtime: {e}") })?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let agent = Arc::new(Agent {
+        cfg: AgentConfig {
+            job: args.job.clone(),
+            arena_dir: args.arena_dir.clone(),
+            slots: args.slots,
+            world_size: args.world_size,
+            keep: args.keep,
+        },
+        engine,
+        metrics,
+        ranks: Mutex::new(BTreeMap::new()),
+        next_id: AtomicU64::new(1),
+        rt: rt.handle().clone(),
+    });
+    let result = rt.block_on(serve(agent.clone(), args, Arc::new(registry)));
+    // Persist threads may still hold the engine; stop them before the runtime goes.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(agent: Arc<Agent>, args: AgentArgs, registry: Arc<prometheus_client::registry::Registry>) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let listener = bind_socket(&args.socket)?;
+    let metrics_task = match args.metrics_addr {
+        Some(addr) => Some(metrics::serve(addr, registry, shutdown.clone()).await?),
+        None => None,
+    };
+    tracing::info!(socket = %args.socket.display(), job = %agent.cfg.job, store = %agent.engine.store().url(), "agent serving");
+    // Ranks named up front: adopt arenas left by a previous agent and prefetch from storage.
+    for &r in args.ranks.as_ref().map(|l| l.0.as_slice()).unwrap_or(&[]) {
+        match agent.rank(r) {
+            Ok(rank) => agent.spawn_prefetch(rank),
+            Err(e) => tracing::error!(rank = r, error = %e, "cannot prepare rank"),
+        }
+    }
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: finishing in-flight persists");
+            shutdown.cancel();
+        })
+    };
+    let stop = shutdown.clone();
+    let agent_for_stop = agent.clone();
+    let server = service::router(agent.clone()).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        async move {
+            stop.cancelled().await;
+            // Sessions are endless streams: end them, or the server waits for them forever.
+            agent_for_stop.end_all_sessions();
+        },
+    );
+    let served = server.await;
+    signals.abort();
+    shutdown.cancel();
+    let _ = std::fs::remove_file(&args.socket);
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    let grace: Duration = args.grace_period.into();
+    let ranks: Vec<Arc<Rank>> = agent.ranks.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    let drain = tokio::task::spawn_blocking(move || {
+        for r in ranks {
+            r.stop_and_join();
+        }
+    });
+    match tokio::time::timeout(grace, drain).await {
+        Ok(_) => tracing::info!("every persist finished"),
+        Err(_) => {
+            tracing::error!(
+                grace_s = grace.as_secs(),
+                "persists still running at the end of the grace period; exiting"
+            );
+            return Err(ckpt_core::Error::Cancelled {
+                reason: format!("persists did not finish within the {}s grace period", grace.as_secs()),
+            }
+            .into());
+        }
+    }
+    served.map_err(|e| ckpt_core::Error::Cancelled { reason: format!("the trainer socket server failed: {e}") }.into())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot watch signals; the agent stops only when killed");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Binds the trainer socket with mode 0600, refusing to steal it from a live agent.
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let what = "--socket";
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| config_error(what, format!("cannot create {}: {e}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(config_error(what, format!("another agent is serving {}", path.display())));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| config_error(what, format!("cannot remove the stale socket {}: {e}", path.display())))?;
+    }
+    // Bind under a temporary name, restrict it, then move it into place: no window in which
+    // another user could connect.
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)
+        .map_err(|e| config_error(what, format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        config_error(what, format!("cannot set up {}: {e}", path.display()))
+    })?;
+    Ok(listener)
+}
+
+impl Agent {
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The rank's state, created (with its persist thread) on first use. A rank whose arena file
+    /// exists from an earlier agent adopts it: its memory tier is kept, and a snapshot sealed but
+    /// never made durable is persisted now.
+    fn rank(self: &Arc<Self>, r: u32) -> Result<Arc<Rank>> {
+        let mut ranks = self.ranks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rank) = ranks.get(&r) {
+            return Ok(rank.clone());
+        }
+        let rank = Rank::start(self, r)?;
+        if rank.arena_path.exists() {
+            match Arena::open(&rank.arena_path) {
+                Ok(a) => {
+                    let a = Arc::new(a);
+                    let durable = a.newest_durable().and_then(|s| a.content(s).ok()).map(|c| c.step);
+                    {
+                        let mut inner = rank.lock();
+                        inner.arena = Some(a.clone());
+                        inner.world_size = self.cfg.world_size;
+                        inner.committed = durable;
+                        inner.last_durable = durable;
+                    }
+                    // A previous agent died while persisting: persist those slots again.
+                    for slot in 0..a.slot_count() {
+                        a.transition(slot, SlotState::Persisting, SlotState::Sealed);
+                    }
+                    rank.flush_abandoned(&a, self.cfg.world_size);
+                    tracing::info!(rank = r, path = %rank.arena_path.display(), memory_tier = ?durable, "adopted an existing arena");
+                }
+                Err(e) => tracing::warn!(rank = r, error = %e, "ignoring an unusable arena file"),
+            }
+        }
+        ranks.insert(r, rank.clone());
+        Ok(rank)
+    }
+
+    fn ranks(&self) -> Vec<Arc<Rank>> {
+        self.ranks.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// The rank whose trainer holds `session`.
+    fn by_session(&self, session: u64) -> Option<Arc<Rank>> {
+        self.ranks().into_iter().find(|r| r.lock().session.as_ref().is_some_and(|s| s.id == session))
+    }
+
+    /// Ends every trainer session (shutdown), flushing what they left sealed.
+    fn end_all_sessions(&self) {
+        for rank in self.ranks() {
+            let (session, arena, world) = {
+                let mut inner = rank.lock();
+                (inner.session.take(), inner.arena.clone(), inner.world_size)
+            };
+            if let Some(s) = session {
+                self.metrics.attached.dec();
+                let stop = ckptd_proto::v1::StopOrder { reason: "the agent is shutting down".into() };
+                let _ = s.events.try_send(Ok(ckptd_proto::v1::TrainerEvent {
+                    event: Some(ckptd_proto::v1::trainer_event::Event::Stop(stop)),
+                }));
+            }
+            if let Some(a) = arena {
+                rank.flush_abandoned(&a, world);
+            }
+        }
+    }
+
+    /// The trainer of `rank` closed session `id` (it exited or died): persist its newest sealed
+    /// snapshot and free what it left half-written.
+    fn session_ended(self: &Arc<Self>, rank: Arc<Rank>, id: u64) {
+        let ended = {
+            let mut inner = rank.lock();
+            if inner.session.as_ref().is_some_and(|s| s.id == id) {
+                inner.session = None;
+                true
+            } else {
+                false
+            }
+        };
+        if !ended {
+            return;
+        }
+        self.metrics.attached.dec();
+        tracing::info!(rank = rank.rank, session = id, "trainer detached");
+        self.rt.spawn(async move {
+            let _staging = rank.staging.lock().await;
+            let (arena, world) = {
+                let inner = rank.lock();
+                (inner.arena.clone(), inner.world_size)
+            };
+            if let Some(a) = arena {
+                rank.flush_abandoned(&a, world);
+            }
+        });
+    }
+
+    /// Waits until the rank has no persist queued or running (bounded by the commit deadline).
+    async fn settle(&self, rank: &Rank) -> Result<()> {
+        let mut rx = rank.in_flight.subscribe();
+        let limit = self.engine.config().commit.deadline + Duration::from_secs(60);
+        match tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ckpt_core::Error::Cancelled {
+                reason: format!("rank {}'s persists did not finish within {}s", rank.rank, limit.as_secs()),
+            }
+            .into()),
+        }
+    }
+
+    /// Starts filling the rank's memory tier with the newest committed step, unless it holds it.
+    fn spawn_prefetch(self: &Arc<Self>, rank: Arc<Rank>) {
+        let agent = self.clone();
+        self.rt.spawn(async move {
+            let _staging = rank.staging.lock().await;
+            if rank.lock().committed.is_some() {
+                return; // the arena already holds a committed step
+            }
+            let a = agent.clone();
+            let r = rank.clone();
+            let staged = tokio::task::spawn_blocking(move || {
+                let Some(m) = a.engine.latest(&a.cfg.job)? else { return Ok(None) };
+                a.stage(&r, m.step).map(Some)
+            })
+            .await;
+            match staged {
+                Ok(Ok(Some((step, from_storage)))) => {
+                    tracing::info!(rank = rank.rank, step, from_storage, "memory tier ready")
+                }
+                Ok(Ok(None)) => tracing::info!(rank = rank.rank, "no committed step to prefetch"),
+                Ok(Err(e)) => tracing::warn!(rank = rank.rank, error = %e, "prefetch failed; loads will retry"),
+                Err(e) => tracing::warn!(rank = rank.rank, error = %e, "prefetch task failed"),
+            }
+        });
+    }
+
+    /// Makes the rank's arena hold slots of at least `slot_size` bytes. Call with the staging lock
+    /// held and no persist in flight.
+    fn ensure_arena(&self, rank: &Rank, slot_size: u64) -> Result<Arc<Arena>> {
+        if let Some(a) = rank.lock().arena.clone()
+            && a.slot_size() >= slot_size
+            && a.slot_count() == self.cfg.slots
+        {
+            return Ok(a);
+        }
+        let name = rank.arena_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let cfg = ArenaConfig { dir: self.cfg.arena_dir.clone(), name, slots: self.cfg.slots, slot_size };
+        let created = Arena::create(&cfg).map_err(|e| match e {
+            ckpt_core::Error::InvalidConfig { field: "arena_dir", reason } => Error::ArenaFull { reason },
+            other => Error::Core(other),
+        })?;
+        let created = Arc::new(created);
+        tracing::info!(rank = rank.rank, slot_size = created.slot_size(), slots = created.slot_count(), "arena ready");
+        let mut inner = rank.lock();
+        inner.arena = Some(created.clone());
+        inner.committed = None;
+        Ok(created)
+    }
+
+    /// Stages `step` of the rank in its arena as the memory tier: from memory when a durable slot
+    /// holds it, else by reading the shard from storage. Returns the slot's step and whether
+    /// storage was read. Blocking; call with the staging lock held.
+    fn stage(&self, rank: &Rank, step: u64) -> Result<(u64, bool)> {
+        if self.in_memory(rank, step).is_some() {
+            return Ok((step, false));
+        }
+        let header = self.engine.shard_header(&self.cfg.job, step, rank.rank)?;
+        let table: &TensorTable = &header.index.table;
+        let needed = arena::slot_size_for(table, header.index.metadata.len());
+        let current = rank.lock().arena.clone();
+        let arena = match current {
+            Some(a) if a.fits(table, header.index.metadata.len()) && a.slot_count() == self.cfg.slots => a,
+            _ => self.ensure_arena(rank, needed.saturating_add(needed / 16).saturating_add(1 << 20))?,
+        };
+        let slot = match arena.acquire() {
+            Some(s) => s,
+            None => (0..arena.slot_count())
+                .find(|&s| arena.transition(s, SlotState::Durable, SlotState::Writing))
+                .ok_or_else(|| Error::ArenaFull {
+                    reason: format!(
+                        "every slot of {} is busy; retry the load once saves have finished",
+                        arena.path().display()
+                    ),
+                })?,
+        };
+        let r = (|| {
+            // SAFETY: we hold the slot in the writing state; the trainer only reads durable slots
+            // and writes slots it acquired itself.
+            let dst = unsafe { &mut arena.slot_bytes_mut(slot)[..table.total_len() as usize] };
+            self.engine.restore_into(&self.cfg.job, step, rank.rank, dst)?;
+            arena.seal(slot, step, table, &header.index.metadata)?;
+            arena.transition(slot, SlotState::Sealed, SlotState::Persisting);
+            arena.mark_durable(slot)?;
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = r {
+            arena.release(slot);
+            return Err(e);
+        }
+        let mut inner = rank.lock();
+        inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
+        Ok((step, true))
+    }
+
+    /// The durable slot holding `step`, if the rank's arena has one.
+    fn in_memory(&self, rank: &Rank, step: u64) -> Option<(Arc<Arena>, u32)> {
+        let arena = rank.lock().arena.clone()?;
+        (0..arena.slot_count())
+            .filter(|&s| arena.state(s) == Some(SlotState::Durable))
+            .find(|&s| arena.content(s).is_ok_and(|c| c.step == step))
+            .map(|s| (arena, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_lists() {
+        assert_eq!(parse_ranks("0-3").unwrap().0, vec![0, 1, 2, 3]);
+        assert_eq!(parse_ranks("4, 0-1,1").unwrap().0, vec![0, 1, 4]);
+        for bad in ["", "a", "3-1", "0-99999", "1-", "-"] {
+            assert!(parse_ranks(bad).is_err(), "`{bad}` should be refused");
+        }
+    }
 }

@@ -20,6 +20,7 @@ mod gc;
 mod inspect;
 mod ls;
 mod progress;
+mod snapshot;
 mod verify;
 
 use std::io::Write;
@@ -72,6 +73,41 @@ pub enum Command {
     Gc(GcArgs),
     /// Restore one rank of a step and write its tensors to a file (safetensors).
     Export(ExportArgs),
+    /// Ask the trainers of a running agent for an immediate snapshot and wait for it.
+    Snapshot(SnapshotArgs),
+    /// Show what a running agent holds for each rank (memory tier, durable step, queue).
+    AgentStatus(AgentStatusArgs),
+}
+
+/// `ckptctl snapshot`.
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    /// The agent's Unix socket.
+    #[arg(long, env = "CKPTD_SOCKET", value_name = "PATH")]
+    pub socket: std::path::PathBuf,
+    /// Only this rank (default: every attached rank).
+    #[arg(long, value_name = "R")]
+    pub rank: Option<u32>,
+    /// How long to wait for the trainers to take it.
+    #[arg(long, default_value = "2m")]
+    pub timeout: humantime::Duration,
+    /// Why, for the logs.
+    #[arg(long, default_value = "requested with ckptctl")]
+    pub reason: String,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ckptctl agent-status`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentStatusArgs {
+    /// The agent's Unix socket.
+    #[arg(long, env = "CKPTD_SOCKET", value_name = "PATH")]
+    pub socket: std::path::PathBuf,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The job every command works on.
@@ -199,6 +235,8 @@ impl Ctx<'_> {
 /// corruption); errors map to exit codes through [`exit_code`].
 pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<ExitCode> {
     let target = match &cli.command {
+        Command::Snapshot(a) => return snapshot::run(a, out).map(ExitCode::from),
+        Command::AgentStatus(a) => return snapshot::status(a, out).map(ExitCode::from),
         Command::Ls(a) => &a.target,
         Command::Inspect(a) => &a.target,
         Command::Verify(a) => &a.target,
@@ -215,6 +253,8 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Verify(a) => verify::run(&mut ctx, &a)?,
         Command::Gc(a) => gc::run(&mut ctx, &a).map(|()| EXIT_OK)?,
         Command::Export(a) => export::run(&mut ctx, &a).map(|()| EXIT_OK)?,
+        Command::Snapshot(a) => snapshot::run(&a, ctx.out)?,
+        Command::AgentStatus(a) => snapshot::status(&a, ctx.out)?,
     };
     ctx.out.flush().context("cannot write output")?;
     Ok(ExitCode::from(code))

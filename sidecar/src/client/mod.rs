@@ -1,8 +1,12 @@
 //! The trainer side: [`Checkpointer`], what a training script calls to save and load its state.
 //!
-//! This is **embedded mode**: the copy into the arena happens in the training process, and a
-//! background persist thread in the same process writes the shard and commits the step. Sidecar
-//! mode (issue #4) keeps this API and moves the persist thread into the agent.
+//! Two modes, one API. In **embedded mode** the copy into the arena happens in the training
+//! process, and a background persist thread in the same process writes the shard and commits the
+//! step. In **sidecar mode** (a socket is given, or `CKPTD_SOCKET` is set) the agent creates the
+//! arena, the trainer still copies into it, and a sealed slot is handed over to the agent, which
+//! persists and commits it out of process; loads come from the agent's memory tier, which it fills
+//! from storage when needed. An unreachable agent is an error ([`Error::AgentUnavailable`]), never
+//! a silent fall-back to embedded mode.
 //!
 //! The save path is: pack the tensor table → take a free arena slot → enqueue the copies (host
 //! threads for CPU tensors, CUDA copy streams for GPU tensors, ordered after the caller's stream) →
@@ -10,7 +14,10 @@
 //! loop must call [`Checkpointer::fence`] before it next writes the saved tensors (the optimizer
 //! step); the Python helper `ckptd.torch.fence_before_step` registers that as an optimizer hook.
 
+mod link;
 mod persist;
+
+pub(crate) use persist::wait_committed;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +29,7 @@ use ckpt_core::copy::cuda::{CudaCopy, CudaPinner, cuda_available};
 use ckpt_core::copy::host::HostCopy;
 use ckpt_core::copy::{CopyEngine, CopyTicket, Device, Direction, Region};
 use ckpt_core::{DType, Engine, EngineConfig, TensorMeta, TensorTable};
+pub use ckptd_proto::v1::Phase;
 
 use crate::error::{Error, Result};
 
@@ -98,12 +106,25 @@ pub struct Loaded {
     pub from_memory: bool,
 }
 
+/// What the step and its tensor table are, without the tensor data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// The step.
+    pub step: u64,
+    /// The stored tensor table.
+    pub table: TensorTable,
+    /// The user metadata saved with it.
+    pub metadata: Vec<u8>,
+}
+
 #[derive(Debug, Default)]
 struct SaveState {
     outcome: Mutex<Option<std::result::Result<(), Arc<Error>>>>,
     cv: Condvar,
     /// Set once a caller has seen this save's failure, so `close` does not raise it again.
     reported: std::sync::atomic::AtomicBool,
+    /// Sidecar mode: the slot is sealed and the agent accepted it (it survives this process).
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl SaveState {
@@ -111,6 +132,20 @@ impl SaveState {
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         *o = Some(r);
         self.cv.notify_all();
+    }
+
+    fn mark_handed_over(&self) {
+        let _o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        self.handed_over.store(true, std::sync::atomic::Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Waits until the agent owns the snapshot, or the save ended.
+    fn wait_handed_over(&self) {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        while o.is_none() && !self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            o = self.cv.wait(o).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -159,13 +194,20 @@ impl SaveHandle {
 
 struct Shared {
     cfg: CheckpointerConfig,
-    engine: Engine,
+    /// Embedded mode: the engine that persists and restores in this process.
+    engine: Option<Engine>,
+    /// Sidecar mode: the session with the agent.
+    link: Option<link::Link>,
     arena_path: PathBuf,
     arena: Mutex<Option<Arc<Arena>>>,
+    /// Sidecar mode: (device, inode) of the mapped arena file, to notice when the agent replaced it.
+    arena_file: Mutex<Option<(u64, u64)>>,
     host: Arc<HostCopy>,
     cuda: Mutex<HashMap<u32, Arc<CudaCopy>>>,
     /// Copies of the newest save, for `fence`.
     last_copies: Mutex<Vec<Arc<dyn CopyTicket>>>,
+    /// The newest save, for `fence` in sidecar mode.
+    last_save: Mutex<Option<Arc<SaveState>>>,
     /// Saves whose persist has not finished, oldest first.
     in_flight: Mutex<Vec<SaveHandle>>,
 }
@@ -178,11 +220,14 @@ pub struct Checkpointer {
 
 impl std::fmt::Debug for Checkpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpointer")
-            .field("job", &self.shared.cfg.job)
-            .field("rank", &self.shared.cfg.rank)
-            .field("store", &self.shared.engine.store().url())
-            .finish()
+        let mut d = f.debug_struct("Checkpointer");
+        d.field("job", &self.shared.cfg.job).field("rank", &self.shared.cfg.rank);
+        match (&self.shared.engine, &self.shared.link) {
+            (Some(e), _) => d.field("store", &e.store().url()),
+            (None, Some(l)) => d.field("socket", &l.socket()),
+            (None, None) => d.field("mode", &"closed"),
+        };
+        d.finish()
     }
 }
 
@@ -211,11 +256,10 @@ impl Checkpointer {
         }
         let socket = cfg.socket.clone().or_else(|| env_nonempty(ENV_SOCKET).map(PathBuf::from));
         if let Some(socket) = socket {
-            // Sidecar mode arrives with the agent (issue #4). Never fall back silently.
-            return Err(Error::AgentUnavailable {
-                socket,
-                reason: "this build has no sidecar mode yet; it runs in embedded mode only".into(),
-            });
+            // Sidecar mode: never fall back silently to embedded mode when the agent is missing.
+            let link = link::Link::attach(&socket, &cfg.job, cfg.rank, cfg.world_size)?;
+            let arena_path = link.attached().arena_path.clone().unwrap_or_default();
+            return Self::start(cfg, None, Some(link), arena_path);
         }
         let store = match cfg.store.clone().or_else(|| env_nonempty(ENV_STORE)) {
             Some(url) => url,
@@ -233,13 +277,25 @@ impl Checkpointer {
             .or_else(|| env_nonempty(ENV_ARENA_DIR).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(arena::DEFAULT_ARENA_DIR));
         let arena_path = dir.join(format!("{}-rank-{}.arena", cfg.job, cfg.rank));
+        Self::start(cfg, Some(engine), None, arena_path)
+    }
+
+    fn start(
+        cfg: CheckpointerConfig,
+        engine: Option<Engine>,
+        link: Option<link::Link>,
+        arena_path: PathBuf,
+    ) -> Result<Checkpointer> {
         let shared = Arc::new(Shared {
             engine,
+            link,
             arena_path,
             arena: Mutex::new(None),
+            arena_file: Mutex::new(None),
             host: Arc::new(HostCopy::with_default_threads()?),
             cuda: Mutex::new(HashMap::new()),
             last_copies: Mutex::new(Vec::new()),
+            last_save: Mutex::new(None),
             in_flight: Mutex::new(Vec::new()),
             cfg,
         });
@@ -247,9 +303,45 @@ impl Checkpointer {
         Ok(Checkpointer { shared, persist })
     }
 
-    /// The engine underneath (store, listing, verification).
-    pub fn engine(&self) -> &Engine {
-        &self.shared.engine
+    /// The engine underneath (store, listing, verification); `None` in sidecar mode, where the
+    /// agent owns storage.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.shared.engine.as_ref()
+    }
+
+    /// Whether this checkpointer runs against an agent.
+    pub fn is_sidecar(&self) -> bool {
+        self.shared.link.is_some()
+    }
+
+    /// Reports training progress (sidecar mode; a no-op embedded). Returns the id of a snapshot
+    /// the agent requested, if one is pending: the next `save` answers it.
+    pub fn heartbeat(&self, step: u64, phase: Phase) -> Result<Option<u64>> {
+        match &self.shared.link {
+            Some(link) => link.heartbeat(step, phase),
+            None => Ok(None),
+        }
+    }
+
+    /// The pending snapshot request, if any (always `None` embedded).
+    pub fn snapshot_requested(&self) -> Option<u64> {
+        self.shared.link.as_ref().and_then(link::Link::pending_request)
+    }
+
+    /// Blocks up to `timeout` until the agent requests a snapshot; returns the request, or `None`
+    /// on timeout. Embedded mode never gets requests: it waits out the timeout.
+    pub fn wait_snapshot_request(&self, timeout: Duration) -> Result<Option<u64>> {
+        match &self.shared.link {
+            Some(link) => link.wait_snapshot_request(timeout),
+            None => {
+                std::thread::sleep(timeout);
+                Ok(None)
+            }
+        }
+    }
+
+    fn embedded(&self) -> Result<&Engine> {
+        self.shared.engine.as_ref().ok_or(Error::Closed)
     }
 
     /// The path of this rank's arena file.
@@ -279,6 +371,7 @@ impl Checkpointer {
             }
             .into());
         }
+        let started = Instant::now();
         let (arena, slot) = self.slot_for(&table, metadata.len())?;
         let base = arena.slot_addr(slot);
         let tickets = match self.copy(tensors, &table, base, Direction::ToHost, stream) {
@@ -297,7 +390,9 @@ impl Checkpointer {
             in_flight.retain(SaveHandle::needs_attention);
             in_flight.push(handle.clone());
         }
-        let job = persist::Job { arena, slot, step, table, metadata, tickets, handle: handle.clone() };
+        *self.shared.last_save.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.state.clone());
+        let stall = started.elapsed();
+        let job = persist::Job { arena, slot, step, table, metadata, tickets, handle: handle.clone(), stall };
         if let Err(job) = self.persist.submit(job) {
             job.arena.release(job.slot);
             handle.state.finish(Err(Arc::new(Error::Closed)));
@@ -315,6 +410,14 @@ impl Checkpointer {
                 Some(s) => t.fence_stream(s)?,
                 None => t.wait()?,
             }
+        }
+        // Sidecar mode: once the host has waited, also wait for the agent to own the snapshot, so
+        // that a trainer that dies after the fence still gets it persisted.
+        if stream.is_none()
+            && self.shared.link.is_some()
+            && let Some(last) = self.shared.last_save.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        {
+            last.wait_handed_over();
         }
         Ok(())
     }
@@ -337,7 +440,67 @@ impl Checkpointer {
 
     /// The newest committed step that validates, if any.
     pub fn latest_step(&self) -> Result<Option<u64>> {
-        Ok(self.shared.engine.latest(&self.shared.cfg.job)?.map(|m| m.step))
+        if let Some(link) = &self.shared.link {
+            return match link.locate(None) {
+                Ok(r) => Ok(Some(r.step)),
+                Err(e) if e.kind() == crate::ErrorKind::NoCheckpoint => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        Ok(self.embedded()?.latest(&self.shared.cfg.job)?.map(|m| m.step))
+    }
+
+    /// The tensor table and metadata of `step` (default: the newest committed step), without
+    /// reading tensor data in embedded mode; in sidecar mode the agent stages the step in the arena
+    /// (so the `load` that usually follows reads memory).
+    pub fn describe(&self, step: Option<u64>) -> Result<Description> {
+        if self.shared.link.is_some() {
+            let (arena, slot, _) = self.staged(step)?;
+            let content = arena.content(slot)?;
+            return Ok(Description { step: content.step, table: content.table, metadata: content.metadata });
+        }
+        let engine = self.embedded()?;
+        let step = self.resolve_embedded(step)?;
+        let header = engine.shard_header(&self.shared.cfg.job, step, self.shared.cfg.rank)?;
+        Ok(Description { step, table: header.index.table, metadata: header.index.metadata })
+    }
+
+    fn resolve_embedded(&self, step: Option<u64>) -> Result<u64> {
+        let cfg = &self.shared.cfg;
+        let engine = self.embedded()?;
+        match step {
+            Some(s) => Ok(s),
+            None => match engine.latest(&cfg.job)? {
+                Some(m) => Ok(m.step),
+                None => Err(Error::NoCheckpoint { job: cfg.job.clone(), store: engine.store().url().to_string() }),
+            },
+        }
+    }
+
+    /// Sidecar mode: has the agent stage `step` in the arena and maps the arena; returns the slot
+    /// and whether the agent had to read storage.
+    fn staged(&self, step: Option<u64>) -> Result<(Arc<Arena>, u32, bool)> {
+        let link = self.shared.link.as_ref().ok_or(Error::Closed)?;
+        let reply = link.locate(step)?;
+        let arena = self.map_agent_arena(std::path::Path::new(&reply.arena_path))?;
+        Ok((arena, reply.slot, reply.from_storage))
+    }
+
+    /// Maps the arena the agent made at `path`, unless the one mapped already is that file.
+    fn map_agent_arena(&self, path: &std::path::Path) -> Result<Arc<Arena>> {
+        let id = file_id(path)?;
+        let mut guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mapped = self.shared.arena_file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = guard.as_ref()
+            && *mapped == Some(id)
+        {
+            return Ok(a.clone());
+        }
+        let arena = Arc::new(Arena::open(path)?);
+        self.prepare_in_background(arena.clone());
+        *guard = Some(arena.clone());
+        *mapped = Some(id);
+        Ok(arena)
     }
 
     /// Fills `tensors` in place from `step` (default: the newest committed step), from the arena
@@ -348,17 +511,13 @@ impl Checkpointer {
     /// Every tensor's `addr` must point to `byte_len` writable bytes that nobody else reads or
     /// writes until this returns.
     pub unsafe fn load(&self, tensors: &[TensorRef], step: Option<u64>, stream: Option<u64>) -> Result<Loaded> {
+        if self.shared.link.is_some() {
+            // SAFETY: the caller's contract is this function's.
+            return unsafe { self.load_from_agent(tensors, step, stream) };
+        }
         let cfg = &self.shared.cfg;
-        let engine = &self.shared.engine;
-        let step = match step {
-            Some(s) => s,
-            None => match engine.latest(&cfg.job)? {
-                Some(m) => m.step,
-                None => {
-                    return Err(Error::NoCheckpoint { job: cfg.job.clone(), store: engine.store().url().to_string() });
-                }
-            },
-        };
+        let engine = self.embedded()?;
+        let step = self.resolve_embedded(step)?;
         let header = engine.shard_header(&cfg.job, step, cfg.rank)?;
         let stored = &header.index.table;
         let wanted: Vec<TensorMeta> = tensors
@@ -399,6 +558,40 @@ impl Checkpointer {
         Ok(Loaded { step, metadata: header.index.metadata, from_memory: false })
     }
 
+    /// Sidecar mode of [`Checkpointer::load`]: the agent stages the step in the arena (from its
+    /// memory tier, else from storage), and the tensors are filled from the slot.
+    ///
+    /// # Safety
+    /// As for [`Checkpointer::load`].
+    unsafe fn load_from_agent(&self, tensors: &[TensorRef], step: Option<u64>, stream: Option<u64>) -> Result<Loaded> {
+        let (arena, slot, from_storage) = self.staged(step)?;
+        // Hold the slot while reading it, so that neither a save nor the agent reuses it.
+        if !arena.transition(slot, SlotState::Durable, SlotState::Persisting) {
+            return Err(ckpt_core::Error::Cancelled {
+                reason: format!("arena slot {slot} changed before it could be read; retry the load"),
+            }
+            .into());
+        }
+        let result = (|| {
+            let content = arena.content(slot)?;
+            let wanted: Vec<TensorMeta> = tensors
+                .iter()
+                .map(|t| TensorMeta { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
+                .collect();
+            let problems = content.table.mismatches(&wanted);
+            if !problems.is_empty() {
+                return Err(ckpt_core::Error::StateMismatch { step: content.step, problems }.into());
+            }
+            let tickets = self.copy(tensors, &content.table, arena.slot_addr(slot), Direction::FromHost, stream)?;
+            for t in tickets {
+                t.wait()?;
+            }
+            Ok(Loaded { step: content.step, metadata: content.metadata, from_memory: !from_storage })
+        })();
+        arena.transition(slot, SlotState::Persisting, SlotState::Durable);
+        result
+    }
+
     /// Waits for every save in flight, then stops the persist thread.
     pub fn close(&self) -> Result<()> {
         let r = self.wait_all();
@@ -407,6 +600,7 @@ impl Checkpointer {
     }
 
     fn memory_tier(&self, step: u64, table: &TensorTable) -> Option<(Arc<Arena>, u32)> {
+        // Embedded mode only: in sidecar mode the agent says where the step is.
         let mut guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() && self.shared.arena_path.exists() {
             // A restarted trainer finds the arena its predecessor left in the same pod.
@@ -447,15 +641,23 @@ impl Checkpointer {
                 // Headroom, so that a state that grows a little (an optimizer's lazily created
                 // buffers, a new metadata key) does not recreate the arena at every save.
                 let slot_size = needed.saturating_add(needed / 16).saturating_add(1 << 20);
-                let cfg = ArenaConfig { dir, name, slots: self.shared.cfg.slots, slot_size };
                 *guard = None;
-                let created = Arena::create(&cfg).map_err(|e| match e {
-                    ckpt_core::Error::InvalidConfig { field: "arena_dir", reason } => Error::ArenaFull { reason },
-                    other => Error::Core(other),
-                })?;
-                let created = Arc::new(created);
-                self.prepare_in_background(created.clone());
-                *guard = Some(created);
+                if let Some(link) = &self.shared.link {
+                    // The agent owns the arena: it creates (or replaces) the file, we map it.
+                    drop(guard);
+                    let path = link.prepare_arena(slot_size)?;
+                    self.map_agent_arena(&path)?;
+                    guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
+                } else {
+                    let cfg = ArenaConfig { dir, name, slots: self.shared.cfg.slots, slot_size };
+                    let created = Arena::create(&cfg).map_err(|e| match e {
+                        ckpt_core::Error::InvalidConfig { field: "arena_dir", reason } => Error::ArenaFull { reason },
+                        other => Error::Core(other),
+                    })?;
+                    let created = Arc::new(created);
+                    self.prepare_in_background(created.clone());
+                    *guard = Some(created);
+                }
             }
             guard.clone().ok_or(Error::Closed)?
         };
@@ -595,6 +797,17 @@ fn wait_quietly(tickets: &[Arc<dyn CopyTicket>]) {
     for t in tickets {
         let _ = t.wait();
     }
+}
+
+/// (device, inode) of a file, to tell a replaced arena file from the mapped one.
+fn file_id(path: &std::path::Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|e| ckpt_core::Error::Io {
+        op: "stat arena",
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Packs tensors into a snapshot table (64-byte aligned), checking names, shapes and devices.

@@ -1,5 +1,7 @@
-//! The embedded-mode persist thread: waits for a snapshot's copies, seals its slot, writes the shard
-//! (and, on rank 0, commits the step), marks the slot durable and completes the save's handle.
+//! The persist thread: waits for a snapshot's copies and seals its slot. Embedded, it then writes
+//! the shard (and, on rank 0, commits the step), marks the slot durable and completes the save's
+//! handle. In sidecar mode it hands the sealed slot to the agent instead; the agent's "durable" or
+//! "failed" event completes the handle later.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +24,8 @@ pub(super) struct Job {
     pub metadata: Vec<u8>,
     pub tickets: Vec<Arc<dyn CopyTicket>>,
     pub handle: SaveHandle,
+    /// Time the caller spent in `save()`, reported to the agent.
+    pub stall: Duration,
 }
 
 /// A slot's region, shared with the persist pipeline without copying.
@@ -54,11 +58,19 @@ impl PersistThread {
             .spawn(move || {
                 for job in rx {
                     let handle = job.handle.clone();
-                    let result = run(&shared, job);
-                    if let Err(e) = &result {
-                        tracing::error!(step = handle.step, error = %e, "checkpoint save failed");
+                    let result = match &shared.link {
+                        Some(link) => hand_over(link, job),
+                        None => run(&shared, job),
+                    };
+                    match result {
+                        Err(e) => {
+                            tracing::error!(step = handle.step, error = %e, "checkpoint save failed");
+                            handle.state.finish(Err(Arc::new(e)));
+                        }
+                        // Sidecar mode: the agent's event completes the handle.
+                        Ok(()) if shared.link.is_some() => handle.state.mark_handed_over(),
+                        Ok(()) => handle.state.finish(Ok(())),
                     }
-                    handle.state.finish(result.map_err(Arc::new));
                 }
             })
             .map_err(|e| ckpt_core::Error::Cancelled { reason: format!("cannot start the persist thread: {e}") })?;
@@ -66,15 +78,15 @@ impl PersistThread {
     }
 
     /// Queues a job; gives it back when the thread is gone.
-    pub(super) fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+    pub(super) fn submit(&self, job: Job) -> std::result::Result<(), Box<Job>> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = guard.as_ref() else { return Err(job) };
+        let Some(tx) = guard.as_ref() else { return Err(Box::new(job)) };
         match tx.try_send(job) {
             Ok(()) => Ok(()),
             // The queue holds one job per slot and a job needs a slot, so it is never full for
             // long: wait rather than fail.
-            Err(TrySendError::Full(job)) => tx.send(job).map_err(|e| e.into_inner()),
-            Err(TrySendError::Disconnected(job)) => Err(job),
+            Err(TrySendError::Full(job)) => tx.send(job).map_err(|e| Box::new(e.into_inner())),
+            Err(TrySendError::Disconnected(job)) => Err(Box::new(job)),
         }
     }
 
@@ -88,8 +100,31 @@ impl PersistThread {
     }
 }
 
+/// Sidecar mode: seal the slot once the copies are done and give it to the agent.
+fn hand_over(link: &super::link::Link, job: Job) -> Result<()> {
+    let Job { arena, slot, step, table, metadata, tickets, handle, stall } = job;
+    let sealed = (|| {
+        for t in &tickets {
+            t.wait()?;
+        }
+        arena.seal(slot, step, &table, &metadata)?;
+        Ok::<_, Error>(())
+    })();
+    if let Err(e) = sealed {
+        arena.release(slot);
+        return Err(e);
+    }
+    if let Err(e) = link.handover(step, slot, stall, handle.state.clone()) {
+        // The agent did not take it: free the slot unless the agent already did take it over.
+        arena.transition(slot, SlotState::Sealed, SlotState::Free);
+        return Err(e);
+    }
+    Ok(())
+}
+
 fn run(shared: &Shared, job: Job) -> Result<()> {
     let Job { arena, slot, step, table, metadata, tickets, .. } = job;
+    let engine = shared.engine.as_ref().ok_or(Error::Closed)?;
     let r = (|| {
         for t in &tickets {
             t.wait()?;
@@ -104,11 +139,10 @@ fn run(shared: &Shared, job: Job) -> Result<()> {
         let data = Bytes::from_owner(SlotRegion { arena: arena.clone(), slot, len });
         let snap = Snapshot { table, data, metadata };
         let cfg = &shared.cfg;
-        let engine = &shared.engine;
         engine.save(&cfg.job, step, cfg.rank, cfg.world_size, &snap, Default::default())?;
         drop(snap);
         if cfg.rank != 0 {
-            wait_committed(shared, step)?;
+            wait_committed(engine, &cfg.job, step)?;
         }
         arena.mark_durable(slot)?;
         Ok(())
@@ -119,13 +153,14 @@ fn run(shared: &Shared, job: Job) -> Result<()> {
     r
 }
 
-/// On ranks other than 0, a save is done when rank 0 has committed the step.
-fn wait_committed(shared: &Shared, step: u64) -> Result<()> {
-    let deadline = shared.engine.config().commit.deadline;
+/// On ranks other than 0, a save is done when rank 0 has committed the step. The agent waits the
+/// same way for the ranks it serves.
+pub(crate) fn wait_committed(engine: &ckpt_core::Engine, job: &str, step: u64) -> Result<()> {
+    let deadline = engine.config().commit.deadline;
     let started = Instant::now();
     let mut poll = Duration::from_millis(10);
     loop {
-        match shared.engine.manifest(&shared.cfg.job, step) {
+        match engine.manifest(job, step) {
             Ok(_) => return Ok(()),
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),

@@ -1,0 +1,359 @@
+//! The agent's gRPC services on the trainer socket: `Trainer` (one session per rank process) and
+//! `Admin` (snapshot-now, status). Every request is checked against the caller's session: a
+//! client can only touch the rank it attached, and only slots it sealed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ckpt_core::arena::SlotState;
+use ckptd_proto::v1::admin_server::{Admin, AdminServer};
+use ckptd_proto::v1::trainer_server::{Trainer, TrainerServer};
+use ckptd_proto::v1::{self as pb, trainer_event::Event};
+use tokio::sync::mpsc;
+use tonic::transport::server::Router;
+use tonic::{Code, Request, Response, Status};
+
+use super::Agent;
+use super::rank::{PersistJob, Rank, Session};
+use crate::error::ErrorKind;
+use crate::rpc::{refuse, to_status};
+
+/// Events buffered per session; the trainer's event task drains them at once.
+const SESSION_EVENTS: usize = 64;
+/// Longest `SnapshotNow` wait.
+const MAX_SNAPSHOT_WAIT: Duration = Duration::from_secs(600);
+
+/// The router serving both services.
+pub(super) fn router(agent: Arc<Agent>) -> Router {
+    let svc = Service { agent };
+    tonic::transport::Server::builder()
+        .add_service(
+            TrainerServer::new(svc.clone())
+                .max_decoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServer::new(svc)
+                .max_decoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES),
+        )
+}
+
+#[derive(Debug, Clone)]
+struct Service {
+    agent: Arc<Agent>,
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    refuse(Code::InvalidArgument, ErrorKind::Core(ckpt_core::ErrorKind::InvalidInput), message)
+}
+
+fn precondition(message: impl Into<String>) -> Status {
+    refuse(Code::FailedPrecondition, ErrorKind::Core(ckpt_core::ErrorKind::InvalidInput), message)
+}
+
+impl Service {
+    fn session(&self, id: u64) -> Result<Arc<Rank>, Status> {
+        self.agent.by_session(id).ok_or_else(|| {
+            refuse(
+                Code::PermissionDenied,
+                ErrorKind::AgentUnavailable,
+                format!("session {id} is not open on this agent: attach first (a restarted agent forgets sessions)"),
+            )
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r.map_err(|e| to_status(&e)),
+            Err(e) => Err(Status::internal(format!("agent task failed: {e}"))),
+        }
+    }
+}
+
+/// The session's event stream. Dropping it (the trainer's connection closed) ends the session.
+struct SessionStream {
+    rx: mpsc::Receiver<Result<pb::TrainerEvent, Status>>,
+    agent: Arc<Agent>,
+    rank: Arc<Rank>,
+    id: u64,
+}
+
+impl tokio_stream::Stream for SessionStream {
+    type Item = Result<pb::TrainerEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for SessionStream {
+    fn drop(&mut self) {
+        self.agent.session_ended(self.rank.clone(), self.id);
+    }
+}
+
+#[tonic::async_trait]
+impl Trainer for Service {
+    type AttachStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TrainerEvent, Status>> + Send>>;
+
+    async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Response<Self::AttachStream>, Status> {
+        let req = req.into_inner();
+        let cfg = &self.agent.cfg;
+        if req.job != cfg.job {
+            return Err(invalid(format!("this agent serves job `{}`, not `{}`: check CKPTD_JOB", cfg.job, req.job)));
+        }
+        if req.world_size == 0 || req.rank >= req.world_size {
+            return Err(invalid(format!("rank {} is outside world size {}", req.rank, req.world_size)));
+        }
+        if let Some(w) = cfg.world_size
+            && w != req.world_size
+        {
+            return Err(invalid(format!("world size {} differs from the agent's --world-size {w}", req.world_size)));
+        }
+        let rank = self.agent.rank(req.rank).map_err(|e| to_status(&e))?;
+        let (tx, rx) = mpsc::channel(SESSION_EVENTS);
+        let id = loop {
+            let id = rand::random::<u64>();
+            if id != 0 {
+                break id;
+            }
+        };
+        let arena_path = {
+            let mut inner = rank.lock();
+            if let Some(s) = &inner.session {
+                return Err(refuse(
+                    Code::AlreadyExists,
+                    ErrorKind::Core(ckpt_core::ErrorKind::Conflict),
+                    format!(
+                        "rank {} is already attached by pid {} (session {}); one process per rank",
+                        req.rank, s.pid, s.id
+                    ),
+                ));
+            }
+            if let Some(a) = &inner.arena {
+                // Slots a previous trainer of this rank left half-written cannot complete now.
+                for slot in 0..a.slot_count() {
+                    a.transition(slot, SlotState::Writing, SlotState::Free);
+                }
+            }
+            inner.world_size = Some(req.world_size);
+            inner.pending_request = None;
+            inner.session = Some(Session { id, pid: req.pid, events: tx.clone() });
+            inner.arena.as_ref().map(|a| a.path().display().to_string()).unwrap_or_default()
+        };
+        self.agent.metrics.attached.inc();
+        let attached = pb::Attached { session: id, agent_version: crate::VERSION.into(), arena_path, generation: 0 };
+        let _ = tx.try_send(Ok(pb::TrainerEvent { event: Some(Event::Attached(attached)) }));
+        tracing::info!(rank = req.rank, pid = req.pid, session = id, client = %req.client_version, "trainer attached");
+        if rank.lock().committed.is_none() {
+            self.agent.spawn_prefetch(rank.clone());
+        }
+        let stream = SessionStream { rx, agent: self.agent.clone(), rank, id };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn prepare_arena(
+        &self,
+        req: Request<pb::PrepareArenaRequest>,
+    ) -> Result<Response<pb::PrepareArenaReply>, Status> {
+        let req = req.into_inner();
+        let rank = self.session(req.session)?;
+        if req.slot_size == 0 {
+            return Err(invalid("slot_size must be positive"));
+        }
+        let _staging = rank.staging.lock().await;
+        self.agent.settle(&rank).await.map_err(|e| to_status(&e))?;
+        let agent = self.agent.clone();
+        let r = rank.clone();
+        let arena = self.blocking(move || agent.ensure_arena(&r, req.slot_size)).await?;
+        Ok(Response::new(pb::PrepareArenaReply {
+            arena_path: arena.path().display().to_string(),
+            slots: arena.slot_count(),
+            slot_size: arena.slot_size(),
+        }))
+    }
+
+    async fn handover(&self, req: Request<pb::HandoverRequest>) -> Result<Response<pb::HandoverReply>, Status> {
+        let req = req.into_inner();
+        let rank = self.session(req.session)?;
+        let (arena, world_size) = {
+            let inner = rank.lock();
+            (inner.arena.clone(), inner.world_size)
+        };
+        let arena = arena.ok_or_else(|| precondition("this rank has no arena yet: call PrepareArena first"))?;
+        let world_size = world_size.ok_or_else(|| precondition("world size unknown: attach again"))?;
+        if req.slot >= arena.slot_count() {
+            return Err(invalid(format!(
+                "slot {} does not exist: the arena has {} slots",
+                req.slot,
+                arena.slot_count()
+            )));
+        }
+        if !arena.transition(req.slot, SlotState::Sealed, SlotState::Persisting) {
+            let state = arena.state(req.slot).map_or("corrupt".to_string(), |s| format!("{s:?}").to_lowercase());
+            return Err(precondition(format!(
+                "slot {} is {state}, not sealed: hand over only a slot this rank sealed, once",
+                req.slot
+            )));
+        }
+        match arena.content(req.slot) {
+            Ok(c) if c.step == req.step => {}
+            Ok(c) => {
+                arena.transition(req.slot, SlotState::Persisting, SlotState::Sealed);
+                return Err(invalid(format!("slot {} holds step {}, not step {}", req.slot, c.step, req.step)));
+            }
+            Err(e) => {
+                arena.release(req.slot);
+                return Err(to_status(&e.into()));
+            }
+        }
+        let job = PersistJob {
+            arena: arena.clone(),
+            slot: req.slot,
+            step: req.step,
+            world_size,
+            handed_at: Instant::now(),
+            flushed: false,
+        };
+        if let Err(job) = rank.enqueue(job) {
+            job.arena.transition(job.slot, SlotState::Persisting, SlotState::Sealed);
+            return Err(refuse(Code::Unavailable, ErrorKind::Closed, "the agent is shutting down"));
+        }
+        self.agent.metrics.save_stall.observe(Duration::from_micros(req.stall_us).as_secs_f64());
+        {
+            let mut inner = rank.lock();
+            if req.request != 0 && inner.pending_request.is_some_and(|p| p <= req.request) {
+                inner.pending_request = None;
+            }
+        }
+        rank.handovers.send_replace((req.request, req.step));
+        tracing::debug!(rank = rank.rank, step = req.step, slot = req.slot, "snapshot handed over");
+        Ok(Response::new(pb::HandoverReply {}))
+    }
+
+    async fn locate(&self, req: Request<pb::LocateRequest>) -> Result<Response<pb::LocateReply>, Status> {
+        let req = req.into_inner();
+        let rank = self.session(req.session)?;
+        let _staging = rank.staging.lock().await;
+        self.agent.settle(&rank).await.map_err(|e| to_status(&e))?;
+        let known = rank.lock().committed;
+        let agent = self.agent.clone();
+        let r = rank.clone();
+        let (step, from_storage) = self
+            .blocking(move || {
+                let step = match req.step.or(known) {
+                    Some(s) => s,
+                    None => match agent.engine.latest(&agent.cfg.job)? {
+                        Some(m) => m.step,
+                        None => {
+                            return Err(crate::Error::NoCheckpoint {
+                                job: agent.cfg.job.clone(),
+                                store: agent.engine.store().url().to_string(),
+                            });
+                        }
+                    },
+                };
+                agent.stage(&r, step)
+            })
+            .await?;
+        let source = if from_storage { "storage" } else { "memory" };
+        self.agent.metrics.restores.get_or_create(&super::metrics::SourceLabel { source: source.into() }).inc();
+        let (arena, slot) = self
+            .agent
+            .in_memory(&rank, step)
+            .ok_or_else(|| Status::aborted(format!("step {step} left the arena before it could be read; retry")))?;
+        tracing::info!(rank = rank.rank, step, source, "restore staged");
+        Ok(Response::new(pb::LocateReply { step, slot, arena_path: arena.path().display().to_string(), from_storage }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let req = req.into_inner();
+        let rank = self.session(req.session)?;
+        let phase = pb::Phase::try_from(req.phase).unwrap_or(pb::Phase::Unspecified);
+        let mut inner = rank.lock();
+        inner.last_heartbeat = Some((req.step, phase));
+        Ok(Response::new(pb::HeartbeatReply { snapshot_request: inner.pending_request.unwrap_or(0) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Service {
+    async fn snapshot_now(
+        &self,
+        req: Request<pb::SnapshotNowRequest>,
+    ) -> Result<Response<pb::SnapshotNowReply>, Status> {
+        let req = req.into_inner();
+        let targets: Vec<Arc<Rank>> = self
+            .agent
+            .ranks()
+            .into_iter()
+            .filter(|r| req.rank.is_none_or(|want| want == r.rank))
+            .filter(|r| r.lock().session.is_some())
+            .collect();
+        if targets.is_empty() {
+            let who = req.rank.map_or("no trainer is".to_string(), |r| format!("rank {r} is not"));
+            return Err(refuse(Code::NotFound, ErrorKind::AgentUnavailable, format!("{who} attached to this agent")));
+        }
+        let reason = if req.reason.is_empty() { "requested by an operator".to_string() } else { req.reason };
+        let mut asked = Vec::with_capacity(targets.len());
+        for rank in targets {
+            let id = self.agent.next_id();
+            rank.lock().pending_request = Some(id);
+            rank.notify(Event::SnapshotRequested(pb::SnapshotRequested { request: id, reason: reason.clone() }));
+            tracing::info!(rank = rank.rank, request = id, reason = %reason, "snapshot requested");
+            asked.push((rank, id));
+        }
+        let wait = Duration::from_millis(req.timeout_ms).min(MAX_SNAPSHOT_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut ranks = Vec::with_capacity(asked.len());
+        for (rank, id) in asked {
+            let mut rx = rank.handovers.subscribe();
+            let got = tokio::time::timeout_at(deadline, rx.wait_for(|(req, _)| *req >= id)).await;
+            let (taken, step) = match got {
+                Ok(Ok(v)) => (true, v.1),
+                _ => (false, 0),
+            };
+            ranks.push(pb::RankSnapshot { rank: rank.rank, request: id, taken, step });
+        }
+        Ok(Response::new(pb::SnapshotNowReply { ranks }))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let ranks = self
+            .agent
+            .ranks()
+            .into_iter()
+            .map(|r| {
+                let queued = *r.in_flight.borrow();
+                let inner = r.lock();
+                let tier = inner
+                    .arena
+                    .as_ref()
+                    .and_then(|a| a.newest_durable().and_then(|s| a.content(s).ok()))
+                    .map(|c| c.step);
+                pb::RankStatus {
+                    rank: r.rank,
+                    attached: inner.session.is_some(),
+                    arena_path: inner.arena.as_ref().map(|a| a.path().display().to_string()).unwrap_or_default(),
+                    has_memory_tier: tier.is_some(),
+                    memory_tier_step: tier.unwrap_or(0),
+                    has_durable: inner.last_durable.is_some(),
+                    last_durable_step: inner.last_durable.unwrap_or(0),
+                    queued,
+                    last_heartbeat_step: inner.last_heartbeat.map_or(0, |h| h.0),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusReply {
+            job: self.agent.cfg.job.clone(),
+            store: self.agent.engine.store().url().to_string(),
+            ranks,
+        }))
+    }
+}

@@ -1,0 +1,266 @@
+//! Sidecar mode: the trainer's session with the agent over its Unix socket.
+//!
+//! A session is one `Attach` call whose server stream stays open for the life of the
+//! checkpointer. The agent pushes events down it (a snapshot request, a step durable, a save
+//! failed); a task here routes them to the waiting [`SaveHandle`](super::SaveHandle)s and to
+//! [`Link::wait_snapshot_request`]. Closing the stream (this process exiting, even by SIGKILL) is
+//! how the agent learns the trainer is gone and flushes its newest sealed snapshot.
+//!
+//! The calls are blocking (the checkpointer's API is), run on a small runtime owned by the link.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use ckptd_proto::v1::trainer_client::TrainerClient;
+use ckptd_proto::v1::{self as pb, trainer_event::Event};
+use tonic::transport::Channel;
+
+use super::SaveState;
+use crate::error::{Error, ErrorKind, Result};
+use crate::rpc;
+
+/// What the agent said when the session opened.
+#[derive(Debug, Clone)]
+pub(crate) struct Attached {
+    pub session: u64,
+    pub arena_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct Routing {
+    /// Saves handed over and not yet durable, by step.
+    pending: HashMap<u64, Vec<Arc<SaveState>>>,
+    /// Newest snapshot request not yet answered by a handover.
+    request: Option<u64>,
+    /// Set once the event stream ended: why the agent is gone.
+    gone: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    routing: Mutex<Routing>,
+    cv: Condvar,
+    socket: PathBuf,
+}
+
+/// The session with the agent.
+pub(crate) struct Link {
+    rt: tokio::runtime::Runtime,
+    socket: PathBuf,
+    client: TrainerClient<Channel>,
+    attached: Attached,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("socket", &self.socket).field("session", &self.attached.session).finish()
+    }
+}
+
+impl Link {
+    /// Connects and attaches `rank`; fails with [`Error::AgentUnavailable`] when nothing answers.
+    pub(crate) fn attach(socket: &Path, job: &str, rank: u32, world_size: u32) -> Result<Link> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ckpt-agent-link")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::AgentUnavailable { socket: socket.into(), reason: format!("cannot start: {e}") })?;
+        let channel = rt.block_on(rpc::unix_channel(socket))?;
+        let mut client = TrainerClient::new(channel)
+            .max_decoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES);
+        let req = pb::AttachRequest {
+            job: job.to_string(),
+            rank,
+            world_size,
+            pid: std::process::id(),
+            client_version: crate::VERSION.to_string(),
+        };
+        let (attached, stream) = rt.block_on(async {
+            let mut stream = client.attach(req).await.map_err(|s| rpc::from_status(socket, "attach", s))?.into_inner();
+            match stream.message().await {
+                Ok(Some(pb::TrainerEvent { event: Some(Event::Attached(a)) })) => Ok((a, stream)),
+                Ok(_) => Err(Error::AgentUnavailable {
+                    socket: socket.into(),
+                    reason: "the agent closed the session before confirming it".into(),
+                }),
+                Err(s) => Err(rpc::from_status(socket, "attach", s)),
+            }
+        })?;
+        let attached = Attached {
+            session: attached.session,
+            arena_path: (!attached.arena_path.is_empty()).then(|| PathBuf::from(attached.arena_path)),
+        };
+        let shared = Arc::new(Shared { routing: Mutex::default(), cv: Condvar::new(), socket: socket.to_path_buf() });
+        rt.spawn(route_events(stream, shared.clone()));
+        Ok(Link { rt, socket: socket.to_path_buf(), client, attached, shared })
+    }
+
+    pub(crate) fn attached(&self) -> &Attached {
+        &self.attached
+    }
+
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        match &self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).gone {
+            Some(reason) => Err(Error::AgentUnavailable { socket: self.socket.clone(), reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Has the agent create or grow this rank's arena; returns its path.
+    pub(crate) fn prepare_arena(&self, slot_size: u64) -> Result<PathBuf> {
+        self.check_alive()?;
+        let mut c = self.client.clone();
+        let req = pb::PrepareArenaRequest { session: self.attached.session, slot_size };
+        let reply = self
+            .rt
+            .block_on(c.prepare_arena(req))
+            .map_err(|s| rpc::from_status(&self.socket, "prepare_arena", s))?
+            .into_inner();
+        Ok(PathBuf::from(reply.arena_path))
+    }
+
+    /// Hands a sealed slot to the agent. `state` is completed when the agent reports the step
+    /// durable or failed. Answers the pending snapshot request, if any.
+    pub(crate) fn handover(&self, step: u64, slot: u32, stall: Duration, state: Arc<SaveState>) -> Result<()> {
+        self.check_alive()?;
+        let request = {
+            let mut r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+            r.pending.entry(step).or_default().push(state.clone());
+            r.request.take().unwrap_or(0)
+        };
+        let mut c = self.client.clone();
+        let req = pb::HandoverRequest {
+            session: self.attached.session,
+            step,
+            slot,
+            request,
+            stall_us: stall.as_micros().min(u64::MAX as u128) as u64,
+        };
+        if let Err(s) = self.rt.block_on(c.handover(req)) {
+            let mut r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = r.pending.get_mut(&step) {
+                v.retain(|x| !Arc::ptr_eq(x, &state));
+            }
+            if request != 0 {
+                r.request.get_or_insert(request);
+            }
+            return Err(rpc::from_status(&self.socket, "handover", s));
+        }
+        Ok(())
+    }
+
+    /// Asks the agent for `step` (default: the newest committed step) staged in the arena.
+    pub(crate) fn locate(&self, step: Option<u64>) -> Result<pb::LocateReply> {
+        self.check_alive()?;
+        let mut c = self.client.clone();
+        let req = pb::LocateRequest { session: self.attached.session, step };
+        Ok(self.rt.block_on(c.locate(req)).map_err(|s| rpc::from_status(&self.socket, "locate", s))?.into_inner())
+    }
+
+    /// Reports progress; returns the id of a snapshot the agent requested, if any.
+    pub(crate) fn heartbeat(&self, step: u64, phase: pb::Phase) -> Result<Option<u64>> {
+        self.check_alive()?;
+        let mut c = self.client.clone();
+        let req = pb::HeartbeatRequest { session: self.attached.session, step, phase: phase as i32 };
+        let reply = self
+            .rt
+            .block_on(c.heartbeat(req))
+            .map_err(|s| rpc::from_status(&self.socket, "heartbeat", s))?
+            .into_inner();
+        let mut r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+        if reply.snapshot_request != 0 {
+            r.request = Some(r.request.map_or(reply.snapshot_request, |x| x.max(reply.snapshot_request)));
+        }
+        Ok(r.request)
+    }
+
+    /// The unanswered snapshot request, if any.
+    pub(crate) fn pending_request(&self) -> Option<u64> {
+        self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).request
+    }
+
+    /// Blocks up to `timeout` for a snapshot request; returns it without consuming it.
+    pub(crate) fn wait_snapshot_request(&self, timeout: Duration) -> Result<Option<u64>> {
+        let r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let (r, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(r, timeout, |r| r.request.is_none() && r.gone.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = &r.gone {
+            return Err(Error::AgentUnavailable { socket: self.socket.clone(), reason: reason.clone() });
+        }
+        Ok(r.request)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Dropping the runtime cancels the event task, which closes the session's stream.
+        fail_all(&self.shared, "the checkpointer closed its session".into());
+    }
+}
+
+async fn route_events(mut stream: tonic::Streaming<pb::TrainerEvent>, shared: Arc<Shared>) {
+    let reason = loop {
+        match stream.message().await {
+            Ok(Some(pb::TrainerEvent { event: Some(ev) })) => route(&shared, ev),
+            Ok(Some(_)) => {}
+            Ok(None) => break "the agent ended the session".to_string(),
+            Err(s) => break format!("the session with the agent broke: {}", s.message()),
+        }
+    };
+    tracing::error!(reason = %reason, "lost the ckptd agent; saves in flight fail");
+    fail_all(&shared, reason);
+}
+
+fn route(shared: &Shared, ev: Event) {
+    let mut r = shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+    match ev {
+        Event::Attached(_) => {}
+        Event::SnapshotRequested(req) => {
+            tracing::info!(request = req.request, reason = %req.reason, "the agent requests a snapshot");
+            r.request = Some(r.request.map_or(req.request, |x| x.max(req.request)));
+            shared.cv.notify_all();
+        }
+        Event::Durable(d) => {
+            for s in r.pending.remove(&d.step).unwrap_or_default() {
+                s.finish(Ok(()));
+            }
+        }
+        Event::SaveFailed(f) => {
+            let kind = ErrorKind::from_name(&f.kind).unwrap_or(ErrorKind::Core(ckpt_core::ErrorKind::Storage));
+            let err = Arc::new(Error::Agent { op: "persist", kind, message: f.message });
+            for s in r.pending.remove(&f.step).unwrap_or_default() {
+                s.finish(Err(err.clone()));
+            }
+        }
+        Event::Restore(o) => {
+            tracing::warn!(step = o.step, generation = o.generation, "the agent orders a restore");
+        }
+        Event::Stop(s) => tracing::warn!(reason = %s.reason, "the agent asks this trainer to stop"),
+    }
+}
+
+fn fail_all(shared: &Shared, reason: String) {
+    let mut r = shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+    let pending = std::mem::take(&mut r.pending);
+    if r.gone.is_none() {
+        r.gone = Some(reason.clone());
+    }
+    drop(r);
+    shared.cv.notify_all();
+    let err = Arc::new(Error::AgentUnavailable { socket: shared.socket.clone(), reason });
+    for s in pending.into_values().flatten() {
+        s.finish(Err(err.clone()));
+    }
+}
