@@ -68,8 +68,6 @@ pub struct PyCheckpointer {
     /// `inner`, so that dropping this object first waits for the saves (the checkpointer's `Drop`
     /// closes it) and only then releases their memory.
     keepalive: Mutex<Vec<(SaveHandle, Py<PyAny>)>>,
-    job: String,
-    rank: u32,
 }
 
 impl PyCheckpointer {
@@ -104,7 +102,7 @@ impl PyCheckpointer {
         chunk_size: Option<u64>,
         commit_timeout: Option<f64>,
     ) -> PyResult<Self> {
-        let mut cfg = CheckpointerConfig::new(job.clone());
+        let mut cfg = CheckpointerConfig::new(job);
         cfg.store = store;
         cfg.rank = rank;
         cfg.world_size = world_size;
@@ -124,7 +122,7 @@ impl PyCheckpointer {
         }
         // Opening a store may touch the network or the file system.
         let ck = py.detach(|| Checkpointer::new(cfg)).map_err(to_py)?;
-        Ok(PyCheckpointer { inner: RwLock::new(Some(Arc::new(ck))), keepalive: Mutex::new(Vec::new()), job, rank })
+        Ok(PyCheckpointer { inner: RwLock::new(Some(Arc::new(ck))), keepalive: Mutex::new(Vec::new()) })
     }
 
     /// Starts saving `tensors` as `step`; returns once the copies are enqueued. `keepalive` (the

@@ -119,3 +119,74 @@ class Child:
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
+
+
+REPO = HERE.parents[1]
+
+
+def ckptd_binary(name: str) -> Path:
+    """The `ckptd` or `ckptctl` binary: `$CKPTD_BIN_DIR/<name>`, else the workspace's debug build."""
+    directory = Path(os.environ.get("CKPTD_BIN_DIR", REPO / "target" / "debug"))
+    path = directory / name
+    if not path.exists():
+        pytest.fail(f"{path} does not exist: build it with `cargo build -p ckptd` or run `bash scripts/test.sh`")
+    return path
+
+
+class Agent:
+    """A real `ckptd agent` process on a Unix socket in the test's directory."""
+
+    def __init__(self, tmp: Path, job: str, *extra: str) -> None:
+        import socket as sock
+
+        self.socket = str(tmp / "agent.sock")
+        self.store = (tmp / "agent-store").as_uri()
+        self.job = job
+        s = sock.socket()
+        s.bind(("127.0.0.1", 0))
+        self.metrics_addr = f"127.0.0.1:{s.getsockname()[1]}"
+        s.close()
+        self.log = tmp / "agent.log"
+        self.proc = subprocess.Popen(
+            [
+                str(ckptd_binary("ckptd")), "agent", "--socket", self.socket, "--store", self.store,
+                "--job", job, "--arena-dir", str(tmp / "agent-arena"), "--metrics-addr", self.metrics_addr,
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
+            env={**os.environ, "CKPTD_LOG": "ckptd=info"},
+        )
+        import socket as sock2
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                c = sock2.socket(sock2.AF_UNIX)
+                c.connect(self.socket)
+                c.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("agent never listened") from None
+                time.sleep(0.02)
+
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(ckptd_binary("ckptctl")), *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: graceful
+            self.proc.wait(timeout=120)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    a = Agent(tmp_path, "crash")
+    yield a
+    a.stop()

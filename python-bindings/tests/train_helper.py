@@ -68,6 +68,7 @@ def main() -> None:
         sched.step()
         losses[step] = loss.item().hex()
         emit(step=step, loss=losses[step])
+        ck.heartbeat(step)
         if step % args.every == 0:
             ck.save(ct.capture(model, opt, sched), step)
         if step == args.pause_at:

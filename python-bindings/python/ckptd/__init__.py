@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -189,6 +190,15 @@ class Checkpointer:
         )
         self._job = job
         self._fence_device: int | None = None
+        # Snapshot-now: where a requested snapshot's state comes from, the step it is taken at,
+        # and the optimizer-step guard that lets a background thread take it safely.
+        self._snapshot_fn: Callable[[], Any] | None = None
+        self._last_step: int | None = None
+        self._guard = threading.Condition()
+        self._in_optimizer_step = False
+        self._snapshotting = False
+        self._hooks = False
+        self._worker: threading.Thread | None = None
         #: Whether the last :meth:`load` came from the shared-memory arena (memory tier) rather
         #: than the store; ``None`` before the first load.
         self.last_load_from_memory: bool | None = None
@@ -203,13 +213,28 @@ class Checkpointer:
         """Whether :meth:`close` was called."""
         return self._native.closed
 
-    def save(self, state: Any, step: int) -> SaveHandle:
+    @property
+    def mode(self) -> str:
+        """``"sidecar"`` when an agent persists the snapshots, else ``"embedded"``."""
+        return self._native.mode
+
+    def save(self, state: Any, step: int, *, blocking: bool = False) -> SaveHandle:
         """Starts saving ``state`` as ``step`` and returns once the copies are enqueued.
 
         Call :meth:`fence` (or use :func:`ckptd.torch.fence_before_step`) before the training loop
-        next writes the saved tensors; call ``wait()`` on the handle to know it is durable.
+        next writes the saved tensors; call ``wait()`` on the handle to know it is durable. With
+        ``blocking=True`` it returns only after the copies are done (and, in sidecar mode, after
+        the agent owns the snapshot, so it is persisted even if this process dies right after).
+        A pending snapshot request from the agent is answered by this save.
         """
+        handle = self._save(state, step)
+        if blocking:
+            self.fence()
+        return handle
+
+    def _save(self, state: Any, step: int) -> SaveHandle:
         _check_step(step)
+        self._last_step = step
         flat = _tree.flatten(state, writable=False)
         device = _cuda_device(flat.tensors)
         metadata = _tree.encode_metadata(flat)
@@ -229,6 +254,78 @@ class Checkpointer:
 
         For CUDA tensors the trainer's current stream waits instead of the host."""
         self._native.fence(_cuda_stream(self._fence_device))
+
+    def heartbeat(self, step: int, phase: str = "step") -> bool:
+        """Reports progress to the agent; call it once per training step. ``phase`` is ``init``,
+        ``step``, ``checkpoint-save`` or ``checkpoint-load`` (a long load is then not a hang).
+
+        Returns ``True`` when the agent requested a snapshot. With a source registered by
+        :meth:`register_snapshot`, the snapshot is taken here (this is a safe point); otherwise
+        the caller should :meth:`save` now. Embedded mode never requests one.
+        """
+        _check_step(step)
+        self._last_step = step
+        if self._native.heartbeat(step, phase) is None:
+            return False
+        if self._snapshot_fn is not None:
+            self._save(self._snapshot_fn(), step)
+        return True
+
+    def register_snapshot(self, state_fn: Callable[[], Any]) -> None:
+        """Registers where an agent-requested snapshot's state comes from (e.g.
+        ``lambda: ckptd.torch.capture(model, optimizer)``).
+
+        Requests are then answered at the next :meth:`heartbeat`, or at once from a background
+        thread when :func:`ckptd.torch.fence_before_step` hooks tell that the trainer is outside
+        the optimizer step (the only code that writes the saved tensors).
+        """
+        self._snapshot_fn = state_fn
+        self._maybe_start_worker()
+
+    def _enter_optimizer_step(self) -> None:
+        with self._guard:
+            while self._snapshotting:
+                self._guard.wait()
+            self._in_optimizer_step = True
+
+    def _leave_optimizer_step(self) -> None:
+        with self._guard:
+            self._in_optimizer_step = False
+            self._guard.notify_all()
+
+    def _hooks_registered(self) -> None:
+        self._hooks = True
+        self._maybe_start_worker()
+
+    def _maybe_start_worker(self) -> None:
+        if self._worker is not None or not self._hooks or self._snapshot_fn is None or self.mode != "sidecar":
+            return
+        self._worker = threading.Thread(target=self._answer_requests, name="ckptd-snapshot", daemon=True)
+        self._worker.start()
+
+    def _answer_requests(self) -> None:
+        """Background thread: takes requested snapshots while the optimizer step is not running."""
+        while not self.closed:
+            try:
+                request = self._native.wait_snapshot_request(0.5)
+            except CkptError:
+                return  # closed, or the agent is gone: the training loop sees that error itself
+            if request is None or self._snapshot_fn is None or self._last_step is None:
+                continue
+            with self._guard:
+                while self._in_optimizer_step:
+                    self._guard.wait()
+                if self._native.snapshot_requested is None:
+                    continue  # a heartbeat or save answered it meanwhile
+                self._snapshotting = True
+            try:
+                self._save(self._snapshot_fn(), self._last_step)
+            except CkptError as e:
+                print(f"ckptd: requested snapshot failed: {e}", file=sys.stderr)
+            finally:
+                with self._guard:
+                    self._snapshotting = False
+                    self._guard.notify_all()
 
     def describe(self, step: int | None = None) -> Description:
         """What ``step`` (default: the newest committed step) holds, without reading tensor data."""

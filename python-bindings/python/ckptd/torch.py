@@ -25,7 +25,7 @@ from . import Checkpointer, CkptError, Description, TensorInfo, _tree
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["capture", "fence_before_step", "restore"]
+__all__ = ["HookHandles", "capture", "fence_before_step", "restore"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -141,14 +141,35 @@ def restore(
     return loaded
 
 
-def fence_before_step(optimizer: torch.optim.Optimizer, ck: Checkpointer) -> RemovableHandle:
-    """Registers an optimizer step pre-hook that calls ``ck.fence()``, so ``optimizer.step()``
-    never overwrites parameters or state that a save is still copying. Returns the hook handle
-    (``.remove()`` it to unregister). The hook does nothing once ``ck`` is closed."""
+class HookHandles:
+    """The hooks :func:`fence_before_step` registered; ``remove()`` unregisters them all."""
 
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def fence_before_step(optimizer: torch.optim.Optimizer, ck: Checkpointer) -> HookHandles:
+    """Registers an optimizer step pre-hook that calls ``ck.fence()``, so ``optimizer.step()``
+    never overwrites parameters or state that a save is still copying, and a post-hook that marks
+    the step finished. Together they tell ``ck`` when the trainer is outside the optimizer step,
+    so that a snapshot the agent requests can be taken from a background thread (see
+    :meth:`ckptd.Checkpointer.register_snapshot`). Returns the hooks' handles (``.remove()``
+    unregisters them). The hooks do nothing once ``ck`` is closed."""
+
+    def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         del opt, args, kwargs
         if not ck.closed:
+            ck._enter_optimizer_step()
             ck.fence()
 
-    return optimizer.register_step_pre_hook(hook)
+    def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        del opt, args, kwargs
+        ck._leave_optimizer_step()
+
+    handles = HookHandles(optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))
+    ck._hooks_registered()
+    return handles

@@ -17,6 +17,7 @@
 mod link;
 mod persist;
 
+#[cfg(feature = "server")]
 pub(crate) use persist::wait_committed;
 
 use std::collections::HashMap;
