@@ -13,6 +13,8 @@ pub mod isolator;
 pub mod webhook;
 
 pub mod demo;
+#[cfg(feature = "server")]
+pub mod demo_sidecar;
 pub mod error;
 pub mod rpc;
 

@@ -56,3 +56,24 @@ fn a_bad_flag_is_one_line_and_exit_64() {
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
 }
+
+#[test]
+fn sidecar_demo_kills_the_trainer_and_restores_from_the_agents_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let out = ckptd()
+        .current_dir(dir.path())
+        .args(["demo", "--mode", "sidecar", "--state-mib", "4", "--steps", "9", "--every", "4", "--compute-ms", "5"])
+        .args(["--store", &url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("SIGKILLed at step 9 after 2 saves"), "{stdout}");
+    assert!(stdout.contains("restored 8 memory=true"), "{stdout}");
+    assert!(stdout.contains("state checked bitwise"), "{stdout}");
+    assert!(stdout.contains("time from SIGKILL to restored in a new process"), "{stdout}");
+    // The resumed trainer saved on: steps 12 and 16 are committed by the agent.
+    let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+    assert_eq!(engine.latest_valid("demo").unwrap().map(|m| m.step), Some(16));
+}

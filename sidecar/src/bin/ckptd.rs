@@ -40,6 +40,35 @@ enum Command {
     Isolator(ckptd::isolator::IsolatorArgs),
     /// The mutating admission webhook that injects the agent into training pods.
     Webhook(ckptd::webhook::WebhookArgs),
+    /// The trainer process of `demo --mode sidecar` (internal).
+    #[command(hide = true)]
+    DemoTrainer(DemoTrainerArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DemoMode {
+    /// Persist from a thread of the training process.
+    Embedded,
+    /// Start an agent process; kill the trainer mid-run and restore from the agent's memory.
+    Sidecar,
+}
+
+#[derive(Debug, Args)]
+struct DemoTrainerArgs {
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    #[arg(long)]
+    job: String,
+    #[arg(long)]
+    state_bytes: u64,
+    #[arg(long)]
+    steps: u64,
+    #[arg(long)]
+    every: u64,
+    #[arg(long)]
+    compute_ms: u64,
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +97,10 @@ struct DemoArgs {
     /// Committed steps to keep (0 keeps all).
     #[arg(long, default_value_t = 2)]
     keep: usize,
+    /// `embedded` (one process) or `sidecar` (an agent process and a trainer that is SIGKILLed
+    /// and restarted).
+    #[arg(long, value_enum, default_value = "embedded")]
+    mode: DemoMode,
 }
 
 fn parse_compression(s: &str) -> Result<Compression, String> {
@@ -99,6 +132,18 @@ fn main() -> ExitCode {
         Command::Agent(args) => exit_with(ckptd::agent::run(args)),
         Command::Isolator(args) => exit_with(ckptd::isolator::run(args)),
         Command::Webhook(args) => exit_with(ckptd::webhook::run(args)),
+        Command::DemoTrainer(args) => {
+            let cfg = ckptd::demo_sidecar::TrainerConfig {
+                socket: args.socket,
+                job: args.job,
+                state_bytes: args.state_bytes,
+                steps: args.steps,
+                every: args.every,
+                compute: Duration::from_millis(args.compute_ms),
+                resume: args.resume,
+            };
+            exit_with(ckptd::demo_sidecar::trainer(&cfg, &mut std::io::stdout().lock()))
+        }
     }
 }
 
@@ -129,13 +174,24 @@ fn init_logging() -> anyhow::Result<()> {
 }
 
 fn run_demo(args: DemoArgs) -> ExitCode {
-    let store = match args.store {
-        Some(s) => s,
-        None => match std::env::current_dir() {
-            Ok(cwd) => demo::default_store(&cwd),
-            Err(e) => return fail_config(&format!("cannot resolve the current directory for the default store: {e}")),
-        },
+    let cwd = match std::env::current_dir() {
+        Ok(cwd) => cwd,
+        Err(e) => return fail_config(&format!("cannot resolve the current directory: {e}")),
     };
+    let store = args.store.clone().unwrap_or_else(|| demo::default_store(&cwd));
+    if args.mode == DemoMode::Sidecar {
+        let cfg = ckptd::demo_sidecar::Config {
+            store,
+            job: args.job,
+            state_bytes: args.state_mib.saturating_mul(1 << 20),
+            kill_after: args.steps,
+            steps: args.steps + 2 * args.every,
+            every: args.every,
+            compute: Duration::from_millis(args.compute_ms),
+            work_dir: cwd.join("ckptd-demo-sidecar"),
+        };
+        return exit_with(ckptd::demo_sidecar::run(&cfg, &mut std::io::stdout().lock()));
+    }
     let cfg = demo::Config {
         job: args.job,
         state_bytes: args.state_mib.saturating_mul(1 << 20),
