@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-ALL_SYSTEMS = ("memcpy", "torch.save", "dcp", "dcp-cached", "ckptd")
+ALL_SYSTEMS = ("memcpy", "torch.save", "dcp", "dcp-cached", "ckptd", "ckptd-sidecar")
 
 
 def parse_size(text: str) -> int:
@@ -508,6 +508,53 @@ class Ckptd(System):
             shutil.rmtree(self.arena_dir, ignore_errors=True)
 
 
+class CkptdSidecar(Ckptd):
+    """ckptd sidecar mode: a ``ckptd agent`` process (started here, from ``$CKPTD_BIN_DIR`` or
+    ``target/release``) owns the arena and persists; the trainer only copies and hands over. The
+    trainer's RSS therefore holds no persist buffers."""
+
+    name = "ckptd-sidecar"
+
+    def setup(self, state: Any) -> None:
+        import socket as sock
+
+        import ckptd
+
+        root = Path(__file__).resolve().parents[2]
+        binary = Path(os.environ.get("CKPTD_BIN_DIR", root / "target" / "release")) / "ckptd"
+        if not binary.exists():
+            raise SystemExit(f"{binary} is missing: cargo build --release -p ckptd (or set CKPTD_BIN_DIR)")
+        self.store = self.dir / "ckptd-sidecar-store"
+        self.job = "stall"
+        self.socket = str(self.dir / "agent.sock")
+        self.agent = subprocess.Popen(
+            [str(binary), "agent", "--socket", self.socket, "--store", f"file://{self.store}", "--job", self.job,
+             "--arena-dir", self.arena_dir],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            c = sock.socket(sock.AF_UNIX)
+            try:
+                c.connect(self.socket)
+                break
+            except OSError:
+                if self.agent.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the ckptd agent did not start") from None
+                time.sleep(0.02)
+            finally:
+                c.close()
+        self.ck = ckptd.Checkpointer(self.job, socket=self.socket)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if hasattr(self, "agent"):
+                self.agent.terminate()
+                self.agent.wait(timeout=120)
+
+
 def make_system(name: str, dirpath: Path, arena_dir: str) -> System:
     if name == "memcpy":
         return Memcpy(dirpath)
@@ -519,6 +566,8 @@ def make_system(name: str, dirpath: Path, arena_dir: str) -> System:
         return Dcp(dirpath, cached=True)
     if name == "ckptd":
         return Ckptd(dirpath, arena_dir)
+    if name == "ckptd-sidecar":
+        return CkptdSidecar(dirpath, arena_dir)
     raise ValueError(name)
 
 
@@ -789,7 +838,7 @@ def main() -> int:
                  f"{facts['arena_fstype']}; load average {' '.join(facts['loadavg_start'])} at start, "
                  f"{' '.join(facts['loadavg_end'])} at end.")
     lines.append("")
-    show = [s for s in ("memcpy", "memcpy-numpy", "torch.save", "dcp", "dcp-cached", "ckptd")
+    show = [s for s in ("memcpy", "memcpy-numpy", "torch.save", "dcp", "dcp-cached", "ckptd", "ckptd-sidecar")
             if any(k[0] == s for k in table)]
     head = "| size | metric | " + " | ".join(show) + " |"
     lines.append(head)
