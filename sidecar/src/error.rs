@@ -81,6 +81,9 @@ pub enum Error {
         /// What is wrong and the accepted form.
         reason: String,
     },
+    /// `ckptctl inject` reached an agent started without `--allow-inject`.
+    #[error("fault injection is disabled: start the agent with --allow-inject (CKPTD_ALLOW_INJECT=true) to run drills")]
+    InjectDisabled,
 }
 
 impl Error {
@@ -95,6 +98,7 @@ impl Error {
             Error::CommitTimeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
             Error::Closed => ErrorKind::Closed,
             Error::Config { .. } => ErrorKind::Config,
+            Error::InjectDisabled => ErrorKind::Config,
         }
     }
 }

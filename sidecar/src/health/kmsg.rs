@@ -1,0 +1,253 @@
+//! Kernel-log reporter: `NVRM: Xid` lines. The kernel log sees every XID, including those NVML
+//! does not deliver as events (79, 119, 120 arrive there first or only). It reads `/dev/kmsg`
+//! (one record per `read`, `pri,seq,ts,flags;message`) or, for drills and tests, tails a regular
+//! file or FIFO of plain lines or kmsg records.
+//!
+//! Reads are non-blocking on a dedicated thread that polls, so shutdown is seen within one poll
+//! interval and no async task ever blocks on the kernel.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::controller::{Metrics, StatusBoard};
+use super::finding::{Finding, Source};
+use super::pci::PciMap;
+use super::tail::{Start, Tail};
+
+/// The reporter's name in status and metrics.
+pub(crate) const NAME: &str = "kmsg";
+
+/// One parsed `NVRM: Xid` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XidLine {
+    /// The PCI address as printed (`0000:3b:00`), normalised when it parses.
+    pub pci: Option<String>,
+    /// The XID.
+    pub xid: u32,
+    /// `pid=` when present and numeric.
+    pub pid: Option<u32>,
+    /// `name=` when present.
+    pub name: Option<String>,
+    /// The message from `NVRM:` on, as evidence.
+    pub message: String,
+}
+
+/// Strips a `/dev/kmsg` record header (`pri,seq,ts_usec,flags;`) or a dmesg timestamp
+/// (`[  123.456789] `) and returns the message.
+pub fn strip_header(line: &str) -> &str {
+    let line = line.trim_end();
+    if let Some((head, msg)) = line.split_once(';') {
+        let mut fields = head.split(',');
+        let numeric = |f: Option<&str>| f.is_some_and(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
+        if numeric(fields.next()) && numeric(fields.next()) && numeric(fields.next()) {
+            return msg;
+        }
+    }
+    if let Some(rest) = line.strip_prefix('[') {
+        if let Some((ts, msg)) = rest.split_once(']') {
+            if ts.trim().bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                return msg.trim_start();
+            }
+        }
+    }
+    line
+}
+
+/// Parses a kernel-log line (kmsg record, dmesg or journal line, or bare message) into an XID.
+/// Accepts `NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python, text` and the older
+/// `NVRM: Xid (0000:3b:00): 13, text`. Anything else is `None`, never a panic.
+pub fn parse_xid(line: &str) -> Option<XidLine> {
+    let msg = strip_header(line);
+    let at = msg.find("NVRM: Xid")?;
+    let message = msg[at..].trim().to_owned();
+    let rest = msg[at + "NVRM: Xid".len()..].trim_start();
+    let rest = rest.strip_prefix('(')?;
+    let (addr, rest) = rest.split_once(')')?;
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let xid: u32 = rest.get(..digits)?.parse().ok()?;
+    let tail = rest[digits..].trim_start_matches(',').trim_start();
+    let mut pid = None;
+    let mut name = None;
+    for field in tail.splitn(3, ", ") {
+        if let Some(p) = field.strip_prefix("pid=") {
+            pid = p.trim_matches('\'').parse().ok();
+        } else if let Some(n) = field.strip_prefix("name=") {
+            name = Some(n.to_owned());
+        }
+    }
+    Some(XidLine { pci: super::pci::normalize(addr), xid, pid, name, message })
+}
+
+/// Where kernel-log lines come from.
+#[derive(Debug)]
+enum Input {
+    /// `/dev/kmsg`: one record per read.
+    Kmsg(File),
+    /// A regular file or FIFO, tailed line by line.
+    Lines(Tail),
+}
+
+impl Input {
+    fn open(path: &Path) -> std::io::Result<Input> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata(path)?;
+        if meta.file_type().is_char_device() {
+            let mut f = super::tail::open_nonblocking(path)?;
+            // Skip the ring buffer's history: faults from before start-up were handled then.
+            f.seek(SeekFrom::End(0))?;
+            Ok(Input::Kmsg(f))
+        } else {
+            Ok(Input::Lines(Tail::open(path, Start::End)?))
+        }
+    }
+
+    /// The lines available now (possibly none).
+    fn read(&mut self, path: &Path) -> std::io::Result<Vec<String>> {
+        match self {
+            Input::Lines(t) => t.read_lines(),
+            Input::Kmsg(f) => {
+                let mut out = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                for _ in 0..4096 {
+                    match f.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                            tracing::warn!(path = %path.display(), "kernel log records were overwritten before they were read; some lines are lost");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The one log line for an unreadable kernel log, naming the capability to add.
+pub(crate) fn open_error_detail(path: &Path, e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "cannot read {}: permission denied; the kernel-log reporter needs CAP_SYSLOG (add it to the agent container's securityContext.capabilities.add) or kernel.dmesg_restrict=0",
+            path.display()
+        ),
+        _ => format!("cannot read {}: {e}", path.display()),
+    }
+}
+
+/// Opens the kernel log now (so lines written after `Health::start` returns are seen) and starts
+/// the reader thread. `None` when it cannot run; the status board then says why.
+pub(crate) fn spawn(
+    path: PathBuf,
+    poll: Duration,
+    tx: mpsc::Sender<Finding>,
+    board: Arc<StatusBoard>,
+    metrics: Metrics,
+    pci: PciMap,
+    shutdown: CancellationToken,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    let mut input = match Input::open(&path) {
+        Ok(i) => i,
+        Err(e) => {
+            let detail = open_error_detail(&path, &e);
+            tracing::warn!(reporter = NAME, "{detail}; kernel-log XIDs are not watched");
+            board.set(NAME, false, detail);
+            metrics.set_enabled(NAME, false);
+            return Ok(None);
+        }
+    };
+    board.set(NAME, true, format!("reading {}", path.display()));
+    metrics.set_enabled(NAME, true);
+    let handle = std::thread::Builder::new().name("ckptd-health-kmsg".into()).spawn(move || {
+        let mut lines_seen: u64 = 0;
+        let mut xids: u64 = 0;
+        while !shutdown.is_cancelled() {
+            let lines = match input.read(&path) {
+                Ok(l) => l,
+                Err(e) => {
+                    let detail = open_error_detail(&path, &e);
+                    tracing::warn!(reporter = NAME, "{detail}; the kernel-log reporter stops");
+                    board.set(NAME, false, detail);
+                    metrics.set_enabled(NAME, false);
+                    return;
+                }
+            };
+            if lines.is_empty() {
+                std::thread::sleep(poll);
+                continue;
+            }
+            lines_seen += lines.len() as u64;
+            for line in &lines {
+                let Some(x) = parse_xid(line) else { continue };
+                xids += 1;
+                let gpu = x.pci.as_deref().and_then(|p| pci.gpu(p));
+                let f = Finding::new(Source::Kmsg, format!("xid-{}", x.xid), x.message).with_pci(x.pci).with_gpu(gpu);
+                if tx.blocking_send(f).is_err() {
+                    return;
+                }
+            }
+            board.sample(NAME, format!("{lines_seen} lines read, {xids} XID lines"));
+        }
+    })?;
+    Ok(Some(handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kmsg_records_dmesg_and_plain_lines() {
+        let x = parse_xid(
+            "3,1523,98765432,-;NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python3, GPU has fallen off the bus.",
+        )
+        .unwrap();
+        assert_eq!(x.xid, 79);
+        assert_eq!(x.pci.as_deref(), Some("0000:3b:00.0"));
+        assert_eq!(x.pid, Some(1234));
+        assert_eq!(x.name.as_deref(), Some("python3"));
+        assert!(x.message.starts_with("NVRM: Xid (PCI:0000:3b:00): 79") && x.message.ends_with("bus."));
+
+        let x = parse_xid("[ 8123.442817] NVRM: Xid (PCI:0000:5e:00): 94, pid='<unknown>', name=<unknown>, Contained: CE User Channel (0x9). RST: No, D-RST: No").unwrap();
+        assert_eq!((x.xid, x.pid, x.name.as_deref()), (94, None, Some("<unknown>")));
+
+        let x = parse_xid(
+            "Nov 28 18:01:02 node-a kernel: NVRM: Xid (0000:03:00): 13, Graphics Exception: ESR 0x404600=0x80000002",
+        )
+        .unwrap();
+        assert_eq!((x.xid, x.pci.as_deref()), (13, Some("0000:03:00.0")));
+    }
+
+    #[test]
+    fn rejects_non_xid_and_malformed_lines() {
+        for l in [
+            "",
+            "4,100,200,-;usb 1-1: new high-speed USB device",
+            "NVRM: Xid",
+            "NVRM: Xid (PCI:0000:3b:00)",
+            "NVRM: Xid (PCI:0000:3b:00): , pid=1",
+            "NVRM: Xid (PCI:0000:3b:00): 99999999999, pid=1",
+            "NVRM: GPU at PCI:0000:3b:00: GPU-8a2b3c4d-0000-1111-2222-333344445555",
+            "\u{0}\u{ff};;;,,,",
+        ] {
+            assert_eq!(parse_xid(l), None, "{l:?}");
+        }
+        assert_eq!(parse_xid("NVRM: Xid (PCI:garbage): 31, pid=1").map(|x| (x.xid, x.pci)), Some((31, None)));
+    }
+
+    #[test]
+    fn permission_error_names_cap_syslog() {
+        let e = std::io::Error::from_raw_os_error(libc::EPERM);
+        let d = open_error_detail(Path::new("/dev/kmsg"), &e);
+        assert!(d.contains("CAP_SYSLOG") && d.contains("/dev/kmsg"), "{d}");
+    }
+}
