@@ -350,7 +350,8 @@ mod tests {
     #[test]
     fn policy_table_covers_every_builtin_xid() {
         let p = Policy::builtin();
-        let want: &[(u32, Action, Option<(u32, Action)>)] = {
+        type Row = (u32, Action, Option<(u32, Action)>);
+        let want: &[Row] = {
             use Action::*;
             &[
                 (8, RestartJob, Some((3, DrainNode))),
