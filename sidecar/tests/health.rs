@@ -387,3 +387,50 @@ fn nvml_reads_real_values() {
         eprintln!("{s:?}");
     }
 }
+
+mod parsers_never_panic {
+    use ckptd::health::{kmsg, nccl, normalize_pci};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any input, including invalid UTF-8 turned lossy and huge numbers: no panic.
+        #[test]
+        fn on_any_line(line in ".{0,300}") {
+            let _ = kmsg::parse_xid(&line);
+            let _ = kmsg::strip_header(&line);
+            let _ = nccl::classify(&line);
+            let _ = nccl::rank_of(&line);
+            let _ = normalize_pci(&line);
+        }
+
+        /// A well-formed XID line, in any of the three framings, parses back to its fields.
+        #[test]
+        fn xid_round_trip(
+            xid in 1u32..1000,
+            domain in 0u32..0x10000,
+            bus in 0u32..0x100,
+            dev in 0u32..0x20,
+            pid in proptest::option::of(1u32..4_000_000),
+            text in "[ -~]{0,80}",
+            framing in 0u8..3,
+        ) {
+            let pid_s = pid.map_or("'<unknown>'".to_owned(), |p| p.to_string());
+            let msg = format!("NVRM: Xid (PCI:{domain:04x}:{bus:02x}:{dev:02x}): {xid}, pid={pid_s}, name=python3, {text}");
+            let line = match framing {
+                0 => msg.clone(),
+                1 => format!("4,1,2,-;{msg}"),
+                _ => format!("[ 1.000000] {msg}"),
+            };
+            let x = kmsg::parse_xid(&line).expect("parses");
+            prop_assert_eq!(x.xid, xid);
+            prop_assert_eq!(x.pid, pid);
+            prop_assert_eq!(x.pci, Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.0")));
+            prop_assert_eq!(x.message, msg.trim().to_owned());
+        }
+
+        #[test]
+        fn nccl_dump_summary_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = nccl::summarize_dump(&bytes);
+        }
+    }
+}
