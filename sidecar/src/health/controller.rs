@@ -4,7 +4,7 @@
 //! metrics and the status board, and hands each [`Decision`] to the agent.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -223,10 +223,18 @@ impl Metrics {
     }
 }
 
+/// The GPU of every attached rank (rank → NVML index), shared with `Health`, so a GPU-level
+/// fault on a GPU this pod does not use (another job's program bug) does not restart our job.
+pub(crate) type Attached = Arc<RwLock<BTreeMap<u32, Option<u32>>>>;
+
 /// Repeats of one fault (kind × locus).
 #[derive(Debug)]
 struct Track {
+    /// Every occurrence within the window (debounce counts these).
     occurrences: VecDeque<Instant>,
+    /// Occurrences at least `coalesce` apart (escalation counts these: the driver prints several
+    /// lines for one XID 13, and NVML and the kernel log both report one XID 79).
+    events: VecDeque<Instant>,
     first_seen: SystemTime,
     last_seen: SystemTime,
     last_at: Instant,
@@ -243,11 +251,21 @@ pub(crate) struct Controller {
     metrics: Metrics,
     tracks: HashMap<(String, String), Track>,
     emitted: VecDeque<(Instant, Action)>,
+    attached: Attached,
 }
 
 impl Controller {
-    pub(crate) fn new(node: String, policy: Policy, metrics: Metrics) -> Controller {
-        Controller { node, policy, metrics, tracks: HashMap::new(), emitted: VecDeque::new() }
+    pub(crate) fn new(node: String, policy: Policy, metrics: Metrics, attached: Attached) -> Controller {
+        Controller { node, policy, metrics, tracks: HashMap::new(), emitted: VecDeque::new(), attached }
+    }
+
+    /// Whether the finding names a GPU that none of this pod's ranks uses (only decidable when
+    /// the attached ranks' GPUs are known).
+    fn other_gpu(&self, finding: &Finding) -> bool {
+        let Some(gpu) = finding.gpu else { return false };
+        let Ok(attached) = self.attached.read() else { return false };
+        let ours: Vec<u32> = attached.values().filter_map(|g| *g).collect();
+        !ours.is_empty() && !ours.contains(&gpu)
     }
 
     /// Classifies one finding; `Some` when the agent must act.
@@ -260,9 +278,11 @@ impl Controller {
             tracing::warn!(kind = %finding.kind, evidence = %finding.evidence, "finding kind not in the policy table, using its default");
         }
         self.forget_stale(now);
+        let other_gpu = self.other_gpu(&finding);
         let key = (finding.kind.clone(), finding.locus());
         let track = self.tracks.entry(key).or_insert_with(|| Track {
             occurrences: VecDeque::new(),
+            events: VecDeque::new(),
             first_seen: finding.observed_at,
             last_seen: finding.observed_at,
             last_at: now,
@@ -270,12 +290,17 @@ impl Controller {
             decided: None,
             latest: finding.clone(),
         });
-        while track.occurrences.front().is_some_and(|t| now.duration_since(*t) > rule.window) {
-            track.occurrences.pop_front();
+        for q in [&mut track.occurrences, &mut track.events] {
+            while q.front().is_some_and(|t| now.duration_since(*t) > rule.window) {
+                q.pop_front();
+            }
         }
         if track.occurrences.is_empty() {
             track.first_seen = finding.observed_at;
             track.count = 0;
+        }
+        if track.events.back().is_none_or(|t| now.duration_since(*t) >= self.policy.coalesce) {
+            track.events.push_back(now);
         }
         track.occurrences.push_back(now);
         track.count += 1;
@@ -283,8 +308,9 @@ impl Controller {
         track.last_at = now;
         track.latest = finding.clone();
         let n = track.occurrences.len() as u32;
+        let events = track.events.len() as u32;
         let (action, escalated) = match (rule.escalate_after, rule.escalate_to) {
-            (Some(after), Some(to)) if n >= after && to > rule.action => (to, true),
+            (Some(after), Some(to)) if events >= after && to > rule.action => (to, true),
             _ => (rule.action, false),
         };
         self.metrics
@@ -298,6 +324,10 @@ impl Controller {
         tracing::info!(source = %finding.source, kind = %finding.kind, locus = %finding.locus(), %action, count = n, evidence = %finding.evidence, "health finding");
         if n < rule.confirm {
             self.metrics.suppress("debounce");
+            return None;
+        }
+        if action < Action::DrainNode && other_gpu {
+            self.metrics.suppress("other-gpu");
             return None;
         }
         if action == Action::Ignore {
@@ -422,7 +452,7 @@ mod tests {
     use crate::health::finding::Source;
 
     fn ctl(policy: Policy) -> Controller {
-        Controller::new("node-a".into(), policy, Metrics::default())
+        Controller::new("node-a".into(), policy, Metrics::default(), Attached::default())
     }
 
     fn xid(n: u32, pci: &str) -> Finding {
@@ -447,6 +477,31 @@ mod tests {
         let late = t0 + Duration::from_secs(3 * 3600);
         let d = c.handle(xid(13, "0000:3b:00"), late).unwrap();
         assert_eq!((d.action, d.count), (Action::RestartJob, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_lines_is_one_event_for_escalation() {
+        let mut c = ctl(Policy::builtin());
+        let t0 = Instant::now();
+        assert_eq!(c.handle(xid(13, "0000:3b:00"), t0).unwrap().action, Action::RestartJob);
+        // The driver prints one xid-13 line per faulting SM: ten lines in a second are one event.
+        for i in 1..10 {
+            assert!(c.handle(xid(13, "0000:3b:00"), t0 + Duration::from_millis(100 * i)).is_none());
+        }
+        let active = c.active(t0 + Duration::from_secs(1));
+        assert_eq!((active[0].count, active[0].action), (10, Action::RestartJob));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gpu_faults_on_other_pods_gpus_do_not_restart_this_job_but_drains_pass() {
+        let attached = Attached::default();
+        let mut c = Controller::new("node-a".into(), Policy::builtin(), Metrics::default(), attached.clone());
+        attached.write().unwrap().insert(0, Some(3));
+        let t0 = Instant::now();
+        let on = |xid: u32, gpu: u32| Finding::new(Source::Kmsg, format!("xid-{xid}"), "NVRM: Xid").with_gpu(Some(gpu));
+        assert!(c.handle(on(13, 5), t0).is_none(), "another pod's program fault");
+        assert_eq!(c.handle(on(13, 3), t0).unwrap().action, Action::RestartJob);
+        assert_eq!(c.handle(on(79, 5), t0).unwrap().action, Action::DrainNode, "the node is still bad");
     }
 
     #[tokio::test(start_paused = true)]

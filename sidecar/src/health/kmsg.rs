@@ -118,7 +118,8 @@ impl Input {
                 for _ in 0..4096 {
                     match f.read(&mut buf) {
                         Ok(0) => break,
-                        Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                        // A record may carry dictionary lines (` SUBSYSTEM=pci`) after its message.
+                        Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_owned()),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {

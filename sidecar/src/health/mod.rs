@@ -265,6 +265,7 @@ struct Inner {
     board: Arc<StatusBoard>,
     metrics: Metrics,
     pci: pci::PciMap,
+    attached: controller::Attached,
     allow_inject: bool,
     tasks: Mutex<Vec<Task>>,
     shutdown: CancellationToken,
@@ -317,7 +318,8 @@ impl Health {
         let io =
             |e: std::io::Error| crate::Error::Config { what: "health reporter thread".into(), reason: e.to_string() };
 
-        let ctl = Controller::new(node, policy, metrics.clone());
+        let attached = controller::Attached::default();
+        let ctl = Controller::new(node, policy, metrics.clone(), attached.clone());
         tasks.push(Task::Async(
             "health-controller",
             rt.spawn(controller::run(ctl, frx, dtx, board.clone(), shutdown.clone())),
@@ -415,6 +417,7 @@ impl Health {
             board,
             metrics,
             pci: pci_map,
+            attached,
             allow_inject: args.allow_inject,
             tasks: Mutex::new(tasks),
             shutdown,
@@ -435,12 +438,21 @@ impl Health {
     }
 
     /// A trainer rank registered, with the GPU it uses when known; its init budget starts now.
+    /// `gpu` is the host's NVML index (not the container's CUDA ordinal): once any attached rank
+    /// has one, GPU-level faults (below drain-node) on other GPUs are someone else's and do not
+    /// restart this job.
     pub fn rank_attached(&self, rank: u32, gpu: Option<u32>) {
+        if let Ok(mut a) = self.inner.attached.write() {
+            a.insert(rank, gpu);
+        }
         self.progress(progress::Event::Attached { rank, gpu });
     }
 
     /// A trainer rank left cleanly; it is no longer watched for hangs.
     pub fn rank_detached(&self, rank: u32) {
+        if let Ok(mut a) = self.inner.attached.write() {
+            a.remove(&rank);
+        }
         self.progress(progress::Event::Detached { rank });
     }
 

@@ -148,14 +148,14 @@ pub const KINDS: &[(&str, &str, Rule)] = {
         ("pcie-replay", "PCIe replay counter increased", escalating(Ignore, 5, DrainNode, HOUR)),
         ("thermal-throttle", "hardware or software thermal slowdown", rule(Ignore)),
         ("power-throttle", "hardware power-brake slowdown", rule(Ignore)),
-        ("hang", "a rank made no progress within its phase budget", escalating(RestartJob, 3, DrainNode, HOUR)),
+        ("hang", "a rank made no progress within its phase budget", rule(RestartJob)),
         ("nccl-timeout", "torch NCCL watchdog: collective timed out", rule(RestartJob)),
         ("nccl-watchdog-stuck", "torch NCCL watchdog or heartbeat monitor stuck", rule(RestartJob)),
         ("nccl-remote-peer", "a remote peer closed the connection or exited", rule(RestartJob)),
         ("nccl-remote-error", "ncclRemoteError", rule(RestartJob)),
         ("nccl-system-error", "ncclSystemError", rule(RestartJob)),
         ("nccl-internal-error", "ncclInternalError", rule(RestartJob)),
-        ("nccl-net-error", "NCCL IB/socket transport error", escalating(RestartJob, 3, DrainNode, HOUR)),
+        ("nccl-net-error", "NCCL IB/socket transport error", rule(RestartJob)),
         ("nccl-flight-recorder", "a torch flight-recorder dump appeared", rule(RestartJob)),
         ("ib-port-down", "an InfiniBand/RoCE port left ACTIVE", rule(DrainNode)),
         ("ib-link-downed", "link_downed counter increased", escalating(RestartJob, 3, DrainNode, HOUR)),
@@ -180,6 +180,10 @@ pub struct Policy {
     /// The rate-limit window.
     #[serde(with = "humantime_serde_str")]
     pub rate_window: Duration,
+    /// Occurrences of one fault closer together than this are one event for escalation (the
+    /// driver prints several lines per XID; NVML and the kernel log both report it).
+    #[serde(with = "humantime_serde_str")]
+    pub coalesce: Duration,
 }
 
 impl Default for Policy {
@@ -195,6 +199,7 @@ struct PolicyFile {
     dedupe_window: Option<String>,
     rate_limit: Option<u32>,
     rate_window: Option<String>,
+    coalesce: Option<String>,
     #[serde(default)]
     rules: BTreeMap<String, RuleFile>,
 }
@@ -225,6 +230,7 @@ impl Policy {
             dedupe_window: Duration::from_secs(300),
             rate_limit: 10,
             rate_window: Duration::from_secs(60),
+            coalesce: Duration::from_secs(30),
         }
     }
 
@@ -258,6 +264,9 @@ impl Policy {
         }
         if let Some(d) = &file.rate_window {
             policy.rate_window = duration("rate_window", d)?;
+        }
+        if let Some(d) = &file.coalesce {
+            policy.coalesce = duration("coalesce", d)?;
         }
         for (key, over) in file.rules {
             let base = policy.base_rule(&key).ok_or_else(|| {
