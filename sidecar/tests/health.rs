@@ -193,6 +193,11 @@ async fn xid_79_appended_to_the_kmsg_file_drains_the_node() {
     assert!(status.reporters["kmsg"].enabled);
     assert!(!status.reporters["nvml"].enabled);
     assert_eq!(status.active_faults.first().map(|f| f.action), Some(Action::DrainNode));
+    let text = status.to_string();
+    assert!(text.contains("kmsg     enabled") && text.contains("drain-node  xid-79"), "{text}");
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["active_faults"][0]["finding"]["kind"], "xid-79");
+    assert_eq!(json["reporters"]["nvml"]["enabled"], false);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
@@ -201,6 +206,22 @@ async fn xid_79_appended_to_the_kmsg_file_drains_the_node() {
     );
     assert!(text.contains(r#"ckptd_health_reporter_enabled{reporter="nvml"} 0"#), "{text}");
 
+    shutdown.cancel();
+    assert!(h.stopped(PATIENCE).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmsg_file_created_after_start_is_read_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let kmsg = dir.path().join("later");
+    let (h, mut rx, _registry, shutdown) = start(&["--kmsg", kmsg.to_str().unwrap(), "--no-nvml", "--no-ib"]);
+    assert!(h.status().reporters["kmsg"].enabled);
+    append(
+        &kmsg,
+        "NVRM: Xid (PCI:0000:3b:00): 119, pid=1, name=python3, Timeout after 6s of waiting for RPC response from GPU0 GSP!",
+    );
+    let d = next(&mut rx).await;
+    assert_eq!((d.finding.kind.as_str(), d.action), ("xid-119", Action::ResetGpu));
     shutdown.cancel();
     assert!(h.stopped(PATIENCE).await.is_empty());
 }

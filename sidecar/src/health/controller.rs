@@ -112,6 +112,41 @@ pub struct HealthStatus {
     pub inject_allowed: bool,
 }
 
+/// The human form of `ckptctl health`: one line per reporter, then one per active fault.
+impl std::fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "node {}{}", self.node, if self.inject_allowed { " (drills allowed)" } else { "" })?;
+        for (name, r) in &self.reporters {
+            let state = if r.enabled { "enabled" } else { "disabled" };
+            write!(f, "  {name:<8} {state:<8} {}", r.detail)?;
+            if let Some(s) = &r.last_sample {
+                write!(f, "; last sample: {s}")?;
+            }
+            writeln!(f)?;
+        }
+        if self.active_faults.is_empty() {
+            return writeln!(f, "no active faults");
+        }
+        writeln!(f, "active faults:")?;
+        for a in &self.active_faults {
+            let x = &a.finding;
+            let gpu = x.gpu.map_or_else(|| "-".to_owned(), |g| g.to_string());
+            writeln!(
+                f,
+                "  {:<11} {:<20} gpu {gpu} pci {} rank {} ×{} ({}): {}",
+                a.action.as_str(),
+                x.kind,
+                x.pci.as_deref().unwrap_or("-"),
+                x.rank.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                a.count,
+                x.source,
+                x.evidence
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Shared between reporters (which write their own row) and `Health::status` (which reads).
 #[derive(Debug, Default)]
 pub(crate) struct StatusBoard {

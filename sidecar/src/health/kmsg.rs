@@ -95,7 +95,7 @@ enum Input {
 }
 
 impl Input {
-    fn open(path: &Path) -> std::io::Result<Input> {
+    fn open(path: &Path, start: Start) -> std::io::Result<Input> {
         use std::os::unix::fs::FileTypeExt;
         let meta = std::fs::metadata(path)?;
         if meta.file_type().is_char_device() {
@@ -104,7 +104,7 @@ impl Input {
             f.seek(SeekFrom::End(0))?;
             Ok(Input::Kmsg(f))
         } else {
-            Ok(Input::Lines(Tail::open(path, Start::End)?))
+            Ok(Input::Lines(Tail::open(path, start)?))
         }
     }
 
@@ -156,8 +156,13 @@ pub(crate) fn spawn(
     pci: PciMap,
     shutdown: CancellationToken,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
-    let mut input = match Input::open(&path) {
-        Ok(i) => i,
+    // A drill file that does not exist yet is read from its start once it appears.
+    let mut input = match Input::open(&path, Start::End) {
+        Ok(i) => Some(i),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.starts_with("/dev") => {
+            tracing::info!(reporter = NAME, path = %path.display(), "kernel-log file does not exist yet; waiting for it");
+            None
+        }
         Err(e) => {
             let detail = open_error_detail(&path, &e);
             tracing::warn!(reporter = NAME, "{detail}; kernel-log XIDs are not watched");
@@ -172,7 +177,14 @@ pub(crate) fn spawn(
         let mut lines_seen: u64 = 0;
         let mut xids: u64 = 0;
         while !shutdown.is_cancelled() {
-            let lines = match input.read(&path) {
+            if input.is_none() {
+                input = Input::open(&path, Start::Beginning).ok();
+            }
+            let Some(current) = input.as_mut() else {
+                std::thread::sleep(poll);
+                continue;
+            };
+            let lines = match current.read(&path) {
                 Ok(l) => l,
                 Err(e) => {
                     let detail = open_error_detail(&path, &e);
@@ -254,7 +266,7 @@ mod tests {
             return;
         }
         let path = Path::new("/dev/kmsg");
-        let mut input = Input::open(path).unwrap();
+        let mut input = Input::open(path, Start::End).unwrap();
         assert!(matches!(input, Input::Kmsg(_)));
         let marker = format!("ckptd-kmsg-selftest {}", std::process::id());
         std::fs::OpenOptions::new()
