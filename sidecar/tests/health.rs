@@ -165,6 +165,26 @@ async fn ib_tree_that_changes_over_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ib_port_going_down_drains_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    port(root, "mlx5_0", 1, "4: ACTIVE", "5: LinkUp");
+    counter(root, "mlx5_0", 1, "link_downed", 7);
+    let (h, mut rx, _registry, shutdown) =
+        start(&["--no-kmsg", "--no-nvml", "--ib-root", root.to_str().unwrap(), "--ib-poll", "50ms"]);
+    assert!(h.status().reporters["ib"].last_sample.as_deref().is_some_and(|s| s.contains("mlx5_0/1 4: ACTIVE")));
+    port(root, "mlx5_0", 1, "1: DOWN", "3: Disabled");
+    let d = next(&mut rx).await;
+    assert_eq!(
+        (d.finding.kind.as_str(), d.finding.port.as_deref(), d.action),
+        ("ib-port-down", Some("mlx5_0/1"), Action::DrainNode)
+    );
+    assert!(d.finding.evidence.contains("4: ACTIVE → 1: DOWN"), "{}", d.finding.evidence);
+    shutdown.cancel();
+    assert!(h.stopped(PATIENCE).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xid_79_appended_to_the_kmsg_file_drains_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let kmsg = dir.path().join("kmsg");
