@@ -194,19 +194,17 @@ fn summary(snap: &Snapshot) -> String {
         .join("; ")
 }
 
-/// Starts the reporter task; it runs even when the root has no ports yet (RoCE drivers load
-/// late), and status shows what it sees.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn spawn(
+/// Takes the baseline and returns the reporter task; it runs even when the root has no ports yet
+/// (RoCE drivers load late), and status shows what it sees.
+pub(crate) fn start(
     root: PathBuf,
     th: Thresholds,
     poll: Duration,
     tx: mpsc::Sender<Finding>,
     board: Arc<StatusBoard>,
     metrics: Metrics,
-    rt: &tokio::runtime::Handle,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     board.set(NAME, true, format!("polling {} every {poll:?}", root.display()));
     metrics.set_enabled(NAME, true);
     // The baseline is taken now, so changes after `Health::start` returns are all reported.
@@ -214,7 +212,7 @@ pub(crate) fn spawn(
     let first = read_snapshot(&root);
     monitor.observe(&first, Instant::now());
     board.sample(NAME, summary(&first));
-    rt.spawn(async move {
+    async move {
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -234,5 +232,5 @@ pub(crate) fn spawn(
             }
         }
         tracing::debug!("health IB reporter stopped");
-    })
+    }
 }

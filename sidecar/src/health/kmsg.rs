@@ -174,6 +174,7 @@ pub(crate) fn spawn(
     board.set(NAME, true, format!("reading {}", path.display()));
     metrics.set_enabled(NAME, true);
     let handle = std::thread::Builder::new().name("ckptd-health-kmsg".into()).spawn(move || {
+        let _span = tracing::info_span!("health", task = "health-kmsg").entered();
         let mut lines_seen: u64 = 0;
         let mut xids: u64 = 0;
         while !shutdown.is_cancelled() {

@@ -252,6 +252,16 @@ pub enum Injection {
     },
 }
 
+/// Spawns a health task under a tracing span carrying its name, so every log line of the task
+/// says which one it is (tokio task names need `tokio_unstable`).
+fn named<F>(rt: &tokio::runtime::Handle, name: &'static str, fut: F) -> Task
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    Task::Async(name, rt.spawn(fut.instrument(tracing::info_span!("health", task = name))))
+}
+
 #[derive(Debug)]
 enum Task {
     Async(&'static str, tokio::task::JoinHandle<()>),
@@ -320,23 +330,21 @@ impl Health {
 
         let attached = controller::Attached::default();
         let ctl = Controller::new(node, policy, metrics.clone(), attached.clone());
-        tasks.push(Task::Async(
-            "health-controller",
-            rt.spawn(controller::run(ctl, frx, dtx, board.clone(), shutdown.clone())),
-        ));
+        tasks.push(named(rt, "health-controller", controller::run(ctl, frx, dtx, board.clone(), shutdown.clone())));
 
         board.set(progress::NAME, true, format!("budgets {:?}", args.budgets()));
         metrics.set_enabled(progress::NAME, true);
-        tasks.push(Task::Async(
+        tasks.push(named(
+            rt,
             "health-progress",
-            rt.spawn(progress::run(
+            progress::run(
                 progress::Tracker::new(args.budgets()),
                 prx,
                 ftx.clone(),
                 args.progress_poll,
                 board.clone(),
                 shutdown.clone(),
-            )),
+            ),
         ));
 
         if args.no_kmsg {
@@ -360,17 +368,16 @@ impl Health {
         if let Some(d) = &args.nccl_dir {
             globs.push(d.join("*").to_string_lossy().into_owned());
         }
-        if let Some(t) = nccl::spawn(
+        if let Some(t) = nccl::start(
             globs,
             args.flight_recorder_dir.clone(),
             args.nccl_poll,
             ftx.clone(),
             board.clone(),
             metrics.clone(),
-            rt,
             shutdown.clone(),
         ) {
-            tasks.push(Task::Async("health-nccl", t));
+            tasks.push(named(rt, "health-nccl", t));
         }
 
         if args.no_ib {
@@ -383,17 +390,16 @@ impl Health {
                 symbol_rate: args.ib_symbol_error_rate,
                 rcv_rate: args.ib_rcv_error_rate,
             };
-            let t = ib::spawn(
+            let t = ib::start(
                 args.ib_root.clone(),
                 th,
                 args.ib_poll,
                 ftx.clone(),
                 board.clone(),
                 metrics.clone(),
-                rt,
                 shutdown.clone(),
             );
-            tasks.push(Task::Async("health-ib", t));
+            tasks.push(named(rt, "health-ib", t));
         }
 
         if let Some(t) = nvml::spawn(

@@ -236,18 +236,16 @@ impl Watch {
     }
 }
 
-/// Starts the reporter task, or marks it disabled when nothing is configured.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn spawn(
+/// Sets the reporter up and returns its task, or marks it disabled when nothing is configured.
+pub(crate) fn start(
     patterns: Vec<String>,
     flight_dir: Option<PathBuf>,
     poll: Duration,
     tx: mpsc::Sender<Finding>,
     board: Arc<StatusBoard>,
     metrics: Metrics,
-    rt: &tokio::runtime::Handle,
     shutdown: CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     if patterns.is_empty() && flight_dir.is_none() {
         board.set(NAME, false, "no --nccl-log-glob, --nccl-dir or --flight-recorder-dir given".into());
         metrics.set_enabled(NAME, false);
@@ -261,7 +259,7 @@ pub(crate) fn spawn(
     let watch = Watch::new(patterns, flight_dir);
     board.set(NAME, true, detail);
     metrics.set_enabled(NAME, true);
-    Some(rt.spawn(run(watch, poll, tx, board, shutdown)))
+    Some(run(watch, poll, tx, board, shutdown))
 }
 
 async fn run(

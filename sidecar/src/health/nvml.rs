@@ -250,6 +250,7 @@ pub(crate) fn spawn(
     board.set(NAME, true, "starting".into());
     metrics.set_enabled(NAME, true);
     let handle = std::thread::Builder::new().name("ckptd-health-nvml".into()).spawn(move || {
+        let _span = tracing::info_span!("health", task = "health-nvml").entered();
         run(&nvml, poll, th, &tx, &board, &pci, &shutdown);
         tracing::debug!("health NVML reporter stopped");
     })?;
