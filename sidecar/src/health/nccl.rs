@@ -7,7 +7,7 @@
 //!
 //! File reads are blocking; every poll runs on the blocking pool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,6 +24,10 @@ pub(crate) const NAME: &str = "nccl";
 
 /// Most log files followed at once.
 const MAX_FILES: usize = 256;
+/// Most evicted log paths remembered.
+const MAX_RETIRED: usize = 16 * 1024;
+/// Most bytes of a flight-recorder dump scanned for its summary.
+const MAX_DUMP: u64 = 64 << 20;
 
 /// Classifies one NCCL or torch log line; `None` for the many lines that mean nothing is wrong.
 /// The most specific match wins: an error code before a peer failure before a transport error.
@@ -142,6 +146,9 @@ pub(crate) struct Watch {
     patterns: Vec<String>,
     flight_dir: Option<PathBuf>,
     tails: HashMap<PathBuf, Tail>,
+    /// Logs followed before and evicted to make room: if they match again they resume at
+    /// their end, so old lines are never reported twice.
+    retired: HashSet<PathBuf>,
     dumps: HashMap<PathBuf, Dump>,
     lines: u64,
 }
@@ -150,20 +157,32 @@ impl Watch {
     /// Sets up the watch, taking the current end of existing logs and the existing dumps as
     /// already seen: a restarted agent must not re-report yesterday's timeout.
     pub(crate) fn new(patterns: Vec<String>, flight_dir: Option<PathBuf>) -> Watch {
-        let mut w = Watch { patterns, flight_dir, tails: HashMap::new(), dumps: HashMap::new(), lines: 0 };
+        let mut w = Watch {
+            patterns,
+            flight_dir,
+            tails: HashMap::new(),
+            retired: HashSet::new(),
+            dumps: HashMap::new(),
+            lines: 0,
+        };
         w.discover(Start::End);
         w.scan_dumps(true);
         w
     }
 
     fn discover(&mut self, start: Start) {
-        for pattern in &self.patterns {
+        let patterns = std::mem::take(&mut self.patterns);
+        for pattern in &patterns {
             let Ok(paths) = glob::glob(pattern) else { continue };
             for p in paths.filter_map(Result::ok) {
-                if self.tails.len() >= MAX_FILES || self.tails.contains_key(&p) || !p.is_file() {
+                if self.tails.contains_key(&p) || !p.is_file() {
                     continue;
                 }
-                match Tail::open(&p, start) {
+                if self.tails.len() >= MAX_FILES && !self.evict_one() {
+                    continue;
+                }
+                let from = if self.retired.contains(&p) { Start::End } else { start };
+                match Tail::open(&p, from) {
                     Ok(t) => {
                         self.tails.insert(p, t);
                     }
@@ -171,40 +190,63 @@ impl Watch {
                 }
             }
         }
+        self.patterns = patterns;
+    }
+
+    /// Makes room for a new log by dropping the one written to longest ago (or deleted).
+    fn evict_one(&mut self) -> bool {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let Some(victim) = self.tails.keys().min_by_key(|p| mtime(p)).cloned() else { return false };
+        self.tails.remove(&victim);
+        if self.retired.len() >= MAX_RETIRED {
+            self.retired.clear();
+        }
+        self.retired.insert(victim);
+        true
     }
 
     fn scan_dumps(&mut self, initial: bool) -> Vec<Finding> {
         let mut out = Vec::new();
         let Some(dir) = &self.flight_dir else { return out };
         let Ok(entries) = std::fs::read_dir(dir) else { return out };
+        let mut present = HashSet::new();
         for e in entries.filter_map(Result::ok).take(MAX_FILES) {
             let path = e.path();
             let Ok(meta) = e.metadata() else { continue };
             if !meta.is_file() {
                 continue;
             }
+            present.insert(path.clone());
             let (len, mtime) = (meta.len(), meta.modified().ok());
-            let d = self.dumps.entry(path.clone()).or_insert(Dump { len, mtime, reported: initial });
-            if d.len != len || d.mtime != mtime {
-                // Still being written, or rewritten: wait until it holds still for one poll.
-                *d = Dump { len, mtime, reported: false };
-                continue;
+            match self.dumps.get_mut(&path) {
+                // New, still being written, or rewritten: report once it holds still for a poll.
+                None => {
+                    self.dumps.insert(path, Dump { len, mtime, reported: initial });
+                    continue;
+                }
+                Some(d) if d.len != len || d.mtime != mtime => {
+                    *d = Dump { len, mtime, reported: false };
+                    continue;
+                }
+                Some(d) if d.reported || len == 0 => continue,
+                Some(d) => d.reported = true,
             }
-            if d.reported || len == 0 {
-                continue;
+            let mut bytes = Vec::new();
+            let read = std::fs::File::open(&path)
+                .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_DUMP), &mut bytes));
+            if let Err(e) = read {
+                tracing::debug!(path = %path.display(), error = %e, "cannot read flight-recorder dump");
             }
-            d.reported = true;
-            let bytes = std::fs::read(&path).unwrap_or_default();
-            let summary = summarize_dump(&bytes[..bytes.len().min(64 << 20)]);
             out.push(
                 Finding::new(
                     Source::Nccl,
                     "nccl-flight-recorder",
-                    format!("flight-recorder dump {} ({len} bytes): {summary}", path.display()),
+                    format!("flight-recorder dump {} ({len} bytes): {}", path.display(), summarize_dump(&bytes)),
                 )
                 .with_rank(dump_rank(&path)),
             );
         }
+        self.dumps.retain(|p, _| present.contains(p));
         out
     }
 
@@ -318,6 +360,25 @@ mod tests {
             "[rank0]:[I1128 18:00:00.000000000 ProcessGroupNCCL.cpp:900] [PG ID 0 PG GUID 0 Rank 0] ProcessGroupNCCL initialization options: TIMEOUT(ms): 600000",
         ] {
             assert_eq!(classify(l), None, "{l}");
+        }
+    }
+
+    #[test]
+    fn a_full_watch_evicts_the_stalest_log_and_never_rereads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = "[rank2]:[E1128] [Rank 2] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9) ran for 1 milliseconds before timing out.\n";
+        for i in 0..MAX_FILES {
+            std::fs::write(dir.path().join(format!("nccl.{i:04}.log")), line).unwrap();
+        }
+        let mut w = Watch::new(vec![format!("{}/nccl.*.log", dir.path().display())], None);
+        assert!(w.poll().is_empty(), "lines from before start-up are history");
+        std::fs::write(dir.path().join("nccl.9999.log"), line).unwrap();
+        let f = w.poll();
+        assert_eq!((f.len(), f[0].rank), (1, Some(2)), "a new log beyond the cap is still followed");
+        assert_eq!(w.tails.len(), MAX_FILES);
+        assert_eq!(w.retired.len(), 1);
+        for _ in 0..3 {
+            assert!(w.poll().is_empty(), "evicted logs resume at their end");
         }
     }
 
