@@ -63,6 +63,12 @@ fn kmsg_fixture_has_one_line_per_xid_class_and_each_maps_to_its_action() {
     assert_eq!(action(119), Action::ResetGpu);
     assert_eq!(action(250), Action::RestartJob, "unknown xid → xid-default");
     assert!(parsed.iter().all(|p| p.1.as_deref().is_some_and(|a| a.ends_with(":00.0"))));
+    let sxids: Vec<(&str, Action)> = fixture("kmsg.log")
+        .lines()
+        .filter_map(ckptd::health::kmsg::parse_sxid)
+        .map(|(k, _)| (k, policy.rule(k).0.action))
+        .collect();
+    assert_eq!(sxids, [("nvswitch-nonfatal", Action::Ignore), ("nvswitch-fatal", Action::DrainNode)]);
 }
 
 #[test]
@@ -439,6 +445,7 @@ mod parsers_never_panic {
         fn on_any_line(line in ".{0,300}") {
             let _ = kmsg::parse_xid(&line);
             let _ = kmsg::strip_header(&line);
+            let _ = kmsg::parse_sxid(&line);
             let _ = nccl::classify(&line);
             let _ = nccl::rank_of(&line);
             let _ = normalize_pci(&line);

@@ -85,6 +85,29 @@ pub fn parse_xid(line: &str) -> Option<XidLine> {
     Some(XidLine { pci: super::pci::normalize(addr), xid, pid, name, message })
 }
 
+/// Parses an NVSwitch `SXid` line (`nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 24007, Fatal,
+/// Link 44 ...`) into its finding kind (`nvswitch-fatal` or `nvswitch-nonfatal`) and the message
+/// as evidence. A fatal SXid takes the node's NVLink fabric down (NVIDIA Fabric Manager guide).
+pub fn parse_sxid(line: &str) -> Option<(&'static str, String)> {
+    let msg = strip_header(line);
+    let at = msg.find("SXid (")?;
+    let rest = msg[at..].split_once("): ")?.1;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return None;
+    }
+    let severity = rest[digits..].trim_start_matches(',').trim_start();
+    let kind = if severity.starts_with("Fatal") {
+        "nvswitch-fatal"
+    } else if severity.starts_with("Non-fatal") {
+        "nvswitch-nonfatal"
+    } else {
+        return None;
+    };
+    let start = msg[..at].rfind("nvidia-nvswitch").unwrap_or(at);
+    Some((kind, msg[start..].trim().to_owned()))
+}
+
 /// Where kernel-log lines come from.
 #[derive(Debug)]
 enum Input {
@@ -201,15 +224,20 @@ pub(crate) fn spawn(
             }
             lines_seen += lines.len() as u64;
             for line in &lines {
-                let Some(x) = parse_xid(line) else { continue };
+                let f = if let Some(x) = parse_xid(line) {
+                    let gpu = x.pci.as_deref().and_then(|p| pci.gpu(p));
+                    Finding::new(Source::Kmsg, format!("xid-{}", x.xid), x.message).with_pci(x.pci).with_gpu(gpu)
+                } else if let Some((kind, message)) = parse_sxid(line) {
+                    Finding::new(Source::Kmsg, kind, message)
+                } else {
+                    continue;
+                };
                 xids += 1;
-                let gpu = x.pci.as_deref().and_then(|p| pci.gpu(p));
-                let f = Finding::new(Source::Kmsg, format!("xid-{}", x.xid), x.message).with_pci(x.pci).with_gpu(gpu);
                 if tx.blocking_send(f).is_err() {
                     return;
                 }
             }
-            board.sample(NAME, format!("{lines_seen} lines read, {xids} XID lines"));
+            board.sample(NAME, format!("{lines_seen} lines read, {xids} XID/SXid lines"));
         }
     })?;
     Ok(Some(handle))
@@ -239,6 +267,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!((x.xid, x.pci.as_deref()), (13, Some("0000:03:00.0")));
+    }
+
+    #[test]
+    fn parses_nvswitch_sxids() {
+        let (k, m) = parse_sxid("6,2223,8123600000,-;nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 32 egress non-posted PRIV error (First)").unwrap();
+        assert_eq!(k, "nvswitch-nonfatal");
+        assert!(m.starts_with("nvidia-nvswitch3: SXid"), "{m}");
+        let (k, _) = parse_sxid("[ 99.1] nvidia-nvswitch0: SXid (PCI:0000:06:00.0): 24007, Fatal, Link 44 sourcetrack TCEN0 crumbstore ECC DBE Error").unwrap();
+        assert_eq!(k, "nvswitch-fatal");
+        assert_eq!(parse_sxid("nvidia-nvswitch0: SXid (PCI:0000:06:00.0): , Fatal"), None);
+        assert_eq!(parse_sxid("nvidia-nvswitch0: SXid (PCI:0000:06:00.0): 24007, Severity unknown"), None);
+        assert_eq!(parse_sxid("NVRM: Xid (PCI:0000:3b:00): 79, pid=1, name=x, GPU has fallen off the bus."), None);
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub const KINDS: &[(&str, &str, Rule)] = {
     use Action::*;
     &[
         ("gpu-lost", "NVML reports the GPU lost (fallen off the bus)", rule(DrainNode)),
+        ("nvswitch-fatal", "an NVSwitch SXid marked Fatal: the NVLink fabric is down", rule(DrainNode)),
+        ("nvswitch-nonfatal", "an NVSwitch SXid marked Non-fatal", escalating(Ignore, 5, DrainNode, HOUR)),
         ("ecc-dbe", "NVML volatile double-bit ECC counter increased", escalating(ResetGpu, 2, DrainNode, DAY)),
         ("ecc-sbe", "NVML volatile single-bit ECC counter jumped", escalating(Ignore, 5, DrainNode, DAY)),
         ("row-remap-pending", "a row remap is pending; it applies at the next GPU reset", rule(ResetGpu)),
