@@ -533,3 +533,34 @@ impl Health {
         late
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_has_an_env_var_listed_in_the_docs() {
+        let doc = include_str!("../../../docs/HEALTH.md");
+        let cmd = <HealthArgs as clap::Args>::augment_args(clap::Command::new("ckptd-health"));
+        let mut n = 0;
+        for arg in cmd.get_arguments() {
+            let long = arg.get_long().unwrap_or_default();
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_else(|| panic!("--{long} has no env var"));
+            assert!(doc.contains(env), "{env} not in docs/HEALTH.md");
+            assert!(doc.contains(&format!("--{long}")), "--{long} not in docs/HEALTH.md");
+            n += 1;
+        }
+        assert_eq!(n, 26, "a flag was added or removed: update docs/HEALTH.md and this count");
+    }
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let a = HealthArgs::from_flags(std::iter::empty::<&str>()).unwrap();
+        assert_eq!(a.kmsg, PathBuf::from("/dev/kmsg"));
+        assert_eq!(a.hang_floor, Duration::from_secs(120));
+        a.validate().unwrap();
+        let bad = HealthArgs::from_flags(["--ib-poll", "0s"]).unwrap();
+        assert!(matches!(bad.validate(), Err(crate::Error::Config { what, .. }) if what == "--ib-poll"));
+        assert!(HealthArgs::from_flags(["--hang-floor", "soon"]).is_err());
+    }
+}
