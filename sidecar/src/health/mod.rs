@@ -97,7 +97,7 @@ pub mod env {
 }
 
 /// The health flags of `ckptd agent` (flattened into its flags). Every flag has an environment
-/// variable, listed in [`env`].
+/// variable, listed in [`mod@env`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct HealthArgs {
     /// Policy override file (TOML, or YAML for .yaml/.yml); validated at start-up.
