@@ -132,10 +132,12 @@ pub fn diff(prev: Option<&GpuSample>, cur: &GpuSample, th: &Thresholds) -> Vec<F
     out
 }
 
-/// The finding of a critical-XID event.
-pub fn xid_finding(index: u32, pci: Option<String>, xid: u64) -> Finding {
-    Finding::new(Source::Nvml, format!("xid-{xid}"), format!("NVML critical XID event: GPU {index}, xid {xid}"))
-        .with_gpu(Some(index))
+/// The finding of a critical-XID event; the index or address may be unreadable when the GPU is
+/// failing, and then the other one locates it.
+pub fn xid_finding(index: Option<u32>, pci: Option<String>, xid: u64) -> Finding {
+    let gpu = index.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+    Finding::new(Source::Nvml, format!("xid-{xid}"), format!("NVML critical XID event: GPU {gpu}, xid {xid}"))
+        .with_gpu(index)
         .with_pci(pci)
 }
 
@@ -330,8 +332,8 @@ fn run(
             Some(set) if armed > 0 => match set.wait(wait.as_millis() as u32) {
                 Ok(ev) => {
                     if let Some(nvml_wrapper::enums::event::XidError::Value(xid)) = ev.event_data {
-                        let index = ev.device.index().unwrap_or(u32::MAX);
                         let p = ev.device.pci_info().ok().map(|p| p.bus_id);
+                        let index = ev.device.index().ok().or_else(|| p.as_deref().and_then(|p| pci.gpu(p)));
                         if tx.blocking_send(xid_finding(index, p, xid)).is_err() {
                             return;
                         }
@@ -350,7 +352,11 @@ fn run(
         }
         next_poll = std::time::Instant::now() + poll;
         for i in 0..count {
-            let s = glue::sample(nvml, i);
+            let mut s = glue::sample(nvml, i);
+            if s.pci.is_none() {
+                // A lost GPU no longer answers; its address is the one it had.
+                s.pci = prev.get(&i).and_then(|p| p.pci.clone());
+            }
             for f in diff(prev.get(&i), &s, &th) {
                 if tx.blocking_send(f).is_err() {
                     return;
@@ -440,7 +446,7 @@ mod tests {
         let lost = GpuSample { index: 2, lost: true, ..Default::default() };
         assert_eq!(kinds(&diff(Some(&a), &lost, &th)), ["gpu-lost"]);
         assert!(diff(Some(&lost), &lost, &th).is_empty());
-        let x = xid_finding(2, Some("00000000:5E:00.0".into()), 79);
+        let x = xid_finding(Some(2), Some("00000000:5E:00.0".into()), 79);
         assert_eq!((x.kind.as_str(), x.gpu, x.pci.as_deref()), ("xid-79", Some(2), Some("0000:5e:00.0")));
     }
 }
