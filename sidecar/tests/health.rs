@@ -120,7 +120,13 @@ async fn ib_tree_that_changes_over_time() {
         }
     }
     port(root, "mlx5_2", 1, "1: DOWN", "3: Disabled"); // unused port, down from the start
-    let th = Thresholds { flap_count: 3, flap_window: Duration::from_secs(600), symbol_rate: 10.0, rcv_rate: 10.0 };
+    let th = Thresholds {
+        flap_count: 3,
+        flap_window: Duration::from_secs(600),
+        symbol_rate: 10.0,
+        rcv_rate: 10.0,
+        down_grace: Duration::from_secs(5),
+    };
     let mut m = Monitor::new(th);
     let t0 = Instant::now();
     let s = Duration::from_secs(1);
@@ -130,25 +136,36 @@ async fn ib_tree_that_changes_over_time() {
     assert!(m.observe(&read_snapshot(root), t0).is_empty(), "baseline, including the port down at start");
     assert!(m.observe(&read_snapshot(root), t0 + s).is_empty());
 
+    // A 2-second bounce: only its link_downed increment is reported.
     port(root, "mlx5_1", 1, "1: DOWN", "2: Polling");
     counter(root, "mlx5_1", 1, "link_downed", 1);
     assert_eq!(
         kinds(m.observe(&read_snapshot(root), t0 + 2 * s)),
-        [("ib-port-down".to_owned(), "mlx5_1/1".to_owned()), ("ib-link-downed".into(), "mlx5_1/1".into())]
+        [("ib-link-downed".to_owned(), "mlx5_1/1".to_owned())]
     );
+    port(root, "mlx5_1", 1, "4: ACTIVE", "5: LinkUp");
+    assert!(m.observe(&read_snapshot(root), t0 + 4 * s).is_empty());
+    // Down for good: reported once the grace has passed, and once.
+    port(root, "mlx5_1", 1, "1: DOWN", "3: Disabled");
+    assert!(m.observe(&read_snapshot(root), t0 + 5 * s).is_empty());
+    assert!(m.observe(&read_snapshot(root), t0 + 9 * s).is_empty());
+    let f = m.observe(&read_snapshot(root), t0 + 10 * s);
+    assert_eq!(kinds(f.clone()), [("ib-port-down".to_owned(), "mlx5_1/1".to_owned())]);
+    assert!(f[0].evidence.contains("4: ACTIVE → 1: DOWN"), "{}", f[0].evidence);
+    assert!(m.observe(&read_snapshot(root), t0 + 11 * s).is_empty());
     // Slow symbol errors are noise; a spike is reported, and a counter reset is a new baseline.
     counter(root, "mlx5_0", 1, "symbol_error", 5);
-    assert!(m.observe(&read_snapshot(root), t0 + 3 * s).is_empty());
+    assert!(m.observe(&read_snapshot(root), t0 + 12 * s).is_empty());
     counter(root, "mlx5_0", 1, "symbol_error", 500);
     counter(root, "mlx5_0", 1, "port_rcv_errors", 50);
-    let f = m.observe(&read_snapshot(root), t0 + 4 * s);
+    let f = m.observe(&read_snapshot(root), t0 + 13 * s);
     assert_eq!(
         kinds(f.clone()),
         [("ib-symbol-errors".to_owned(), "mlx5_0/1".to_owned()), ("ib-rcv-errors".into(), "mlx5_0/1".into())]
     );
     assert!(f[0].evidence.contains("5 → 500"), "{}", f[0].evidence);
     counter(root, "mlx5_0", 1, "symbol_error", 0);
-    assert!(m.observe(&read_snapshot(root), t0 + 5 * s).is_empty());
+    assert!(m.observe(&read_snapshot(root), t0 + 14 * s).is_empty());
 
     // Flapping: up, down, up, down, up within the window.
     let mut found = Vec::new();
@@ -163,11 +180,12 @@ async fn ib_tree_that_changes_over_time() {
     .enumerate()
     {
         port(root, "mlx5_1", 1, state, phys);
-        found.extend(kinds(m.observe(&read_snapshot(root), t0 + s * (10 + 10 * i as u32))));
+        found.extend(kinds(m.observe(&read_snapshot(root), t0 + s * (20 + 10 * i as u32))));
     }
     let flaps = found.iter().filter(|(k, _)| k == "ib-flap").count();
     let downs = found.iter().filter(|(k, _)| k == "ib-port-down").count();
-    assert_eq!((flaps, downs), (1, 2), "{found:?}");
+    // Each down was seen at one poll only (shorter than the grace): the flap is the finding.
+    assert_eq!((flaps, downs), (1, 0), "{found:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,8 +194,16 @@ async fn ib_port_going_down_drains_the_node() {
     let root = dir.path();
     port(root, "mlx5_0", 1, "4: ACTIVE", "5: LinkUp");
     counter(root, "mlx5_0", 1, "link_downed", 7);
-    let (h, mut rx, _registry, shutdown) =
-        start(&["--no-kmsg", "--no-nvml", "--ib-root", root.to_str().unwrap(), "--ib-poll", "50ms"]);
+    let (h, mut rx, _registry, shutdown) = start(&[
+        "--no-kmsg",
+        "--no-nvml",
+        "--ib-root",
+        root.to_str().unwrap(),
+        "--ib-poll",
+        "50ms",
+        "--ib-down-grace",
+        "100ms",
+    ]);
     assert!(h.status().reporters["ib"].last_sample.as_deref().is_some_and(|s| s.contains("mlx5_0/1 4: ACTIVE")));
     port(root, "mlx5_0", 1, "1: DOWN", "3: Disabled");
     let d = next(&mut rx).await;

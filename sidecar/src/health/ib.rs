@@ -85,6 +85,8 @@ pub struct Thresholds {
     pub symbol_rate: f64,
     /// `port_rcv_errors` increments per second that make a spike.
     pub rcv_rate: f64,
+    /// How long a port must stay out of ACTIVE before it is reported down.
+    pub down_grace: Duration,
 }
 
 #[derive(Debug)]
@@ -92,6 +94,8 @@ struct PortState {
     last: PortSample,
     at: Instant,
     ups: VecDeque<Instant>,
+    /// When the port left ACTIVE and what it was before, until it is reported or comes back.
+    down: Option<(Instant, PortSample)>,
 }
 
 /// Per-port history.
@@ -113,7 +117,8 @@ impl Monitor {
         let mut out = Vec::new();
         for (port, cur) in snap {
             let Some(st) = self.ports.get_mut(port) else {
-                self.ports.insert(port.clone(), PortState { last: cur.clone(), at: now, ups: VecDeque::new() });
+                self.ports
+                    .insert(port.clone(), PortState { last: cur.clone(), at: now, ups: VecDeque::new(), down: None });
                 continue;
             };
             let f = |kind: &str, evidence: String| {
@@ -121,11 +126,25 @@ impl Monitor {
             };
             let prev = &st.last;
             if prev.active() && !cur.active() {
+                st.down = Some((now, prev.clone()));
+            }
+            if cur.active() {
+                st.down = None;
+            }
+            // A bounce shorter than the grace is a link retrain, not a dead port (its
+            // `link_downed` increment is reported on its own).
+            if let Some((since, before)) =
+                st.down.take_if(|(since, _)| now.duration_since(*since) >= self.th.down_grace)
+            {
                 out.push(f(
                     "ib-port-down",
                     format!(
-                        "state {} → {}, phys_state {} → {}",
-                        prev.state, cur.state, prev.phys_state, cur.phys_state
+                        "state {} → {}, phys_state {} → {}, down for {:.1}s",
+                        before.state,
+                        cur.state,
+                        before.phys_state,
+                        cur.phys_state,
+                        now.duration_since(since).as_secs_f64()
                     ),
                 ));
             }

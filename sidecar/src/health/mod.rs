@@ -68,6 +68,8 @@ pub mod env {
     pub const NO_IB: &str = "CKPTD_NO_IB";
     /// `--ib-poll`.
     pub const IB_POLL: &str = "CKPTD_IB_POLL";
+    /// `--ib-down-grace`.
+    pub const IB_DOWN_GRACE: &str = "CKPTD_IB_DOWN_GRACE";
     /// `--ib-flap-count`.
     pub const IB_FLAP_COUNT: &str = "CKPTD_IB_FLAP_COUNT";
     /// `--ib-flap-window`.
@@ -139,6 +141,9 @@ pub struct HealthArgs {
     /// How often IB ports are read.
     #[arg(long, env = env::IB_POLL, default_value = "1s", value_parser = humantime::parse_duration)]
     pub ib_poll: Duration,
+    /// How long a port must stay out of ACTIVE before it is reported down (shorter is a bounce).
+    #[arg(long, env = env::IB_DOWN_GRACE, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ib_down_grace: Duration,
     /// Down→up transitions within --ib-flap-window that make a flap.
     #[arg(long, env = env::IB_FLAP_COUNT, default_value_t = 3)]
     pub ib_flap_count: u32,
@@ -389,6 +394,7 @@ impl Health {
                 flap_window: args.ib_flap_window,
                 symbol_rate: args.ib_symbol_error_rate,
                 rcv_rate: args.ib_rcv_error_rate,
+                down_grace: args.ib_down_grace,
             };
             let t = ib::start(
                 args.ib_root.clone(),
@@ -550,7 +556,7 @@ mod tests {
             assert!(doc.contains(&format!("--{long}")), "--{long} not in docs/HEALTH.md");
             n += 1;
         }
-        assert_eq!(n, 26, "a flag was added or removed: update docs/HEALTH.md and this count");
+        assert_eq!(n, 27, "a flag was added or removed: update docs/HEALTH.md and this count");
     }
 
     #[test]
