@@ -91,6 +91,9 @@ pub enum Error {
         /// What is wrong and the accepted form.
         reason: String,
     },
+    /// `ckptctl inject` reached an agent started without `--allow-inject`.
+    #[error("fault injection is disabled: start the agent with --allow-inject (CKPTD_ALLOW_INJECT=true) to run drills")]
+    InjectDisabled,
 }
 
 impl Error {
@@ -106,6 +109,7 @@ impl Error {
             Error::Closed => ErrorKind::Closed,
             Error::Config { .. } => ErrorKind::Config,
             Error::Agent { kind, .. } => *kind,
+            Error::InjectDisabled => ErrorKind::Config,
         }
     }
 }
