@@ -441,3 +441,64 @@ fn futures_body(r: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> Strin
     let bytes = rt.block_on(r.into_body().collect()).unwrap().to_bytes();
     String::from_utf8_lossy(&bytes).into_owned()
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Annotation values a user or a tool might write, including unicode, control characters and very
+    /// long strings.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9]{0,25}(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P|m|\\.|e|)[0-9]{0,4}",
+            "(s3|oss|gs|az|file|http|https|ftp)://[a-z0-9@:./-]{0,40}",
+            "[a-z, -]{0,30}",
+            any::<String>(),
+            ".{200,3000}",
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(ckptd::webhook::annotations::KNOWN.to_vec()).prop_map(String::from),
+            "ckptd\\.io/[a-z-]{1,20}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever the annotations, the webhook either returns a patch that applies and yields a valid
+        /// Pod with exactly one agent, or a denial that names an annotation; it never panics.
+        #[test]
+        fn any_annotations_give_a_valid_pod_or_a_named_denial(
+            annotations in proptest::collection::btree_map(key(), value(), 0..6),
+            native in any::<bool>(),
+        ) {
+            let mut raw: Value = serde_json::from_slice(&fixture("pytorchjob-worker.json")).unwrap();
+            raw["request"]["object"]["metadata"]["annotations"] = serde_json::to_value(&annotations).unwrap();
+            let cfg = Config::from_yaml("img:1", &format!("nativeSidecar: {native}\nstore: s3://b/p\n")).unwrap();
+            let resp = review(&serde_json::to_vec(&raw).unwrap(), &cfg).unwrap();
+            if resp.allowed {
+                let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &cfg);
+                let p = pod(&obj);
+                agent(&p);
+                prop_assert_eq!(mutate(&p, &cfg).map(|patch| patch.0.len()), Ok(0));
+            } else {
+                let msg = &resp.result.message;
+                prop_assert!(msg.contains("ckptd.io/"), "{}", msg);
+                prop_assert!(msg.len() < 8 * 1024, "denial of {} bytes", msg.len());
+            }
+        }
+
+        /// Arbitrary bytes, and valid JSON of the wrong shape, are answered with a status, never a panic.
+        #[test]
+        fn any_body_gets_an_answer(body in proptest::collection::vec(any::<u8>(), 0..512), cut in 0usize..4000) {
+            let r = review_response(&body, &config());
+            prop_assert_eq!(r.status(), 400);
+            let good = fixture("plain-pod.json");
+            let r = review_response(&good[..cut.min(good.len())], &config());
+            prop_assert!(r.status() == 400 || cut >= good.len());
+        }
+    }
+}

@@ -90,7 +90,8 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
     let job = match ann.get(JOB) {
         Some(v) if is_dns_subdomain(v) => Some(v.clone()),
         Some(v) => {
-            problems.push(format!("{JOB}: `{v}` is not a job name: use lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters (e.g. llama-70b)"));
+            let vv = shown(v);
+            problems.push(format!("{JOB}: `{vv}` is not a job name: use lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters (e.g. llama-70b)"));
             None
         }
         None => default_job(pod),
@@ -118,7 +119,8 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
             let max = Memory::parse(&cfg.file.max_arena_size).map(Memory::bytes).unwrap_or(u64::MAX);
             if m.bytes() < MIN_ARENA_BYTES || m.bytes() > max {
                 problems.push(format!(
-                    "{ARENA_SIZE}: `{arena_size}` is outside the allowed range 64Mi to {}",
+                    "{ARENA_SIZE}: `{}` is outside the allowed range 64Mi to {}",
+                    shown(&arena_size),
                     cfg.file.max_arena_size
                 ));
             }
@@ -131,7 +133,8 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
         Some(v) => match v.parse::<u32>() {
             Ok(n) if (1..=MAX_SLOTS).contains(&n) && !v.starts_with('+') => n,
             _ => {
-                problems.push(format!("{SLOTS}: `{v}` is not a whole number from 1 to {MAX_SLOTS} (e.g. 2)"));
+                let vv = shown(v);
+                problems.push(format!("{SLOTS}: `{vv}` is not a whole number from 1 to {MAX_SLOTS} (e.g. 2)"));
                 cfg.file.slots
             }
         },
@@ -169,7 +172,7 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
                 let into = if is_limit { &mut limits } else { &mut requests };
                 into.insert(resource.into(), v.clone());
             }
-            Err(form) => problems.push(format!("{key}: `{v}` is not {form}")),
+            Err(form) => problems.push(format!("{key}: `{}` is not {form}", shown(v))),
         }
     }
     for (resource, req_key, lim_key) in
@@ -218,17 +221,18 @@ fn containers(pod: &Pod, named: Option<&String>) -> Result<Vec<usize>, String> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for name in list.split(',').map(str::trim) {
+        let nn = shown(name);
         if name.is_empty() {
-            return Err(format!("{CONTAINERS}: `{list}` has an empty name: use {form}"));
+            return Err(format!("{CONTAINERS}: `{}` has an empty name: use {form}", shown(list)));
         }
         if !seen.insert(name) {
-            return Err(format!("{CONTAINERS}: `{name}` is listed twice: use {form}"));
+            return Err(format!("{CONTAINERS}: `{nn}` is listed twice: use {form}"));
         }
         match all.iter().position(|c| *c == name) {
             Some(i) => out.push(i),
             None => {
                 return Err(format!(
-                    "{CONTAINERS}: the pod has no container `{name}` (it has {}): use {form}",
+                    "{CONTAINERS}: the pod has no container `{nn}` (it has {}): use {form}",
                     all.join(", ")
                 ));
             }
@@ -242,25 +246,26 @@ fn containers(pod: &Pod, named: Option<&String>) -> Result<Vec<usize>, String> {
 /// up in the pod spec for everyone with `get pods` to read.
 pub fn parse_store(v: &str) -> Result<String, String> {
     let form = "a store URL: s3://bucket/prefix, oss://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///path";
-    let u = url::Url::parse(v).map_err(|e| format!("`{v}` is not {form} ({e})"))?;
+    let vv = shown(v);
+    if v.len() > 2048 {
+        return Err(format!("`{vv}` is longer than 2048 characters: use {form}"));
+    }
+    let u = url::Url::parse(v).map_err(|e| format!("`{vv}` is not {form} ({e})"))?;
     match u.scheme() {
         "s3" | "oss" | "gs" | "az" | "azure" | "abfs" => {
             if u.host_str().is_none_or(str::is_empty) {
-                return Err(format!("`{v}` has no bucket: use {form}"));
+                return Err(format!("`{vv}` has no bucket: use {form}"));
             }
         }
         "file" => {
             if u.path().len() <= 1 {
-                return Err(format!("`{v}` names no directory: use {form}"));
+                return Err(format!("`{vv}` names no directory: use {form}"));
             }
         }
         other => return Err(format!("scheme `{other}` is not supported: use {form}")),
     }
     if !u.username().is_empty() || u.password().is_some() {
         return Err("the URL carries credentials, which would be readable in the pod spec: remove them and use the store's standard credential environment or a web-identity token".into());
-    }
-    if v.len() > 2048 {
-        return Err(format!("the URL is longer than 2048 characters: use {form}"));
     }
     Ok(v.to_string())
 }
@@ -271,10 +276,11 @@ pub fn parse_isolator(v: &str) -> Result<Option<String>, String> {
         return Ok(None);
     }
     let form = "https://host[:port] (e.g. https://ckptd-isolator.ckptd.svc:7443) or none";
-    let u = url::Url::parse(v).map_err(|_| format!("`{v}` is not {form}"))?;
+    let vv = shown(v);
+    let u = url::Url::parse(v).map_err(|_| format!("`{vv}` is not {form}"))?;
     if u.scheme() != "https" {
         return Err(format!(
-            "`{v}` is not {form}: the agent sends its token, so the isolator must be reached over TLS"
+            "`{vv}` is not {form}: the agent sends its token, so the isolator must be reached over TLS"
         ));
     }
     if u.host_str().is_none_or(str::is_empty)
@@ -284,7 +290,7 @@ pub fn parse_isolator(v: &str) -> Result<Option<String>, String> {
         || u.query().is_some()
         || u.fragment().is_some()
     {
-        return Err(format!("`{v}` is not {form}"));
+        return Err(format!("`{vv}` is not {form}"));
     }
     Ok(Some(v.trim_end_matches('/').to_string()))
 }
@@ -297,4 +303,14 @@ pub fn is_dns_subdomain(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A value as quoted back in a message: at most 64 characters, so that a hostile or pasted-by-mistake
+/// annotation cannot blow up the denial the API server relays.
+pub fn shown(v: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 64;
+    match v.char_indices().nth(MAX) {
+        None => v.into(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &v[..cut], v.len()).into(),
+    }
 }
