@@ -238,7 +238,17 @@ async fn rotated_certificate_files_are_served_to_new_handshakes() {
 
 fn ckptd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ckptd"));
-    c.env_remove("CKPTD_AGENT_IMAGE").env_remove("CKPTD_WEBHOOK_CONFIG").stdin(Stdio::null());
+    for var in [
+        "CKPTD_AGENT_IMAGE",
+        "CKPTD_WEBHOOK_CONFIG",
+        "CKPTD_WEBHOOK_LISTEN",
+        "CKPTD_WEBHOOK_TLS_CERT",
+        "CKPTD_WEBHOOK_TLS_KEY",
+        "CKPTD_WEBHOOK_CERT_RELOAD_INTERVAL",
+    ] {
+        c.env_remove(var);
+    }
+    c.stdin(Stdio::null());
     c
 }
 
@@ -329,7 +339,8 @@ async fn gen_cert_output_serves_the_service_name_through_the_binary() {
     let raw: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(raw["response"]["allowed"], true);
 
-    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    // The shell's builtin `kill`: no dependency on a kill binary being installed.
+    let term = Command::new("sh").arg("-c").arg(format!("kill -TERM {}", child.id())).status().unwrap();
     assert!(term.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM is a clean shutdown");

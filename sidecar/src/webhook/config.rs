@@ -16,6 +16,14 @@ use crate::{Error, Result};
 pub const ENV_CONFIG: &str = "CKPTD_WEBHOOK_CONFIG";
 /// Environment variable (and flag `--agent-image`): the image of the injected agent.
 pub const ENV_AGENT_IMAGE: &str = "CKPTD_AGENT_IMAGE";
+/// Environment variable (and flag `--listen`): the HTTPS address.
+pub const ENV_LISTEN: &str = "CKPTD_WEBHOOK_LISTEN";
+/// Environment variable (and flag `--tls-cert`): the serving certificate chain (PEM).
+pub const ENV_TLS_CERT: &str = "CKPTD_WEBHOOK_TLS_CERT";
+/// Environment variable (and flag `--tls-key`): the serving key (PEM).
+pub const ENV_TLS_KEY: &str = "CKPTD_WEBHOOK_TLS_KEY";
+/// Environment variable (and flag `--cert-reload-interval`): how often the certificate files are read.
+pub const ENV_CERT_RELOAD_INTERVAL: &str = "CKPTD_WEBHOOK_CERT_RELOAD_INTERVAL";
 
 /// Everything `mutate` needs besides the pod. Built from `--agent-image` and the `--config` file.
 #[derive(Debug, Clone)]

@@ -35,13 +35,13 @@ pub struct WebhookArgs {
     #[command(subcommand)]
     pub command: Option<WebhookCommand>,
     /// Address to serve HTTPS on.
-    #[arg(long, env = "CKPTD_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    #[arg(long, env = config::ENV_LISTEN, default_value = "0.0.0.0:8443")]
     pub listen: String,
     /// Serving certificate chain (PEM). Reloaded when the file changes.
-    #[arg(long, env = "CKPTD_WEBHOOK_TLS_CERT")]
+    #[arg(long, env = config::ENV_TLS_CERT)]
     pub tls_cert: Option<PathBuf>,
     /// Serving private key (PEM). Reloaded when the file changes.
-    #[arg(long, env = "CKPTD_WEBHOOK_TLS_KEY")]
+    #[arg(long, env = config::ENV_TLS_KEY)]
     pub tls_key: Option<PathBuf>,
     /// Image of the injected agent container, e.g. registry.example.com/ckptd:0.1.0.
     #[arg(long, env = config::ENV_AGENT_IMAGE)]
@@ -50,7 +50,7 @@ pub struct WebhookArgs {
     #[arg(long, env = config::ENV_CONFIG)]
     pub config: Option<PathBuf>,
     /// How often the certificate files are checked for a change.
-    #[arg(long, env = "CKPTD_WEBHOOK_CERT_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = config::ENV_CERT_RELOAD_INTERVAL, default_value = "10s", value_parser = humantime::parse_duration)]
     pub cert_reload_interval: Duration,
 }
 
