@@ -204,6 +204,32 @@ fn user_set_nccl_debug_file_and_ckptd_job_are_never_overwritten() {
 }
 
 #[test]
+fn env_from_containers_get_only_ckptd_variables_and_rank_comes_from_rank_and_world_size() {
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    let c = &mut raw["request"]["object"]["spec"]["containers"][0];
+    c["envFrom"] = serde_json::json!([{"configMapRef": {"name": "nccl-tuning"}}]);
+    c["env"] = serde_json::json!([{"name": "RANK", "value": "5"}, {"name": "WORLD_SIZE", "value": "16"}]);
+    let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+    assert!(resp.allowed, "{:?}", resp.result);
+    let p = pod(&obj);
+    let t = &p.spec.as_ref().unwrap().containers[0];
+    let names: Vec<&str> = t.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["RANK", "WORLD_SIZE", "CKPTD_SOCKET", "CKPTD_JOB", "CKPTD_ARENA_DIR"],
+        "no NCCL_*/TORCH_* over envFrom"
+    );
+    let a = agent(&p);
+    assert_eq!(value(&a, "CKPTD_RANKS").as_deref(), Some("5"));
+    assert_eq!(value(&a, "CKPTD_WORLD_SIZE").as_deref(), Some("16"));
+
+    // A rank outside the world size is not copied.
+    raw["request"]["object"]["spec"]["containers"][0]["env"][0]["value"] = "16".into();
+    let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+    assert!(value(&agent(&pod(&obj)), "CKPTD_RANKS").is_none());
+}
+
+#[test]
 fn pods_that_did_not_opt_in_are_untouched_even_with_bad_annotations() {
     let (resp, obj) = admit(&fixture("not-opted-in.json"), &config());
     assert!(resp.allowed);
