@@ -365,6 +365,18 @@ fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
 }
 
 #[test]
+fn denial_reads_as_documented_in_deploy_md() {
+    let msg = denial(&[("ckptd.io/slots", "0"), ("ckptd.io/arena-size", "1.5Gi")]);
+    assert_eq!(
+        msg,
+        "ckptd: ckptd.io/arena-size: `1.5Gi` is not a whole number of bytes with an optional suffix Ki, Mi, Gi, Ti, Pi, k, M, G, T or P (e.g. 64Gi); ckptd.io/slots: `0` is not a whole number from 1 to 16 (e.g. 2)"
+    );
+    let long = "x".repeat(10_000);
+    let msg = denial(&[("ckptd.io/slots", &long)]);
+    assert!(msg.len() < 300 && msg.contains("(10000 bytes)"), "a long value is cut when quoted back: {msg}");
+}
+
+#[test]
 fn all_problems_are_reported_at_once() {
     let resp = review(&fixture("invalid-annotations.json"), &config()).unwrap();
     assert!(!resp.allowed);

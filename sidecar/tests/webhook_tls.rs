@@ -138,10 +138,19 @@ async fn https_mutate_health_and_hostile_bodies() {
     let srv = start(dir.path(), Some(1 << 20)).await;
     let tls = ca.connector();
 
+    // A peer that connects and never starts the handshake must not hold up anyone else: the request
+    // below is served while that connection is still pending (the server has not timed it out).
+    let silent = TcpStream::connect(srv.addr).await.unwrap();
     for path in ["/healthz", "/readyz"] {
         let r = request(srv.addr, &tls, "localhost", "GET", path, b"").await.unwrap();
         assert_eq!(r.status, 200, "{path}");
     }
+    let mut buf = [0u8; 1];
+    assert!(
+        matches!(silent.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the silent connection was already closed, so requests waited for its handshake timeout"
+    );
+    drop(silent);
     assert_eq!(request(srv.addr, &tls, "localhost", "GET", "/nope", b"").await.unwrap().status, 404);
     assert_eq!(request(srv.addr, &tls, "localhost", "GET", "/mutate", b"").await.unwrap().status, 405);
 
