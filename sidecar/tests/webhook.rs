@@ -66,7 +66,8 @@ fn plain_pod_gets_native_sidecar_volumes_and_env() {
     let (resp, obj) = admit(&fixture("plain-pod.json"), &config());
     assert!(resp.allowed);
     assert_eq!(resp.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
-    let review = serde_json::to_value(resp.clone().into_review()).unwrap();
+    let review: Value = serde_json::from_slice(&ckptd::webhook::server::encode_review(resp.clone()).unwrap()).unwrap();
+    assert!(review["response"]["patch"].is_string(), "patch is base64, as a Go []byte");
     assert_eq!(
         (review["apiVersion"].as_str(), review["kind"].as_str()),
         (Some("admission.k8s.io/v1"), Some("AdmissionReview"))

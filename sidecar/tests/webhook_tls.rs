@@ -11,8 +11,6 @@ use std::time::Duration;
 use ckptd::webhook::Config;
 use ckptd::webhook::server::serve;
 use ckptd::webhook::tls::CertStore;
-use kube::core::DynamicObject;
-use kube::core::admission::AdmissionReview;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -100,6 +98,14 @@ async fn request(
     Ok(Response { status, body: out[split + 4..].to_vec(), peer_cert })
 }
 
+/// The JSON patch of a response review: base64, as the API server's Go `[]byte` expects.
+fn patch_of(review: &serde_json::Value) -> json_patch::Patch {
+    use base64::Engine;
+    let b64 = review["response"]["patch"].as_str().expect("patch is a base64 string");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("valid base64");
+    serde_json::from_slice(&bytes).expect("a JSON patch")
+}
+
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/webhook").join(name)).unwrap()
 }
@@ -156,15 +162,19 @@ async fn https_mutate_health_and_hostile_bodies() {
 
     let r = request(srv.addr, &tls, "127.0.0.1", "POST", "/mutate", &fixture("plain-pod.json")).await.unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(review.types.api_version, "admission.k8s.io/v1");
-    let resp = review.response.expect("a response");
-    assert!(resp.allowed);
-    assert_eq!(resp.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
-    let patch: json_patch::Patch = serde_json::from_slice(resp.patch.as_deref().expect("a patch")).unwrap();
-    assert!(!patch.0.is_empty());
     let raw: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (raw["apiVersion"].as_str(), raw["kind"].as_str()),
+        (Some("admission.k8s.io/v1"), Some("AdmissionReview"))
+    );
+    assert_eq!(raw["response"]["allowed"], true);
+    assert_eq!(raw["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
     assert_eq!(raw["response"]["patchType"], "JSONPatch");
+    let patch = patch_of(&raw);
+    assert!(!patch.0.is_empty());
+    let mut obj: serde_json::Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    json_patch::patch(&mut obj["request"]["object"], &patch).unwrap();
+    assert_eq!(obj["request"]["object"]["spec"]["initContainers"][0]["name"], "ckptd-agent");
 
     let r =
         request(srv.addr, &tls, "localhost", "POST", "/mutate", &fixture("invalid-annotations.json")).await.unwrap();
@@ -194,6 +204,53 @@ async fn https_mutate_health_and_hostile_bodies() {
     srv.stop.send(true).unwrap();
     srv.served.await.unwrap().unwrap();
     assert!(TcpStream::connect(srv.addr).await.is_err(), "listener closed after shutdown");
+}
+
+/// The API server speaks HTTP/2 to webhooks when ALPN offers it; the same review must work there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_the_same_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf("webhook");
+    std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key).unwrap();
+    let srv = start(dir.path(), None).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "the server negotiates HTTP/2");
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post("https://localhost/mutate").body(()).unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(bytes::Bytes::from(fixture("plain-pod.json")), true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        bytes.extend_from_slice(&chunk);
+    }
+    let raw: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(raw["response"]["allowed"], true);
+    assert_eq!(raw["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert!(!patch_of(&raw).0.is_empty());
+
+    srv.stop.send(true).unwrap();
+    srv.served.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

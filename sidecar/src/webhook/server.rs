@@ -130,7 +130,7 @@ pub async fn handle(req: Request<Incoming>, cfg: Arc<Config>) -> std::result::Re
 /// that is a review, 400 with a message for anything that is not.
 pub fn review_response(body: &[u8], cfg: &Config) -> Response<Body> {
     match review(body, cfg) {
-        Ok(resp) => match serde_json::to_vec(&resp.into_review()) {
+        Ok(resp) => match encode_review(resp) {
             Ok(json) => Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")
@@ -140,6 +140,19 @@ pub fn review_response(body: &[u8], cfg: &Config) -> Response<Body> {
         },
         Err(reason) => text(StatusCode::BAD_REQUEST, &reason),
     }
+}
+
+/// The response review as the API server reads it. `patch` is a Go `[]byte`, which JSON carries as
+/// base64; kube's `AdmissionResponse` serialises it as an array of numbers (kube-rs issue 1781), so it
+/// is re-encoded here.
+pub fn encode_review(resp: AdmissionResponse) -> serde_json::Result<Vec<u8>> {
+    use base64::Engine;
+    let patch = resp.patch.clone();
+    let mut review = serde_json::to_value(resp.into_review())?;
+    if let (Some(bytes), Some(slot)) = (patch, review.pointer_mut("/response/patch")) {
+        *slot = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    serde_json::to_vec(&review)
 }
 
 /// The admission decision for one review body, or why the body is not a review.
