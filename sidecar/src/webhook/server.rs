@@ -113,7 +113,16 @@ pub async fn handle(req: Request<Incoming>, cfg: Arc<Config>) -> std::result::Re
         (&Method::POST, "/mutate") => {
             let limit = cfg.file.max_body_bytes;
             match Limited::new(req.into_body(), limit).collect().await {
-                Ok(body) => review_response(&body.to_bytes(), &cfg),
+                // Decoding up to maxBodyBytes of JSON is CPU work that can take milliseconds: keep it
+                // off the async workers.
+                Ok(body) => {
+                    let bytes = body.to_bytes();
+                    let cfg = Arc::clone(&cfg);
+                    tokio::task::spawn_blocking(move || review_response(&bytes, &cfg)).await.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "review task failed");
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "the review failed inside the webhook")
+                    })
+                }
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!("request body is larger than {limit} bytes (maxBodyBytes)"),
