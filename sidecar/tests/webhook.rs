@@ -541,3 +541,67 @@ mod hostile {
         }
     }
 }
+
+mod job_templates {
+    use super::*;
+
+    fn template<'a>(obj: &'a Value, path: &str) -> &'a Value {
+        obj.pointer(path).unwrap_or_else(|| panic!("no {path}"))
+    }
+
+    #[test]
+    fn pytorchjob_label_and_annotations_reach_every_pod_template() {
+        let (resp, obj) = admit(&fixture("pytorchjob.json"), &config());
+        assert!(resp.allowed);
+        assert!(resp.patch.is_some());
+        for role in ["Master", "Worker"] {
+            let t = template(&obj, &format!("/spec/pytorchReplicaSpecs/{role}/template"));
+            assert_eq!(t["metadata"]["labels"]["ckptd.io/inject"], "true", "{role}");
+            assert_eq!(t["metadata"]["annotations"]["ckptd.io/store"], "oss://ckpt-bucket/llama", "{role}");
+            assert!(t["metadata"]["annotations"].get("kubectl.kubernetes.io/last-applied-configuration").is_none());
+            let pod: k8s_openapi::api::core::v1::PodTemplateSpec = serde_json::from_value(t.clone()).unwrap();
+            assert!(pod.spec.is_some());
+        }
+        let worker = template(&obj, "/spec/pytorchReplicaSpecs/Worker/template/metadata");
+        assert_eq!(worker["annotations"]["ckptd.io/slots"], "2", "the template's own annotation wins");
+        assert_eq!(worker["labels"]["app"], "llama");
+        let master = template(&obj, "/spec/pytorchReplicaSpecs/Master/template/metadata");
+        assert_eq!(master["annotations"]["ckptd.io/slots"], "3");
+
+        // Reviewing the labelled job again changes nothing.
+        let mut again: Value = serde_json::from_slice(&fixture("pytorchjob.json")).unwrap();
+        again["request"]["object"] = obj;
+        assert!(review(&serde_json::to_vec(&again).unwrap(), &config()).unwrap().patch.is_none());
+    }
+
+    #[test]
+    fn job_and_jobset_templates_are_labelled_and_opt_outs_are_kept() {
+        let mut raw: Value = serde_json::from_slice(&fixture("pytorchjob.json")).unwrap();
+        raw["request"]["kind"] = serde_json::json!({"group": "batch", "version": "v1", "kind": "Job"});
+        raw["request"]["object"]["spec"] = serde_json::json!({"template": {"metadata": {"labels": {"ckptd.io/inject": "false"}}, "spec": {"containers": []}}});
+        let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+        assert!(resp.allowed);
+        assert_eq!(
+            obj["spec"]["template"]["metadata"]["labels"]["ckptd.io/inject"], "false",
+            "an explicit opt-out is kept"
+        );
+        assert_eq!(obj["spec"]["template"]["metadata"]["annotations"]["ckptd.io/slots"], "3");
+
+        raw["request"]["kind"] =
+            serde_json::json!({"group": "jobset.x-k8s.io", "version": "v1alpha2", "kind": "JobSet"});
+        raw["request"]["object"]["spec"] = serde_json::json!({"replicatedJobs": [
+            {"name": "workers", "template": {"spec": {"template": {"spec": {"containers": []}}}}},
+            {"name": "driver", "template": {"spec": {"template": {"metadata": {}, "spec": {"containers": []}}}}}
+        ]});
+        let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+        for i in 0..2 {
+            let m = template(&obj, &format!("/spec/replicatedJobs/{i}/template/spec/template/metadata"));
+            assert_eq!(m["labels"]["ckptd.io/inject"], "true", "replicatedJobs[{i}]");
+            assert_eq!(m["annotations"]["ckptd.io/store"], "oss://ckpt-bucket/llama");
+        }
+
+        // Without the label on the job, nothing is touched.
+        raw["request"]["object"]["metadata"]["labels"] = serde_json::json!({"team": "llm"});
+        assert!(review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap().patch.is_none());
+    }
+}

@@ -267,9 +267,9 @@ fn chart_switches_render_what_they_say() {
     assert!(!kinds(&no_cm).contains("Certificate") && !kinds(&no_cm).contains("Issuer"));
     let mwc: MutatingWebhookConfiguration =
         typed(no_cm.iter().find(|d| d["kind"] == "MutatingWebhookConfiguration").unwrap());
-    let hooks = mwc.webhooks.clone().unwrap();
-    let hook = &hooks[0];
-    assert_eq!(hook.client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(b"CA".to_vec()));
+    for hook in mwc.webhooks.clone().unwrap() {
+        assert_eq!(hook.client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(b"CA".to_vec()), "{}", hook.name);
+    }
     assert!(mwc.metadata.annotations.is_none_or(|a| !a.contains_key("cert-manager.io/inject-ca-from")));
 
     let no_iso = all(&render_chart("isolator: {enabled: false}\nserviceMonitor: {enabled: true}\n"));
@@ -474,28 +474,49 @@ fn webhook_configuration_is_safe_and_points_at_the_webhook() {
     assert_eq!(o.namespaces, 1);
     assert_eq!(o.webhooks.len(), 1);
     let hooks = o.webhooks[0].webhooks.clone().unwrap();
-    assert_eq!(hooks.len(), 1);
+    let names: Vec<&str> = hooks.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["inject.ckptd.io", "templates.inject.ckptd.io"]);
+    for h in &hooks {
+        assert_eq!(h.admission_review_versions, ["v1"], "{}", h.name);
+        assert_eq!(h.failure_policy.as_deref(), Some("Fail"), "{}", h.name);
+        assert_eq!(h.side_effects, "None", "{}", h.name);
+        assert_eq!(h.reinvocation_policy.as_deref(), Some("Never"), "{}", h.name);
+        assert_eq!(h.match_policy.as_deref(), Some("Equivalent"), "{}", h.name);
+        let timeout = h.timeout_seconds.expect("timeoutSeconds set explicitly");
+        assert!((1..=10).contains(&timeout), "a pod creation must not wait long: {timeout}");
+        let sel = h.object_selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap();
+        assert_eq!(sel.get("ckptd.io/inject").map(String::as_str), Some("true"), "{}", h.name);
+        let ns_sel = h.namespace_selector.as_ref().and_then(|s| s.match_expressions.clone()).unwrap();
+        let excluded: Vec<String> = ns_sel
+            .iter()
+            .filter(|e| e.key == "kubernetes.io/metadata.name" && e.operator == "NotIn")
+            .flat_map(|e| e.values.clone().unwrap_or_default())
+            .collect();
+        assert!(excluded.contains(&"kube-system".into()) && excluded.contains(&NAMESPACE.into()), "{excluded:?}");
+        assert_eq!(h.client_config.service.as_ref().map(|s| s.name.as_str()), Some("ckptd-webhook"));
+        for rule in h.rules.iter().flatten() {
+            assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_string()][..]), "{}", h.name);
+        }
+    }
     let h = &hooks[0];
-    assert_eq!(h.admission_review_versions, ["v1"]);
-    assert_eq!(h.failure_policy.as_deref(), Some("Fail"));
-    assert_eq!(h.side_effects, "None");
-    assert_eq!(h.reinvocation_policy.as_deref(), Some("Never"));
-    assert_eq!(h.match_policy.as_deref(), Some("Equivalent"));
-    let timeout = h.timeout_seconds.expect("timeoutSeconds set explicitly");
-    assert!((1..=10).contains(&timeout), "a pod creation must not wait long: {timeout}");
-    let sel = h.object_selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap();
-    assert_eq!(sel.get("ckptd.io/inject").map(String::as_str), Some("true"));
-    let ns_sel = h.namespace_selector.as_ref().and_then(|s| s.match_expressions.clone()).unwrap();
-    let excluded: Vec<String> = ns_sel
-        .iter()
-        .filter(|e| e.key == "kubernetes.io/metadata.name" && e.operator == "NotIn")
-        .flat_map(|e| e.values.clone().unwrap_or_default())
-        .collect();
-    assert!(excluded.contains(&"kube-system".into()) && excluded.contains(&NAMESPACE.into()), "{excluded:?}");
     let rule = &h.rules.as_ref().unwrap()[0];
-    assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_string()][..]));
     assert_eq!(rule.resources.as_deref(), Some(&["pods".to_string()][..]));
     assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
+    // The job kinds the second hook intercepts are exactly those the webhook labels.
+    let jobs: BTreeSet<(String, String)> = hooks[1]
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|r| {
+            let g = r.api_groups.clone().unwrap_or_default().remove(0);
+            r.resources.clone().unwrap_or_default().into_iter().map(move |res| (g.clone(), res))
+        })
+        .collect();
+    let kinds: BTreeSet<(String, String)> = ckptd::webhook::templates::JOB_KINDS
+        .iter()
+        .map(|(g, k)| (g.to_string(), format!("{}s", k.to_lowercase())))
+        .collect();
+    assert_eq!(jobs, kinds);
 
     // clientConfig → Service → container port → --listen.
     let svc_ref = h.client_config.service.as_ref().unwrap();

@@ -1,6 +1,7 @@
 //! The mutating admission webhook (issue #7): injects the agent into training pods that opt in.
 //!
-//! Users label a pod template `ckptd.io/inject: "true"` instead of editing their pods; the webhook adds
+//! Users label a pod template, or a PyTorchJob, JobSet or Job ([`templates`]), `ckptd.io/inject: "true"`
+//! instead of editing their pods; the webhook adds
 //! the agent as a native sidecar, the arena, socket and NCCL-log volumes, and the environment trainers
 //! and NCCL need. The decision is the pure [`mutate()`] (tested on captured AdmissionReviews); the rest of
 //! this module is a thin HTTPS shell around it, as in kube-rs's admission controller example.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod mutate;
 pub mod quantity;
 pub mod server;
+pub mod templates;
 pub mod tls;
 
 use std::io::Write;

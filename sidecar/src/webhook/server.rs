@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::config::Config;
 use super::mutate::mutate;
+use super::templates::{JOB_KINDS, propagate};
 use super::tls::CertStore;
 use crate::{Error, Result};
 
@@ -179,6 +180,18 @@ pub fn review(body: &[u8], cfg: &Config) -> std::result::Result<AdmissionRespons
     let req: AdmissionRequest<DynamicObject> =
         review.try_into().map_err(|_| "the AdmissionReview has no request".to_string())?;
     let resp = AdmissionResponse::from(&req);
+    let (group, kind) = (req.kind.group.as_str(), req.kind.kind.as_str());
+    if req.operation == Operation::Create && req.sub_resource.is_none() && JOB_KINDS.contains(&(group, kind)) {
+        let Some(obj) = &req.object else { return Err(format!("a {kind} CREATE review without request.object")) };
+        let job = serde_json::to_value(obj).map_err(|e| format!("request.object is not a valid {kind}: {e}"))?;
+        let patch = propagate(group, kind, &job);
+        if patch.0.is_empty() {
+            return Ok(resp);
+        }
+        let name = obj.metadata.name.clone().or_else(|| obj.metadata.generate_name.clone()).unwrap_or_default();
+        tracing::info!(%kind, job = %name, ops = patch.0.len(), "labelling pod templates for injection");
+        return resp.with_patch(patch).map_err(|e| e.to_string());
+    }
     let is_pod = req.kind.group.is_empty() && req.kind.version == "v1" && req.kind.kind == "Pod";
     if !is_pod || req.operation != Operation::Create || req.sub_resource.is_some() {
         return Ok(resp);
