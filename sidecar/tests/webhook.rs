@@ -358,6 +358,12 @@ fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
         ("ckptd.io/job", "Bad_Job", "not a job name"),
         ("ckptd.io/slot", "2", "unknown annotation ckptd.io/slot"),
     ];
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/inject"] = "true".into();
+    assert!(
+        review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap().allowed,
+        "the label's key as an annotation is harmless"
+    );
     for (key, v, form) in cases {
         let msg = denial(&[(key, v)]);
         assert!(msg.contains(key), "{key}={v:?}: message does not name the annotation: {msg}");

@@ -83,7 +83,11 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
     let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let mut problems = Vec::new();
 
-    for key in ann.keys().filter(|k| k.starts_with("ckptd.io/") && !KNOWN.contains(&k.as_str())) {
+    // `ckptd.io/inject` is the label; the same key as an annotation is redundant, not a typo.
+    let unknown = |k: &&String| {
+        k.starts_with("ckptd.io/") && k.as_str() != super::mutate::LABEL_INJECT && !KNOWN.contains(&k.as_str())
+    };
+    for key in ann.keys().filter(unknown) {
         problems.push(format!("unknown annotation {key}: the webhook reads {}", KNOWN.join(", ")));
     }
 
@@ -94,14 +98,14 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
             problems.push(format!("{JOB}: `{vv}` is not a job name: use lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters (e.g. llama-70b)"));
             None
         }
-        None => default_job(pod),
-    };
-    let job = job.or_else(|| {
-        if !ann.contains_key(JOB) {
-            problems.push(format!("cannot tell which job this pod belongs to: set the annotation {JOB} to the job name (e.g. llama-70b), or create the pod from a PyTorchJob, JobSet or Job"));
+        None => {
+            let job = default_job(pod);
+            if job.is_none() {
+                problems.push(format!("cannot tell which job this pod belongs to: set the annotation {JOB} to the job name (e.g. llama-70b), or create the pod from a PyTorchJob, JobSet or Job"));
+            }
+            job
         }
-        None
-    });
+    };
 
     let store = match ann.get(STORE).or(cfg.file.store.as_ref()) {
         Some(v) => parse_store(v).map_err(|r| problems.push(format!("{STORE}: {r}"))).ok(),
