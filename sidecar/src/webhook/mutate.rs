@@ -1,0 +1,351 @@
+//! `mutate`: the pure function from a pod and the configuration to a JSON patch or a denial.
+//!
+//! The patch is built from explicit `add` operations at the places the webhook owns, never from a diff
+//! of a re-serialised pod: fields this build of k8s-openapi does not know survive untouched, and a user's
+//! value is never replaced, because an `add` only ever appends to a list or creates a missing one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    ResourceRequirements, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::Value;
+
+use super::annotations::{self, PodSettings};
+use super::config::Config;
+
+/// The opt-in label: only pods with `ckptd.io/inject: "true"` are changed.
+pub const LABEL_INJECT: &str = "ckptd.io/inject";
+/// The injected agent container's name; its presence marks a pod as already injected.
+pub const AGENT_CONTAINER: &str = "ckptd-agent";
+/// The arena volume (memory-backed emptyDir).
+pub const VOLUME_ARENA: &str = "ckptd-arena";
+/// The volume holding the agent's Unix socket.
+pub const VOLUME_SOCKET: &str = "ckptd-socket";
+/// The volume shared for NCCL debug logs and torch flight-recorder dumps, which the agent reads.
+pub const VOLUME_SHARED: &str = "ckptd-nccl";
+/// The volume holding the isolator token (only with `isolatorTokenSecret`).
+pub const VOLUME_TOKEN: &str = "ckptd-isolator-token";
+/// Where the arena is mounted, the same in the agent and every trainer: the agent hands trainers
+/// absolute paths inside it.
+pub const ARENA_DIR: &str = "/var/run/ckptd/arena";
+/// Where the socket volume is mounted.
+pub const SOCKET_DIR: &str = "/var/run/ckptd/sock";
+/// The agent's socket.
+pub const SOCKET_PATH: &str = "/var/run/ckptd/sock/agent.sock";
+/// Where the NCCL log volume is mounted.
+pub const SHARED_DIR: &str = "/var/run/ckptd/nccl";
+/// Where the isolator token is mounted in the agent.
+pub const TOKEN_DIR: &str = "/var/run/ckptd/isolator";
+/// `NCCL_DEBUG_FILE`: one file per host and process (`%h`, `%p` are expanded by NCCL).
+pub const NCCL_DEBUG_FILE: &str = "/var/run/ckptd/nccl/nccl.%h.%p.log";
+/// `TORCH_NCCL_DEBUG_INFO_TEMP_FILE`: the flight-recorder dump prefix (torch appends the rank).
+pub const FLIGHT_RECORDER_PREFIX: &str = "/var/run/ckptd/nccl/nccl_trace_rank_";
+/// The agent's metrics port in the pod.
+pub const METRICS_PORT: i32 = 9101;
+/// The name of the agent's metrics port, which the chart's PodMonitor scrapes.
+pub const METRICS_PORT_NAME: &str = "ckptd-metrics";
+
+/// Why a pod is refused. The message goes back to whoever created the pod, so it names each offending
+/// annotation and the accepted form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// One entry per problem.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ckptd: {}", self.problems.join("; "))
+    }
+}
+
+/// Whether the pod asked for injection.
+pub fn opted_in(pod: &Pod) -> bool {
+    pod.metadata.labels.as_ref().and_then(|l| l.get(LABEL_INJECT)).is_some_and(|v| v == "true")
+}
+
+/// Whether the pod already has the agent (a second pass, or a pod written by hand).
+pub fn has_agent(pod: &Pod) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == AGENT_CONTAINER)
+}
+
+/// The patch that injects the agent into `pod`: empty for a pod that did not opt in or already has the
+/// agent, a [`Denial`] for invalid annotations or a pod the injection would conflict with.
+pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
+    if !opted_in(pod) || has_agent(pod) {
+        return Ok(Patch(Vec::new()));
+    }
+    let Some(spec) = &pod.spec else {
+        return Err(Denial { problems: vec!["the pod has no spec".into()] });
+    };
+    let settings = annotations::settings(pod, cfg).map_err(|problems| Denial { problems })?;
+    check_conflicts(pod, &settings)?;
+
+    let mut ops = Vec::new();
+    let trainer_env = trainer_env(&settings, cfg);
+    for &i in &settings.containers {
+        let Some(c) = spec.containers.get(i) else { continue };
+        let index = i.to_string();
+        let set: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        // envFrom may set anything and an `env` entry would take precedence over it, so a container with
+        // envFrom only gets the variables ckptd itself defines.
+        let tuning_allowed = c.env_from.as_ref().is_none_or(Vec::is_empty);
+        let add: Vec<EnvVar> = trainer_env
+            .iter()
+            .filter(|e| !set.contains(e.name.as_str()))
+            .filter(|e| tuning_allowed || e.name.starts_with("CKPTD_"))
+            .cloned()
+            .collect();
+        append(&mut ops, &["spec", "containers", &index, "env"], c.env.is_some(), add);
+        append(&mut ops, &["spec", "containers", &index, "volumeMounts"], c.volume_mounts.is_some(), shared_mounts());
+    }
+    append(&mut ops, &["spec", "volumes"], spec.volumes.is_some(), volumes(&settings, cfg));
+    let agent = agent(pod, &settings, cfg);
+    if cfg.file.native_sidecar {
+        append(&mut ops, &["spec", "initContainers"], spec.init_containers.is_some(), vec![agent]);
+    } else {
+        append(&mut ops, &["spec", "containers"], true, vec![agent]);
+    }
+    Ok(Patch(ops))
+}
+
+/// Adds `items` to the list at `path`: one `add` of the whole list when the pod has none, else one
+/// append (`/-`) per item, so that nothing already there is replaced.
+fn append<T: serde::Serialize>(ops: &mut Vec<PatchOperation>, path: &[&str], exists: bool, items: Vec<T>) {
+    if items.is_empty() {
+        return;
+    }
+    let values: Vec<Value> = items.iter().filter_map(|i| serde_json::to_value(i).ok()).collect();
+    if exists {
+        for value in values {
+            let path = PointerBuf::from_tokens(path.iter().copied().chain(["-"]));
+            ops.push(PatchOperation::Add(AddOperation { path, value }));
+        }
+    } else {
+        let path = PointerBuf::from_tokens(path.iter().copied());
+        ops.push(PatchOperation::Add(AddOperation { path, value: Value::Array(values) }));
+    }
+}
+
+/// Refuses a pod whose own volumes or mounts would collide with the injected ones: renaming or moving
+/// the user's would change their pod, and skipping ours would leave the agent half-installed.
+fn check_conflicts(pod: &Pod, s: &PodSettings) -> Result<(), Denial> {
+    let Some(spec) = &pod.spec else { return Ok(()) };
+    let mut problems = Vec::new();
+    let ours = [VOLUME_ARENA, VOLUME_SOCKET, VOLUME_SHARED, VOLUME_TOKEN];
+    for v in spec.volumes.iter().flatten().filter(|v| ours.contains(&v.name.as_str())) {
+        problems.push(format!(
+            "the pod already has a volume named {} but no {AGENT_CONTAINER} container: rename the volume, it is reserved for ckptd",
+            v.name
+        ));
+    }
+    let paths = [ARENA_DIR, SOCKET_DIR, SHARED_DIR];
+    for c in s.containers.iter().filter_map(|&i| spec.containers.get(i)) {
+        for m in c.volume_mounts.iter().flatten() {
+            if paths.contains(&m.mount_path.trim_end_matches('/')) {
+                problems.push(format!(
+                    "container {} already mounts {} at {}, where ckptd mounts its own volume: move that mount",
+                    c.name, m.name, m.mount_path
+                ));
+            }
+        }
+    }
+    if store_mount(pod, s).is_err() {
+        problems.push(format!(
+            "{}: {} is on no volume mounted in the training containers; mount the shared file system (e.g. a PersistentVolumeClaim) in the trainer at the store directory or a parent of it, and the webhook mounts it in the agent too",
+            annotations::STORE,
+            s.store
+        ));
+    }
+    if problems.is_empty() { Ok(()) } else { Err(Denial { problems }) }
+}
+
+/// For a `file://` store, the training container's mount that holds the directory, so the agent can
+/// mount the same volume at the same path; `Ok(None)` for object stores.
+fn store_mount(pod: &Pod, s: &PodSettings) -> Result<Option<VolumeMount>, ()> {
+    let Some(dir) = url::Url::parse(&s.store).ok().filter(|u| u.scheme() == "file").map(|u| u.path().to_string())
+    else {
+        return Ok(None);
+    };
+    let spec = pod.spec.as_ref().ok_or(())?;
+    let under = |m: &VolumeMount| {
+        let root = m.mount_path.trim_end_matches('/');
+        !root.is_empty() && (dir == root || dir.starts_with(&format!("{root}/")))
+    };
+    s.containers
+        .iter()
+        .filter_map(|&i| spec.containers.get(i))
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .filter(|m| under(m) && m.sub_path_expr.is_none())
+        .max_by_key(|m| m.mount_path.len())
+        .map(|m| Some(VolumeMount { read_only: None, recursive_read_only: None, ..m.clone() }))
+        .ok_or(())
+}
+
+fn literal(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+}
+
+fn field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { api_version: Some("v1".into()), field_path: path.into() }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The variables every training container gets, unless it sets them itself.
+fn trainer_env(s: &PodSettings, cfg: &Config) -> Vec<EnvVar> {
+    vec![
+        literal("CKPTD_SOCKET", SOCKET_PATH),
+        literal("CKPTD_JOB", &s.job),
+        literal("CKPTD_ARENA_DIR", ARENA_DIR),
+        literal("NCCL_DEBUG", "WARN"),
+        literal("NCCL_DEBUG_FILE", NCCL_DEBUG_FILE),
+        literal("TORCH_NCCL_TRACE_BUFFER_SIZE", cfg.file.flight_recorder_entries.to_string()),
+        literal("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+        literal("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", FLIGHT_RECORDER_PREFIX),
+    ]
+}
+
+/// The mounts shared by the agent and the trainers.
+fn shared_mounts() -> Vec<VolumeMount> {
+    [(VOLUME_ARENA, ARENA_DIR), (VOLUME_SOCKET, SOCKET_DIR), (VOLUME_SHARED, SHARED_DIR)]
+        .into_iter()
+        .map(|(name, path)| VolumeMount { name: name.into(), mount_path: path.into(), ..Default::default() })
+        .collect()
+}
+
+fn volumes(s: &PodSettings, cfg: &Config) -> Vec<Volume> {
+    let empty_dir = |medium: Option<&str>, size: &str| EmptyDirVolumeSource {
+        medium: medium.map(Into::into),
+        size_limit: Some(Quantity(size.into())),
+    };
+    let mut v = vec![
+        Volume {
+            name: VOLUME_ARENA.into(),
+            empty_dir: Some(empty_dir(Some("Memory"), &s.arena_size)),
+            ..Default::default()
+        },
+        Volume { name: VOLUME_SOCKET.into(), empty_dir: Some(empty_dir(None, "1Mi")), ..Default::default() },
+        Volume {
+            name: VOLUME_SHARED.into(),
+            empty_dir: Some(empty_dir(None, &cfg.file.shared_volume_size)),
+            ..Default::default()
+        },
+    ];
+    if let (Some(_), Some(secret)) = (&s.isolator, &cfg.file.isolator_token_secret) {
+        v.push(Volume {
+            name: VOLUME_TOKEN.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    v
+}
+
+/// Global ranks and world size from the first training container's literal PyTorch variables:
+/// torchrun's `PET_NODE_RANK`/`PET_NPROC_PER_NODE`/`PET_NNODES` (set by the PyTorchJob operator), else
+/// one process per pod with `RANK`/`WORLD_SIZE`. Anything else (elastic `min:max`, `valueFrom`) is left
+/// to the agent, which learns ranks from the trainers that attach.
+fn ranks(pod: &Pod, s: &PodSettings) -> Option<(String, u64)> {
+    let spec = pod.spec.as_ref()?;
+    let c = spec.containers.get(*s.containers.first()?)?;
+    let env: BTreeMap<&str, &str> =
+        c.env.iter().flatten().filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?))).collect();
+    let num = |k: &str| env.get(k).and_then(|v| v.parse::<u64>().ok());
+    if let (Some(node), Some(nproc), Some(nnodes)) =
+        (num("PET_NODE_RANK"), num("PET_NPROC_PER_NODE"), num("PET_NNODES"))
+    {
+        let first = node.checked_mul(nproc)?;
+        let last = first.checked_add(nproc.checked_sub(1)?)?;
+        let world = nnodes.checked_mul(nproc)?;
+        if node >= nnodes {
+            return None;
+        }
+        let ranks = if first == last { first.to_string() } else { format!("{first}-{last}") };
+        return Some((ranks, world));
+    }
+    match (num("RANK"), num("WORLD_SIZE")) {
+        (Some(rank), Some(world)) if rank < world => Some((rank.to_string(), world)),
+        _ => None,
+    }
+}
+
+fn agent(pod: &Pod, s: &PodSettings, cfg: &Config) -> Container {
+    let mut env = vec![
+        literal("CKPTD_SOCKET", SOCKET_PATH),
+        literal("CKPTD_ARENA_DIR", ARENA_DIR),
+        literal("CKPTD_STORE", &s.store),
+        literal("CKPTD_JOB", &s.job),
+        literal("CKPTD_SLOTS", s.slots.to_string()),
+        literal("CKPTD_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
+    ];
+    let mut mounts = shared_mounts();
+    if let Some(iso) = &s.isolator {
+        env.push(literal("CKPTD_ISOLATOR", iso));
+        if let Some(secret) = &cfg.file.isolator_token_secret {
+            env.push(literal("CKPTD_ISOLATOR_TOKEN_FILE", format!("{TOKEN_DIR}/{}", secret.key)));
+            mounts.push(VolumeMount {
+                name: VOLUME_TOKEN.into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+    }
+    if let Some((ranks, world)) = ranks(pod, s) {
+        env.push(literal("CKPTD_RANKS", ranks));
+        env.push(literal("CKPTD_WORLD_SIZE", world.to_string()));
+    }
+    env.extend([
+        literal("NCCL_DEBUG_FILE", NCCL_DEBUG_FILE),
+        literal("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", FLIGHT_RECORDER_PREFIX),
+        field("CKPTD_NODE_NAME", "spec.nodeName"),
+        field("CKPTD_POD_NAME", "metadata.name"),
+        field("CKPTD_POD_NAMESPACE", "metadata.namespace"),
+        field("CKPTD_POD_UID", "metadata.uid"),
+    ]);
+    if let Ok(Some(m)) = store_mount(pod, s) {
+        mounts.push(m);
+    }
+    let quantities = |m: &BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| (k.clone(), Quantity(v.clone()))).collect::<BTreeMap<_, _>>()
+    };
+    Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(cfg.agent_image.clone()),
+        image_pull_policy: Some(cfg.file.image_pull_policy.clone()),
+        command: Some(cfg.file.agent_command.clone()),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some(METRICS_PORT_NAME.into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&s.requests)).filter(|m| !m.is_empty()),
+            limits: Some(quantities(&s.limits)).filter(|m| !m.is_empty()),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        restart_policy: cfg.file.native_sidecar.then(|| "Always".into()),
+        security_context: Some(SecurityContext { allow_privilege_escalation: Some(false), ..Default::default() }),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,613 @@
+//! `mutate` on captured AdmissionReviews: each patch is applied with json-patch to the raw object from
+//! the review (not a re-serialised one), and the result must be a valid Pod with the expected
+//! containers, volumes and environment.
+#![cfg(feature = "server")]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ckptd::webhook::server::{review, review_response};
+use ckptd::webhook::{Config, mutate};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/webhook").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn config() -> Config {
+    Config::new("registry.example.com/ckptd:0.1.0")
+}
+
+/// Runs a review through the webhook and applies its patch to the raw object.
+fn admit(body: &[u8], cfg: &Config) -> (kube::core::admission::AdmissionResponse, Value) {
+    let resp = review(body, cfg).expect("a valid review");
+    let raw: Value = serde_json::from_slice(body).expect("fixture is JSON");
+    let mut obj = raw["request"]["object"].clone();
+    if let Some(p) = &resp.patch {
+        let patch: json_patch::Patch = serde_json::from_slice(p).expect("patch is a JSON patch");
+        json_patch::patch(&mut obj, &patch).expect("patch applies to the raw object");
+    }
+    (resp, obj)
+}
+
+fn pod(obj: &Value) -> Pod {
+    serde_json::from_value(obj.clone()).expect("patched object is a valid Pod")
+}
+
+fn env(c: &Container) -> BTreeMap<String, EnvVar> {
+    c.env.iter().flatten().map(|e| (e.name.clone(), e.clone())).collect()
+}
+
+fn value(c: &Container, name: &str) -> Option<String> {
+    env(c).get(name).and_then(|e| e.value.clone())
+}
+
+fn mounts(c: &Container) -> BTreeMap<String, String> {
+    c.volume_mounts.iter().flatten().map(|m| (m.name.clone(), m.mount_path.clone())).collect()
+}
+
+fn agent(p: &Pod) -> Container {
+    let spec = p.spec.as_ref().expect("spec");
+    let agents: Vec<&Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .filter(|c| c.name == "ckptd-agent")
+        .collect();
+    assert_eq!(agents.len(), 1, "exactly one agent");
+    agents[0].clone()
+}
+
+#[test]
+fn plain_pod_gets_native_sidecar_volumes_and_env() {
+    let (resp, obj) = admit(&fixture("plain-pod.json"), &config());
+    assert!(resp.allowed);
+    assert_eq!(resp.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
+    let review: Value = serde_json::from_slice(&ckptd::webhook::server::encode_review(resp.clone()).unwrap()).unwrap();
+    assert!(review["response"]["patch"].is_string(), "patch is base64, as a Go []byte");
+    assert_eq!(
+        (review["apiVersion"].as_str(), review["kind"].as_str()),
+        (Some("admission.k8s.io/v1"), Some("AdmissionReview"))
+    );
+    assert_eq!(review["response"]["patchType"], "JSONPatch");
+    let p = pod(&obj);
+    let spec = p.spec.as_ref().unwrap();
+
+    let a = agent(&p);
+    let init = spec.init_containers.as_ref().expect("agent is an init container");
+    assert_eq!(init.last().map(|c| c.name.as_str()), Some("ckptd-agent"));
+    assert_eq!(a.restart_policy.as_deref(), Some("Always"), "native sidecar");
+    assert_eq!(a.image.as_deref(), Some("registry.example.com/ckptd:0.1.0"));
+    assert_eq!(a.command.as_deref(), Some(&["ckptd".to_string(), "agent".to_string()][..]));
+    assert_eq!(value(&a, "CKPTD_STORE").as_deref(), Some("s3://ckpt-bucket/runs"));
+    assert_eq!(value(&a, "CKPTD_JOB").as_deref(), Some("train-0"), "job falls back to the pod name");
+    assert_eq!(value(&a, "CKPTD_SLOTS").as_deref(), Some("2"));
+    assert_eq!(value(&a, "CKPTD_SOCKET").as_deref(), Some("/var/run/ckptd/sock/agent.sock"));
+    assert_eq!(value(&a, "CKPTD_ARENA_DIR").as_deref(), Some("/var/run/ckptd/arena"));
+    assert_eq!(value(&a, "CKPTD_METRICS_ADDR").as_deref(), Some("0.0.0.0:9101"));
+    assert!(value(&a, "CKPTD_ISOLATOR").is_none() && value(&a, "CKPTD_RANKS").is_none());
+    let e = env(&a);
+    for (name, path) in [
+        ("CKPTD_NODE_NAME", "spec.nodeName"),
+        ("CKPTD_POD_NAME", "metadata.name"),
+        ("CKPTD_POD_NAMESPACE", "metadata.namespace"),
+        ("CKPTD_POD_UID", "metadata.uid"),
+    ] {
+        let f = e[name].value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect(name);
+        assert_eq!(f.field_path, path);
+    }
+    let a_res = a.resources.as_ref().unwrap();
+    assert_eq!(a_res.requests.as_ref().unwrap()["cpu"].0, "1");
+    assert_eq!(a_res.limits.as_ref().unwrap()["memory"].0, "4Gi");
+
+    let t = &spec.containers[0];
+    assert_eq!(spec.containers.len(), 1, "no container added in native mode");
+    for c in [t, &a] {
+        let m = mounts(c);
+        assert_eq!(m["ckptd-arena"], "/var/run/ckptd/arena", "{}", c.name);
+        assert_eq!(m["ckptd-socket"], "/var/run/ckptd/sock", "{}", c.name);
+        assert_eq!(m["ckptd-nccl"], "/var/run/ckptd/nccl", "{}", c.name);
+    }
+    assert_eq!(value(t, "CKPTD_SOCKET").as_deref(), Some("/var/run/ckptd/sock/agent.sock"));
+    assert_eq!(value(t, "CKPTD_JOB").as_deref(), Some("train-0"));
+    assert_eq!(value(t, "CKPTD_ARENA_DIR").as_deref(), Some("/var/run/ckptd/arena"));
+    assert_eq!(value(t, "NCCL_DEBUG").as_deref(), Some("WARN"));
+    assert_eq!(value(t, "NCCL_DEBUG_FILE").as_deref(), Some("/var/run/ckptd/nccl/nccl.%h.%p.log"));
+    assert_eq!(value(t, "TORCH_NCCL_TRACE_BUFFER_SIZE").as_deref(), Some("2000"));
+    assert_eq!(value(t, "TORCH_NCCL_DUMP_ON_TIMEOUT").as_deref(), Some("1"));
+    assert_eq!(value(t, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE").as_deref(), Some("/var/run/ckptd/nccl/nccl_trace_rank_"));
+
+    let vols: BTreeMap<String, _> =
+        spec.volumes.iter().flatten().map(|v| (v.name.clone(), v.empty_dir.clone().expect("emptyDir"))).collect();
+    assert_eq!(vols["ckptd-arena"].medium.as_deref(), Some("Memory"));
+    assert_eq!(vols["ckptd-arena"].size_limit.as_ref().map(|q| q.0.as_str()), Some("16Gi"));
+    assert!(vols["ckptd-socket"].medium.is_none());
+    assert_eq!(vols["ckptd-nccl"].size_limit.as_ref().map(|q| q.0.as_str()), Some("1Gi"));
+    // The trainer's own fields are unchanged.
+    assert_eq!(t.command.as_deref(), Some(&["python".to_string(), "train.py".to_string()][..]));
+    assert_eq!(t.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0, "8");
+}
+
+#[test]
+fn pytorchjob_worker_injects_only_named_containers_and_keeps_unknown_fields() {
+    let (resp, obj) = admit(&fixture("pytorchjob-worker.json"), &config());
+    assert!(resp.allowed, "{:?}", resp.result);
+    // Fields this build of k8s-openapi does not know survive, because the patch never rewrites them.
+    assert_eq!(obj["spec"]["futurePodField"]["enabled"], true);
+    assert_eq!(obj["spec"]["containers"][0]["futureContainerField"]["keep"], "me");
+    let p = pod(&obj);
+    let spec = p.spec.as_ref().unwrap();
+    let names: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["wait-for-master", "ckptd-agent"], "agent appended after the user's init containers");
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["pytorch", "log-shipper"]);
+
+    let trainer = &spec.containers[0];
+    assert_eq!(value(trainer, "NCCL_DEBUG").as_deref(), Some("INFO"), "the user's NCCL_DEBUG is kept");
+    assert_eq!(env(trainer).keys().filter(|k| *k == "NCCL_DEBUG").count(), 1);
+    assert_eq!(value(trainer, "CKPTD_JOB").as_deref(), Some("llama-70b"), "job from the PyTorchJob label");
+    assert_eq!(value(trainer, "RANK").as_deref(), Some("1"));
+    let m = mounts(trainer);
+    assert_eq!(m["dshm"], "/dev/shm");
+    assert_eq!(m["ckptd-arena"], "/var/run/ckptd/arena");
+
+    let shipper = &spec.containers[1];
+    assert!(mounts(shipper).is_empty() || !mounts(shipper).contains_key("ckptd-arena"));
+    assert!(value(shipper, "CKPTD_SOCKET").is_none(), "log-shipper is not in ckptd.io/containers");
+    assert_eq!(value(shipper, "LOG_LEVEL").as_deref(), Some("info"));
+
+    let a = agent(&p);
+    assert_eq!(value(&a, "CKPTD_STORE").as_deref(), Some("oss://ckpt-bucket/llama"));
+    assert_eq!(value(&a, "CKPTD_SLOTS").as_deref(), Some("3"));
+    assert_eq!(value(&a, "CKPTD_ISOLATOR").as_deref(), Some("https://ckptd-isolator.ckptd.svc:7443"));
+    assert_eq!(value(&a, "CKPTD_RANKS").as_deref(), Some("4-7"), "node rank 1 × 4 processes per node");
+    assert_eq!(value(&a, "CKPTD_WORLD_SIZE").as_deref(), Some("8"));
+    let res = a.resources.as_ref().unwrap();
+    assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "2");
+    assert_eq!(res.requests.as_ref().unwrap()["memory"].0, "1Gi", "default kept for what is not annotated");
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "8Gi");
+
+    let arena = spec.volumes.iter().flatten().find(|v| v.name == "ckptd-arena").and_then(|v| v.empty_dir.clone());
+    assert_eq!(arena.and_then(|e| e.size_limit).map(|q| q.0), Some("128Gi".into()));
+    assert!(spec.volumes.iter().flatten().any(|v| v.name == "dshm"), "user volume kept");
+}
+
+#[test]
+fn already_injected_pod_gets_empty_patch_and_second_pass_is_a_no_op() {
+    let cfg = config();
+    let (resp, obj) = admit(&fixture("already-injected.json"), &cfg);
+    assert!(resp.allowed);
+    assert!(resp.patch.is_none(), "no patch for a pod with the agent");
+    let p = pod(&obj);
+    assert_eq!(mutate(&p, &cfg).map(|patch| patch.0.len()), Ok(0));
+
+    // A pod the webhook injected, reviewed again, is left alone.
+    let (_, once) = admit(&fixture("plain-pod.json"), &cfg);
+    let injected = pod(&once);
+    assert_eq!(mutate(&injected, &cfg).map(|patch| patch.0.len()), Ok(0));
+}
+
+#[test]
+fn user_set_nccl_debug_file_and_ckptd_job_are_never_overwritten() {
+    let (resp, obj) = admit(&fixture("own-nccl-debug-file.json"), &config());
+    assert!(resp.allowed);
+    let p = pod(&obj);
+    let t = &p.spec.as_ref().unwrap().containers[0];
+    let e = env(t);
+    assert_eq!(value(t, "NCCL_DEBUG_FILE").as_deref(), Some("/logs/nccl.%h.%p.log"));
+    assert!(e["CKPTD_JOB"].value_from.is_some(), "the user's valueFrom kept");
+    assert_eq!(t.env.iter().flatten().filter(|e| e.name == "NCCL_DEBUG_FILE").count(), 1);
+    assert_eq!(value(t, "NCCL_DEBUG").as_deref(), Some("WARN"), "what the user did not set is added");
+    assert_eq!(value(&agent(&p), "CKPTD_JOB").as_deref(), Some("bert-large"), "ckptd.io/job wins");
+}
+
+#[test]
+fn env_from_containers_get_only_ckptd_variables_and_rank_comes_from_rank_and_world_size() {
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    let c = &mut raw["request"]["object"]["spec"]["containers"][0];
+    c["envFrom"] = serde_json::json!([{"configMapRef": {"name": "nccl-tuning"}}]);
+    c["env"] = serde_json::json!([{"name": "RANK", "value": "5"}, {"name": "WORLD_SIZE", "value": "16"}]);
+    let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+    assert!(resp.allowed, "{:?}", resp.result);
+    let p = pod(&obj);
+    let t = &p.spec.as_ref().unwrap().containers[0];
+    let names: Vec<&str> = t.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["RANK", "WORLD_SIZE", "CKPTD_SOCKET", "CKPTD_JOB", "CKPTD_ARENA_DIR"],
+        "no NCCL_*/TORCH_* over envFrom"
+    );
+    let a = agent(&p);
+    assert_eq!(value(&a, "CKPTD_RANKS").as_deref(), Some("5"));
+    assert_eq!(value(&a, "CKPTD_WORLD_SIZE").as_deref(), Some("16"));
+
+    // A rank outside the world size is not copied.
+    raw["request"]["object"]["spec"]["containers"][0]["env"][0]["value"] = "16".into();
+    let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+    assert!(value(&agent(&pod(&obj)), "CKPTD_RANKS").is_none());
+}
+
+#[test]
+fn pods_that_did_not_opt_in_are_untouched_even_with_bad_annotations() {
+    let (resp, obj) = admit(&fixture("not-opted-in.json"), &config());
+    assert!(resp.allowed);
+    assert!(resp.patch.is_none());
+    assert!(obj["spec"]["initContainers"].is_null());
+}
+
+#[test]
+fn updates_and_other_kinds_pass_through() {
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["operation"] = "UPDATE".into();
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(resp.allowed && resp.patch.is_none());
+
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["kind"] = serde_json::json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    raw["request"]["object"] =
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}});
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(resp.allowed && resp.patch.is_none());
+}
+
+#[test]
+fn regular_container_mode_appends_the_agent_to_containers() {
+    let cfg = Config::from_yaml("img:1", "nativeSidecar: false\n").unwrap();
+    let (_, obj) = admit(&fixture("plain-pod.json"), &cfg);
+    let p = pod(&obj);
+    let spec = p.spec.as_ref().unwrap();
+    assert!(spec.init_containers.is_none());
+    assert_eq!(spec.containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["trainer", "ckptd-agent"]);
+    assert!(agent(&p).restart_policy.is_none());
+}
+
+#[test]
+fn cluster_defaults_come_from_the_config_file() {
+    let yaml = "store: gs://defaults/ckpt\narenaSize: 32Gi\nslots: 4\nisolator: https://iso.ckptd.svc:7443\n\
+                isolatorTokenSecret: {name: ckptd-token, key: token}\nflightRecorderEntries: 5000\n";
+    let cfg = Config::from_yaml("img:1", yaml).unwrap();
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["metadata"]["annotations"] = serde_json::json!({});
+    let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &cfg);
+    assert!(resp.allowed, "{:?}", resp.result);
+    let p = pod(&obj);
+    let a = agent(&p);
+    assert_eq!(value(&a, "CKPTD_STORE").as_deref(), Some("gs://defaults/ckpt"));
+    assert_eq!(value(&a, "CKPTD_SLOTS").as_deref(), Some("4"));
+    assert_eq!(value(&a, "CKPTD_ISOLATOR_TOKEN_FILE").as_deref(), Some("/var/run/ckptd/isolator/token"));
+    assert_eq!(mounts(&a)["ckptd-isolator-token"], "/var/run/ckptd/isolator");
+    let spec = p.spec.as_ref().unwrap();
+    let token = spec.volumes.iter().flatten().find(|v| v.name == "ckptd-isolator-token").unwrap();
+    assert_eq!(token.secret.as_ref().and_then(|s| s.secret_name.as_deref()), Some("ckptd-token"));
+    assert!(!mounts(&spec.containers[0]).contains_key("ckptd-isolator-token"), "the token stays in the agent");
+    assert_eq!(value(&spec.containers[0], "TORCH_NCCL_TRACE_BUFFER_SIZE").as_deref(), Some("5000"));
+
+    // `none` opts a pod out of the cluster's isolator.
+    raw["request"]["object"]["metadata"]["annotations"] = serde_json::json!({"ckptd.io/isolator": "none"});
+    let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &cfg);
+    let p = pod(&obj);
+    assert!(value(&agent(&p), "CKPTD_ISOLATOR").is_none());
+    assert!(!p.spec.unwrap().volumes.iter().flatten().any(|v| v.name == "ckptd-isolator-token"));
+}
+
+#[test]
+fn bad_config_files_are_rejected() {
+    for (yaml, what) in [
+        ("slot: 2\n", "unknown field"),
+        ("slots: 0\n", "slots"),
+        ("arenaSize: 1TB\n", "arenaSize"),
+        ("arenaSize: 1Ti\nmaxArenaSize: 10Gi\n", "arenaSize"),
+        ("store: ftp://x/y\n", "store"),
+        ("isolator: http://x:1\n", "isolator"),
+        ("imagePullPolicy: Sometimes\n", "imagePullPolicy"),
+        ("agentResources: {requests: {cpu: lots}}\n", "agentResources"),
+    ] {
+        let e = Config::from_yaml("img:1", yaml).expect_err(yaml);
+        assert_eq!(e.kind(), ckptd::ErrorKind::Config);
+        assert!(e.to_string().contains(what), "{yaml}: {e}");
+    }
+    assert!(Config::from_yaml(" ", "").is_err(), "an empty agent image is refused");
+}
+
+/// Sets `annotations` on the plain pod and returns the denial message.
+fn denial(annotations: &[(&str, &str)]) -> String {
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    for (k, v) in annotations {
+        raw["request"]["object"]["metadata"]["annotations"][*k] = Value::String((*v).into());
+    }
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(!resp.allowed, "{annotations:?} was allowed");
+    assert!(resp.patch.is_none());
+    assert_eq!(resp.result.code, 403);
+    resp.result.message
+}
+
+#[test]
+fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("ckptd.io/store", "ftp://host/x", "s3://bucket/prefix"),
+        ("ckptd.io/store", "not a url", "s3://bucket/prefix"),
+        ("ckptd.io/store", "s3://key:secret@bucket/x", "credentials"),
+        ("ckptd.io/store", "s3:///nobucket", "no bucket"),
+        ("ckptd.io/store", "file:///", "names no directory"),
+        ("ckptd.io/store", "file:///mnt/ckpt", "no volume mounted"),
+        ("ckptd.io/arena-size", "1.5Gi", "e.g. 64Gi"),
+        ("ckptd.io/arena-size", "16GB", "e.g. 64Gi"),
+        ("ckptd.io/arena-size", "1Mi", "64Mi to 512Gi"),
+        ("ckptd.io/arena-size", "1Pi", "64Mi to 512Gi"),
+        ("ckptd.io/arena-size", "99999999999999999999Ti", "e.g. 64Gi"),
+        ("ckptd.io/slots", "0", "1 to 16"),
+        ("ckptd.io/slots", "17", "1 to 16"),
+        ("ckptd.io/slots", "two", "1 to 16"),
+        ("ckptd.io/slots", "+2", "1 to 16"),
+        ("ckptd.io/isolator", "http://iso:7443", "https://host[:port]"),
+        ("ckptd.io/isolator", "https://iso:7443/path", "https://host[:port]"),
+        ("ckptd.io/isolator", "iso:7443", "https://host[:port]"),
+        ("ckptd.io/containers", "", "comma-separated list"),
+        ("ckptd.io/containers", "trainer,,x", "comma-separated list"),
+        ("ckptd.io/containers", "missing", "no container `missing`"),
+        ("ckptd.io/containers", "trainer,trainer", "listed twice"),
+        ("ckptd.io/agent-cpu-request", "two", "millicores"),
+        ("ckptd.io/agent-cpu-limit", "-1", "millicores"),
+        ("ckptd.io/agent-memory-request", "1.5Gi", "e.g. 64Gi"),
+        ("ckptd.io/agent-memory-limit", "4GB", "e.g. 64Gi"),
+        ("ckptd.io/agent-memory-request", "16Gi", "above its limit 4Gi"),
+        ("ckptd.io/job", "Bad_Job", "not a job name"),
+        ("ckptd.io/slot", "2", "unknown annotation ckptd.io/slot"),
+    ];
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/inject"] = "true".into();
+    assert!(
+        review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap().allowed,
+        "the label's key as an annotation is harmless"
+    );
+    for (key, v, form) in cases {
+        let msg = denial(&[(key, v)]);
+        assert!(msg.contains(key), "{key}={v:?}: message does not name the annotation: {msg}");
+        assert!(msg.contains(form), "{key}={v:?}: message lacks {form:?}: {msg}");
+    }
+}
+
+#[test]
+fn denial_reads_as_documented_in_deploy_md() {
+    let msg = denial(&[("ckptd.io/slots", "0"), ("ckptd.io/arena-size", "1.5Gi")]);
+    assert_eq!(
+        msg,
+        "ckptd: ckptd.io/arena-size: `1.5Gi` is not a whole number of bytes with an optional suffix Ki, Mi, Gi, Ti, Pi, k, M, G, T or P (e.g. 64Gi); ckptd.io/slots: `0` is not a whole number from 1 to 16 (e.g. 2)"
+    );
+    let long = "x".repeat(10_000);
+    let msg = denial(&[("ckptd.io/slots", &long)]);
+    assert!(msg.len() < 300 && msg.contains("(10000 bytes)"), "a long value is cut when quoted back: {msg}");
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let resp = review(&fixture("invalid-annotations.json"), &config()).unwrap();
+    assert!(!resp.allowed);
+    let msg = resp.result.message;
+    for key in [
+        "ckptd.io/store",
+        "ckptd.io/arena-size",
+        "ckptd.io/slots",
+        "ckptd.io/isolator",
+        "ckptd.io/containers",
+        "ckptd.io/agent-cpu-request",
+        "ckptd.io/agent-memory-limit",
+        "unknown annotation ckptd.io/slot",
+    ] {
+        assert!(msg.contains(key), "{key} missing from {msg}");
+    }
+}
+
+#[test]
+fn missing_store_and_reserved_names_are_denied() {
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["metadata"]["annotations"] = serde_json::json!({});
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(!resp.allowed);
+    assert!(resp.result.message.contains("ckptd.io/store is required"), "{}", resp.result.message);
+
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["spec"]["volumes"] = serde_json::json!([{"name": "ckptd-arena", "emptyDir": {}}]);
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(!resp.allowed && resp.result.message.contains("volume named ckptd-arena"), "{}", resp.result.message);
+
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["spec"]["containers"][0]["volumeMounts"] =
+        serde_json::json!([{"name": "x", "mountPath": "/var/run/ckptd/sock/"}]);
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(!resp.allowed && resp.result.message.contains("already mounts x"), "{}", resp.result.message);
+
+    // A pod with neither a job label nor a name must say which annotation to set.
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    let meta = &mut raw["request"]["object"]["metadata"];
+    meta.as_object_mut().unwrap().remove("name");
+    meta["generateName"] = "train-".into();
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(!resp.allowed && resp.result.message.contains("ckptd.io/job"), "{}", resp.result.message);
+}
+
+#[test]
+fn file_store_mounts_the_trainers_volume_in_the_agent() {
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    let obj = &mut raw["request"]["object"];
+    obj["metadata"]["annotations"]["ckptd.io/store"] = "file:///mnt/cpfs/ckpt/run1".into();
+    obj["spec"]["volumes"] = serde_json::json!([{"name": "cpfs", "persistentVolumeClaim": {"claimName": "cpfs"}}]);
+    obj["spec"]["containers"][0]["volumeMounts"] =
+        serde_json::json!([{"name": "cpfs", "mountPath": "/mnt/cpfs", "readOnly": true}]);
+    let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+    assert!(resp.allowed, "{:?}", resp.result);
+    let a = agent(&pod(&obj));
+    let m = a.volume_mounts.iter().flatten().find(|m| m.name == "cpfs").expect("store volume in the agent");
+    assert_eq!(m.mount_path, "/mnt/cpfs");
+    assert_eq!(m.read_only, None, "the agent writes to the store");
+}
+
+#[test]
+fn hostile_bodies_are_400_with_a_message() {
+    let good = fixture("plain-pod.json");
+    let truncated = &good[..good.len() / 2];
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", truncated.to_vec(), "not an AdmissionReview"),
+        ("garbage", b"\x00\xff{{not json".to_vec(), "not an AdmissionReview"),
+        ("empty", Vec::new(), "not an AdmissionReview"),
+        ("array", b"[1,2,3]".to_vec(), "not an AdmissionReview"),
+        (
+            "v1beta1",
+            br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#.to_vec(),
+            "admission.k8s.io/v1",
+        ),
+        ("no request", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(), "no request"),
+        (
+            "deep nesting",
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(),
+            "not an AdmissionReview",
+        ),
+    ];
+    for (name, body, msg) in cases {
+        let r = review_response(&body, &config());
+        assert_eq!(r.status(), 400, "{name}");
+        let text = futures_body(r);
+        assert!(text.contains(msg), "{name}: {text}");
+    }
+    let mut raw: Value = serde_json::from_slice(&good).unwrap();
+    raw["request"]["object"]["spec"]["containers"] = "not a list".into();
+    let r = review_response(&serde_json::to_vec(&raw).unwrap(), &config());
+    assert_eq!(r.status(), 400);
+    assert!(futures_body(r).contains("not a valid Pod"));
+}
+
+fn futures_body(r: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> String {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let bytes = rt.block_on(r.into_body().collect()).unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Annotation values a user or a tool might write, including unicode, control characters and very
+    /// long strings.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9]{0,25}(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P|m|\\.|e|)[0-9]{0,4}",
+            "(s3|oss|gs|az|file|http|https|ftp)://[a-z0-9@:./-]{0,40}",
+            "[a-z, -]{0,30}",
+            any::<String>(),
+            ".{200,3000}",
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(ckptd::webhook::annotations::KNOWN.to_vec()).prop_map(String::from),
+            "ckptd\\.io/[a-z-]{1,20}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever the annotations, the webhook either returns a patch that applies and yields a valid
+        /// Pod with exactly one agent, or a denial that names an annotation; it never panics.
+        #[test]
+        fn any_annotations_give_a_valid_pod_or_a_named_denial(
+            annotations in proptest::collection::btree_map(key(), value(), 0..6),
+            native in any::<bool>(),
+        ) {
+            let mut raw: Value = serde_json::from_slice(&fixture("pytorchjob-worker.json")).unwrap();
+            raw["request"]["object"]["metadata"]["annotations"] = serde_json::to_value(&annotations).unwrap();
+            let cfg = Config::from_yaml("img:1", &format!("nativeSidecar: {native}\nstore: s3://b/p\n")).unwrap();
+            let resp = review(&serde_json::to_vec(&raw).unwrap(), &cfg).unwrap();
+            if resp.allowed {
+                let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &cfg);
+                let p = pod(&obj);
+                agent(&p);
+                prop_assert_eq!(mutate(&p, &cfg).map(|patch| patch.0.len()), Ok(0));
+            } else {
+                let msg = &resp.result.message;
+                prop_assert!(msg.contains("ckptd.io/"), "{}", msg);
+                prop_assert!(msg.len() < 8 * 1024, "denial of {} bytes", msg.len());
+            }
+        }
+
+        /// Arbitrary bytes, and valid JSON of the wrong shape, are answered with a status, never a panic.
+        #[test]
+        fn any_body_gets_an_answer(body in proptest::collection::vec(any::<u8>(), 0..512), cut in 0usize..4000) {
+            let r = review_response(&body, &config());
+            prop_assert_eq!(r.status(), 400);
+            let good = fixture("plain-pod.json");
+            let r = review_response(&good[..cut.min(good.len())], &config());
+            prop_assert!(r.status() == 400 || cut >= good.len());
+        }
+    }
+}
+
+mod job_templates {
+    use super::*;
+
+    fn template<'a>(obj: &'a Value, path: &str) -> &'a Value {
+        obj.pointer(path).unwrap_or_else(|| panic!("no {path}"))
+    }
+
+    #[test]
+    fn pytorchjob_label_and_annotations_reach_every_pod_template() {
+        let (resp, obj) = admit(&fixture("pytorchjob.json"), &config());
+        assert!(resp.allowed);
+        assert!(resp.patch.is_some());
+        for role in ["Master", "Worker"] {
+            let t = template(&obj, &format!("/spec/pytorchReplicaSpecs/{role}/template"));
+            assert_eq!(t["metadata"]["labels"]["ckptd.io/inject"], "true", "{role}");
+            assert_eq!(t["metadata"]["annotations"]["ckptd.io/store"], "oss://ckpt-bucket/llama", "{role}");
+            assert!(t["metadata"]["annotations"].get("kubectl.kubernetes.io/last-applied-configuration").is_none());
+            let pod: k8s_openapi::api::core::v1::PodTemplateSpec = serde_json::from_value(t.clone()).unwrap();
+            assert!(pod.spec.is_some());
+        }
+        let worker = template(&obj, "/spec/pytorchReplicaSpecs/Worker/template/metadata");
+        assert_eq!(worker["annotations"]["ckptd.io/slots"], "2", "the template's own annotation wins");
+        assert_eq!(worker["labels"]["app"], "llama");
+        let master = template(&obj, "/spec/pytorchReplicaSpecs/Master/template/metadata");
+        assert_eq!(master["annotations"]["ckptd.io/slots"], "3");
+
+        // Reviewing the labelled job again changes nothing.
+        let mut again: Value = serde_json::from_slice(&fixture("pytorchjob.json")).unwrap();
+        again["request"]["object"] = obj;
+        assert!(review(&serde_json::to_vec(&again).unwrap(), &config()).unwrap().patch.is_none());
+    }
+
+    #[test]
+    fn job_and_jobset_templates_are_labelled_and_opt_outs_are_kept() {
+        let mut raw: Value = serde_json::from_slice(&fixture("pytorchjob.json")).unwrap();
+        raw["request"]["kind"] = serde_json::json!({"group": "batch", "version": "v1", "kind": "Job"});
+        raw["request"]["object"]["spec"] = serde_json::json!({"template": {"metadata": {"labels": {"ckptd.io/inject": "false"}}, "spec": {"containers": []}}});
+        let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+        assert!(resp.allowed);
+        assert_eq!(
+            obj["spec"]["template"]["metadata"]["labels"]["ckptd.io/inject"], "false",
+            "an explicit opt-out is kept"
+        );
+        assert_eq!(obj["spec"]["template"]["metadata"]["annotations"]["ckptd.io/slots"], "3");
+
+        raw["request"]["kind"] =
+            serde_json::json!({"group": "jobset.x-k8s.io", "version": "v1alpha2", "kind": "JobSet"});
+        raw["request"]["object"]["spec"] = serde_json::json!({"replicatedJobs": [
+            {"name": "workers", "template": {"spec": {"template": {"spec": {"containers": []}}}}},
+            {"name": "driver", "template": {"spec": {"template": {"metadata": {}, "spec": {"containers": []}}}}}
+        ]});
+        let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+        for i in 0..2 {
+            let m = template(&obj, &format!("/spec/replicatedJobs/{i}/template/spec/template/metadata"));
+            assert_eq!(m["labels"]["ckptd.io/inject"], "true", "replicatedJobs[{i}]");
+            assert_eq!(m["annotations"]["ckptd.io/store"], "oss://ckpt-bucket/llama");
+        }
+
+        // Without the label on the job, nothing is touched.
+        raw["request"]["object"]["metadata"]["labels"] = serde_json::json!({"team": "llm"});
+        assert!(review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap().patch.is_none());
+    }
+}
