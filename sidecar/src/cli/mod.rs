@@ -18,8 +18,12 @@
 mod export;
 mod gc;
 mod inspect;
+#[cfg(feature = "server")]
+mod jobs;
 mod ls;
 mod progress;
+#[cfg(feature = "server")]
+mod release;
 mod verify;
 
 use std::io::Write;
@@ -72,6 +76,12 @@ pub enum Command {
     Gc(GcArgs),
     /// Restore one rank of a step and write its tensors to a file (safetensors).
     Export(ExportArgs),
+    /// The isolator's jobs: state, generation, newest global step, isolated nodes, stragglers.
+    #[cfg(feature = "server")]
+    Jobs(jobs::JobsArgs),
+    /// Undo the isolation of a node (uncordon, remove the taint and the evidence).
+    #[cfg(feature = "server")]
+    Release(release::ReleaseArgs),
 }
 
 /// The job every command works on.
@@ -204,6 +214,10 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Verify(a) => &a.target,
         Command::Gc(a) => &a.target,
         Command::Export(a) => &a.target,
+        #[cfg(feature = "server")]
+        Command::Jobs(a) => return jobs::run(a, out).map(ExitCode::from),
+        #[cfg(feature = "server")]
+        Command::Release(a) => return release::run(a, out).map(ExitCode::from),
     };
     ckpt_core::store::layout::validate_job(&target.job)?;
     // The URL may hold credentials: only the engine's redacted form appears in messages.
@@ -215,6 +229,8 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Verify(a) => verify::run(&mut ctx, &a)?,
         Command::Gc(a) => gc::run(&mut ctx, &a).map(|()| EXIT_OK)?,
         Command::Export(a) => export::run(&mut ctx, &a).map(|()| EXIT_OK)?,
+        #[cfg(feature = "server")]
+        Command::Jobs(_) | Command::Release(_) => EXIT_OK,
     };
     ctx.out.flush().context("cannot write output")?;
     Ok(ExitCode::from(code))
