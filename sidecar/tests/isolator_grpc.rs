@@ -27,9 +27,18 @@ fn snapshot(step: u64, rank: u32) -> Snapshot {
 }
 
 /// Writes every rank's real shard of `step` to `store` and returns them.
-fn write_shards(store: &str, job: &str, step: u64, world: u32) -> Vec<ShardInfo> {
-    let engine = Engine::open(store, EngineConfig::default()).unwrap();
-    (0..world).map(|r| engine.write_shard(job, step, r, world, &snapshot(step, r)).unwrap()).collect()
+async fn write_shards(store: &str, job: &str, step: u64, world: u32) -> Vec<ShardInfo> {
+    let (store, job) = (store.to_string(), job.to_string());
+    blocking(move || {
+        let engine = Engine::open(&store, EngineConfig::default()).unwrap();
+        (0..world).map(|r| engine.write_shard(&job, step, r, world, &snapshot(step, r)).unwrap()).collect()
+    })
+    .await
+}
+
+/// Runs engine calls (which block) off the test's runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
 }
 
 fn file_store(dir: &TempDir) -> String {
@@ -133,7 +142,7 @@ async fn hostile_requests_get_clear_refusals() {
     l.register("job", &[0], 4, "n", "p", "ns", &store).await.unwrap();
     assert_eq!(kind(l.register("job", &[1], 8, "n", "p", "ns", &store).await), ErrorKind::InvalidRequest);
     assert_eq!(l.heartbeat(9, 1, Duration::from_millis(5)).await.unwrap_err().kind(), ErrorKind::InvalidRequest);
-    let mut info = write_shards(&store, "job", 1, 4).remove(0);
+    let mut info = write_shards(&store, "job", 1, 4).await.remove(0);
     info.size = 1 << 50;
     assert_eq!(l.vote_durable(&info, &BTreeMap::new()).await.unwrap_err().kind(), ErrorKind::InvalidRequest);
     info.size = 10;
@@ -148,7 +157,7 @@ async fn hostile_requests_get_clear_refusals() {
 async fn commit_exactly_once(store: &str, dir: &TempDir) {
     let iso = start(dir, &[]);
     let links = register_all(&iso, "job", 4, store).await;
-    let shards = write_shards(store, "job", 10, 4);
+    let shards = write_shards(store, "job", 10, 4).await;
     let mut meta = BTreeMap::new();
     meta.insert("lr".to_string(), "0.1".to_string());
     let mut committed = Vec::new();
@@ -160,12 +169,16 @@ async fn commit_exactly_once(store: &str, dir: &TempDir) {
     for (l, s) in links.iter().zip(&shards) {
         assert!(l.vote_durable(s, &meta).await.unwrap());
     }
-    let engine = Engine::open(store, EngineConfig::default()).unwrap();
-    let m = engine.latest_valid("job").unwrap().expect("a committed step");
+    let url = store.to_string();
+    let (m, steps) = blocking(move || {
+        let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+        (engine.latest_valid("job").unwrap().expect("a committed step"), engine.steps("job").unwrap())
+    })
+    .await;
     assert_eq!(m.step, 10);
     assert_eq!(m.metadata.get("lr").map(String::as_str), Some("0.1"));
     assert_eq!(m.shards.len(), 4);
-    assert_eq!(engine.steps("job").unwrap().iter().filter(|s| s.step == 10).count(), 1);
+    assert_eq!(steps.iter().filter(|s| s.step == 10).count(), 1);
     let jobs = links[0].list_jobs().await.unwrap();
     assert_eq!((jobs[0].has_committed, jobs[0].committed_step), (true, 10));
     let (code, body) = iso.http_get("/metrics");
@@ -185,11 +198,11 @@ async fn a_rank_that_never_votes_aborts_its_step_and_the_previous_stays_latest()
     let iso = start(&dir, &["--commit-deadline", "300ms"]);
     let store = file_store(&dir);
     let links = register_all(&iso, "job", 4, &store).await;
-    let s1 = write_shards(&store, "job", 1, 4);
+    let s1 = write_shards(&store, "job", 1, 4).await;
     for (l, s) in links.iter().zip(&s1) {
         l.vote_durable(s, &BTreeMap::new()).await.unwrap();
     }
-    let s2 = write_shards(&store, "job", 2, 4);
+    let s2 = write_shards(&store, "job", 2, 4).await;
     for (l, s) in links.iter().zip(&s2).take(3) {
         assert!(!l.vote_durable(s, &BTreeMap::new()).await.unwrap());
     }
@@ -202,9 +215,14 @@ async fn a_rank_that_never_votes_aborts_its_step_and_the_previous_stays_latest()
     assert!(err.to_string().contains("aborted"), "{err}");
     // A late vote of rank 3 cannot resurrect it.
     assert_eq!(links[3].vote_durable(&s2[3], &BTreeMap::new()).await.unwrap_err().kind(), ErrorKind::Stale);
-    let engine = Engine::open(&store, EngineConfig::default()).unwrap();
-    assert_eq!(engine.latest("job").unwrap().map(|m| m.step), Some(1));
-    assert!(engine.manifest("job", 2).is_err());
+    let url = store.clone();
+    let (latest, step2) = blocking(move || {
+        let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+        (engine.latest("job").unwrap().map(|m| m.step), engine.manifest("job", 2).is_ok())
+    })
+    .await;
+    assert_eq!(latest, Some(1));
+    assert!(!step2, "no MANIFEST for the aborted step");
 }
 
 #[tokio::test]
@@ -214,7 +232,7 @@ async fn restart_job_fault_restores_every_rank_at_a_new_generation_and_fences_st
     let store = file_store(&dir);
     let links = register_all(&iso, "job", 4, &store).await;
     let mut streams: Vec<_> = links.iter().map(IsolatorLink::commands).collect();
-    let s1 = write_shards(&store, "job", 5, 4);
+    let s1 = write_shards(&store, "job", 5, 4).await;
     for (l, s) in links.iter().zip(&s1) {
         l.vote_durable(s, &BTreeMap::new()).await.unwrap();
     }
@@ -257,7 +275,7 @@ async fn restart_job_fault_restores_every_rank_at_a_new_generation_and_fences_st
     // The stale copy still speaks generation 0: refused.
     let err = stale.heartbeat(1, 6, Duration::from_millis(100)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Stale, "{err}");
-    let s6 = write_shards(&store, "job", 6, 4);
+    let s6 = write_shards(&store, "job", 6, 4).await;
     assert_eq!(stale.vote_durable(&s6[1], &BTreeMap::new()).await.unwrap_err().kind(), ErrorKind::Stale);
     // Every rank comes back at generation 1: running again.
     for (r, l) in links.iter().enumerate() {

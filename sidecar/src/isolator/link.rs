@@ -116,6 +116,7 @@ pub struct IsolatorLink {
 impl IsolatorLink {
     /// Connects to `url` (`http://host:port` or `https://host:port`).
     pub async fn connect(url: &str, creds: LinkCredentials) -> Result<IsolatorLink> {
+        super::install_crypto_provider();
         let unavailable = |reason: String| Error::IsolatorUnavailable { url: url.to_string(), reason };
         let mut ep = Endpoint::from_shared(url.to_string())
             .map_err(|e| Error::Config { what: "isolator URL".into(), reason: format!("`{url}`: {e}") })?

@@ -196,8 +196,15 @@ fn identity(args: &IsolatorArgs) -> String {
         .unwrap_or_else(|| format!("ckptd-isolator-{}", std::process::id()))
 }
 
+/// Selects rustls's ring provider for the whole process. Dependencies enable both ring and
+/// aws-lc-rs, and rustls then refuses to guess; the first caller wins, later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Runs the isolator until SIGTERM or Ctrl-C.
 pub fn run(args: IsolatorArgs) -> crate::Result<()> {
+    install_crypto_provider();
     if !(args.max_isolated_fraction.is_finite() && (0.0..=1.0).contains(&args.max_isolated_fraction)) {
         return Err(config("--max-isolated-fraction", format!("{} is not in 0..=1", args.max_isolated_fraction)));
     }
