@@ -61,8 +61,9 @@ pub(crate) fn kube_err(op: &str, object: &str, e: kube::Error) -> Error {
     Error::Kube { op: op.to_string(), object: object.to_string(), reason: e.to_string() }
 }
 
-fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.is_not_found())
+/// 404 by code as well as by reason: some API servers (and emulators) spell the reason otherwise.
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_not_found() || s.code == 404)
 }
 
 fn now_rfc3339() -> String {

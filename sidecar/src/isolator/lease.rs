@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::kube::kube_err;
+use super::kube::{is_not_found, kube_err};
 use crate::Result;
 
 /// Lease settings.
@@ -94,7 +94,12 @@ pub async fn run(
 async fn step(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Option<(Seen, Instant)>) -> Result<(bool, String)> {
     let object = format!("lease/{}/{}", cfg.namespace, cfg.name);
     let secs = i32::try_from(cfg.duration.as_secs().max(1)).unwrap_or(i32::MAX);
-    let Some(lease) = api.get_opt(&cfg.name).await.map_err(|e| kube_err("get", &object, e))? else {
+    let found = match api.get(&cfg.name).await {
+        Ok(l) => Some(l),
+        Err(e) if is_not_found(&e) => None,
+        Err(e) => return Err(kube_err("get", &object, e)),
+    };
+    let Some(lease) = found else {
         let now = micro_now();
         let lease: Lease = serde_json::from_value(json!({
             "metadata": { "name": cfg.name, "namespace": cfg.namespace },

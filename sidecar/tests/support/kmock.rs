@@ -79,6 +79,7 @@ impl Kmock {
 
     /// A kube client for the emulator.
     pub fn client(&self) -> kube::Client {
+        ckptd::isolator::install_crypto_provider();
         let cfg = kube::Config::new(self.url.parse().expect("kmock url"));
         kube::Client::try_from(cfg).expect("kube client")
     }
