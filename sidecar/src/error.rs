@@ -110,7 +110,9 @@ pub enum Error {
         job: String,
     },
     /// The request carries a restart generation older than the job's.
-    #[error("job `{job}`: generation {got} is stale, the job is at generation {current}: restore the step the isolator sent")]
+    #[error(
+        "job `{job}`: generation {got} is stale, the job is at generation {current}: restore the step the isolator sent"
+    )]
     StaleGeneration {
         /// The job.
         job: String,

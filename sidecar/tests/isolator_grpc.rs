@@ -95,15 +95,18 @@ async fn mtls_needs_a_client_certificate_signed_by_the_ca() {
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params.clone(), ca_key);
     let server_key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let server =
+        rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
     let client_key = rcgen::KeyPair::generate().unwrap();
-    let client = rcgen::CertificateParams::new(vec!["agent".to_string()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    let client =
+        rcgen::CertificateParams::new(vec!["agent".to_string()]).unwrap().signed_by(&client_key, &issuer).unwrap();
     let p = |n: &str, s: String| {
         let path = dir.path().join(n);
         std::fs::write(&path, s).unwrap();
         path.to_str().unwrap().to_string()
     };
-    let (cert, key, ca_path) = (p("server.pem", server.pem()), p("server.key", server_key.serialize_pem()), p("ca.pem", ca.pem()));
+    let (cert, key, ca_path) =
+        (p("server.pem", server.pem()), p("server.key", server_key.serialize_pem()), p("ca.pem", ca.pem()));
     let iso = IsolatorProc::spawn(
         dir.path(),
         "isolator",
@@ -118,7 +121,11 @@ async fn mtls_needs_a_client_certificate_signed_by_the_ca() {
         Ok(l) => assert!(l.register("job", &[0], 1, "n", "p", "ns", &store).await.is_err()),
         Err(e) => assert_eq!(e.kind(), ErrorKind::IsolatorUnavailable),
     }
-    let creds = LinkCredentials::mtls(client.pem().into_bytes(), client_key.serialize_pem().into_bytes(), ca.pem().into_bytes());
+    let creds = LinkCredentials::mtls(
+        client.pem().into_bytes(),
+        client_key.serialize_pem().into_bytes(),
+        ca.pem().into_bytes(),
+    );
     let l = IsolatorLink::connect(&url, creds).await.unwrap();
     l.register("job", &[0], 1, "n", "p", "ns", &store).await.unwrap();
 }

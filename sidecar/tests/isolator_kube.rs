@@ -186,14 +186,22 @@ async fn past_the_circuit_breaker_limit_the_isolator_only_alerts() {
 async fn with_two_isolators_only_the_lease_holder_acts_and_the_other_takes_over() {
     let Some(km) = Kmock::start(4) else { return };
     let dir = TempDir::new().unwrap();
-    let lease = ["--lease-name", "ckptd-isolator", "--lease-namespace", "ckptd", "--lease-duration", "2s", "--lease-retry", "200ms"];
+    let lease = [
+        "--lease-name",
+        "ckptd-isolator",
+        "--lease-namespace",
+        "ckptd",
+        "--lease-duration",
+        "2s",
+        "--lease-retry",
+        "200ms",
+    ];
     let common = ["--max-isolated", "4", "--max-isolated-fraction", "1"];
     let mut a_args = vec!["--identity", "iso-a"];
     a_args.extend(lease);
     a_args.extend(common);
     let mut a = start(&dir, &km, "iso-a", &a_args);
-    let leader_a = eventually("iso-a to lead", LIMIT, || async { (a.http_get("/readyz").0 == 200).then_some(()) }).await;
-    let _ = leader_a;
+    eventually("iso-a to lead", LIMIT, || async { (a.http_get("/readyz").0 == 200).then_some(()) }).await;
     let mut b_args = vec!["--identity", "iso-b"];
     b_args.extend(lease);
     b_args.extend(common);

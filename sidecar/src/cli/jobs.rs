@@ -54,7 +54,11 @@ pub fn run(args: &JobsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
         writeln!(out).context("cannot write output")?;
         return Ok(super::EXIT_OK);
     }
-    writeln!(out, "{:<24} {:<11} {:>4} {:>10} {:>7} {:<20} STRAGGLERS", "JOB", "STATE", "GEN", "GLOBAL", "RANKS", "ISOLATED")?;
+    writeln!(
+        out,
+        "{:<24} {:<11} {:>4} {:>10} {:>7} {:<20} STRAGGLERS",
+        "JOB", "STATE", "GEN", "GLOBAL", "RANKS", "ISOLATED"
+    )?;
     for r in &rows {
         let step = r.latest_global_step.map_or("-".to_string(), |s| s.to_string());
         let isolated = if r.isolated_nodes.is_empty() { "-".to_string() } else { r.isolated_nodes.join(",") };

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ckpt_core::{Engine, EngineConfig};
 use ckptd_proto::v1::{
-    Command, CommandsRequest, DurableVote, FaultAck, FaultAction, FaultReport, HeartbeatAck, JobStatus,
-    RankHeartbeat, RegisterReply, RegisterRequest, RestoreCommand, SnapshotNowCommand, StopCommand, command,
+    Command, CommandsRequest, DurableVote, FaultAck, FaultAction, FaultReport, HeartbeatAck, JobStatus, RankHeartbeat,
+    RegisterReply, RegisterRequest, RestoreCommand, SnapshotNowCommand, StopCommand, command,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
@@ -207,9 +207,10 @@ impl Coordinator {
             return Ok(e.clone());
         }
         let u = url.to_string();
-        let engine = tokio::task::spawn_blocking(move || Engine::open(&u, EngineConfig::default()))
-            .await
-            .map_err(|e| Error::Config { what: "store".into(), reason: format!("opening the store panicked: {e}") })??;
+        let engine =
+            tokio::task::spawn_blocking(move || Engine::open(&u, EngineConfig::default())).await.map_err(|e| {
+                Error::Config { what: "store".into(), reason: format!("opening the store panicked: {e}") }
+            })??;
         lock(&self.engines).insert(url.to_string(), engine.clone());
         Ok(engine)
     }
@@ -248,9 +249,9 @@ impl Coordinator {
         } else {
             let engine = self.engine(&store).await?;
             let job = r.job.clone();
-            let latest = tokio::task::spawn_blocking(move || engine.latest(&job))
-                .await
-                .map_err(|e| Error::Config { what: "store".into(), reason: format!("reading the store panicked: {e}") })??;
+            let latest = tokio::task::spawn_blocking(move || engine.latest(&job)).await.map_err(|e| {
+                Error::Config { what: "store".into(), reason: format!("reading the store panicked: {e}") }
+            })??;
             Some(latest.map(|m| m.step))
         };
         let mut jobs = lock(&self.jobs);
@@ -337,7 +338,10 @@ impl Coordinator {
         check_name("node", &f.node, needs_isolation(action))?;
         check_name("pod", &f.pod, false)?;
         if f.ranks.len() > MAX_RANKS_PER_REQUEST {
-            return Err(Error::InvalidRequest { what: "ranks".into(), reason: format!("{} ranks in one report", f.ranks.len()) });
+            return Err(Error::InvalidRequest {
+                what: "ranks".into(),
+                reason: format!("{} ranks in one report", f.ranks.len()),
+            });
         }
         let (start_cycle, pod) = self.with_job(&f.job, |job| {
             for &r in &f.ranks {
@@ -548,7 +552,8 @@ impl Coordinator {
                 });
             }
             let world = job.world_size;
-            let ballot = job.ballots.entry(v.step).or_insert_with(|| Ballot::new(v.step, world, Instant::now().into_std()));
+            let ballot =
+                job.ballots.entry(v.step).or_insert_with(|| Ballot::new(v.step, world, Instant::now().into_std()));
             match ballot.add(vote)? {
                 Tally::Pending(_) | Tally::Repeated => Ok(Some(None)),
                 Tally::Complete => {

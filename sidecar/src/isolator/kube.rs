@@ -8,8 +8,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use super::fencer::{
@@ -101,7 +101,11 @@ impl KubeFencer {
             "lastTimestamp": now,
             "count": 1,
         }))
-        .map_err(|e| Error::Kube { op: "build event".into(), object: name.clone(), reason: e.to_string() })?;
+        .map_err(|e| Error::Kube {
+            op: "build event".into(),
+            object: name.clone(),
+            reason: e.to_string(),
+        })?;
         Api::<Event>::namespaced(self.client.clone(), &namespace)
             .create(&PostParams::default(), &ev)
             .await
@@ -198,7 +202,10 @@ impl KubeFencer {
         if cordoned_by_us {
             patch["spec"]["unschedulable"] = serde_json::Value::Null;
         }
-        nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| kube_err("release", &object, e))?;
+        nodes
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| kube_err("release", &object, e))?;
         self.event(&Subject::Node(node.to_string()), "Normal", "NodeReleased", "ckptd released the node").await?;
         tracing::warn!(node, "node released");
         Ok(true)

@@ -135,17 +135,19 @@ impl IsolatorLink {
             if let Some(d) = &creds.domain {
                 tls = tls.domain_name(d.clone());
             }
-            ep = ep.tls_config(tls).map_err(|e| Error::Config { what: "isolator TLS".into(), reason: e.to_string() })?;
+            ep =
+                ep.tls_config(tls).map_err(|e| Error::Config { what: "isolator TLS".into(), reason: e.to_string() })?;
         }
-        let token = match &creds.token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Error::Config { what: "isolator token".into(), reason: "not printable ASCII".into() })?,
-            ),
-            None => None,
-        };
-        let channel = ep.connect().await.map_err(|e| unavailable(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        let token =
+            match &creds.token {
+                Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| Error::Config {
+                    what: "isolator token".into(),
+                    reason: "not printable ASCII".into(),
+                })?),
+                None => None,
+            };
+        let channel =
+            ep.connect().await.map_err(|e| unavailable(format!("{e}: {:?}", std::error::Error::source(&e))))?;
         Ok(IsolatorLink {
             url: url.to_string(),
             channel,
@@ -239,7 +241,11 @@ impl IsolatorLink {
             report.job = self.job();
         }
         report.generation = self.generation();
-        let ack = self.client().report_fault(self.req(report)).await.map_err(|s| from_status(&self.url, "report-fault", &s))?;
+        let ack = self
+            .client()
+            .report_fault(self.req(report))
+            .await
+            .map_err(|s| from_status(&self.url, "report-fault", &s))?;
         Ok(ack.into_inner())
     }
 
@@ -260,7 +266,8 @@ impl IsolatorLink {
             metadata,
             region_len: entry.region_len,
         };
-        let ack = self.client().vote_durable(self.req(msg)).await.map_err(|s| from_status(&self.url, "vote-durable", &s))?;
+        let ack =
+            self.client().vote_durable(self.req(msg)).await.map_err(|s| from_status(&self.url, "vote-durable", &s))?;
         Ok(ack.into_inner().committed)
     }
 
@@ -312,7 +319,9 @@ impl IsolatorLink {
                             }
                         }
                     }
-                    Err(s) => tracing::warn!(error = %s.message(), code = ?s.code(), "cannot open the isolator command stream"),
+                    Err(s) => {
+                        tracing::warn!(error = %s.message(), code = ?s.code(), "cannot open the isolator command stream")
+                    }
                 }
                 tokio::select! {
                     () = tx.closed() => return,
@@ -330,7 +339,11 @@ impl IsolatorLink {
 
     /// Every job the isolator knows (`ckptctl jobs`).
     pub async fn list_jobs(&self) -> Result<Vec<JobStatus>> {
-        let r = self.admin().list_jobs(self.req(ListJobsRequest {})).await.map_err(|s| from_status(&self.url, "list-jobs", &s))?;
+        let r = self
+            .admin()
+            .list_jobs(self.req(ListJobsRequest {}))
+            .await
+            .map_err(|s| from_status(&self.url, "list-jobs", &s))?;
         Ok(r.into_inner().jobs)
     }
 

@@ -2,8 +2,8 @@
 //! (always 200 while the process runs) and `/readyz` (200 only on the Lease holder, so a Service
 //! routes agents to the leader).
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -158,7 +158,9 @@ pub async fn serve(
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = match path {
-                "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+                "/metrics" => {
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
+                }
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
                 "/readyz" if *leader.borrow() => ("200 OK", "text/plain", "leader\n".to_string()),
                 "/readyz" => ("503 Service Unavailable", "text/plain", "not the leader\n".to_string()),

@@ -231,9 +231,12 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => {
-            let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read("--tls-cert", c)?, read("--tls-key", k)?));
+            let mut tls =
+                ServerTlsConfig::new().identity(Identity::from_pem(read("--tls-cert", c)?, read("--tls-key", k)?));
             if let Some(ca) = &args.client_ca {
-                tls = tls.client_ca_root(Certificate::from_pem(read("--client-ca", ca)?)).client_auth_optional(token.is_some());
+                tls = tls
+                    .client_ca_root(Certificate::from_pem(read("--client-ca", ca)?))
+                    .client_auth_optional(token.is_some());
             }
             Some(tls)
         }
@@ -255,7 +258,10 @@ async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
             ::kube::Config::new(uri)
         }
         None => ::kube::Config::infer().await.map_err(|e| {
-            config("kubernetes", format!("no in-cluster config or kubeconfig ({e}): pass --kube-url, or --dry-run without --lease-name"))
+            config(
+                "kubernetes",
+                format!("no in-cluster config or kubeconfig ({e}): pass --kube-url, or --dry-run without --lease-name"),
+            )
         })?,
     };
     ::kube::Client::try_from(cfg).map_err(|e| config("kubernetes", format!("cannot build the client: {e}")))
@@ -302,8 +308,9 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
     let metrics_listener = TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| config("--metrics-addr", format!("cannot listen on {}: {e}", args.metrics_addr)))?;
-    let grpc_listener =
-        TcpListener::bind(args.listen).await.map_err(|e| config("--listen", format!("cannot listen on {}: {e}", args.listen)))?;
+    let grpc_listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| config("--listen", format!("cannot listen on {}: {e}", args.listen)))?;
     let grpc_addr = grpc_listener.local_addr().map_err(|e| config("--listen", e.to_string()))?;
     let metrics_addr = metrics_listener.local_addr().map_err(|e| config("--metrics-addr", e.to_string()))?;
     tasks.spawn(metrics::serve(metrics_listener, metrics, leader_rx, cancel.clone()));
@@ -338,7 +345,10 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
     cancel.cancel();
     // Drain the background tasks with a grace period (the Lease is released on the way out).
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
-    served.map_err(|e| Error::IsolatorUnavailable { url: grpc_addr.to_string(), reason: format!("the gRPC server failed: {e}") })
+    served.map_err(|e| Error::IsolatorUnavailable {
+        url: grpc_addr.to_string(),
+        reason: format!("the gRPC server failed: {e}"),
+    })
 }
 
 async fn shutdown_signal() {

@@ -69,10 +69,7 @@ pub enum Event {
 
 /// Whether a fault action leads to a coordinated restore.
 pub fn needs_restore(action: FaultAction) -> bool {
-    matches!(
-        action,
-        FaultAction::RestartJob | FaultAction::ResetGpu | FaultAction::DrainNode | FaultAction::RebootNode
-    )
+    matches!(action, FaultAction::RestartJob | FaultAction::ResetGpu | FaultAction::DrainNode | FaultAction::RebootNode)
 }
 
 /// Whether a fault action isolates the node (cordon, taint, delete the pod) before the restore.
