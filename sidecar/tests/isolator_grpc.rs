@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ckpt_core::{DType, Engine, EngineConfig, ShardInfo, Snapshot, TensorMeta, TensorTable};
+use ckpt_core::store::MapEnv;
+use ckpt_core::{DType, Engine, EngineConfig, ShardInfo, Snapshot, Store, StoreOptions, TensorMeta, TensorTable};
 use ckptd::ErrorKind;
 use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
 use ckptd_proto::v1::{FaultAction, FaultReport, command};
@@ -18,6 +19,8 @@ use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
 use tempfile::TempDir;
 
 const LIMIT: Duration = Duration::from_secs(30);
+/// The loopback S3 server's endpoint (see ckpt-core/tests/common/mod.rs); unset: S3 variants skip.
+const S3_ENDPOINT_ENV: &str = "CKPTD_TEST_S3_ENDPOINT";
 
 fn snapshot(step: u64, rank: u32) -> Snapshot {
     let metas = vec![TensorMeta::new("w", DType::F32, vec![64]).unwrap()];
@@ -26,11 +29,43 @@ fn snapshot(step: u64, rank: u32) -> Snapshot {
     Snapshot { table, data: Bytes::from(data), metadata: Vec::new() }
 }
 
+/// Environment of the S3 test store (endpoint and credentials of the loopback server), empty for
+/// `file://`. The isolator child gets it as its environment; this process passes it explicitly.
+fn s3_env() -> Vec<(String, String)> {
+    let Some(endpoint) = std::env::var(S3_ENDPOINT_ENV).ok().filter(|e| !e.trim().is_empty()) else {
+        return Vec::new();
+    };
+    [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ALLOW_HTTP", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Opens `store` with the test environment `env` (empty: the process environment).
+fn open_engine(store: &str, env: &[(String, String)]) -> Engine {
+    if env.is_empty() {
+        return Engine::open(store, EngineConfig::default()).unwrap();
+    }
+    let map = MapEnv(env.iter().cloned().collect());
+    let s = Store::open_with_env(store, &StoreOptions::default(), &map).unwrap();
+    Engine::new(s, EngineConfig::default()).unwrap()
+}
+
 /// Writes every rank's real shard of `step` to `store` and returns them.
 async fn write_shards(store: &str, job: &str, step: u64, world: u32) -> Vec<ShardInfo> {
-    let (store, job) = (store.to_string(), job.to_string());
+    write_shards_env(store, &[], job, step, world).await
+}
+
+async fn write_shards_env(store: &str, env: &[(String, String)], job: &str, step: u64, world: u32) -> Vec<ShardInfo> {
+    let (store, job, env) = (store.to_string(), job.to_string(), env.to_vec());
     blocking(move || {
-        let engine = Engine::open(&store, EngineConfig::default()).unwrap();
+        let engine = open_engine(&store, &env);
         (0..world).map(|r| engine.write_shard(&job, step, r, world, &snapshot(step, r)).unwrap()).collect()
     })
     .await
@@ -46,10 +81,14 @@ fn file_store(dir: &TempDir) -> String {
 }
 
 fn start(dir: &TempDir, extra: &[&str]) -> IsolatorProc {
+    start_env(dir, extra, &[])
+}
+
+fn start_env(dir: &TempDir, extra: &[&str], env: &[(String, String)]) -> IsolatorProc {
     let token = token_file(dir.path());
     let mut args = vec!["--dry-run", "--token-file", token.to_str().unwrap()];
     args.extend_from_slice(extra);
-    IsolatorProc::spawn(dir.path(), "isolator", &args)
+    IsolatorProc::spawn_with_env(dir.path(), "isolator", &args, env)
 }
 
 async fn link(iso: &IsolatorProc) -> IsolatorLink {
@@ -161,10 +200,10 @@ async fn hostile_requests_get_clear_refusals() {
     assert_eq!(l.list_jobs().await.unwrap()[0].registered, 1);
 }
 
-async fn commit_exactly_once(store: &str, dir: &TempDir) {
-    let iso = start(dir, &[]);
+async fn commit_exactly_once(store: &str, dir: &TempDir, env: &[(String, String)]) {
+    let iso = start_env(dir, &[], env);
     let links = register_all(&iso, "job", 4, store).await;
-    let shards = write_shards(store, "job", 10, 4).await;
+    let shards = write_shards_env(store, env, "job", 10, 4).await;
     let mut meta = BTreeMap::new();
     meta.insert("lr".to_string(), "0.1".to_string());
     let mut committed = Vec::new();
@@ -176,9 +215,9 @@ async fn commit_exactly_once(store: &str, dir: &TempDir) {
     for (l, s) in links.iter().zip(&shards) {
         assert!(l.vote_durable(s, &meta).await.unwrap());
     }
-    let url = store.to_string();
+    let (url, env) = (store.to_string(), env.to_vec());
     let (m, steps) = blocking(move || {
-        let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+        let engine = open_engine(&url, &env);
         (engine.latest_valid("job").unwrap().expect("a committed step"), engine.steps("job").unwrap())
     })
     .await;
@@ -196,7 +235,25 @@ async fn commit_exactly_once(store: &str, dir: &TempDir) {
 #[tokio::test]
 async fn four_votes_commit_the_step_exactly_once_on_file_store() {
     let dir = TempDir::new().unwrap();
-    commit_exactly_once(&file_store(&dir), &dir).await;
+    commit_exactly_once(&file_store(&dir), &dir, &[]).await;
+}
+
+#[tokio::test]
+#[allow(clippy::print_stderr)]
+async fn four_votes_commit_the_step_exactly_once_on_s3() {
+    let env = s3_env();
+    if env.is_empty() {
+        eprintln!(
+            "skipping the S3 variant: {S3_ENDPOINT_ENV} is not set (scripts/test.sh starts the loopback S3 server)"
+        );
+        return;
+    }
+    let bucket =
+        std::env::var("CKPTD_TEST_S3_BUCKET").ok().filter(|b| !b.is_empty()).unwrap_or_else(|| "ckptd-test".into());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let store = format!("s3://{bucket}/isolator-{}-{nanos}", std::process::id());
+    let dir = TempDir::new().unwrap();
+    commit_exactly_once(&store, &dir, &env).await;
 }
 
 #[tokio::test]

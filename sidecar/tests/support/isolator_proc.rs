@@ -32,6 +32,11 @@ pub fn token_file(dir: &Path) -> PathBuf {
 impl IsolatorProc {
     /// Starts `ckptd isolator` on loopback ports with `args`; its log goes to `dir/<name>.log`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> IsolatorProc {
+        IsolatorProc::spawn_with_env(dir, name, args, &[])
+    }
+
+    /// [`spawn`](IsolatorProc::spawn) with extra environment variables (store credentials).
+    pub fn spawn_with_env(dir: &Path, name: &str, args: &[&str], env: &[(String, String)]) -> IsolatorProc {
         let log = dir.join(format!("{name}.log"));
         let err = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ckptd"))
@@ -39,6 +44,7 @@ impl IsolatorProc {
             .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .args(args)
             .env("CKPTD_LOG", "info,ckptd=debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err))
