@@ -209,9 +209,14 @@ async fn with_two_isolators_only_the_lease_holder_acts_and_the_other_takes_over(
     // b runs and is healthy, but not ready, and refuses to act.
     assert_eq!(b.http_get("/healthz").0, 200);
     assert_eq!(b.http_get("/readyz").0, 503);
-    let err = job_on(&b, &dir, "job", 1).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::IsolatorUnavailable, "{err}");
-    assert!(err.to_string().contains("iso-a"), "the refusal names the holder: {err}");
+    // Once b has read the Lease, its refusal names the holder.
+    let err = eventually("b to name the holder", LIMIT, || async {
+        let err = job_on(&b, &dir, "job", 1).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::IsolatorUnavailable, "{err}");
+        err.to_string().contains("iso-a").then_some(err)
+    })
+    .await;
+    assert!(err.to_string().contains("not the leader"), "{err}");
 
     let client = km.client();
     let nodes = Api::<Node>::all(client.clone());

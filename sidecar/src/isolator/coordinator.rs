@@ -17,6 +17,7 @@ use ckptd_proto::v1::{
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::ballot::{Ballot, Tally, Vote};
 use super::breaker::{Breaker, BreakerConfig};
@@ -207,10 +208,16 @@ impl Coordinator {
             return Ok(e.clone());
         }
         let u = url.to_string();
-        let engine =
-            tokio::task::spawn_blocking(move || Engine::open(&u, EngineConfig::default())).await.map_err(|e| {
-                Error::Config { what: "store".into(), reason: format!("opening the store panicked: {e}") }
-            })??;
+        // Store I/O runs on the isolator's runtime: an engine with a runtime of its own could not
+        // be dropped from async code.
+        let handle = tokio::runtime::Handle::current();
+        let engine = tokio::task::spawn_blocking(move || {
+            let cfg = EngineConfig::default();
+            let store = ckpt_core::Store::open(&u, &cfg.store)?;
+            Engine::with_handle(store, cfg, handle)
+        })
+        .await
+        .map_err(|e| Error::Config { what: "store".into(), reason: format!("opening the store panicked: {e}") })??;
         lock(&self.engines).insert(url.to_string(), engine.clone());
         Ok(engine)
     }
@@ -392,14 +399,8 @@ impl Coordinator {
             note = "folded into the restore in progress".into();
         }
         if start_cycle {
-            let me = self.clone();
-            let job = f.job.clone();
-            tokio::spawn(async move {
-                let span = tracing::info_span!("isolator-restore", job = %job);
-                let _g = span.enter();
-                drop(_g);
-                me.recover(job).await;
-            });
+            let span = tracing::info_span!("isolator-restore", job = %f.job);
+            tokio::spawn(self.clone().recover(f.job.clone()).instrument(span));
         }
         Ok(FaultAck { action: taken as i32, note })
     }
@@ -734,5 +735,121 @@ impl Coordinator {
                 _ = window.tick() => self.straggler_window().await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolator::fencer::MemoryFencer;
+
+    fn settings(max_isolated: u32) -> Settings {
+        Settings {
+            commit_deadline: Duration::from_secs(60),
+            snapshot_timeout: Duration::from_secs(60),
+            straggler_k: 1.5,
+            straggler_windows: 3,
+            straggler_window: Duration::from_secs(30),
+            store_override: Some("memory://".into()),
+            breaker: BreakerConfig { max_isolated, max_fraction: 1.0, window: Duration::from_secs(3600) },
+        }
+    }
+
+    fn coordinator(leads: bool, fencer: Arc<MemoryFencer>, max_isolated: u32) -> Arc<Coordinator> {
+        let (_l, leader) = watch::channel(leads);
+        let (_h, holder) = watch::channel("other".to_string());
+        Coordinator::new(
+            settings(max_isolated),
+            fencer,
+            Arc::new(Metrics::new()),
+            leader,
+            holder,
+            CancellationToken::new(),
+        )
+    }
+
+    async fn register(c: &Coordinator, job: &str, rank: u32, world: u32, node: &str) {
+        let r = RegisterRequest {
+            job: job.into(),
+            rank,
+            world_size: world,
+            node: node.into(),
+            pod: format!("{job}-{rank}"),
+            namespace: "ns".into(),
+            ..Default::default()
+        };
+        c.register(r).await.unwrap();
+    }
+
+    fn drain(job: &str, node: &str) -> FaultReport {
+        FaultReport {
+            job: job.into(),
+            ranks: vec![0],
+            node: node.into(),
+            kind: "xid-79".into(),
+            action: FaultAction::DrainNode as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn isolation_goes_through_the_fencer_within_the_breaker() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer.clone(), 1);
+        register(&c, "a", 0, 1, "n1").await;
+        register(&c, "b", 0, 1, "n2").await;
+        let ack = c.report_fault(drain("a", "n1")).await.unwrap();
+        assert_eq!(ack.action, FaultAction::DrainNode as i32);
+        assert_eq!(c.list()[0].state, "Degraded");
+        let rec = fencer.record();
+        assert!(rec.isolated.contains_key("n1"));
+        assert!(rec.deleted_pods.contains(&PodRef { namespace: "ns".into(), name: "a-0".into() }));
+        // The second node exceeds the breaker: alert only, and the job still restarts.
+        let ack = c.report_fault(drain("b", "n2")).await.unwrap();
+        assert_eq!(ack.action, FaultAction::RestartJob as i32, "{}", ack.note);
+        let rec = fencer.record();
+        assert!(!rec.isolated.contains_key("n2"));
+        assert_eq!(rec.notices.len(), 1);
+        assert_eq!(rec.notices[0].reason, "IsolationRefused");
+        // Repeating the first isolation is not a new one for the breaker.
+        let again = c.isolate(&rec.isolated["n1"]).await.unwrap();
+        assert!(again);
+        assert_eq!(fencer.record().isolations, 1);
+        assert!(c.release("n1").await.unwrap());
+        assert!(c.list().iter().all(|j| j.isolated_nodes.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_the_lease_refuses_to_act() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(false, fencer.clone(), 4);
+        let r = RegisterRequest { job: "a".into(), world_size: 1, node: "n".into(), ..Default::default() };
+        let err = c.register(r).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::NotLeader);
+        assert!(err.to_string().contains("other"), "{err}");
+        assert_eq!(c.release("n").await.unwrap_err().kind(), crate::ErrorKind::NotLeader);
+        assert_eq!(fencer.record().isolations, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ballot_past_its_deadline_is_aborted() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer, 4);
+        register(&c, "a", 0, 2, "n").await;
+        let vote = DurableVote {
+            job: "a".into(),
+            step: 3,
+            rank: 0,
+            world_size: 2,
+            shard_key: ckpt_core::store::layout::shard_name(0),
+            shard_len: 10,
+            ..Default::default()
+        };
+        assert!(!c.vote(vote.clone()).await.unwrap());
+        assert_eq!(c.sweep_deadlines(), 0);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(c.sweep_deadlines(), 1);
+        let err = c.vote(vote).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Stale);
     }
 }

@@ -77,17 +77,15 @@ impl KubeFencer {
     }
 
     async fn event(&self, subject: &Subject, type_: &str, reason: &str, message: &str) -> Result<()> {
-        let (namespace, kind, name, uid) = match subject {
-            Subject::Node(n) => (NODE_EVENT_NAMESPACE.to_string(), "Node", n.clone(), n.clone()),
-            Subject::Pod(p) => (p.namespace.clone(), "Pod", p.name.clone(), String::new()),
+        let (namespace, kind, name) = match subject {
+            Subject::Node(n) => (NODE_EVENT_NAMESPACE.to_string(), "Node", n.clone()),
+            Subject::Pod(p) => (p.namespace.clone(), "Pod", p.name.clone()),
         };
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let now = now_rfc3339();
         let mut involved = json!({ "kind": kind, "name": name, "apiVersion": "v1" });
         if kind == "Pod" {
             involved["namespace"] = json!(namespace);
-        } else {
-            involved["uid"] = json!(uid);
         }
         let ev: Event = serde_json::from_value(json!({
             "metadata": { "name": format!("{name}.{nanos:x}"), "namespace": namespace },

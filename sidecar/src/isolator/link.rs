@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::Instrument as _;
 
 use super::status::from_status;
 use crate::{Error, Result};
@@ -277,10 +278,8 @@ impl IsolatorLink {
     pub fn commands(&self) -> mpsc::Receiver<Command> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let link = self.clone();
-        tokio::spawn(async move {
-            let span = tracing::info_span!("isolator-commands", url = %link.url);
-            let _e = span.enter();
-            drop(_e);
+        let span = tracing::info_span!("isolator-commands", url = %self.url);
+        let task = async move {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let (job, ranks) = match link.registration.lock() {
@@ -329,7 +328,8 @@ impl IsolatorLink {
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-        });
+        };
+        tokio::spawn(task.instrument(span));
         rx
     }
 
