@@ -227,6 +227,22 @@ async fn commit_exactly_once(store: &str, dir: &TempDir, env: &[(String, String)
     assert_eq!(steps.iter().filter(|s| s.step == 10).count(), 1);
     let jobs = links[0].list_jobs().await.unwrap();
     assert_eq!((jobs[0].has_committed, jobs[0].committed_step), (true, 10));
+    // The operator's view, through the real `ckptctl jobs --json`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .args(["jobs", "--json", "--isolator", &iso.url(), "--token-file"])
+        .arg(dir.path().join("token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["job"], "job");
+    assert_eq!(v[0]["state"], "Running");
+    assert_eq!(v[0]["latest_global_step"], 10);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .args(["jobs", "--isolator", &iso.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no token: refused");
     let (code, body) = iso.http_get("/metrics");
     assert_eq!(code, 200);
     assert!(body.contains("ckptd_isolator_latest_global_step{job=\"job\"} 10"), "{body}");
@@ -303,11 +319,10 @@ async fn restart_job_fault_restores_every_rank_at_a_new_generation_and_fences_st
     // A stale copy of rank 1 that will never hear about the restore.
     let stale = link(&iso).await;
     stale.register("job", &[1], 4, "node-1", "train-1", "train", &store).await.unwrap();
-    // Give every command stream time to subscribe: a heartbeat round trip after subscribing.
-    for l in &links {
-        l.heartbeat(0, 5, Duration::from_millis(100)).await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("every agent to subscribe", LIMIT, || async {
+        (links[0].list_jobs().await.unwrap()[0].connected_agents == 4).then_some(())
+    })
+    .await;
     let fault = FaultReport {
         ranks: vec![2],
         node: "node-2".into(),

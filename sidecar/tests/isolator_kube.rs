@@ -122,8 +122,14 @@ async fn drain_node_fault_isolates_idempotently_and_release_undoes_it() {
     assert_eq!(taints(&node).len(), 1);
     assert_eq!(events_about(&client, "default", "node-2").await.len(), 1);
 
-    // Release through the isolator (what `ckptctl release` calls).
-    assert!(link.release("node-2").await.unwrap());
+    // Release through the real `ckptctl release`, which goes through the isolator.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .args(["release", "node-2", "--isolator", &iso.url(), "--token-file"])
+        .arg(dir.path().join("token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "released node node-2");
     let node = nodes.get("node-2").await.unwrap();
     assert!(!cordoned(&node));
     assert!(taints(&node).is_empty());

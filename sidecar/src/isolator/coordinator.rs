@@ -649,6 +649,7 @@ impl Coordinator {
                 registered: j.ranks.len() as u32,
                 isolated_nodes: isolated.iter().filter(|(_, job)| *job == name).map(|(n, _)| n.clone()).collect(),
                 stragglers: j.detector.stragglers(),
+                connected_agents: j.subscribers.iter().filter(|s| !s.tx.is_closed()).count() as u32,
             })
             .collect();
         out.sort_by(|a, b| a.job.cmp(&b.job));
