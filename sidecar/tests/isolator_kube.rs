@@ -81,8 +81,12 @@ fn cordoned(n: &Node) -> bool {
 }
 
 async fn events_about(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
-    let list = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
-    list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(name)).collect()
+    // kmock knows a resource only once an object of it exists: 404 means no Event yet.
+    match Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await {
+        Ok(list) => list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(name)).collect(),
+        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+        Err(e) => panic!("list events in {ns}: {e}"),
+    }
 }
 
 #[tokio::test]
@@ -241,4 +245,28 @@ async fn with_two_isolators_only_the_lease_holder_acts_and_the_other_takes_over(
     let ack = link.report_fault(xid(3)).await.unwrap();
     assert_eq!(ack.action, FaultAction::DrainNode as i32, "{}", ack.note);
     assert!(cordoned(&nodes.get("node-3").await.unwrap()));
+}
+
+#[tokio::test]
+async fn a_straggler_gets_an_event_on_its_pod_and_is_not_isolated() {
+    let Some(km) = Kmock::start(4) else { return };
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &km, "isolator", &["--straggler-window", "100ms", "--straggler-windows", "2"]);
+    let store = format!("file://{}", dir.path().join("store").display());
+    let mut links = Vec::new();
+    for r in 0..4u32 {
+        let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(TOKEN)).await.unwrap();
+        l.register("job", &[r], 4, &format!("node-{r}"), &format!("train-{r}"), POD_NAMESPACE, &store).await.unwrap();
+        l.heartbeat(r, 1, Duration::from_millis(if r == 1 { 900 } else { 100 })).await.unwrap();
+        links.push(l);
+    }
+    let client = km.client();
+    let ev = eventually("a Straggler event on train-1", LIMIT, || async {
+        let ev = events_about(&client, POD_NAMESPACE, "train-1").await;
+        ev.into_iter().find(|e| e.reason.as_deref() == Some("Straggler"))
+    })
+    .await;
+    assert!(ev.message.unwrap_or_default().contains("rank 1"));
+    assert!(!cordoned(&Api::<Node>::all(client.clone()).get("node-1").await.unwrap()));
+    assert_eq!(links[0].list_jobs().await.unwrap()[0].stragglers, vec![1]);
 }
