@@ -290,6 +290,11 @@ impl Coordinator {
                 reason: format!("job `{}` writes to another store than this rank", r.job),
             });
         }
+        if r.generation > job.generation && job.pending_restore.is_none() {
+            // A new leader learns the generation from the agents that re-register.
+            tracing::warn!(job = %r.job, rank = r.rank, generation = r.generation, "adopting the generation an agent reports");
+            job.generation = r.generation;
+        }
         job.ranks.insert(r.rank, Rank { node: r.node, pod: r.pod, namespace: r.namespace, step_ms: 0 });
         tracing::info!(job = %r.job, rank = r.rank, world_size = r.world_size, generation = job.generation, "rank registered");
         let reply = RegisterReply {
@@ -830,6 +835,24 @@ mod tests {
         assert!(err.to_string().contains("other"), "{err}");
         assert_eq!(c.release("n").await.unwrap_err().kind(), crate::ErrorKind::NotLeader);
         assert_eq!(fencer.record().isolations, 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_takeover_the_job_resumes_at_the_generation_its_agents_report() {
+        let c = coordinator(true, Arc::new(MemoryFencer::new(8)), 4);
+        let r = |rank, generation| RegisterRequest {
+            job: "a".into(),
+            rank,
+            world_size: 2,
+            node: "n".into(),
+            generation,
+            ..Default::default()
+        };
+        assert_eq!(c.register(r(0, 0)).await.unwrap().generation, 0, "a fresh pod");
+        assert_eq!(c.register(r(1, 3)).await.unwrap().generation, 3);
+        let hb = |rank, generation| RankHeartbeat { job: "a".into(), rank, generation, step: 1, step_time_ms: 5 };
+        assert_eq!(c.heartbeat(hb(1, 3)).unwrap().generation, 3);
+        assert_eq!(c.heartbeat(hb(0, 0)).unwrap_err().kind(), crate::ErrorKind::Stale);
     }
 
     #[tokio::test(start_paused = true)]

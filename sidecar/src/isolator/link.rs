@@ -5,7 +5,8 @@
 //! register reply sets it and every restore command raises it, so calls always carry the current
 //! one. Errors: [`ErrorKind::Stale`](crate::ErrorKind::Stale) means "wait for the restore
 //! command", [`ErrorKind::IsolatorUnavailable`](crate::ErrorKind::IsolatorUnavailable) means
-//! "retry later".
+//! "retry later", [`ErrorKind::UnknownJob`](crate::ErrorKind::UnknownJob) means "register again"
+//! (a new leader took over and knows nothing yet; the link sends its generation along).
 //!
 //! ```no_run
 //! # async fn demo(info: ckpt_core::ShardInfo) -> ckptd::Result<()> {
@@ -205,6 +206,7 @@ impl IsolatorLink {
                 namespace: namespace.to_string(),
                 agent_version: crate::VERSION.to_string(),
                 store: store.to_string(),
+                generation: self.generation(),
             };
             let reply = self
                 .client()
@@ -212,7 +214,7 @@ impl IsolatorLink {
                 .await
                 .map_err(|s| from_status(&self.url, "register", &s))?
                 .into_inner();
-            self.generation.store(reply.generation, Ordering::Release);
+            self.generation.fetch_max(reply.generation, Ordering::AcqRel);
             last = Some(reply);
         }
         if let Ok(mut r) = self.registration.lock() {
