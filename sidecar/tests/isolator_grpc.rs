@@ -393,3 +393,69 @@ async fn a_rank_slower_than_k_times_the_median_for_m_windows_is_a_straggler() {
     // Not isolated: the job keeps running.
     assert_eq!(links[0].list_jobs().await.unwrap()[0].state, "Running");
 }
+
+#[test]
+fn a_configuration_without_authentication_exits_64_with_one_line() {
+    let dir = TempDir::new().unwrap();
+    let short = dir.path().join("short");
+    std::fs::write(&short, "abc").unwrap();
+    let cases: [&[&str]; 3] = [
+        &["--dry-run"],
+        &["--dry-run", "--token-file", short.to_str().unwrap()],
+        &["--dry-run", "--client-ca", short.to_str().unwrap()],
+    ];
+    for args in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptd"))
+            .arg("isolator")
+            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+#[tokio::test]
+async fn an_emergency_snapshot_that_completes_a_step_the_faulty_rank_voted_is_what_ranks_restore() {
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &["--snapshot-timeout", "20s"]);
+    let store = file_store(&dir);
+    let links = register_all(&iso, "job", 4, &store).await;
+    let mut streams: Vec<_> = links.iter().map(IsolatorLink::commands).collect();
+    eventually("every agent to subscribe", LIMIT, || async {
+        (links[0].list_jobs().await.unwrap()[0].connected_agents == 4).then_some(())
+    })
+    .await;
+    let s1 = write_shards(&store, "job", 1, 4).await;
+    for (l, s) in links.iter().zip(&s1) {
+        l.vote_durable(s, &BTreeMap::new()).await.unwrap();
+    }
+    // Step 2: ranks 0-2 are durable (rank 2 among them), rank 3 still persists when rank 2 dies.
+    let s2 = write_shards(&store, "job", 2, 4).await;
+    for (l, s) in links.iter().zip(&s2).take(3) {
+        assert!(!l.vote_durable(s, &BTreeMap::new()).await.unwrap());
+    }
+    let fault = FaultReport {
+        ranks: vec![2],
+        node: "node-2".into(),
+        kind: "xid-79".into(),
+        action: FaultAction::DrainNode as i32,
+        ..Default::default()
+    };
+    links[2].report_fault(fault).await.unwrap();
+    let first = tokio::time::timeout(LIMIT, streams[3].recv()).await.unwrap().unwrap();
+    assert!(matches!(first.command, Some(command::Command::SnapshotNow(_))), "{first:?}");
+    // Rank 3's emergency snapshot completes step 2.
+    assert!(links[3].vote_durable(&s2[3], &BTreeMap::new()).await.unwrap());
+    for (rank, rx) in streams.iter_mut().enumerate() {
+        let restore = loop {
+            let cmd = tokio::time::timeout(LIMIT, rx.recv()).await.unwrap().unwrap();
+            if let Some(command::Command::Restore(r)) = cmd.command {
+                break r;
+            }
+        };
+        assert_eq!((restore.step, restore.generation), (2, 1), "rank {rank}");
+    }
+}

@@ -135,6 +135,25 @@ impl Job {
     }
 }
 
+/// Whether the evacuation of `job` is over: a step newer than `base` committed, or no open step
+/// can still complete (some faulty rank has not voted for it, and it is not being committed).
+fn snapshots_settled(job: &Job, base: Option<u64>) -> bool {
+    if job.committed > base {
+        return true;
+    }
+    if !job.committing.is_empty() {
+        return false;
+    }
+    if job.faulty.is_empty() {
+        // Every rank may still snapshot a new step: only the bound ends the wait.
+        return false;
+    }
+    !job.ballots.values().any(|b| {
+        let voters = b.voters();
+        job.faulty.iter().all(|r| voters.contains(r))
+    })
+}
+
 fn check_name(what: &str, v: &str, required: bool) -> Result<()> {
     if (required && v.is_empty()) || v.len() > MAX_NAME || v.chars().any(char::is_control) {
         return Err(Error::InvalidRequest {
@@ -483,12 +502,15 @@ impl Coordinator {
         if !matches!(snapshot, Ok(true)) {
             return;
         }
-        // Evacuating: wait until no ballot is open (snapshots committed or aborted), with a bound.
+        // Evacuating: the emergency snapshots can only commit a step that every faulty rank
+        // already voted for (or, with no faulty rank, any new step). Wait, with a bound, until a
+        // newer step commits or no such step can complete any more.
+        let base = lock(&self.jobs).get(&name).and_then(|j| j.committed);
         let until = Instant::now() + self.settings.snapshot_timeout;
         loop {
             let notified = self.settled.notified();
-            let open = lock(&self.jobs).get(&name).map(|j| j.ballots.len() + j.committing.len()).unwrap_or(0);
-            if open == 0 {
+            let settled = lock(&self.jobs).get(&name).is_none_or(|j| snapshots_settled(j, base));
+            if settled {
                 break;
             }
             tokio::select! {
