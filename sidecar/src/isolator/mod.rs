@@ -365,3 +365,41 @@ async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: IsolatorArgs,
+    }
+
+    #[test]
+    fn flags_are_consistent_and_default_as_documented() {
+        Cli::command().debug_assert();
+        let a = Cli::try_parse_from(["isolator", "--token-file", "/t"]).unwrap().args;
+        assert_eq!(a.listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:9102");
+        assert_eq!(a.taint_effect, TaintEffect::NoSchedule);
+        assert_eq!((a.max_isolated, a.commit_deadline), (2, Duration::from_secs(120)));
+        let a =
+            Cli::try_parse_from(["isolator", "--taint-effect", "NoExecute", "--isolation-window", "10m"]).unwrap().args;
+        assert_eq!((a.taint_effect, a.isolation_window), (TaintEffect::NoExecute, Duration::from_secs(600)));
+        assert!(Cli::try_parse_from(["isolator", "--taint-effect", "Evict"]).is_err());
+        assert!(Cli::try_parse_from(["isolator", "--tls-cert", "/c"]).is_err(), "--tls-cert needs --tls-key");
+    }
+
+    #[test]
+    fn bad_values_are_configuration_errors() {
+        let mut a = Cli::try_parse_from(["isolator", "--token-file", "/t"]).unwrap().args;
+        a.max_isolated_fraction = 1.5;
+        assert_eq!(run(a.clone()).unwrap_err().kind(), crate::ErrorKind::Config);
+        a.max_isolated_fraction = 0.5;
+        a.token_file = None;
+        assert_eq!(run(a).unwrap_err().kind(), crate::ErrorKind::Config);
+    }
+}
