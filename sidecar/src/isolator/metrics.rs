@@ -121,6 +121,8 @@ impl Metrics {
 
 /// Largest request head the endpoint reads.
 const MAX_HEAD: usize = 8 << 10;
+/// Most scrapes and probes served at once; further connections wait in the accept queue.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `cancel`.
 pub async fn serve(
@@ -129,7 +131,9 @@ pub async fn serve(
     leader: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let (mut sock, _) = tokio::select! {
             () = cancel.cancelled() => return,
             r = listener.accept() => match r {
@@ -143,6 +147,7 @@ pub async fn serve(
         let metrics = metrics.clone();
         let leader = leader.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = vec![0u8; MAX_HEAD];
             let mut n = 0;
             while n < buf.len() {
