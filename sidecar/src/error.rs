@@ -20,6 +20,20 @@ pub enum ErrorKind {
     /// A configuration value (flag, environment variable, file, annotation) is invalid; daemons
     /// exit with code 64.
     Config,
+    /// A peer sent a request that is malformed or inconsistent (wrong job, rank out of range,
+    /// absurd size); retrying the same request cannot succeed.
+    InvalidRequest,
+    /// The request names a job the isolator does not know.
+    UnknownJob,
+    /// The request belongs to an older restart generation or to an aborted step: the sender must
+    /// resynchronise (restore) before it may act again.
+    Stale,
+    /// This isolator replica does not hold the leader Lease; another one acts.
+    NotLeader,
+    /// A Kubernetes API call failed.
+    Cluster,
+    /// The isolator cannot be reached.
+    IsolatorUnavailable,
 }
 
 /// The error type of the `ckptd` library.
@@ -94,6 +108,76 @@ pub enum Error {
     /// `ckptctl inject` reached an agent started without `--allow-inject`.
     #[error("fault injection is disabled: start the agent with --allow-inject (CKPTD_ALLOW_INJECT=true) to run drills")]
     InjectDisabled,
+    /// A peer's request is malformed or inconsistent.
+    #[error("invalid {what}: {reason}")]
+    InvalidRequest {
+        /// The field or message.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The job has not been registered with the isolator.
+    #[error("job `{job}` is not registered with the isolator: register its ranks first")]
+    UnknownJob {
+        /// The job.
+        job: String,
+    },
+    /// The request carries a restart generation older than the job's.
+    #[error(
+        "job `{job}`: generation {got} is stale, the job is at generation {current}: restore the step the isolator sent"
+    )]
+    StaleGeneration {
+        /// The job.
+        job: String,
+        /// The generation in the request.
+        got: u64,
+        /// The job's generation.
+        current: u64,
+    },
+    /// A vote for a step that the isolator aborted (deadline or restart).
+    #[error("job `{job}`: step {step} was aborted ({reason}); the previous committed step stays latest")]
+    StepAborted {
+        /// The job.
+        job: String,
+        /// The step.
+        step: u64,
+        /// Why it was aborted.
+        reason: String,
+    },
+    /// This replica does not hold the leader Lease.
+    #[error("this isolator is not the leader (the Lease is held by {holder}): retry against the leader")]
+    NotLeader {
+        /// The current holder, or `nobody`.
+        holder: String,
+    },
+    /// A Kubernetes API call failed.
+    #[error("kubernetes: {op} {object}: {reason}")]
+    Kube {
+        /// The operation (`cordon`, `delete pod`, `renew lease`, ...).
+        op: String,
+        /// The object (`node/gpu-3`, `pod/train/worker-2`).
+        object: String,
+        /// The API server's answer or the transport failure.
+        reason: String,
+    },
+    /// The isolator cannot be reached (connection refused, TLS failure, timeout).
+    #[error("no isolator at {url}: {reason}")]
+    IsolatorUnavailable {
+        /// The isolator URL.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The isolator refused a call.
+    #[error("the isolator refused {call}: {message}")]
+    IsolatorRefused {
+        /// The RPC.
+        call: String,
+        /// The class of the refusal ([`ErrorKind::Stale`] means: wait for the restore command).
+        class: ErrorKind,
+        /// The isolator's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -110,6 +194,13 @@ impl Error {
             Error::Config { .. } => ErrorKind::Config,
             Error::Agent { kind, .. } => *kind,
             Error::InjectDisabled => ErrorKind::Config,
+            Error::InvalidRequest { .. } => ErrorKind::InvalidRequest,
+            Error::UnknownJob { .. } => ErrorKind::UnknownJob,
+            Error::StaleGeneration { .. } | Error::StepAborted { .. } => ErrorKind::Stale,
+            Error::NotLeader { .. } => ErrorKind::NotLeader,
+            Error::Kube { .. } => ErrorKind::Cluster,
+            Error::IsolatorUnavailable { .. } => ErrorKind::IsolatorUnavailable,
+            Error::IsolatorRefused { class, .. } => *class,
         }
     }
 }
@@ -136,6 +227,12 @@ impl ErrorKind {
             ErrorKind::NoCheckpoint => "no_checkpoint",
             ErrorKind::Closed => "closed",
             ErrorKind::Config => "config",
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::UnknownJob => "unknown_job",
+            ErrorKind::Stale => "stale",
+            ErrorKind::NotLeader => "not_leader",
+            ErrorKind::Cluster => "cluster",
+            ErrorKind::IsolatorUnavailable => "isolator_unavailable",
         }
     }
 
@@ -159,6 +256,12 @@ impl ErrorKind {
             "no_checkpoint" => ErrorKind::NoCheckpoint,
             "closed" => ErrorKind::Closed,
             "config" => ErrorKind::Config,
+            "invalid_request" => ErrorKind::InvalidRequest,
+            "unknown_job" => ErrorKind::UnknownJob,
+            "stale" => ErrorKind::Stale,
+            "not_leader" => ErrorKind::NotLeader,
+            "cluster" => ErrorKind::Cluster,
+            "isolator_unavailable" => ErrorKind::IsolatorUnavailable,
             _ => return None,
         })
     }

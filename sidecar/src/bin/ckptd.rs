@@ -37,7 +37,7 @@ enum Command {
     /// The per-pod agent: serves trainers over a Unix socket and persists their snapshots.
     Agent(ckptd::agent::AgentArgs),
     /// The cluster node isolator: fault intake, global commit, node isolation, coordinated restore.
-    Isolator(ckptd::isolator::IsolatorArgs),
+    Isolator(Box<ckptd::isolator::IsolatorArgs>),
     /// The mutating admission webhook that injects the agent into training pods.
     Webhook(ckptd::webhook::WebhookArgs),
     /// The trainer process of `demo --mode sidecar` (internal).
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo(args) => run_demo(args),
         Command::Agent(args) => exit_with(ckptd::agent::run(args)),
-        Command::Isolator(args) => exit_with(ckptd::isolator::run(args)),
+        Command::Isolator(args) => exit_with(ckptd::isolator::run(*args)),
         Command::Webhook(args) => exit_with(ckptd::webhook::run(args)),
         Command::DemoTrainer(args) => {
             let cfg = ckptd::demo_sidecar::TrainerConfig {

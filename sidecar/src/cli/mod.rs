@@ -18,9 +18,13 @@
 mod export;
 mod gc;
 mod inspect;
+#[cfg(feature = "server")]
+mod jobs;
 mod ls;
 mod progress;
 mod snapshot;
+#[cfg(feature = "server")]
+mod release;
 mod verify;
 
 use std::io::Write;
@@ -73,6 +77,12 @@ pub enum Command {
     Gc(GcArgs),
     /// Restore one rank of a step and write its tensors to a file (safetensors).
     Export(ExportArgs),
+    /// The isolator's jobs: state, generation, newest global step, isolated nodes, stragglers.
+    #[cfg(feature = "server")]
+    Jobs(jobs::JobsArgs),
+    /// Undo the isolation of a node (uncordon, remove the taint and the evidence).
+    #[cfg(feature = "server")]
+    Release(release::ReleaseArgs),
     /// Ask the trainers of a running agent for an immediate snapshot and wait for it.
     Snapshot(SnapshotArgs),
     /// Show what a running agent holds for each rank (memory tier, durable step, queue).
@@ -242,6 +252,10 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Verify(a) => &a.target,
         Command::Gc(a) => &a.target,
         Command::Export(a) => &a.target,
+        #[cfg(feature = "server")]
+        Command::Jobs(a) => return jobs::run(a, out).map(ExitCode::from),
+        #[cfg(feature = "server")]
+        Command::Release(a) => return release::run(a, out).map(ExitCode::from),
     };
     ckpt_core::store::layout::validate_job(&target.job)?;
     // The URL may hold credentials: only the engine's redacted form appears in messages.
@@ -255,6 +269,8 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Export(a) => export::run(&mut ctx, &a).map(|()| EXIT_OK)?,
         Command::Snapshot(a) => snapshot::run(&a, ctx.out)?,
         Command::AgentStatus(a) => snapshot::status(&a, ctx.out)?,
+        #[cfg(feature = "server")]
+        Command::Jobs(_) | Command::Release(_) => EXIT_OK,
     };
     ctx.out.flush().context("cannot write output")?;
     Ok(ExitCode::from(code))

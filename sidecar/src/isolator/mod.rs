@@ -1,11 +1,405 @@
-//! The node isolator (issue #6): fault intake from agents, global commit, the job state machine,
-//! Kubernetes node isolation and coordinated restore.
+//! The node isolator (issue #6), `ckptd isolator`: one per cluster, HA through a Lease.
+//!
+//! Agents register their ranks, send heartbeats, faults and durable-votes over gRPC (TCP, mTLS or a
+//! bearer token). The isolator commits a step globally once every rank voted, drives each job
+//! through Running → Degraded → Evacuating → Restoring → Running, isolates faulty nodes through
+//! Kubernetes within a circuit breaker, and streams snapshot-now / stop / restore commands back.
+//! docs/ISOLATOR.md describes the protocol and the state machine.
+//!
+//! Layout: [`coordinator`] holds the state and decisions; [`state`], [`ballot`], [`breaker`] and
+//! [`straggler`] are its pure parts; [`fencer`] is the cluster seam with [`kube`] as the real
+//! implementation; [`lease`] elects the leader; [`service`] and [`status`] are the gRPC shell;
+//! [`metrics`] serves Prometheus; [`link`] is the agent's client.
 
-/// Command-line flags of `ckptd isolator`.
+pub mod ballot;
+pub mod breaker;
+pub mod coordinator;
+pub mod fencer;
+pub mod kube;
+pub mod lease;
+pub mod link;
+pub mod metrics;
+pub mod service;
+pub mod state;
+pub mod status;
+pub mod straggler;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ckptd_proto::MAX_MESSAGE_BYTES;
+use ckptd_proto::v1::isolator_admin_server::IsolatorAdminServer;
+use ckptd_proto::v1::isolator_server::IsolatorServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use self::breaker::BreakerConfig;
+use self::coordinator::{Coordinator, Settings};
+use self::fencer::{MemoryFencer, NodeFencer};
+use self::kube::{KubeFencer, TaintEffect};
+use self::metrics::Metrics;
+use self::service::{Auth, Service};
+use crate::{Error, Result};
+
+/// Environment variable of `--listen`.
+pub const ENV_LISTEN: &str = "CKPTD_ISOLATOR_LISTEN";
+/// Environment variable of `--metrics-addr`.
+pub const ENV_METRICS_ADDR: &str = "CKPTD_ISOLATOR_METRICS_ADDR";
+/// Environment variable of `--tls-cert`.
+pub const ENV_TLS_CERT: &str = "CKPTD_ISOLATOR_TLS_CERT";
+/// Environment variable of `--tls-key`.
+pub const ENV_TLS_KEY: &str = "CKPTD_ISOLATOR_TLS_KEY";
+/// Environment variable of `--client-ca`.
+pub const ENV_CLIENT_CA: &str = "CKPTD_ISOLATOR_CLIENT_CA";
+/// Environment variable of `--token-file`.
+pub const ENV_TOKEN_FILE: &str = "CKPTD_ISOLATOR_TOKEN_FILE";
+/// Environment variable of `--lease-name`.
+pub const ENV_LEASE_NAME: &str = "CKPTD_ISOLATOR_LEASE_NAME";
+/// Environment variable of `--lease-namespace`.
+pub const ENV_LEASE_NAMESPACE: &str = "CKPTD_ISOLATOR_LEASE_NAMESPACE";
+/// Environment variable of `--lease-duration`.
+pub const ENV_LEASE_DURATION: &str = "CKPTD_ISOLATOR_LEASE_DURATION";
+/// Environment variable of `--lease-retry`.
+pub const ENV_LEASE_RETRY: &str = "CKPTD_ISOLATOR_LEASE_RETRY";
+/// Environment variable of `--identity`.
+pub const ENV_IDENTITY: &str = "CKPTD_ISOLATOR_IDENTITY";
+/// Environment variable of `--dry-run`.
+pub const ENV_DRY_RUN: &str = "CKPTD_ISOLATOR_DRY_RUN";
+/// Environment variable of `--max-isolated`.
+pub const ENV_MAX_ISOLATED: &str = "CKPTD_ISOLATOR_MAX_ISOLATED";
+/// Environment variable of `--max-isolated-fraction`.
+pub const ENV_MAX_ISOLATED_FRACTION: &str = "CKPTD_ISOLATOR_MAX_ISOLATED_FRACTION";
+/// Environment variable of `--isolation-window`.
+pub const ENV_ISOLATION_WINDOW: &str = "CKPTD_ISOLATOR_ISOLATION_WINDOW";
+/// Environment variable of `--taint-effect`.
+pub const ENV_TAINT_EFFECT: &str = "CKPTD_ISOLATOR_TAINT_EFFECT";
+/// Environment variable of `--kube-url`.
+pub const ENV_KUBE_URL: &str = "CKPTD_ISOLATOR_KUBE_URL";
+/// Environment variable of `--commit-deadline`.
+pub const ENV_COMMIT_DEADLINE: &str = "CKPTD_ISOLATOR_COMMIT_DEADLINE";
+/// Environment variable of `--snapshot-timeout`.
+pub const ENV_SNAPSHOT_TIMEOUT: &str = "CKPTD_ISOLATOR_SNAPSHOT_TIMEOUT";
+/// Environment variable of `--straggler-factor`.
+pub const ENV_STRAGGLER_FACTOR: &str = "CKPTD_ISOLATOR_STRAGGLER_FACTOR";
+/// Environment variable of `--straggler-windows`.
+pub const ENV_STRAGGLER_WINDOWS: &str = "CKPTD_ISOLATOR_STRAGGLER_WINDOWS";
+/// Environment variable of `--straggler-window`.
+pub const ENV_STRAGGLER_WINDOW: &str = "CKPTD_ISOLATOR_STRAGGLER_WINDOW";
+/// Environment variable of `--store`.
+pub const ENV_STORE: &str = "CKPTD_ISOLATOR_STORE";
+/// Pod name from the downward API: the default `--identity`.
+pub const ENV_POD_NAME: &str = "POD_NAME";
+
+/// Command-line flags of `ckptd isolator`. Each is also an environment variable
+/// `CKPTD_ISOLATOR_*`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct IsolatorArgs {}
+pub struct IsolatorArgs {
+    /// gRPC address for agents and `ckptctl` (port 0 picks a free one; the bound address is
+    /// printed on stdout).
+    #[arg(long, env = ENV_LISTEN, default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (200 only on the Lease holder).
+    #[arg(long, env = ENV_METRICS_ADDR, default_value = "0.0.0.0:9102")]
+    pub metrics_addr: SocketAddr,
+    /// Server certificate (PEM); serves TLS when given.
+    #[arg(long, env = ENV_TLS_CERT, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = ENV_TLS_KEY, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that signs agent client certificates (mTLS); needs --tls-cert.
+    #[arg(long, env = ENV_CLIENT_CA)]
+    pub client_ca: Option<PathBuf>,
+    /// File holding the bearer token agents present (`authorization: Bearer <token>`).
+    #[arg(long, env = ENV_TOKEN_FILE)]
+    pub token_file: Option<PathBuf>,
+    /// Lease for leader election; without it this replica always leads (run one replica only).
+    #[arg(long, env = ENV_LEASE_NAME)]
+    pub lease_name: Option<String>,
+    /// Namespace of the Lease.
+    #[arg(long, env = ENV_LEASE_NAMESPACE, default_value = "default")]
+    pub lease_namespace: String,
+    /// How long a Lease record must stay unrenewed before another replica takes over.
+    #[arg(long, env = ENV_LEASE_DURATION, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the holder renews and the others look.
+    #[arg(long, env = ENV_LEASE_RETRY, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry: Duration,
+    /// Lease holder identity [default: $POD_NAME, else the host name].
+    #[arg(long, env = ENV_IDENTITY)]
+    pub identity: Option<String>,
+    /// Log isolations and Events instead of acting on the cluster (commit and restore still run).
+    #[arg(long, env = ENV_DRY_RUN)]
+    pub dry_run: bool,
+    /// Most nodes isolated within --isolation-window; past it the isolator only alerts.
+    #[arg(long, env = ENV_MAX_ISOLATED, default_value_t = 2)]
+    pub max_isolated: u32,
+    /// Most nodes isolated within the window as a share of the cluster (at least one).
+    #[arg(long, env = ENV_MAX_ISOLATED_FRACTION, default_value_t = 0.1)]
+    pub max_isolated_fraction: f64,
+    /// The circuit breaker's sliding window.
+    #[arg(long, env = ENV_ISOLATION_WINDOW, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub isolation_window: Duration,
+    /// Effect of the `ckptd.io/unhealthy` taint.
+    #[arg(long, env = ENV_TAINT_EFFECT, value_enum, default_value = "NoSchedule")]
+    pub taint_effect: TaintEffect,
+    /// Kubernetes API URL (tests, kmock) [default: in-cluster config or kubeconfig].
+    #[arg(long, env = ENV_KUBE_URL)]
+    pub kube_url: Option<String>,
+    /// A step not voted by every rank this long after its first vote is aborted.
+    #[arg(long, env = ENV_COMMIT_DEADLINE, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub commit_deadline: Duration,
+    /// How long healthy ranks get for their emergency snapshot before the restore.
+    #[arg(long, env = ENV_SNAPSHOT_TIMEOUT, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub snapshot_timeout: Duration,
+    /// A rank is slow when its step time exceeds this factor × the job median.
+    #[arg(long, env = ENV_STRAGGLER_FACTOR, default_value_t = 1.5)]
+    pub straggler_factor: f64,
+    /// Consecutive slow windows before a rank is reported as a straggler.
+    #[arg(long, env = ENV_STRAGGLER_WINDOWS, default_value_t = 3)]
+    pub straggler_windows: u32,
+    /// Length of one straggler window.
+    #[arg(long, env = ENV_STRAGGLER_WINDOW, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub straggler_window: Duration,
+    /// Store URL for every job, instead of the one each agent registers with.
+    #[arg(long, env = ENV_STORE, hide_env_values = true)]
+    pub store: Option<String>,
+}
 
-/// Runs the isolator until SIGTERM.
-pub fn run(_args: IsolatorArgs) -> crate::Result<()> {
-    Err(crate::Error::Config { what: "ckptd isolator".into(), reason: "not built yet (issue #6)".into() })
+fn config(what: &str, reason: impl Into<String>) -> Error {
+    Error::Config { what: what.to_string(), reason: reason.into() }
+}
+
+fn read(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| config(flag, format!("cannot read {}: {e}", path.display())))
+}
+
+fn identity(args: &IsolatorArgs) -> String {
+    if let Some(i) = &args.identity {
+        return i.clone();
+    }
+    if let Ok(p) = std::env::var(ENV_POD_NAME)
+        && !p.is_empty()
+    {
+        return p;
+    }
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("ckptd-isolator-{}", std::process::id()))
+}
+
+/// Selects rustls's ring provider for the whole process. Dependencies enable both ring and
+/// aws-lc-rs, and rustls then refuses to guess; the first caller wins, later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs the isolator until SIGTERM or Ctrl-C.
+pub fn run(args: IsolatorArgs) -> crate::Result<()> {
+    install_crypto_provider();
+    if !(args.max_isolated_fraction.is_finite() && (0.0..=1.0).contains(&args.max_isolated_fraction)) {
+        return Err(config("--max-isolated-fraction", format!("{} is not in 0..=1", args.max_isolated_fraction)));
+    }
+    if !(args.straggler_factor.is_finite() && args.straggler_factor > 1.0) {
+        return Err(config("--straggler-factor", format!("{} must be above 1", args.straggler_factor)));
+    }
+    if args.client_ca.is_some() && args.tls_cert.is_none() {
+        return Err(config("--client-ca", "mTLS needs --tls-cert and --tls-key too"));
+    }
+    if args.client_ca.is_none() && args.token_file.is_none() {
+        return Err(config("authentication", "every call must be authenticated: give --client-ca or --token-file"));
+    }
+    let token = match &args.token_file {
+        Some(p) => {
+            let t = read("--token-file", p)?;
+            let t = String::from_utf8(t).map_err(|_| config("--token-file", "the token is not UTF-8"))?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                return Err(config("--token-file", "the token must have at least 16 characters"));
+            }
+            Some(t.into_bytes())
+        }
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            let mut tls =
+                ServerTlsConfig::new().identity(Identity::from_pem(read("--tls-cert", c)?, read("--tls-key", k)?));
+            if let Some(ca) = &args.client_ca {
+                tls = tls
+                    .client_ca_root(Certificate::from_pem(read("--client-ca", ca)?))
+                    .client_auth_optional(token.is_some());
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("isolator")
+        .enable_all()
+        .build()
+        .map_err(|e| config("runtime", format!("cannot start the runtime: {e}")))?;
+    rt.block_on(serve(args, token, tls))
+}
+
+async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
+    let cfg = match &args.kube_url {
+        Some(u) => {
+            let uri = u.parse().map_err(|e| config("--kube-url", format!("`{u}`: {e}")))?;
+            ::kube::Config::new(uri)
+        }
+        None => ::kube::Config::infer().await.map_err(|e| {
+            config(
+                "kubernetes",
+                format!("no in-cluster config or kubeconfig ({e}): pass --kube-url, or --dry-run without --lease-name"),
+            )
+        })?,
+    };
+    ::kube::Client::try_from(cfg).map_err(|e| config("kubernetes", format!("cannot build the client: {e}")))
+}
+
+async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTlsConfig>) -> Result<()> {
+    let cancel = CancellationToken::new();
+    let client = if !args.dry_run || args.lease_name.is_some() { Some(kube_client(&args).await?) } else { None };
+    let fencer: Arc<dyn NodeFencer> = match (&client, args.dry_run) {
+        (Some(c), false) => Arc::new(KubeFencer::new(c.clone(), args.taint_effect)),
+        _ => Arc::new(MemoryFencer::new(usize::MAX)),
+    };
+    let (leader_tx, leader_rx) = watch::channel(args.lease_name.is_none());
+    let (holder_tx, holder_rx) = watch::channel(String::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(name), Some(client)) = (&args.lease_name, &client) {
+        let cfg = lease::LeaseConfig {
+            name: name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity: identity(&args),
+            duration: args.lease_duration,
+            retry: args.lease_retry,
+        };
+        tracing::info!(identity = %cfg.identity, lease = %cfg.name, "leader election");
+        tasks.spawn(lease::run(client.clone(), cfg, leader_tx, holder_tx, cancel.clone()));
+    }
+    let metrics = Arc::new(Metrics::new());
+    let settings = Settings {
+        commit_deadline: args.commit_deadline,
+        snapshot_timeout: args.snapshot_timeout,
+        straggler_k: args.straggler_factor,
+        straggler_windows: args.straggler_windows,
+        straggler_window: args.straggler_window,
+        store_override: args.store.clone(),
+        breaker: BreakerConfig {
+            max_isolated: args.max_isolated,
+            max_fraction: args.max_isolated_fraction,
+            window: args.isolation_window,
+        },
+    };
+    let coord = Coordinator::new(settings, fencer, metrics.clone(), leader_rx.clone(), holder_rx, cancel.clone());
+    tasks.spawn(coord.clone().run_background());
+
+    let metrics_listener = TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| config("--metrics-addr", format!("cannot listen on {}: {e}", args.metrics_addr)))?;
+    let grpc_listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| config("--listen", format!("cannot listen on {}: {e}", args.listen)))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| config("--listen", e.to_string()))?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|e| config("--metrics-addr", e.to_string()))?;
+    tasks.spawn(metrics::serve(metrics_listener, metrics, leader_rx, cancel.clone()));
+
+    let auth = Auth::new(token, args.client_ca.is_some());
+    let svc = Service::new(coord);
+    let isolator = IsolatorServer::new(svc.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = IsolatorAdminServer::new(svc)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| config("--tls-cert", format!("bad TLS material: {e}")))?;
+    }
+    let router = builder
+        .add_service(InterceptedService::new(isolator, auth.clone()))
+        .add_service(InterceptedService::new(admin, auth));
+
+    let sig = cancel.clone();
+    tasks.spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        sig.cancel();
+    });
+    let _ = writeln!(std::io::stdout(), "ckptd isolator listening grpc={grpc_addr} metrics={metrics_addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, dry_run = args.dry_run, "isolator serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let served = router.serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned()).await;
+    cancel.cancel();
+    // Drain the background tasks with a grace period (the Lease is released on the way out).
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    served.map_err(|e| Error::IsolatorUnavailable {
+        url: grpc_addr.to_string(),
+        reason: format!("the gRPC server failed: {e}"),
+    })
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: IsolatorArgs,
+    }
+
+    #[test]
+    fn flags_are_consistent_and_default_as_documented() {
+        Cli::command().debug_assert();
+        let a = Cli::try_parse_from(["isolator", "--token-file", "/t"]).unwrap().args;
+        assert_eq!(a.listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:9102");
+        assert_eq!(a.taint_effect, TaintEffect::NoSchedule);
+        assert_eq!((a.max_isolated, a.commit_deadline), (2, Duration::from_secs(120)));
+        let a =
+            Cli::try_parse_from(["isolator", "--taint-effect", "NoExecute", "--isolation-window", "10m"]).unwrap().args;
+        assert_eq!((a.taint_effect, a.isolation_window), (TaintEffect::NoExecute, Duration::from_secs(600)));
+        assert!(Cli::try_parse_from(["isolator", "--taint-effect", "Evict"]).is_err());
+        assert!(Cli::try_parse_from(["isolator", "--tls-cert", "/c"]).is_err(), "--tls-cert needs --tls-key");
+    }
+
+    #[test]
+    fn bad_values_are_configuration_errors() {
+        let mut a = Cli::try_parse_from(["isolator", "--token-file", "/t"]).unwrap().args;
+        a.max_isolated_fraction = 1.5;
+        assert_eq!(run(a.clone()).unwrap_err().kind(), crate::ErrorKind::Config);
+        a.max_isolated_fraction = 0.5;
+        a.token_file = None;
+        assert_eq!(run(a).unwrap_err().kind(), crate::ErrorKind::Config);
+    }
 }

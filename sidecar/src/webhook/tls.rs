@@ -86,7 +86,7 @@ impl CertStore {
     /// A rustls server configuration that asks this store for the certificate on every handshake, so a
     /// reload takes effect on the next connection without restarting the listener.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>> {
-        let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config { what: "TLS".into(), reason: e.to_string() })?
             .with_no_client_auth()
@@ -123,7 +123,7 @@ fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> std::result::Result<Arc<Cer
         return Err("no CERTIFICATE block in the file".into());
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("cannot parse the private key PEM: {e}"))?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let provider = rustls::crypto::ring::default_provider();
     let ck = CertifiedKey::from_der(certs, key, &provider)
         .map_err(|e| format!("the key does not match the certificate or is unsupported: {e}"))?;
     Ok(Arc::new(ck))

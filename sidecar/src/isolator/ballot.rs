@@ -1,0 +1,200 @@
+//! The durable-vote tally of one step: every rank votes once that its shard is durable on the
+//! store, and the step is ready for its MANIFEST when all `world_size` ranks have voted.
+//!
+//! Pure: the coordinator owns the ballots, writes the MANIFEST when [`Ballot::add`] says the step
+//! is complete, and aborts ballots whose deadline passed.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use ckpt_core::ShardEntry;
+use ckpt_core::store::layout;
+use ckptd_proto::v1::DurableVote;
+
+use crate::{Error, Result};
+
+/// Largest shard length a vote may declare (16 TiB): anything above is a hostile or broken peer.
+pub const MAX_SHARD_LEN: u64 = 1 << 44;
+/// Largest metadata blob a vote may carry.
+pub const MAX_METADATA_BYTES: usize = 64 << 10;
+
+/// One rank's validated vote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vote {
+    /// The rank.
+    pub rank: u32,
+    /// The MANIFEST entry of its shard.
+    pub entry: ShardEntry,
+    /// User metadata (only rank 0's reaches the MANIFEST).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Vote {
+    /// Validates the shard fields of `v` (job, rank and generation are the coordinator's).
+    /// `metadata` must be empty or a JSON object of strings.
+    pub fn from_proto(v: &DurableVote) -> Result<Vote> {
+        let bad = |what: &str, reason: String| Error::InvalidRequest { what: format!("vote {what}"), reason };
+        if v.shard_key != layout::shard_name(v.rank) {
+            return Err(bad(
+                "shard_key",
+                format!("rank {} must name `{}`, not `{:.64}`", v.rank, layout::shard_name(v.rank), v.shard_key),
+            ));
+        }
+        if v.shard_len == 0 || v.shard_len > MAX_SHARD_LEN {
+            return Err(bad("shard_len", format!("{} is outside 1..={MAX_SHARD_LEN}", v.shard_len)));
+        }
+        if v.region_len > MAX_SHARD_LEN {
+            return Err(bad("region_len", format!("{} is above {MAX_SHARD_LEN}", v.region_len)));
+        }
+        if v.metadata.len() > MAX_METADATA_BYTES {
+            return Err(bad("metadata", format!("{} bytes, at most {MAX_METADATA_BYTES}", v.metadata.len())));
+        }
+        let metadata = if v.metadata.is_empty() {
+            BTreeMap::new()
+        } else {
+            serde_json::from_slice(&v.metadata)
+                .map_err(|e| bad("metadata", format!("not a JSON object of strings: {e}")))?
+        };
+        Ok(Vote {
+            rank: v.rank,
+            entry: ShardEntry {
+                rank: v.rank,
+                object: v.shard_key.clone(),
+                size: v.shard_len,
+                index_crc32c: v.shard_crc32c,
+                region_len: v.region_len,
+            },
+            metadata,
+        })
+    }
+}
+
+/// What adding a vote did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tally {
+    /// Recorded; this many ranks are still missing.
+    Pending(u32),
+    /// Recorded, and every rank has now voted: commit.
+    Complete,
+    /// The same vote again (a retried call): nothing changed.
+    Repeated,
+}
+
+/// The votes for one step.
+#[derive(Debug)]
+pub struct Ballot {
+    /// The step.
+    pub step: u64,
+    /// The job's world size.
+    pub world_size: u32,
+    /// When the first vote arrived: the commit deadline counts from here.
+    pub opened: Instant,
+    votes: BTreeMap<u32, Vote>,
+}
+
+impl Ballot {
+    /// An empty ballot.
+    pub fn new(step: u64, world_size: u32, opened: Instant) -> Ballot {
+        Ballot { step, world_size, opened, votes: BTreeMap::new() }
+    }
+
+    /// Adds one vote. A rank that votes twice with a different shard is refused.
+    pub fn add(&mut self, vote: Vote) -> Result<Tally> {
+        if vote.rank >= self.world_size {
+            return Err(Error::InvalidRequest {
+                what: "vote rank".into(),
+                reason: format!("rank {} is not below the world size {}", vote.rank, self.world_size),
+            });
+        }
+        if let Some(prev) = self.votes.get(&vote.rank) {
+            return if *prev == vote {
+                Ok(Tally::Repeated)
+            } else {
+                Err(Error::InvalidRequest {
+                    what: "vote".into(),
+                    reason: format!(
+                        "rank {} already voted a different shard for step {} (len {}, crc32c {:08x})",
+                        vote.rank, self.step, prev.entry.size, prev.entry.index_crc32c
+                    ),
+                })
+            };
+        }
+        self.votes.insert(vote.rank, vote);
+        let missing = self.world_size.saturating_sub(self.votes.len() as u32);
+        Ok(if missing == 0 { Tally::Complete } else { Tally::Pending(missing) })
+    }
+
+    /// Ranks that have voted.
+    pub fn voters(&self) -> Vec<u32> {
+        self.votes.keys().copied().collect()
+    }
+
+    /// The MANIFEST entries, sorted by rank.
+    pub fn entries(&self) -> Vec<ShardEntry> {
+        self.votes.values().map(|v| v.entry.clone()).collect()
+    }
+
+    /// Rank 0's metadata, which the MANIFEST carries.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.votes.get(&0).map(|v| v.metadata.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote(rank: u32, len: u64) -> DurableVote {
+        DurableVote {
+            job: "j".into(),
+            step: 7,
+            rank,
+            world_size: 2,
+            generation: 0,
+            shard_key: layout::shard_name(rank),
+            shard_len: len,
+            shard_crc32c: 0xdead_beef,
+            metadata: Vec::new(),
+            region_len: len,
+        }
+    }
+
+    #[test]
+    fn completes_once_every_rank_voted_and_repeats_are_harmless() {
+        let mut b = Ballot::new(7, 2, Instant::now());
+        assert_eq!(b.add(Vote::from_proto(&vote(0, 10)).unwrap()).unwrap(), Tally::Pending(1));
+        assert_eq!(b.add(Vote::from_proto(&vote(0, 10)).unwrap()).unwrap(), Tally::Repeated);
+        assert_eq!(b.add(Vote::from_proto(&vote(1, 20)).unwrap()).unwrap(), Tally::Complete);
+        let e = b.entries();
+        assert_eq!((e[0].rank, e[1].rank, e[1].size), (0, 1, 20));
+    }
+
+    #[test]
+    fn conflicting_second_vote_is_refused() {
+        let mut b = Ballot::new(7, 2, Instant::now());
+        b.add(Vote::from_proto(&vote(0, 10)).unwrap()).unwrap();
+        let err = b.add(Vote::from_proto(&vote(0, 11)).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidRequest);
+        assert_eq!(b.voters(), vec![0]);
+    }
+
+    #[test]
+    fn hostile_fields_are_refused() {
+        let mut v = vote(0, 10);
+        v.shard_key = "../../etc/passwd".into();
+        assert!(Vote::from_proto(&v).is_err());
+        assert!(Vote::from_proto(&vote(0, 0)).is_err());
+        assert!(Vote::from_proto(&vote(0, MAX_SHARD_LEN + 1)).is_err());
+        let mut v = vote(0, 10);
+        v.metadata = b"[1,2]".to_vec();
+        assert!(Vote::from_proto(&v).is_err());
+        v.metadata = vec![b' '; MAX_METADATA_BYTES + 1];
+        assert!(Vote::from_proto(&v).is_err());
+        v.metadata = br#"{"lr":"0.1"}"#.to_vec();
+        assert_eq!(Vote::from_proto(&v).unwrap().metadata["lr"], "0.1");
+        let mut b = Ballot::new(7, 2, Instant::now());
+        let mut far = Vote::from_proto(&vote(0, 10)).unwrap();
+        far.rank = 5;
+        assert!(b.add(far).is_err());
+    }
+}

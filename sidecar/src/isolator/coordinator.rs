@@ -1,0 +1,901 @@
+//! [`Coordinator`]: the isolator's state, shared by the gRPC handlers and its background tasks.
+//!
+//! It owns every job (ranks, ballots, state, generation, command subscribers), writes MANIFESTs
+//! when a ballot completes, runs the coordinated restore and asks the [`NodeFencer`] to isolate
+//! nodes within the circuit breaker's limits. The job map sits behind one `std::sync::Mutex` that is
+//! never held across an `.await`; store and cluster calls happen outside it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ckpt_core::{Engine, EngineConfig};
+use ckptd_proto::v1::{
+    Command, CommandsRequest, DurableVote, FaultAck, FaultAction, FaultReport, HeartbeatAck, JobStatus, RankHeartbeat,
+    RegisterReply, RegisterRequest, RestoreCommand, SnapshotNowCommand, StopCommand, command,
+};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::ballot::{Ballot, Tally, Vote};
+use super::breaker::{Breaker, BreakerConfig};
+use super::fencer::{Isolation, NodeFencer, Notice, PodRef, Subject, taint_value};
+use super::metrics::Metrics;
+use super::state::{Event, JobState, needs_isolation};
+use super::straggler::Detector;
+use crate::{Error, Result};
+
+/// Most steps of one job with open ballots at once; more means ranks race far apart or a peer is
+/// hostile.
+pub const MAX_OPEN_BALLOTS: usize = 16;
+/// Aborted steps remembered per job (so that late votes get a clear answer).
+const ABORTED_MEMORY: usize = 64;
+/// Capacity of each agent's command queue.
+pub const COMMAND_QUEUE: usize = 32;
+/// Longest job, node, pod or namespace name accepted.
+const MAX_NAME: usize = 253;
+/// Most ranks one request may name.
+const MAX_RANKS_PER_REQUEST: usize = 4096;
+
+/// Timing and policy of the coordinator.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A step whose ballot stays incomplete this long after its first vote is aborted.
+    pub commit_deadline: Duration,
+    /// How long healthy ranks get to finish their emergency snapshot.
+    pub snapshot_timeout: Duration,
+    /// Straggler threshold factor (× median step time).
+    pub straggler_k: f64,
+    /// Consecutive windows over the threshold before a rank is a straggler.
+    pub straggler_windows: u32,
+    /// Length of one straggler window.
+    pub straggler_window: Duration,
+    /// Store URL for every job, overriding the one agents register with.
+    pub store_override: Option<String>,
+    /// Circuit breaker limits.
+    pub breaker: BreakerConfig,
+}
+
+#[derive(Debug, Clone)]
+struct Rank {
+    node: String,
+    pod: String,
+    namespace: String,
+    step_ms: u64,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    ranks: Vec<u32>,
+    tx: mpsc::Sender<Command>,
+}
+
+#[derive(Debug)]
+struct Job {
+    world_size: u32,
+    store: String,
+    state: JobState,
+    generation: u64,
+    ranks: BTreeMap<u32, Rank>,
+    ballots: BTreeMap<u64, Ballot>,
+    committing: BTreeSet<u64>,
+    committed: Option<u64>,
+    aborted: VecDeque<(u64, String)>,
+    subscribers: Vec<Subscriber>,
+    pending_restore: Option<RestoreCommand>,
+    faulty: BTreeSet<u32>,
+    restored: BTreeSet<u32>,
+    detector: Detector,
+}
+
+impl Job {
+    fn check_generation(&self, job: &str, got: u64) -> Result<()> {
+        if got < self.generation {
+            return Err(Error::StaleGeneration { job: job.to_string(), got, current: self.generation });
+        }
+        if got > self.generation {
+            return Err(Error::InvalidRequest {
+                what: "generation".into(),
+                reason: format!("{got} is ahead of the job's generation {}", self.generation),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_rank(&self, rank: u32) -> Result<()> {
+        if rank >= self.world_size {
+            return Err(Error::InvalidRequest {
+                what: "rank".into(),
+                reason: format!("rank {rank} is not below the world size {}", self.world_size),
+            });
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, job: &str, step: u64, reason: String) {
+        if self.ballots.remove(&step).is_some() {
+            tracing::warn!(job, step, reason = %reason, "step aborted; the previous committed step stays latest");
+        }
+        if self.aborted.len() >= ABORTED_MEMORY {
+            self.aborted.pop_front();
+        }
+        self.aborted.push_back((step, reason));
+    }
+
+    /// Sends `cmd` to the subscribers `pick` selects; drops those whose agent went away.
+    fn send(&mut self, cmd: &Command, pick: impl Fn(&Subscriber) -> bool) {
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        for s in self.subscribers.iter().filter(|s| pick(s)) {
+            if let Err(e) = s.tx.try_send(cmd.clone()) {
+                tracing::warn!(ranks = ?s.ranks, error = %e, "cannot queue a command for an agent; it resynchronises on reconnect");
+            }
+        }
+    }
+}
+
+/// Whether the evacuation of `job` is over: a step newer than `base` committed, or no open step
+/// can still complete (some faulty rank has not voted for it, and it is not being committed).
+fn snapshots_settled(job: &Job, base: Option<u64>) -> bool {
+    if job.committed > base {
+        return true;
+    }
+    if !job.committing.is_empty() {
+        return false;
+    }
+    if job.faulty.is_empty() {
+        // Every rank may still snapshot a new step: only the bound ends the wait.
+        return false;
+    }
+    !job.ballots.values().any(|b| {
+        let voters = b.voters();
+        job.faulty.iter().all(|r| voters.contains(r))
+    })
+}
+
+fn check_name(what: &str, v: &str, required: bool) -> Result<()> {
+    if (required && v.is_empty()) || v.len() > MAX_NAME || v.chars().any(char::is_control) {
+        return Err(Error::InvalidRequest {
+            what: what.into(),
+            reason: format!("`{:.64}` must be 1-{MAX_NAME} printable characters", v),
+        });
+    }
+    Ok(())
+}
+
+/// The isolator's shared state. Cheap to share as `Arc<Coordinator>`.
+#[derive(Debug)]
+pub struct Coordinator {
+    jobs: Mutex<HashMap<String, Job>>,
+    engines: Mutex<HashMap<String, Engine>>,
+    isolated: Mutex<BTreeMap<String, String>>,
+    breaker: Mutex<Breaker>,
+    fencer: Arc<dyn NodeFencer>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    leader: watch::Receiver<bool>,
+    holder: watch::Receiver<String>,
+    settled: Notify,
+    cancel: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Coordinator {
+    /// A coordinator acting through `fencer` while `leader` says this replica leads.
+    pub fn new(
+        settings: Settings,
+        fencer: Arc<dyn NodeFencer>,
+        metrics: Arc<Metrics>,
+        leader: watch::Receiver<bool>,
+        holder: watch::Receiver<String>,
+        cancel: CancellationToken,
+    ) -> Arc<Coordinator> {
+        Arc::new(Coordinator {
+            jobs: Mutex::new(HashMap::new()),
+            engines: Mutex::new(HashMap::new()),
+            isolated: Mutex::new(BTreeMap::new()),
+            breaker: Mutex::new(Breaker::new(settings.breaker)),
+            fencer,
+            metrics,
+            settings,
+            leader,
+            holder,
+            settled: Notify::new(),
+            cancel,
+        })
+    }
+
+    fn ensure_leader(&self) -> Result<()> {
+        if *self.leader.borrow() {
+            Ok(())
+        } else {
+            let h = self.holder.borrow().clone();
+            Err(Error::NotLeader { holder: if h.is_empty() { "nobody".into() } else { h } })
+        }
+    }
+
+    fn publish(&self, name: &str, job: &Job) {
+        self.metrics.job(name, job.state, job.generation, job.committed, job.detector.stragglers().len());
+    }
+
+    async fn engine(&self, url: &str) -> Result<Engine> {
+        if let Some(e) = lock(&self.engines).get(url) {
+            return Ok(e.clone());
+        }
+        let u = url.to_string();
+        // Store I/O runs on the isolator's runtime: an engine with a runtime of its own could not
+        // be dropped from async code.
+        let handle = tokio::runtime::Handle::current();
+        let engine = tokio::task::spawn_blocking(move || {
+            let cfg = EngineConfig::default();
+            let store = ckpt_core::Store::open(&u, &cfg.store)?;
+            Engine::with_handle(store, cfg, handle)
+        })
+        .await
+        .map_err(|e| Error::Config { what: "store".into(), reason: format!("opening the store panicked: {e}") })??;
+        lock(&self.engines).insert(url.to_string(), engine.clone());
+        Ok(engine)
+    }
+
+    /// Registers one rank. The first rank of a job fixes its world size and store, and the
+    /// newest committed step is read from the store.
+    pub async fn register(&self, r: RegisterRequest) -> Result<RegisterReply> {
+        self.ensure_leader()?;
+        ckpt_core::store::layout::validate_job(&r.job)
+            .map_err(|e| Error::InvalidRequest { what: "job".into(), reason: e.to_string() })?;
+        if r.world_size == 0 || r.world_size > ckpt_core::manifest::MAX_WORLD_SIZE {
+            return Err(Error::InvalidRequest {
+                what: "world_size".into(),
+                reason: format!("{} is outside 1..={}", r.world_size, ckpt_core::manifest::MAX_WORLD_SIZE),
+            });
+        }
+        if r.rank >= r.world_size {
+            return Err(Error::InvalidRequest {
+                what: "rank".into(),
+                reason: format!("rank {} is not below the world size {}", r.rank, r.world_size),
+            });
+        }
+        check_name("node", &r.node, true)?;
+        check_name("pod", &r.pod, false)?;
+        check_name("namespace", &r.namespace, false)?;
+        let store = self.settings.store_override.clone().unwrap_or_else(|| r.store.clone());
+        if store.is_empty() {
+            return Err(Error::InvalidRequest {
+                what: "store".into(),
+                reason: "empty: the agent must send its store URL (or start the isolator with --store)".into(),
+            });
+        }
+        let known = lock(&self.jobs).contains_key(&r.job);
+        let latest = if known {
+            None
+        } else {
+            let engine = self.engine(&store).await?;
+            let job = r.job.clone();
+            let latest = tokio::task::spawn_blocking(move || engine.latest(&job)).await.map_err(|e| {
+                Error::Config { what: "store".into(), reason: format!("reading the store panicked: {e}") }
+            })??;
+            Some(latest.map(|m| m.step))
+        };
+        let mut jobs = lock(&self.jobs);
+        let job = jobs.entry(r.job.clone()).or_insert_with(|| Job {
+            world_size: r.world_size,
+            store: store.clone(),
+            state: JobState::Running,
+            generation: 0,
+            ranks: BTreeMap::new(),
+            ballots: BTreeMap::new(),
+            committing: BTreeSet::new(),
+            committed: latest.flatten(),
+            aborted: VecDeque::new(),
+            subscribers: Vec::new(),
+            pending_restore: None,
+            faulty: BTreeSet::new(),
+            restored: BTreeSet::new(),
+            detector: Detector::new(self.settings.straggler_k, self.settings.straggler_windows),
+        });
+        if job.world_size != r.world_size {
+            return Err(Error::InvalidRequest {
+                what: "world_size".into(),
+                reason: format!("job `{}` has world size {}, not {}", r.job, job.world_size, r.world_size),
+            });
+        }
+        if job.store != store {
+            return Err(Error::InvalidRequest {
+                what: "store".into(),
+                reason: format!("job `{}` writes to another store than this rank", r.job),
+            });
+        }
+        if r.generation > job.generation && job.pending_restore.is_none() {
+            // A new leader learns the generation from the agents that re-register.
+            tracing::warn!(job = %r.job, rank = r.rank, generation = r.generation, "adopting the generation an agent reports");
+            job.generation = r.generation;
+        }
+        job.ranks.insert(r.rank, Rank { node: r.node, pod: r.pod, namespace: r.namespace, step_ms: 0 });
+        tracing::info!(job = %r.job, rank = r.rank, world_size = r.world_size, generation = job.generation, "rank registered");
+        let reply = RegisterReply {
+            generation: job.generation,
+            has_committed: job.committed.is_some(),
+            committed_step: job.committed.unwrap_or(0),
+        };
+        self.publish(&r.job, job);
+        Ok(reply)
+    }
+
+    fn with_job<T>(&self, name: &str, f: impl FnOnce(&mut Job) -> Result<T>) -> Result<T> {
+        let mut jobs = lock(&self.jobs);
+        let job = jobs.get_mut(name).ok_or_else(|| Error::UnknownJob { job: format!("{name:.253}") })?;
+        let out = f(job);
+        self.publish(name, job);
+        out
+    }
+
+    /// Records a rank's progress; during a restore, a heartbeat at the new generation counts as
+    /// that rank being back.
+    pub fn heartbeat(&self, h: RankHeartbeat) -> Result<HeartbeatAck> {
+        self.ensure_leader()?;
+        self.with_job(&h.job, |job| {
+            job.check_rank(h.rank)?;
+            job.check_generation(&h.job, h.generation)?;
+            if let Some(r) = job.ranks.get_mut(&h.rank) {
+                r.step_ms = h.step_time_ms;
+            }
+            if job.state == JobState::Restoring {
+                job.restored.insert(h.rank);
+                if job.restored.len() as u64 >= u64::from(job.world_size)
+                    && let Some(next) = job.state.on(Event::AllRanksRestored)
+                {
+                    job.state = next;
+                    job.pending_restore = None;
+                    job.restored.clear();
+                    tracing::warn!(job = %h.job, generation = job.generation, "every rank restored: running");
+                }
+            }
+            Ok(HeartbeatAck { generation: job.generation })
+        })
+    }
+
+    /// Takes a fault report: isolates the node when the action asks for it (within the circuit
+    /// breaker), and starts a coordinated restore when the job was running.
+    pub async fn report_fault(self: &Arc<Self>, f: FaultReport) -> Result<FaultAck> {
+        self.ensure_leader()?;
+        let action = FaultAction::try_from(f.action).map_err(|_| Error::InvalidRequest {
+            what: "fault action".into(),
+            reason: format!("{} is not a FaultAction", f.action),
+        })?;
+        check_name("node", &f.node, needs_isolation(action))?;
+        check_name("pod", &f.pod, false)?;
+        if f.ranks.len() > MAX_RANKS_PER_REQUEST {
+            return Err(Error::InvalidRequest {
+                what: "ranks".into(),
+                reason: format!("{} ranks in one report", f.ranks.len()),
+            });
+        }
+        let (start_cycle, pod) = self.with_job(&f.job, |job| {
+            for &r in &f.ranks {
+                job.check_rank(r)?;
+            }
+            job.check_generation(&f.job, f.generation)?;
+            let pod = job
+                .ranks
+                .values()
+                .find(|r| !f.pod.is_empty() && r.pod == f.pod)
+                .or_else(|| f.ranks.first().and_then(|r| job.ranks.get(r)))
+                .filter(|r| !r.pod.is_empty() && !r.namespace.is_empty())
+                .map(|r| PodRef { namespace: r.namespace.clone(), name: r.pod.clone() });
+            let next = job.state.on(Event::Fault(action));
+            if next.is_some() || job.state != JobState::Running {
+                job.faulty.extend(f.ranks.iter().copied());
+            }
+            if let Some(next) = next {
+                tracing::warn!(job = %f.job, kind = %f.kind, node = %f.node, action = ?action, "fault: {} -> {}", job.state.name(), next.name());
+                job.state = next;
+            }
+            Ok((next.is_some(), pod))
+        })?;
+        let mut taken = action;
+        let mut note = String::new();
+        if needs_isolation(action) {
+            let iso = Isolation {
+                node: f.node.clone(),
+                reason: taint_value(&f.kind),
+                job: f.job.clone(),
+                source: f.source.chars().take(64).collect(),
+                evidence: f.evidence.chars().take(4096).collect(),
+                pod,
+            };
+            match self.isolate(&iso).await {
+                Ok(true) => note = format!("node {} isolated", f.node),
+                Ok(false) => {
+                    taken = FaultAction::RestartJob;
+                    note = format!("circuit breaker open: node {} not isolated, alert only", f.node);
+                }
+                Err(e) => {
+                    taken = FaultAction::RestartJob;
+                    tracing::error!(node = %f.node, error = %e, "isolation failed");
+                    note = format!("isolation of node {} failed: {e}", f.node);
+                }
+            }
+        } else if !start_cycle && action != FaultAction::Ignore {
+            note = "folded into the restore in progress".into();
+        }
+        if start_cycle {
+            let span = tracing::info_span!("isolator-restore", job = %f.job);
+            tokio::spawn(self.clone().recover(f.job.clone()).instrument(span));
+        }
+        Ok(FaultAck { action: taken as i32, note })
+    }
+
+    /// Isolates a node through the fencer, within the breaker. `Ok(false)`: the breaker refused.
+    pub async fn isolate(&self, iso: &Isolation) -> Result<bool> {
+        let again = lock(&self.isolated).contains_key(&iso.node);
+        if !again {
+            let nodes = self.fencer.node_count().await?;
+            let allowed = lock(&self.breaker).try_acquire(Instant::now().into_std(), nodes);
+            if !allowed {
+                self.metrics.circuit_open(true);
+                tracing::error!(node = %iso.node, reason = %iso.reason, "circuit breaker open: isolation refused, alert only");
+                let notice = Notice {
+                    subject: Subject::Node(iso.node.clone()),
+                    reason: "IsolationRefused".into(),
+                    message: format!(
+                        "ckptd circuit breaker: too many nodes isolated recently; not isolating ({}: {:.256})",
+                        iso.reason, iso.evidence
+                    ),
+                };
+                if let Err(e) = self.fencer.notice(&notice).await {
+                    tracing::warn!(error = %e, "cannot record the refused isolation as an Event");
+                }
+                return Ok(false);
+            }
+            self.metrics.circuit_open(false);
+        }
+        self.fencer.isolate(iso).await?;
+        let n = {
+            let mut isolated = lock(&self.isolated);
+            isolated.insert(iso.node.clone(), iso.job.clone());
+            isolated.len()
+        };
+        self.metrics.isolated_nodes(n);
+        Ok(true)
+    }
+
+    /// Undoes an isolation (operator's `ckptctl release`).
+    pub async fn release(&self, node: &str) -> Result<bool> {
+        self.ensure_leader()?;
+        check_name("node", node, true)?;
+        let on_node = self.fencer.release(node).await?;
+        let n = {
+            let mut isolated = lock(&self.isolated);
+            let ours = isolated.remove(node).is_some();
+            (ours || on_node, isolated.len())
+        };
+        self.metrics.isolated_nodes(n.1);
+        Ok(n.0)
+    }
+
+    /// The coordinated restore of one job, from Degraded to Restoring.
+    async fn recover(self: Arc<Self>, name: String) {
+        // Degraded: the isolation ran before this task started (or was refused or not needed).
+        let snapshot = self.with_job(&name, |job| {
+            let Some(next) = job.state.on(Event::Isolated) else { return Ok(false) };
+            job.state = next;
+            let faulty = job.faulty.clone();
+            let deadline_ms = self.settings.snapshot_timeout.as_millis() as u64;
+            let snap = Command {
+                command: Some(command::Command::SnapshotNow(SnapshotNowCommand {
+                    reason: format!("fault on ranks {faulty:?}"),
+                    deadline_ms,
+                })),
+            };
+            job.send(&snap, |s| s.ranks.iter().any(|r| !faulty.contains(r)));
+            let stop = Command {
+                command: Some(command::Command::Stop(StopCommand { reason: "this rank's node is faulty".into() })),
+            };
+            job.send(&stop, |s| !s.ranks.is_empty() && s.ranks.iter().all(|r| faulty.contains(r)));
+            tracing::warn!(job = %name, "evacuating: healthy ranks snapshot now");
+            Ok(true)
+        });
+        if !matches!(snapshot, Ok(true)) {
+            return;
+        }
+        // Evacuating: the emergency snapshots can only commit a step that every faulty rank
+        // already voted for (or, with no faulty rank, any new step). Wait, with a bound, until a
+        // newer step commits or no such step can complete any more.
+        let base = lock(&self.jobs).get(&name).and_then(|j| j.committed);
+        let until = Instant::now() + self.settings.snapshot_timeout;
+        loop {
+            let notified = self.settled.notified();
+            let settled = lock(&self.jobs).get(&name).is_none_or(|j| snapshots_settled(j, base));
+            if settled {
+                break;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(until) => break,
+                () = self.cancel.cancelled() => return,
+            }
+        }
+        let _ = self.with_job(&name, |job| {
+            let Some(next) = job.state.on(Event::SnapshotsSettled) else { return Ok(()) };
+            job.state = next;
+            job.generation = job.generation.saturating_add(1);
+            let generation = job.generation;
+            let open: Vec<u64> = job.ballots.keys().copied().collect();
+            for step in open {
+                job.abort(&name, step, format!("the job restarts at generation {generation}"));
+            }
+            job.faulty.clear();
+            job.restored.clear();
+            let restore = RestoreCommand {
+                step: job.committed.unwrap_or(0),
+                generation,
+                from_scratch: job.committed.is_none(),
+            };
+            tracing::warn!(job = %name, generation, step = restore.step, from_scratch = restore.from_scratch, "restoring every rank");
+            job.pending_restore = Some(restore);
+            let cmd = Command { command: Some(command::Command::Restore(restore)) };
+            job.send(&cmd, |_| true);
+            Ok(())
+        });
+        self.settled.notify_waiters();
+    }
+
+    /// Counts a durable vote; the vote that completes the step writes its MANIFEST. Returns
+    /// whether the step is committed.
+    pub async fn vote(&self, v: DurableVote) -> Result<bool> {
+        self.ensure_leader()?;
+        let vote = Vote::from_proto(&v)?;
+        let ready = self.with_job(&v.job, |job| {
+            job.check_rank(v.rank)?;
+            if v.world_size != job.world_size {
+                return Err(Error::InvalidRequest {
+                    what: "world_size".into(),
+                    reason: format!("job `{}` has world size {}, not {}", v.job, job.world_size, v.world_size),
+                });
+            }
+            job.check_generation(&v.job, v.generation)?;
+            if let Some((_, why)) = job.aborted.iter().rev().find(|(s, _)| *s == v.step) {
+                return Err(Error::StepAborted { job: v.job.clone(), step: v.step, reason: why.clone() });
+            }
+            if let Some(c) = job.committed {
+                if v.step == c {
+                    return Ok(None);
+                }
+                if v.step < c {
+                    return Err(Error::StepAborted {
+                        job: v.job.clone(),
+                        step: v.step,
+                        reason: format!("step {c} is already committed"),
+                    });
+                }
+            }
+            if !job.ballots.contains_key(&v.step) && job.ballots.len() >= MAX_OPEN_BALLOTS {
+                return Err(Error::InvalidRequest {
+                    what: "step".into(),
+                    reason: format!("{MAX_OPEN_BALLOTS} steps are already open: ranks are too far apart"),
+                });
+            }
+            let world = job.world_size;
+            let ballot =
+                job.ballots.entry(v.step).or_insert_with(|| Ballot::new(v.step, world, Instant::now().into_std()));
+            match ballot.add(vote)? {
+                Tally::Pending(_) | Tally::Repeated => Ok(Some(None)),
+                Tally::Complete => {
+                    job.committing.insert(v.step);
+                    Ok(Some(Some((job.store.clone(), ballot.entries(), ballot.metadata()))))
+                }
+            }
+        })?;
+        let (store, shards, metadata) = match ready {
+            None => return Ok(true),
+            Some(None) => return Ok(false),
+            Some(Some(r)) => r,
+        };
+        let outcome = match self.engine(&store).await {
+            Ok(engine) => {
+                let (job, step, world) = (v.job.clone(), v.step, v.world_size);
+                tokio::task::spawn_blocking(move || engine.commit(&job, step, world, shards, metadata))
+                    .await
+                    .map_err(|e| Error::Config { what: "store".into(), reason: format!("commit panicked: {e}") })
+                    .and_then(|r| r.map_err(Error::from))
+            }
+            Err(e) => Err(e),
+        };
+        let result = self.with_job(&v.job, |job| {
+            job.committing.remove(&v.step);
+            match outcome {
+                Ok(_) => {
+                    job.ballots.remove(&v.step);
+                    job.committed = Some(job.committed.map_or(v.step, |c| c.max(v.step)));
+                    let older: Vec<u64> = job.ballots.range(..v.step).map(|(s, _)| *s).collect();
+                    for s in older {
+                        job.abort(&v.job, s, format!("the newer step {} committed first", v.step));
+                    }
+                    tracing::info!(job = %v.job, step = v.step, "step committed globally");
+                    Ok(true)
+                }
+                Err(e) => {
+                    job.abort(&v.job, v.step, format!("commit failed: {e}"));
+                    Err(e)
+                }
+            }
+        });
+        self.settled.notify_waiters();
+        result
+    }
+
+    /// Subscribes an agent to the commands for its ranks. An agent behind the job's generation
+    /// first gets the pending restore, so a reconnect never misses it.
+    pub fn subscribe(&self, req: CommandsRequest) -> Result<mpsc::Receiver<Command>> {
+        self.ensure_leader()?;
+        if req.ranks.is_empty() || req.ranks.len() > MAX_RANKS_PER_REQUEST {
+            return Err(Error::InvalidRequest {
+                what: "ranks".into(),
+                reason: format!("{} ranks: name 1-{MAX_RANKS_PER_REQUEST}", req.ranks.len()),
+            });
+        }
+        self.with_job(&req.job, |job| {
+            for &r in &req.ranks {
+                job.check_rank(r)?;
+            }
+            if req.generation > job.generation {
+                return Err(Error::InvalidRequest {
+                    what: "generation".into(),
+                    reason: format!("{} is ahead of the job's generation {}", req.generation, job.generation),
+                });
+            }
+            let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+            if let Some(restore) = job.pending_restore
+                && req.generation < restore.generation
+            {
+                let _ = tx.try_send(Command { command: Some(command::Command::Restore(restore)) });
+            }
+            job.subscribers.retain(|s| !s.tx.is_closed());
+            job.subscribers.push(Subscriber { ranks: req.ranks.clone(), tx });
+            Ok(rx)
+        })
+    }
+
+    /// Every job's status, for `ckptctl jobs`.
+    pub fn list(&self) -> Vec<JobStatus> {
+        let isolated = lock(&self.isolated).clone();
+        let jobs = lock(&self.jobs);
+        let mut out: Vec<JobStatus> = jobs
+            .iter()
+            .map(|(name, j)| JobStatus {
+                job: name.clone(),
+                state: j.state.name().to_string(),
+                generation: j.generation,
+                has_committed: j.committed.is_some(),
+                committed_step: j.committed.unwrap_or(0),
+                world_size: j.world_size,
+                registered: j.ranks.len() as u32,
+                isolated_nodes: isolated.iter().filter(|(_, job)| *job == name).map(|(n, _)| n.clone()).collect(),
+                stragglers: j.detector.stragglers(),
+                connected_agents: j.subscribers.iter().filter(|s| !s.tx.is_closed()).count() as u32,
+            })
+            .collect();
+        out.sort_by(|a, b| a.job.cmp(&b.job));
+        out
+    }
+
+    /// Aborts every ballot older than the commit deadline. Returns how many were aborted.
+    pub fn sweep_deadlines(&self) -> usize {
+        let deadline = self.settings.commit_deadline;
+        let now = Instant::now().into_std();
+        let mut n = 0;
+        {
+            let mut jobs = lock(&self.jobs);
+            for (name, job) in jobs.iter_mut() {
+                let late: Vec<(u64, Vec<u32>)> = job
+                    .ballots
+                    .iter()
+                    .filter(|(s, b)| !job.committing.contains(s) && now.duration_since(b.opened) >= deadline)
+                    .map(|(s, b)| (*s, b.voters()))
+                    .collect();
+                for (step, voters) in late {
+                    let missing: Vec<u32> = (0..job.world_size).filter(|r| !voters.contains(r)).take(16).collect();
+                    job.abort(name, step, format!("deadline of {deadline:?} passed; ranks missing: {missing:?}"));
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            self.settled.notify_waiters();
+        }
+        n
+    }
+
+    /// Closes one straggler window of every running job and reports new stragglers.
+    pub async fn straggler_window(&self) {
+        let mut notices = Vec::new();
+        {
+            let mut jobs = lock(&self.jobs);
+            for (name, job) in jobs.iter_mut() {
+                if job.state != JobState::Running {
+                    continue;
+                }
+                let times: BTreeMap<u32, u64> = job.ranks.iter().map(|(r, i)| (*r, i.step_ms)).collect();
+                for rank in job.detector.window(&times) {
+                    let Some(info) = job.ranks.get(&rank) else { continue };
+                    tracing::warn!(job = %name, rank, node = %info.node, step_ms = info.step_ms, "straggler");
+                    let subject = if info.pod.is_empty() || info.namespace.is_empty() {
+                        Subject::Node(info.node.clone())
+                    } else {
+                        Subject::Pod(PodRef { namespace: info.namespace.clone(), name: info.pod.clone() })
+                    };
+                    notices.push(Notice {
+                        subject,
+                        reason: "Straggler".into(),
+                        message: format!(
+                            "rank {rank} of job {name} on node {} runs {} ms per step, over {}x the job median for {} windows",
+                            info.node, info.step_ms, self.settings.straggler_k, self.settings.straggler_windows
+                        ),
+                    });
+                }
+                self.publish(name, job);
+            }
+        }
+        if !*self.leader.borrow() {
+            return;
+        }
+        for n in notices {
+            if let Err(e) = self.fencer.notice(&n).await {
+                tracing::warn!(error = %e, "cannot record a straggler Event");
+            }
+        }
+    }
+
+    /// The background loops: deadline sweeps and straggler windows, until shutdown.
+    pub async fn run_background(self: Arc<Self>) {
+        let sweep_every = (self.settings.commit_deadline / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(sweep_every);
+        let mut window = tokio::time::interval(self.settings.straggler_window.max(Duration::from_millis(10)));
+        window.tick().await;
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                _ = sweep.tick() => { self.sweep_deadlines(); }
+                _ = window.tick() => self.straggler_window().await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolator::fencer::MemoryFencer;
+
+    fn settings(max_isolated: u32) -> Settings {
+        Settings {
+            commit_deadline: Duration::from_secs(60),
+            snapshot_timeout: Duration::from_secs(60),
+            straggler_k: 1.5,
+            straggler_windows: 3,
+            straggler_window: Duration::from_secs(30),
+            store_override: Some("memory://".into()),
+            breaker: BreakerConfig { max_isolated, max_fraction: 1.0, window: Duration::from_secs(3600) },
+        }
+    }
+
+    fn coordinator(leads: bool, fencer: Arc<MemoryFencer>, max_isolated: u32) -> Arc<Coordinator> {
+        let (_l, leader) = watch::channel(leads);
+        let (_h, holder) = watch::channel("other".to_string());
+        Coordinator::new(
+            settings(max_isolated),
+            fencer,
+            Arc::new(Metrics::new()),
+            leader,
+            holder,
+            CancellationToken::new(),
+        )
+    }
+
+    async fn register(c: &Coordinator, job: &str, rank: u32, world: u32, node: &str) {
+        let r = RegisterRequest {
+            job: job.into(),
+            rank,
+            world_size: world,
+            node: node.into(),
+            pod: format!("{job}-{rank}"),
+            namespace: "ns".into(),
+            ..Default::default()
+        };
+        c.register(r).await.unwrap();
+    }
+
+    fn drain(job: &str, node: &str) -> FaultReport {
+        FaultReport {
+            job: job.into(),
+            ranks: vec![0],
+            node: node.into(),
+            kind: "xid-79".into(),
+            action: FaultAction::DrainNode as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn isolation_goes_through_the_fencer_within_the_breaker() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer.clone(), 1);
+        register(&c, "a", 0, 1, "n1").await;
+        register(&c, "b", 0, 1, "n2").await;
+        let ack = c.report_fault(drain("a", "n1")).await.unwrap();
+        assert_eq!(ack.action, FaultAction::DrainNode as i32);
+        assert_eq!(c.list()[0].state, "Degraded");
+        let rec = fencer.record();
+        assert!(rec.isolated.contains_key("n1"));
+        assert!(rec.deleted_pods.contains(&PodRef { namespace: "ns".into(), name: "a-0".into() }));
+        // The second node exceeds the breaker: alert only, and the job still restarts.
+        let ack = c.report_fault(drain("b", "n2")).await.unwrap();
+        assert_eq!(ack.action, FaultAction::RestartJob as i32, "{}", ack.note);
+        let rec = fencer.record();
+        assert!(!rec.isolated.contains_key("n2"));
+        assert_eq!(rec.notices.len(), 1);
+        assert_eq!(rec.notices[0].reason, "IsolationRefused");
+        // Repeating the first isolation is not a new one for the breaker.
+        let again = c.isolate(&rec.isolated["n1"]).await.unwrap();
+        assert!(again);
+        assert_eq!(fencer.record().isolations, 1);
+        assert!(c.release("n1").await.unwrap());
+        assert!(c.list().iter().all(|j| j.isolated_nodes.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_the_lease_refuses_to_act() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(false, fencer.clone(), 4);
+        let r = RegisterRequest { job: "a".into(), world_size: 1, node: "n".into(), ..Default::default() };
+        let err = c.register(r).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::NotLeader);
+        assert!(err.to_string().contains("other"), "{err}");
+        assert_eq!(c.release("n").await.unwrap_err().kind(), crate::ErrorKind::NotLeader);
+        assert_eq!(fencer.record().isolations, 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_takeover_the_job_resumes_at_the_generation_its_agents_report() {
+        let c = coordinator(true, Arc::new(MemoryFencer::new(8)), 4);
+        let r = |rank, generation| RegisterRequest {
+            job: "a".into(),
+            rank,
+            world_size: 2,
+            node: "n".into(),
+            generation,
+            ..Default::default()
+        };
+        assert_eq!(c.register(r(0, 0)).await.unwrap().generation, 0, "a fresh pod");
+        assert_eq!(c.register(r(1, 3)).await.unwrap().generation, 3);
+        let hb = |rank, generation| RankHeartbeat { job: "a".into(), rank, generation, step: 1, step_time_ms: 5 };
+        assert_eq!(c.heartbeat(hb(1, 3)).unwrap().generation, 3);
+        assert_eq!(c.heartbeat(hb(0, 0)).unwrap_err().kind(), crate::ErrorKind::Stale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ballot_past_its_deadline_is_aborted() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer, 4);
+        register(&c, "a", 0, 2, "n").await;
+        let vote = DurableVote {
+            job: "a".into(),
+            step: 3,
+            rank: 0,
+            world_size: 2,
+            shard_key: ckpt_core::store::layout::shard_name(0),
+            shard_len: 10,
+            ..Default::default()
+        };
+        assert!(!c.vote(vote.clone()).await.unwrap());
+        assert_eq!(c.sweep_deadlines(), 0);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(c.sweep_deadlines(), 1);
+        let err = c.vote(vote).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Stale);
+    }
+}

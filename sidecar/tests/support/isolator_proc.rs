@@ -1,0 +1,127 @@
+//! `ckptd isolator` as a real child process, for the isolator tests and the later system test.
+#![allow(dead_code, clippy::print_stderr)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A token long enough for the isolator's check.
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A running isolator; SIGKILLed on drop.
+pub struct IsolatorProc {
+    child: Child,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// Metrics address.
+    pub metrics: SocketAddr,
+    /// Its stderr log.
+    pub log: PathBuf,
+}
+
+/// Writes [`TOKEN`] into `dir/token` and returns the path.
+pub fn token_file(dir: &Path) -> PathBuf {
+    let p = dir.join("token");
+    std::fs::write(&p, format!("{TOKEN}\n")).expect("write token");
+    p
+}
+
+impl IsolatorProc {
+    /// Starts `ckptd isolator` on loopback ports with `args`; its log goes to `dir/<name>.log`.
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> IsolatorProc {
+        IsolatorProc::spawn_with_env(dir, name, args, &[])
+    }
+
+    /// [`spawn`](IsolatorProc::spawn) with extra environment variables (store credentials).
+    pub fn spawn_with_env(dir: &Path, name: &str, args: &[&str], env: &[(String, String)]) -> IsolatorProc {
+        let log = dir.join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ckptd"))
+            .arg("isolator")
+            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("CKPTD_LOG", "info,ckptd=debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn ckptd isolator");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                panic!("isolator did not start ({status:?}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        };
+        let field = |k: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in `{line}`"))
+        };
+        IsolatorProc { grpc: field("grpc="), metrics: field("metrics="), child, log }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the metrics endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.metrics).expect("connect metrics");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    /// SIGKILL (a crash, not a clean shutdown).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for IsolatorProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`; panics with `what` otherwise. The limit
+/// is a safety net against hangs, not an assertion about speed.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
