@@ -281,6 +281,17 @@ impl PyCheckpointer {
         py.detach(|| ck.wait_snapshot_request(timeout)).map_err(to_py)
     }
 
+    /// Takes the isolator's newest restore order `(step, generation)`, if one arrived.
+    fn take_restore_order(&self) -> PyResult<Option<(u64, u64)>> {
+        Ok(self.get()?.take_restore_order())
+    }
+
+    /// Why the agent asked this trainer to stop, if it did.
+    #[getter]
+    fn stop_requested(&self) -> PyResult<Option<String>> {
+        Ok(self.get()?.stop_requested())
+    }
+
     /// The snapshot request not yet answered by a save, if any.
     #[getter]
     fn snapshot_requested(&self) -> PyResult<Option<u64>> {

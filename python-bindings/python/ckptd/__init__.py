@@ -271,6 +271,17 @@ class Checkpointer:
             self._save(self._snapshot_fn(), step)
         return True
 
+    def restore_order(self) -> tuple[int, int] | None:
+        """The isolator's newest restore order ``(step, generation)``, taken (so returned once):
+        the whole job restarts from ``step``; call :meth:`load` with it and continue. ``None``
+        when there is none (always, embedded)."""
+        return self._native.take_restore_order()
+
+    @property
+    def stop_requested(self) -> str | None:
+        """Why the agent asked this trainer to stop (its node is being isolated), or ``None``."""
+        return self._native.stop_requested
+
     def register_snapshot(self, state_fn: Callable[[], Any]) -> None:
         """Registers where an agent-requested snapshot's state comes from (e.g.
         ``lambda: ckptd.torch.capture(model, optimizer)``).

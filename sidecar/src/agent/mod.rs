@@ -56,6 +56,22 @@ pub const ENV_COMPRESSION: &str = "CKPTD_COMPRESSION";
 pub const ENV_COMMIT_TIMEOUT: &str = "CKPTD_COMMIT_TIMEOUT";
 /// Environment variable: committed steps to keep (`--keep`).
 pub const ENV_KEEP: &str = "CKPTD_KEEP";
+/// Environment variable: the isolator's URL (`--isolator`).
+pub const ENV_ISOLATOR: &str = "CKPTD_ISOLATOR";
+/// Environment variable: file holding the bearer token for the isolator (`--isolator-token-file`).
+pub const ENV_ISOLATOR_TOKEN_FILE: &str = "CKPTD_ISOLATOR_TOKEN_FILE";
+/// Environment variable: CA bundle that signs the isolator's certificate (`--isolator-ca`).
+pub const ENV_ISOLATOR_CA: &str = "CKPTD_ISOLATOR_CA";
+/// Environment variable: client certificate for mTLS to the isolator (`--isolator-cert`).
+pub const ENV_ISOLATOR_CERT: &str = "CKPTD_ISOLATOR_CERT";
+/// Environment variable: client key for mTLS to the isolator (`--isolator-key`).
+pub const ENV_ISOLATOR_KEY: &str = "CKPTD_ISOLATOR_KEY";
+/// Environment variable (downward API): the node the pod runs on.
+pub const ENV_NODE_NAME: &str = "CKPTD_NODE_NAME";
+/// Environment variable (downward API): the pod's name.
+pub const ENV_POD_NAME: &str = "CKPTD_POD_NAME";
+/// Environment variable (downward API): the pod's namespace.
+pub const ENV_POD_NAMESPACE: &str = "CKPTD_POD_NAMESPACE";
 
 /// Command-line flags of `ckptd agent`; each is also an environment variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -97,6 +113,34 @@ pub struct AgentArgs {
     /// Committed steps to keep on the store (rank 0's agent applies it after each commit); 0 keeps all.
     #[arg(long, env = ENV_KEEP, default_value_t = 0)]
     pub keep: usize,
+    /// The node isolator (`http://host:7443` or `https://...`). With it, steps are committed by the
+    /// isolator once every rank voted, faults are reported to it and its commands reach trainers.
+    #[arg(long, env = ENV_ISOLATOR)]
+    pub isolator: Option<String>,
+    /// File holding the bearer token the isolator expects.
+    #[arg(long, env = ENV_ISOLATOR_TOKEN_FILE)]
+    pub isolator_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signs the isolator's certificate.
+    #[arg(long, env = ENV_ISOLATOR_CA)]
+    pub isolator_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS to the isolator.
+    #[arg(long, env = ENV_ISOLATOR_CERT, requires = "isolator_key")]
+    pub isolator_cert: Option<PathBuf>,
+    /// Client key (PEM) for mTLS to the isolator.
+    #[arg(long, env = ENV_ISOLATOR_KEY, requires = "isolator_cert")]
+    pub isolator_key: Option<PathBuf>,
+    /// This node's name (downward API `spec.nodeName`), for fault reports.
+    #[arg(long, env = ENV_NODE_NAME, default_value = "")]
+    pub node: String,
+    /// This pod's name (downward API `metadata.name`).
+    #[arg(long, env = ENV_POD_NAME, default_value = "")]
+    pub pod: String,
+    /// This pod's namespace (downward API `metadata.namespace`).
+    #[arg(long, env = ENV_POD_NAMESPACE, default_value = "")]
+    pub namespace: String,
+    /// Health monitoring (NVML, kernel log, progress, NCCL, InfiniBand) and its policy.
+    #[command(flatten)]
+    pub health: crate::health::HealthArgs,
 }
 
 /// A set of ranks, parsed from `0-7`, `0,2,4` or `0-3,8`.
@@ -131,6 +175,9 @@ pub fn parse_ranks(s: &str) -> std::result::Result<RankList, String> {
 #[derive(Debug, Clone)]
 pub(crate) struct AgentConfig {
     pub job: String,
+    pub node: String,
+    pub pod: String,
+    pub namespace: String,
     pub arena_dir: PathBuf,
     pub slots: u32,
     pub world_size: Option<u32>,
@@ -143,6 +190,14 @@ pub(crate) struct Agent {
     pub cfg: AgentConfig,
     pub engine: Engine,
     pub metrics: Arc<Metrics>,
+    /// Health controller, fed with trainer heartbeats.
+    pub health: Option<crate::health::Health>,
+    /// The isolator, when one is configured.
+    pub link: Option<crate::isolator::link::IsolatorLink>,
+    /// Whether the isolator command stream runs.
+    commands_started: std::sync::atomic::AtomicBool,
+    /// The newest restore order of the isolator, replayed to trainers that attach after it.
+    pub restore_order: Mutex<Option<(u64, u64)>>,
     ranks: Mutex<BTreeMap<u32, Arc<Rank>>>,
     next_id: AtomicU64,
     rt: tokio::runtime::Handle,
@@ -185,9 +240,20 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .map_err(|e| ckpt_core::Error::Cancelled { reason: format!("cannot start the runtime: {e}") })?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let shutdown = CancellationToken::new();
+    let node = if args.node.is_empty() { hostname() } else { args.node.clone() };
+    let (health, decisions) =
+        crate::health::Health::start(&args.health, node.clone(), &mut registry, rt.handle(), shutdown.clone())?;
+    let link = match &args.isolator {
+        Some(url) => Some(rt.block_on(connect_isolator(url, &args))?),
+        None => None,
+    };
     let agent = Arc::new(Agent {
         cfg: AgentConfig {
             job: args.job.clone(),
+            node,
+            pod: args.pod.clone(),
+            namespace: args.namespace.clone(),
             arena_dir: args.arena_dir.clone(),
             slots: args.slots,
             world_size: args.world_size,
@@ -195,18 +261,27 @@ pub fn run(args: AgentArgs) -> Result<()> {
         },
         engine,
         metrics,
+        health: Some(health),
+        link,
+        commands_started: std::sync::atomic::AtomicBool::new(false),
+        restore_order: Mutex::new(None),
         ranks: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),
         rt: rt.handle().clone(),
     });
-    let result = rt.block_on(serve(agent.clone(), args, Arc::new(registry)));
+    rt.spawn(handle_decisions(agent.clone(), decisions));
+    let result = rt.block_on(serve(agent.clone(), args, Arc::new(registry), shutdown));
     // Persist threads may still hold the engine; stop them before the runtime goes.
     rt.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn serve(agent: Arc<Agent>, args: AgentArgs, registry: Arc<prometheus_client::registry::Registry>) -> Result<()> {
-    let shutdown = CancellationToken::new();
+async fn serve(
+    agent: Arc<Agent>,
+    args: AgentArgs,
+    registry: Arc<prometheus_client::registry::Registry>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let listener = bind_socket(&args.socket)?;
     let metrics_task = match args.metrics_addr {
         Some(addr) => Some(metrics::serve(addr, registry, shutdown.clone()).await?),
@@ -219,6 +294,11 @@ async fn serve(agent: Arc<Agent>, args: AgentArgs, registry: Arc<prometheus_clie
             Ok(rank) => agent.spawn_prefetch(rank),
             Err(e) => tracing::error!(rank = r, error = %e, "cannot prepare rank"),
         }
+    }
+    if args.ranks.is_some()
+        && let Some(w) = agent.cfg.world_size
+    {
+        agent.register_with_isolator(w);
     }
     let signals = {
         let shutdown = shutdown.clone();
@@ -319,6 +399,115 @@ impl Agent {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Registers every rank this agent knows with the isolator (again, when one more attached),
+    /// then starts following its commands.
+    fn register_with_isolator(self: &Arc<Self>, world_size: u32) {
+        let Some(link) = self.link.clone() else { return };
+        let agent = self.clone();
+        self.rt.spawn(async move {
+            let mut ranks: Vec<u32> = agent.ranks().iter().map(|r| r.rank).collect();
+            if ranks.is_empty() {
+                return;
+            }
+            ranks.sort_unstable();
+            let cfg = &agent.cfg;
+            let store = agent.engine.store().url().to_string();
+            match link.register(&cfg.job, &ranks, world_size, &cfg.node, &cfg.pod, &cfg.namespace, &store).await {
+                Ok(reply) => {
+                    tracing::info!(?ranks, generation = reply.generation, "registered with the isolator");
+                    // A pod started after a restart (a rescheduled rank): its trainer restores the
+                    // step the rest of the job restarted from.
+                    let known = agent.restore_order.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    if reply.generation > 0 && reply.has_committed && !known {
+                        agent.order_restore(reply.committed_step, reply.generation);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register with the isolator");
+                    return;
+                }
+            }
+            if !agent.commands_started.swap(true, Ordering::AcqRel) {
+                let mut commands = link.commands();
+                let a = agent.clone();
+                tokio::spawn(async move {
+                    while let Some(cmd) = commands.recv().await {
+                        a.on_command(cmd);
+                    }
+                });
+            }
+        });
+    }
+
+    /// An isolator command: forwarded to every attached trainer.
+    fn on_command(self: &Arc<Self>, cmd: ckptd_proto::v1::Command) {
+        use ckptd_proto::v1::{self as pb, command::Command as C, trainer_event::Event};
+        match cmd.command {
+            Some(C::SnapshotNow(s)) => {
+                for rank in self.ranks().into_iter().filter(|r| r.lock().session.is_some()) {
+                    let id = self.next_id();
+                    rank.lock().pending_request = Some(id);
+                    tracing::warn!(rank = rank.rank, request = id, reason = %s.reason, "isolator requests a snapshot");
+                    rank.notify(Event::SnapshotRequested(pb::SnapshotRequested {
+                        request: id,
+                        reason: s.reason.clone(),
+                    }));
+                }
+            }
+            Some(C::Stop(s)) => {
+                for rank in self.ranks() {
+                    tracing::warn!(rank = rank.rank, reason = %s.reason, "isolator stops the trainer");
+                    rank.notify(Event::Stop(pb::StopOrder { reason: s.reason.clone() }));
+                }
+            }
+            Some(C::Restore(r)) => self.order_restore(r.step, r.generation),
+            None => {}
+        }
+    }
+
+    /// The job restarts from `step` at `generation`: every trainer is told, and snapshots of later
+    /// steps (the abandoned timeline) are dropped until the trainer has loaded `step`.
+    fn order_restore(&self, step: u64, generation: u64) {
+        use ckptd_proto::v1::{self as pb, trainer_event::Event};
+        *self.restore_order.lock().unwrap_or_else(|p| p.into_inner()) = Some((step, generation));
+        for rank in self.ranks() {
+            rank.lock().rollback = Some(step);
+            tracing::warn!(rank = rank.rank, step, generation, "isolator orders a restore");
+            rank.notify(Event::Restore(pb::RestoreOrder { step, generation }));
+        }
+    }
+
+    /// A trainer heartbeat: feeds the health controller and, rate-limited to step changes, the
+    /// isolator (with the time the last step took).
+    fn on_heartbeat(self: &Arc<Self>, rank: &Rank, step: u64, phase: ckptd_proto::v1::Phase) {
+        if let Some(h) = &self.health {
+            h.heartbeat(rank.rank, step, phase);
+        }
+        let Some(link) = self.link.clone() else { return };
+        let step_time = {
+            let mut inner = rank.lock();
+            let now = std::time::Instant::now();
+            match inner.step_clock {
+                Some((s, _)) if s == step => return,
+                Some((s, at)) if step > s => {
+                    let dt = now.duration_since(at) / u32::try_from(step - s).unwrap_or(u32::MAX).max(1);
+                    inner.step_clock = Some((step, now));
+                    dt
+                }
+                _ => {
+                    inner.step_clock = Some((step, now));
+                    Duration::ZERO
+                }
+            }
+        };
+        let r = rank.rank;
+        self.rt.spawn(async move {
+            if let Err(e) = link.heartbeat(r, step, step_time).await {
+                tracing::debug!(rank = r, error = %e, "isolator heartbeat failed");
+            }
+        });
+    }
+
     /// The rank's state, created (with its persist thread) on first use. A rank whose arena file
     /// exists from an earlier agent adopts it: its memory tier is kept, and a snapshot sealed but
     /// never made durable is persisted now.
@@ -399,6 +588,9 @@ impl Agent {
             return;
         }
         self.metrics.attached.dec();
+        if let Some(h) = &self.health {
+            h.rank_detached(rank.rank);
+        }
         tracing::info!(rank = rank.rank, session = id, "trainer detached");
         self.rt.spawn(async move {
             let _staging = rank.staging.lock().await;
@@ -526,6 +718,72 @@ impl Agent {
             .filter(|&s| arena.state(s) == Some(SlotState::Durable))
             .find(|&s| arena.content(s).is_ok_and(|c| c.step == step))
             .map(|s| (arena, s))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| config_error(flag, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Connects to the isolator with the configured credentials.
+async fn connect_isolator(url: &str, args: &AgentArgs) -> Result<crate::isolator::link::IsolatorLink> {
+    use crate::isolator::link::LinkCredentials;
+    let token = match &args.isolator_token_file {
+        Some(p) => Some(String::from_utf8_lossy(&read_file("--isolator-token-file", p)?).trim().to_string()),
+        None => None,
+    };
+    let ca = match &args.isolator_ca {
+        Some(p) => Some(read_file("--isolator-ca", p)?),
+        None => None,
+    };
+    let mut creds = match (&args.isolator_cert, &args.isolator_key, token) {
+        (Some(c), Some(k), token) => {
+            let m = LinkCredentials::mtls(
+                read_file("--isolator-cert", c)?,
+                read_file("--isolator-key", k)?,
+                ca.clone().unwrap_or_default(),
+            );
+            match token {
+                Some(t) => LinkCredentials::token(t).merge_tls(m),
+                None => m,
+            }
+        }
+        (_, _, Some(t)) => LinkCredentials::token(t),
+        _ => {
+            return Err(config_error(
+                "--isolator",
+                "needs credentials: --isolator-token-file, or --isolator-cert with --isolator-key",
+            ));
+        }
+    };
+    if let Some(ca) = ca {
+        creds = creds.with_ca(ca);
+    }
+    crate::isolator::link::IsolatorLink::connect(url, creds).await
+}
+
+/// Acts on the health controller's decisions: reports each to the isolator (which isolates and
+/// restarts), or logs it when there is none.
+async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver<crate::health::Decision>) {
+    while let Some(d) = rx.recv().await {
+        let ranks: Vec<u32> = agent.ranks().iter().map(|r| r.rank).collect();
+        tracing::error!(
+            source = d.finding.source.as_str(),
+            kind = %d.finding.kind,
+            action = ?d.action,
+            evidence = %d.finding.evidence,
+            "health fault"
+        );
+        let Some(link) = &agent.link else { continue };
+        let report = d.to_report(&agent.cfg.job, ranks, link.generation(), &agent.cfg.pod);
+        match link.report_fault(report).await {
+            Ok(ack) => tracing::warn!(action = ack.action, note = %ack.note, "fault reported to the isolator"),
+            Err(e) => tracing::error!(error = %e, "cannot report the fault to the isolator"),
+        }
     }
 }
 

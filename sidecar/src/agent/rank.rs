@@ -52,6 +52,11 @@ pub(super) struct RankInner {
     /// Snapshot request sent to the trainer and not answered yet.
     pub pending_request: Option<u64>,
     pub last_heartbeat: Option<(u64, pb::Phase)>,
+    /// (step, when first seen) of the newest heartbeat step, for step times.
+    pub step_clock: Option<(u64, Instant)>,
+    /// The isolator rolled the job back to this step, and the trainer has not loaded it yet:
+    /// snapshots of later steps are from the abandoned timeline.
+    pub rollback: Option<u64>,
 }
 
 /// A rank served by the agent.
@@ -252,8 +257,23 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
         let len = content.table.total_len() as usize;
         let data = Bytes::from_owner(SlotRegion { arena: arena.clone(), slot, len });
         let snap = Snapshot { table: content.table, data, metadata: content.metadata };
-        let saved = agent.engine.save(&agent.cfg.job, step, rank.rank, world_size, &snap, Default::default());
-        drop(snap);
+        let generation = agent.link.as_ref().map(|l| l.generation());
+        let saved = match &agent.link {
+            // With an isolator, it commits once every rank voted: write the shard and vote.
+            Some(link) => {
+                agent.engine.write_shard(&agent.cfg.job, step, rank.rank, world_size, &snap).and_then(|info| {
+                    drop(snap);
+                    agent.rt.block_on(link.vote_durable(&info, &Default::default())).map(|_| (info, None)).map_err(
+                        |e| ckpt_core::Error::Cancelled { reason: format!("vote to the isolator failed: {e}") },
+                    )
+                })
+            }
+            None => {
+                let r = agent.engine.save(&agent.cfg.job, step, rank.rank, world_size, &snap, Default::default());
+                drop(snap);
+                r
+            }
+        };
         let size = match saved {
             Ok((info, _)) => info.size,
             // An earlier agent persisted this step and died before marking the slot durable.
@@ -265,9 +285,12 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
             }
             Err(e) => return Err(e.into()),
         };
-        if rank.rank != 0 {
-            crate::client::wait_committed(&agent.engine, &agent.cfg.job, step)?;
-        } else if agent.cfg.keep > 0 {
+        match (&agent.link, generation) {
+            (Some(link), Some(g)) => wait_global_commit(agent, rank, link, g, step)?,
+            _ if rank.rank != 0 => crate::client::wait_committed(&agent.engine, &agent.cfg.job, step)?,
+            _ => {}
+        }
+        if rank.rank == 0 && agent.cfg.keep > 0 {
             let policy = ckpt_core::RetentionPolicy { keep: agent.cfg.keep, ..Default::default() };
             if let Err(e) = agent.engine.gc(&agent.cfg.job, &policy) {
                 tracing::warn!(step, error = %e, "retention failed; it runs again after the next commit");
@@ -280,4 +303,37 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
         arena.release(slot);
     }
     r
+}
+
+/// With an isolator: waits until the isolator has written the step's MANIFEST. A restart (the
+/// generation moved on) aborts every step still open, so the wait ends there instead of running
+/// into the deadline.
+fn wait_global_commit(
+    agent: &Agent,
+    rank: &Rank,
+    link: &crate::isolator::link::IsolatorLink,
+    generation: u64,
+    step: u64,
+) -> Result<()> {
+    let deadline = agent.engine.config().commit.deadline;
+    let started = Instant::now();
+    let mut poll = std::time::Duration::from_millis(10);
+    loop {
+        match agent.engine.manifest(&agent.cfg.job, step) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        if link.generation() > generation || rank.lock().rollback.is_some_and(|rb| step > rb) {
+            return Err(ckpt_core::Error::Cancelled {
+                reason: format!("step {step} was aborted by the job's restart (generation {})", link.generation()),
+            }
+            .into());
+        }
+        if started.elapsed() >= deadline {
+            return Err(Error::CommitTimeout { step, waited_ms: started.elapsed().as_millis() as u64 });
+        }
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(std::time::Duration::from_millis(200));
+    }
 }

@@ -148,8 +148,21 @@ impl Trainer for Service {
             inner.arena.as_ref().map(|a| a.path().display().to_string()).unwrap_or_default()
         };
         self.agent.metrics.attached.inc();
-        let attached = pb::Attached { session: id, agent_version: crate::VERSION.into(), arena_path, generation: 0 };
+        let generation = self.agent.link.as_ref().map_or(0, |l| l.generation());
+        let attached = pb::Attached { session: id, agent_version: crate::VERSION.into(), arena_path, generation };
         let _ = tx.try_send(Ok(pb::TrainerEvent { event: Some(Event::Attached(attached)) }));
+        if let Some(h) = &self.agent.health {
+            h.rank_attached(req.rank, None);
+        }
+        if self.agent.link.is_some() {
+            self.agent.register_with_isolator(req.world_size);
+        }
+        // A trainer that starts after the job's restart order (a rescheduled rank) gets it too.
+        let order = *self.agent.restore_order.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((step, generation)) = order {
+            let _ = tx
+                .try_send(Ok(pb::TrainerEvent { event: Some(Event::Restore(pb::RestoreOrder { step, generation })) }));
+        }
         tracing::info!(rank = req.rank, pid = req.pid, session = id, client = %req.client_version, "trainer attached");
         if rank.lock().committed.is_none() {
             self.agent.spawn_prefetch(rank.clone());
@@ -194,6 +207,18 @@ impl Trainer for Service {
                 req.slot,
                 arena.slot_count()
             )));
+        }
+        let rollback = rank.lock().rollback;
+        if let Some(rb) = rollback
+            && req.step > rb
+        {
+            // A snapshot from before the job's restart: the new timeline re-saves these steps.
+            arena.transition(req.slot, SlotState::Sealed, SlotState::Free);
+            return Err(refuse(
+                Code::FailedPrecondition,
+                ErrorKind::Stale,
+                format!("the job restarts from step {rb}: load it before saving step {}", req.step),
+            ));
         }
         if !arena.transition(req.slot, SlotState::Sealed, SlotState::Persisting) {
             let state = arena.state(req.slot).map_or("corrupt".to_string(), |s| format!("{s:?}").to_lowercase());
@@ -262,6 +287,13 @@ impl Trainer for Service {
                 agent.stage(&r, step)
             })
             .await?;
+        {
+            // The trainer loads the step the job restarted from: its saves count again.
+            let mut inner = rank.lock();
+            if inner.rollback.is_some_and(|rb| step <= rb) {
+                inner.rollback = None;
+            }
+        }
         let source = if from_storage { "storage" } else { "memory" };
         self.agent.metrics.restores.get_or_create(&super::metrics::SourceLabel { source: source.into() }).inc();
         let (arena, slot) = self
@@ -276,6 +308,7 @@ impl Trainer for Service {
         let req = req.into_inner();
         let rank = self.session(req.session)?;
         let phase = pb::Phase::try_from(req.phase).unwrap_or(pb::Phase::Unspecified);
+        self.agent.on_heartbeat(&rank, req.step, phase);
         let mut inner = rank.lock();
         inner.last_heartbeat = Some((req.step, phase));
         Ok(Response::new(pb::HeartbeatReply { snapshot_request: inner.pending_request.unwrap_or(0) }))

@@ -22,9 +22,9 @@ mod inspect;
 mod jobs;
 mod ls;
 mod progress;
-mod snapshot;
 #[cfg(feature = "server")]
 mod release;
+mod snapshot;
 mod verify;
 
 use std::io::Write;

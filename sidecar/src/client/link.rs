@@ -36,6 +36,10 @@ struct Routing {
     request: Option<u64>,
     /// Set once the event stream ended: why the agent is gone.
     gone: Option<String>,
+    /// The newest restore order (step, generation) not yet taken by the trainer.
+    restore: Option<(u64, u64)>,
+    /// Why the agent asked the trainer to stop, if it did.
+    stop: Option<String>,
 }
 
 #[derive(Debug)]
@@ -183,6 +187,16 @@ impl Link {
         Ok(r.request)
     }
 
+    /// Takes the newest restore order, if one arrived.
+    pub(crate) fn take_restore_order(&self) -> Option<(u64, u64)> {
+        self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).restore.take()
+    }
+
+    /// Why the agent asked this trainer to stop, if it did.
+    pub(crate) fn stop_requested(&self) -> Option<String> {
+        self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).stop.clone()
+    }
+
     /// The unanswered snapshot request, if any.
     pub(crate) fn pending_request(&self) -> Option<u64> {
         self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).request
@@ -246,8 +260,14 @@ fn route(shared: &Shared, ev: Event) {
         }
         Event::Restore(o) => {
             tracing::warn!(step = o.step, generation = o.generation, "the agent orders a restore");
+            r.restore = Some((o.step, o.generation));
+            shared.cv.notify_all();
         }
-        Event::Stop(s) => tracing::warn!(reason = %s.reason, "the agent asks this trainer to stop"),
+        Event::Stop(s) => {
+            tracing::warn!(reason = %s.reason, "the agent asks this trainer to stop");
+            r.stop = Some(s.reason);
+            shared.cv.notify_all();
+        }
     }
 }
 

@@ -324,6 +324,17 @@ impl Checkpointer {
         }
     }
 
+    /// Takes the isolator's newest restore order `(step, generation)`, if one arrived: the trainer
+    /// should load that step (`load(Some(step))`) and continue from it. Always `None` embedded.
+    pub fn take_restore_order(&self) -> Option<(u64, u64)> {
+        self.shared.link.as_ref().and_then(link::Link::take_restore_order)
+    }
+
+    /// Why the agent asked this trainer to stop (its node is being isolated), if it did.
+    pub fn stop_requested(&self) -> Option<String> {
+        self.shared.link.as_ref().and_then(link::Link::stop_requested)
+    }
+
     /// The pending snapshot request, if any (always `None` embedded).
     pub fn snapshot_requested(&self) -> Option<u64> {
         self.shared.link.as_ref().and_then(link::Link::pending_request)
