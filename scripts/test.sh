@@ -57,12 +57,13 @@ check_toolchain() {
     python3 --version
 }
 
-# Creates .venv-test with moto[server]; a venv that already imports moto's
-# server is reused so repeat runs skip pip entirely.
+# Creates .venv-test with moto[server] (the loopback S3 server) and kmock (the
+# Kubernetes API emulator the isolator tests run against); a venv that already
+# imports both is reused so repeat runs skip pip entirely.
 setup_venv() {
     section "python venv ($VENV)"
-    if [[ -x "$VENV/bin/moto_server" ]] && "$VENV/bin/python" -c 'import moto.server, boto3' 2>/dev/null; then
-        echo "moto already installed: $("$VENV/bin/python" -c 'import moto; print(moto.__version__)')"
+    if [[ -x "$VENV/bin/moto_server" ]] && "$VENV/bin/python" -c 'import moto.server, boto3, kmock' 2>/dev/null; then
+        echo "moto already installed: $("$VENV/bin/python" -c 'import moto; print(moto.__version__)'); kmock too"
         return
     fi
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
@@ -74,8 +75,8 @@ setup_venv() {
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet 'moto[server]'
-    "$VENV/bin/python" -c 'import moto; print("installed moto", moto.__version__)'
+    "$VENV/bin/python" -m pip install --quiet 'moto[server]' kmock
+    "$VENV/bin/python" -c 'import moto, kmock; print("installed moto", moto.__version__, "and kmock")'
 }
 
 setup_cargo_fuzz() {
@@ -182,7 +183,9 @@ run_clippy() {
 
 run_cargo_test() {
     section "cargo test"
-    cargo test --workspace --locked
+    # The isolator and system tests start kmock with this interpreter, and must
+    # not skip here.
+    CKPTD_TEST_PYTHON="$VENV/bin/python" CKPTD_REQUIRE_KMOCK=1 cargo test --workspace --locked
 }
 
 # Builds every target in ckpt-core/fuzz and runs each for FUZZ_SECONDS, starting
