@@ -10,6 +10,8 @@
 //! checks that all four ranks resume from the same step with bitwise-identical state, then prints
 //! the time from injection to resumed training.
 #![cfg(feature = "server")]
+// The test reports its measurement (time from injection to resumed) and where its logs are.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "support/isolator_proc.rs"]
 mod isolator_proc;

@@ -35,7 +35,7 @@ enum Command {
     /// Needs no GPU, cluster or server.
     Demo(DemoArgs),
     /// The per-pod agent: serves trainers over a Unix socket and persists their snapshots.
-    Agent(ckptd::agent::AgentArgs),
+    Agent(Box<ckptd::agent::AgentArgs>),
     /// The cluster node isolator: fault intake, global commit, node isolation, coordinated restore.
     Isolator(Box<ckptd::isolator::IsolatorArgs>),
     /// The mutating admission webhook that injects the agent into training pods.
@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Demo(args) => run_demo(args),
-        Command::Agent(args) => exit_with(ckptd::agent::run(args)),
+        Command::Agent(args) => exit_with(ckptd::agent::run(*args)),
         Command::Isolator(args) => exit_with(ckptd::isolator::run(*args)),
         Command::Webhook(args) => exit_with(ckptd::webhook::run(args)),
         Command::DemoTrainer(args) => {
