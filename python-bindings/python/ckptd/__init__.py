@@ -229,7 +229,9 @@ class Checkpointer:
         """
         handle = self._save(state, step)
         if blocking:
-            self.fence()
+            # The host waits (even for CUDA tensors), so that the copies are done and, in sidecar
+            # mode, the agent owns the snapshot when this returns.
+            self._native.fence(None)
         return handle
 
     def _save(self, state: Any, step: int) -> SaveHandle:

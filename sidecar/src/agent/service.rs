@@ -137,9 +137,15 @@ impl Trainer for Service {
                 ));
             }
             if let Some(a) = &inner.arena {
-                // Slots a previous trainer of this rank left half-written cannot complete now.
+                // Slots a previous trainer of this rank left half-written cannot complete now, and
+                // with no persist in flight a `persisting` slot is the read hold of a load that
+                // trainer never finished: the data is intact, give it back to the memory tier.
+                let idle = *rank.in_flight.borrow() == 0;
                 for slot in 0..a.slot_count() {
                     a.transition(slot, SlotState::Writing, SlotState::Free);
+                    if idle {
+                        a.transition(slot, SlotState::Persisting, SlotState::Durable);
+                    }
                 }
             }
             inner.world_size = Some(req.world_size);
@@ -248,7 +254,11 @@ impl Trainer for Service {
         };
         if let Err(job) = rank.enqueue(job) {
             job.arena.transition(job.slot, SlotState::Persisting, SlotState::Sealed);
-            return Err(refuse(Code::Unavailable, ErrorKind::Closed, "the agent is shutting down"));
+            return Err(refuse(
+                Code::Unavailable,
+                ErrorKind::Closed,
+                "the agent is shutting down, or more snapshots are queued than the arena has slots",
+            ));
         }
         self.agent.metrics.save_stall.observe(Duration::from_micros(req.stall_us).as_secs_f64());
         {
@@ -299,7 +309,13 @@ impl Trainer for Service {
         let (arena, slot) = self
             .agent
             .in_memory(&rank, step)
-            .ok_or_else(|| Status::aborted(format!("step {step} left the arena before it could be read; retry")))?;
+            .ok_or_else(|| {
+                refuse(
+                    Code::Aborted,
+                    ErrorKind::Core(ckpt_core::ErrorKind::Transient),
+                    format!("step {step} left the arena before it could be read; retry the load"),
+                )
+            })?;
         tracing::info!(rank = rank.rank, step, source, "restore staged");
         Ok(Response::new(pb::LocateReply { step, slot, arena_path: arena.path().display().to_string(), from_storage }))
     }
