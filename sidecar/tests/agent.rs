@@ -592,3 +592,44 @@ fn sigterm_finishes_in_flight_persists_and_exits_cleanly() {
     let slot = a.newest_durable().expect("a durable slot");
     assert_eq!((a.state(slot), a.content(slot).unwrap().step), (Some(SlotState::Durable), 9));
 }
+
+#[test]
+fn health_status_and_drills_go_through_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let kmsg = dir.path().join("kmsg");
+    std::fs::write(&kmsg, b"").unwrap();
+    let ctl = |socket: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ckptctl")).args(args).arg("--socket").arg(socket).output().unwrap()
+    };
+    let health_args = ["--kmsg", kmsg.to_str().unwrap(), "--no-ib", "--no-nvml"];
+
+    // Without --allow-inject a drill is refused with what to do.
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena"), &health_args);
+    let out = ctl(&agent.socket, &["inject", "--xid", "79", "--gpu", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-inject"), "{out:?}");
+    drop(agent);
+
+    let mut args = health_args.to_vec();
+    args.push("--allow-inject");
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena2"), &args);
+    let out = ctl(&agent.socket, &["health", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["reporters"]["kmsg"].is_object(), "{status}");
+    assert_eq!(status["active_faults"].as_array().map(Vec::len), Some(0), "{status}");
+    let out = ctl(&agent.socket, &["inject", "--xid", "79", "--gpu", "0"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the drill becomes an active fault", || {
+        let out = ctl(&agent.socket, &["health", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["active_faults"].as_array().is_some_and(|f| f.iter().any(|x| x.to_string().contains("xid-79")))
+    });
+    // A real kernel-log line takes the same path.
+    std::fs::write(&kmsg, b"NVRM: Xid (PCI:0000:3b:00): 48, pid=1, name=python, DBE (double bit error)\n").unwrap();
+    wait_until("the kmsg line becomes a finding", || {
+        metric(&agent.metrics_text(), "ckptd_health_findings_total{")
+            .is_some_and(|_| agent.metrics_text().contains("xid-48"))
+    });
+}

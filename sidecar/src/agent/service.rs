@@ -306,16 +306,13 @@ impl Trainer for Service {
         }
         let source = if from_storage { "storage" } else { "memory" };
         self.agent.metrics.restores.get_or_create(&super::metrics::SourceLabel { source: source.into() }).inc();
-        let (arena, slot) = self
-            .agent
-            .in_memory(&rank, step)
-            .ok_or_else(|| {
-                refuse(
-                    Code::Aborted,
-                    ErrorKind::Core(ckpt_core::ErrorKind::Transient),
-                    format!("step {step} left the arena before it could be read; retry the load"),
-                )
-            })?;
+        let (arena, slot) = self.agent.in_memory(&rank, step).ok_or_else(|| {
+            refuse(
+                Code::Aborted,
+                ErrorKind::Core(ckpt_core::ErrorKind::Transient),
+                format!("step {step} left the arena before it could be read; retry the load"),
+            )
+        })?;
         tracing::info!(rank = rank.rank, step, source, "restore staged");
         Ok(Response::new(pb::LocateReply { step, slot, arena_path: arena.path().display().to_string(), from_storage }))
     }
@@ -371,6 +368,27 @@ impl Admin for Service {
             ranks.push(pb::RankSnapshot { rank: rank.rank, request: id, taken, step });
         }
         Ok(Response::new(pb::SnapshotNowReply { ranks }))
+    }
+
+    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthReply>, Status> {
+        let h = self.agent.health.as_ref().ok_or_else(|| precondition("health monitoring is off in this agent"))?;
+        let status = h.status();
+        let json = serde_json::to_string(&status).map_err(|e| Status::internal(format!("cannot encode: {e}")))?;
+        Ok(Response::new(pb::HealthReply { json, text: status.to_string() }))
+    }
+
+    async fn inject(&self, req: Request<pb::InjectRequest>) -> Result<Response<pb::InjectReply>, Status> {
+        use crate::health::Injection;
+        let h = self.agent.health.as_ref().ok_or_else(|| precondition("health monitoring is off in this agent"))?;
+        let injection = match req.into_inner().fault {
+            Some(pb::inject_request::Fault::Xid(x)) => Injection::Xid { xid: x.xid, gpu: x.gpu },
+            Some(pb::inject_request::Fault::Hang(x)) => Injection::Hang { rank: x.rank },
+            Some(pb::inject_request::Fault::IbDown(x)) => Injection::IbDown { port: x.port },
+            None => return Err(invalid("say which fault to inject: xid, hang or ib_down")),
+        };
+        tracing::warn!(?injection, "fault drill");
+        h.inject(injection).map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::InjectReply {}))
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {

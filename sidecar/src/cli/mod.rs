@@ -87,6 +87,11 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Show what a running agent holds for each rank (memory tier, durable step, queue).
     AgentStatus(AgentStatusArgs),
+    /// The live status of a running agent's health reporters and its active faults.
+    Health(AgentStatusArgs),
+    /// Drill: inject a fault into a running agent (started with --allow-inject); it goes through
+    /// the same classification and policy as a real one.
+    Inject(InjectArgs),
 }
 
 /// `ckptctl snapshot`.
@@ -107,6 +112,30 @@ pub struct SnapshotArgs {
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `ckptctl inject`: exactly one of `--xid`, `--hang`, `--ib-down`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("fault").required(true).args(["xid", "hang", "ib_down"])))]
+pub struct InjectArgs {
+    /// The agent's Unix socket.
+    #[arg(long, env = "CKPTD_SOCKET", value_name = "PATH")]
+    pub socket: std::path::PathBuf,
+    /// An XID error (e.g. 79: GPU fallen off the bus).
+    #[arg(long, value_name = "N")]
+    pub xid: Option<u32>,
+    /// The GPU of the XID (host NVML index).
+    #[arg(long, value_name = "I", requires = "xid")]
+    pub gpu: Option<u32>,
+    /// A hang of every attached rank, or of `--rank`.
+    #[arg(long)]
+    pub hang: bool,
+    /// The rank of the hang.
+    #[arg(long, value_name = "R", requires = "hang")]
+    pub rank: Option<u32>,
+    /// An InfiniBand port going down, as `device/port` (e.g. mlx5_0/1).
+    #[arg(long, value_name = "PORT")]
+    pub ib_down: Option<String>,
 }
 
 /// `ckptctl agent-status`.
@@ -246,6 +275,8 @@ impl Ctx<'_> {
 pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<ExitCode> {
     let target = match &cli.command {
         Command::Snapshot(a) => return snapshot::run(a, out).map(ExitCode::from),
+        Command::Health(a) => return snapshot::health(a, out).map(ExitCode::from),
+        Command::Inject(a) => return snapshot::inject(a, out).map(ExitCode::from),
         Command::AgentStatus(a) => return snapshot::status(a, out).map(ExitCode::from),
         Command::Ls(a) => &a.target,
         Command::Inspect(a) => &a.target,
@@ -268,6 +299,8 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Gc(a) => gc::run(&mut ctx, &a).map(|()| EXIT_OK)?,
         Command::Export(a) => export::run(&mut ctx, &a).map(|()| EXIT_OK)?,
         Command::Snapshot(a) => snapshot::run(&a, ctx.out)?,
+        Command::Health(a) => snapshot::health(&a, ctx.out)?,
+        Command::Inject(a) => snapshot::inject(&a, ctx.out)?,
         Command::AgentStatus(a) => snapshot::status(&a, ctx.out)?,
         #[cfg(feature = "server")]
         Command::Jobs(_) | Command::Release(_) => EXIT_OK,

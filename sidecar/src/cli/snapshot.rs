@@ -1,4 +1,5 @@
-//! `ckptctl snapshot` and `ckptctl agent-status`: talk to a running agent over its socket.
+//! `ckptctl snapshot`, `agent-status`, `health` and `inject`: talk to a running agent over its
+//! socket.
 //!
 //! `snapshot` is the manual trigger of the path the isolator drives: the agent asks each attached
 //! trainer for a snapshot, the trainer takes it at its next safe point (`heartbeat`, `save`, or a
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ckptd_proto::v1 as pb;
 
-use super::{AgentStatusArgs, EXIT_FAILURE, EXIT_OK, SnapshotArgs};
+use super::{AgentStatusArgs, EXIT_FAILURE, EXIT_OK, InjectArgs, SnapshotArgs};
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")
@@ -104,5 +105,42 @@ pub fn status(a: &AgentStatusArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
             r.queued
         )?;
     }
+    Ok(EXIT_OK)
+}
+
+/// Runs `ckptctl health`: every reporter (enabled or disabled and why, last sample) and the
+/// active faults.
+pub fn health(a: &AgentStatusArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let rt = runtime()?;
+    let mut c = admin(&rt, &a.socket)?;
+    let reply = rt
+        .block_on(c.health(pb::HealthRequest {}))
+        .map_err(|s| crate::rpc::from_status(&a.socket, "health", s))?
+        .into_inner();
+    if a.json {
+        writeln!(out, "{}", reply.json)?;
+    } else {
+        write!(out, "{}", reply.text)?;
+        if !reply.text.ends_with('\n') {
+            writeln!(out)?;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// Runs `ckptctl inject`.
+pub fn inject(a: &InjectArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
+    use pb::inject_request::Fault;
+    let fault = match (a.xid, a.hang, &a.ib_down) {
+        (Some(xid), _, _) => Fault::Xid(pb::XidDrill { xid, gpu: a.gpu }),
+        (None, true, _) => Fault::Hang(pb::HangDrill { rank: a.rank }),
+        (None, false, Some(port)) => Fault::IbDown(pb::IbDownDrill { port: port.clone() }),
+        (None, false, None) => anyhow::bail!("say which fault: --xid N, --hang or --ib-down PORT"),
+    };
+    let rt = runtime()?;
+    let mut c = admin(&rt, &a.socket)?;
+    rt.block_on(c.inject(pb::InjectRequest { fault: Some(fault) }))
+        .map_err(|s| crate::rpc::from_status(&a.socket, "inject", s))?;
+    writeln!(out, "fault injected; see `ckptctl health` and the agent's log for the decision")?;
     Ok(EXIT_OK)
 }
