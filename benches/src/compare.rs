@@ -143,12 +143,59 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
         }
     }
 
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    report(cfg, &recs, &facts, &py_machine, &skipped, &command, out)
+}
+
+/// Redraws the tables, the goodput model and the plots from an earlier `results.json`, with this
+/// run's fault-rate flags: a different job size or fault rate needs no new measurements.
+pub fn redraw(cfg: &Config, from: &Path, out: &mut dyn Write) -> Result<(), Failure> {
+    let text =
+        std::fs::read_to_string(from).map_err(|e| Failure::Config(format!("--from-json {}: {e}", from.display())))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::Config(format!("--from-json {}: not JSON: {e}", from.display())))?;
+    let recs: Vec<Rec> =
+        v["records"].as_array().map(|a| a.iter().filter_map(Rec::from_json).collect()).unwrap_or_default();
+    if recs.is_empty() {
+        return Err(Failure::Config(format!("--from-json {}: no records", from.display())));
+    }
+    let mut sizes: Vec<u64> = recs.iter().filter(|r| r.system == "limit").map(|r| r.size).collect();
+    if sizes.is_empty() {
+        sizes = recs.iter().filter(|r| r.ranks.is_none()).map(|r| r.size).collect();
+    }
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut ranks: Vec<usize> = recs.iter().filter_map(|r| r.ranks).filter_map(|n| usize::try_from(n).ok()).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let shard = recs.iter().find_map(|r| r.ranks.filter(|&n| n > 0).map(|n| r.size / n)).unwrap_or(cfg.shard);
+    let reps = v["reps"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(cfg.reps);
+    let skipped: BTreeMap<String, String> = v["skipped"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default();
+    let command = v["command"].as_str().unwrap_or_default().to_string();
+    let cfg = Config { sizes, reps, ranks, shard, ..cfg.clone() };
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("create {}", cfg.out.display()))?;
+    report(&cfg, &recs, &v["machine"], &v["python"], &skipped, &command, out)
+}
+
+/// Writes results.json, results.md and the plots, and prints the tables.
+fn report(
+    cfg: &Config,
+    recs: &[Rec],
+    facts: &Value,
+    py_machine: &Value,
+    skipped: &BTreeMap<String, String>,
+    command: &str,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
     let fault = cfg.fault;
     let mtbf = fault.job_mtbf_s();
-    let good = goodput_rows(&recs, &cfg.sizes, mtbf);
+    let good = goodput_rows(recs, &cfg.sizes, mtbf);
     let json = json!({
         "benchmark": "compare",
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "command": command,
         "machine": facts,
         "python": py_machine,
         "reps": cfg.reps,
@@ -167,11 +214,11 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     std::fs::write(&path, serde_json::to_string_pretty(&json).context("encode results")? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
 
-    let md = markdown(cfg, &recs, &good, &skipped, &facts, mtbf);
+    let md = markdown(cfg, recs, &good, skipped, facts, mtbf);
     let md_path = cfg.out.join("results.md");
     std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
     writeln!(out, "\n{md}")?;
-    match plots(&cfg.out, &recs, &good) {
+    match plots(&cfg.out, recs, &good) {
         Ok(made) => writeln!(out, "wrote {}, {} and {}", path.display(), md_path.display(), made.join(", "))?,
         Err(e) => writeln!(out, "wrote {} and {}; no plots: {e:#}", path.display(), md_path.display())?,
     }

@@ -73,17 +73,21 @@ struct CompareArgs {
     /// Bytes each rank saves in the scaling run.
     #[arg(long, default_value = "64MiB", value_parser = units::parse_size)]
     shard: u64,
+    /// Measure nothing: redraw OUT/results.md, the plots and the goodput model (with these fault
+    /// flags) from an earlier results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    from_json: Option<PathBuf>,
     /// Goodput: interruptions observed on the reference fleet (default: Llama 3, 419 in 54 days on 16,384 GPUs).
-    #[arg(long, default_value_t = 419.0)]
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.interruptions)]
     fault_interruptions: f64,
     /// Goodput: over this many days.
-    #[arg(long, default_value_t = 54.0)]
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.days)]
     fault_days: f64,
     /// Goodput: on this many GPUs.
-    #[arg(long, default_value_t = 16384.0)]
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.fleet_gpus)]
     fault_fleet_gpus: f64,
     /// Goodput: GPUs in the modelled job (the job fails when any does).
-    #[arg(long, default_value_t = 16384.0)]
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.job_gpus)]
     job_gpus: f64,
 }
 
@@ -168,7 +172,11 @@ fn main() -> ExitCode {
                 fault,
             };
             let stdout = std::io::stdout();
-            match compare::run(&cfg, &mut stdout.lock()) {
+            let done = match &a.from_json {
+                Some(from) => compare::redraw(&cfg, from, &mut stdout.lock()),
+                None => compare::run(&cfg, &mut stdout.lock()),
+            };
+            match done {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(engine::Failure::Config(reason)) => fail(EXIT_CONFIG, &reason),
                 Err(engine::Failure::Run(e)) => fail(1, &format!("{e:#}")),

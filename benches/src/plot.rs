@@ -57,7 +57,9 @@ pub fn font() -> Result<(), String> {
     .clone()
 }
 
-/// Draws `series` to `path` (800×500 PNG) with a log x axis.
+/// Draws `series` to `path` (800×500 PNG). The x axis is log2 (sizes and rank counts double), drawn
+/// as a linear axis over log2(x) with the labels written back as x: plotters' own log axis labels
+/// only powers of ten, which a 64 MiB–1 GiB sweep may not contain.
 pub fn lines(
     path: &Path,
     title: &str,
@@ -67,9 +69,15 @@ pub fn lines(
     y: YAxis,
 ) -> anyhow::Result<()> {
     font().map_err(|e| anyhow!(e))?;
-    let pts = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0 > 0.0 && p.1.is_finite());
+    let series: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            name: s.name.clone(),
+            points: s.points.iter().filter(|p| p.0 > 0.0 && p.1.is_finite()).map(|p| (p.0.log2(), p.1)).collect(),
+        })
+        .collect();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (x, v) in pts {
+    for &(x, v) in series.iter().flat_map(|s| s.points.iter()) {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(v);
@@ -78,35 +86,42 @@ pub fn lines(
     if x0 > x1 {
         return Err(anyhow!("nothing to plot"));
     }
-    let xr = ((x0 / 1.3)..(x1 * 1.3)).log_scale();
+    let xr = (x0 - 0.3)..(x1 + 0.3);
     match y {
         YAxis::Log => {
             let lo = (y0 / 2.0).max(f64::MIN_POSITIVE);
-            draw(path, title, x_label, y_label, series, xr, (lo..(y1 * 2.0)).log_scale())
+            draw(path, title, x_label, y_label, &series, xr, (lo..(y1 * 2.0)).log_scale())
         }
         YAxis::Linear => {
             let pad = ((y1 - y0) * 0.1).max(y1.abs() * 0.02).max(1e-9);
-            draw(path, title, x_label, y_label, series, xr, ((y0 - pad).min(0.0_f64.max(y0 - pad))..(y1 + pad)))
+            // Rates and fractions are not negative: keep the axis from dipping below zero.
+            let lo = if y0 >= 0.0 { (y0 - pad).max(0.0) } else { y0 - pad };
+            draw(path, title, x_label, y_label, &series, xr, lo..(y1 + pad))
         }
     }
 }
 
-fn draw<X, Y>(
+/// `2^v` as a label: whole numbers where they are whole.
+fn pow2_label(v: &f64) -> String {
+    let x = v.exp2();
+    if (x - x.round()).abs() < 1e-6 * x.max(1.0) { format!("{x:.0}") } else { format!("{x:.3}") }
+}
+
+fn draw<Y>(
     path: &Path,
     title: &str,
     x_label: &str,
     y_label: &str,
     series: &[Series],
-    xr: X,
+    xr: std::ops::Range<f64>,
     yr: Y,
 ) -> anyhow::Result<()>
 where
-    X: AsRangedCoord<Value = f64>,
     Y: AsRangedCoord<Value = f64>,
-    X::CoordDescType: ValueFormatter<f64>,
     Y::CoordDescType: ValueFormatter<f64>,
 {
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    let xr_span = xr.end - xr.start;
     let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -119,13 +134,16 @@ where
     chart
         .configure_mesh()
         .x_desc(x_label)
+        .x_labels(((xr_span.ceil() as usize) + 1).max(2))
+        .x_label_formatter(&pow2_label)
+        .light_line_style(WHITE)
         .y_desc(y_label)
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(|e| err(&e))?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.0 > 0.0 && p.1.is_finite()).collect();
+        let pts = s.points.clone();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| err(&e))?
