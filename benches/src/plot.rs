@@ -162,3 +162,30 @@ where
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_read_back_as_sizes() {
+        assert_eq!(pow2_label(&6.0), "64");
+        assert_eq!(pow2_label(&10.0), "1024");
+        assert_eq!(pow2_label(&0.0), "1");
+        assert_eq!(pow2_label(&0.5), "1.414");
+    }
+
+    #[test]
+    fn a_plot_is_a_png_when_a_font_exists() {
+        if font().is_err() {
+            return; // nothing to draw text with on this machine: the caller reports it
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.png");
+        let s = [Series { name: "a".into(), points: vec![(64.0, 0.01), (256.0, 0.02)] }];
+        lines(&path, "t", "x", "y", &s, YAxis::Log).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(lines(&path, "t", "x", "y", &[], YAxis::Linear).is_err(), "nothing to plot");
+    }
+}
