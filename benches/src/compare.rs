@@ -112,7 +112,7 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     // Python first: it decides whether this is a GPU run, and fails early on `--device cuda`
     // without CUDA, before minutes of limits are spent.
     let torch = probe_python(&cfg.python);
-    if cfg.device == "cuda" && torch.as_ref().map(|t| t.1).unwrap_or(false) == false {
+    if cfg.device == "cuda" && !torch.as_ref().is_ok_and(|t| t.1) {
         let why = match &torch {
             Ok(_) => "torch.cuda.is_available() is False (no GPU, or a CPU-only torch)".to_string(),
             Err(e) => e.clone(),
