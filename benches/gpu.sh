@@ -2,7 +2,7 @@
 # GPU run of the comparison: ckptd, torch.save, DCP and safetensors on CUDA tensors, pinned
 # D2H/H2D copies, scaling and goodput, in about five minutes on a machine with torch and a GPU.
 #
-#   benches/gpu.sh OUTDIR          (env: PYTHON=python3, SIZES=1GiB,4GiB, REPS=3, RANKS=1,2,4,8)
+#   benches/gpu.sh OUTDIR          (env: PYTHON=python3, SIZES=256MiB,1GiB, REPS=3, RANKS=1,2,4,8)
 #
 # It builds the release binaries (ckptd for the sidecar agent, ckptd-benches), makes the ckptd
 # Python package importable (a release wheel built with maturin into OUTDIR/venv, which sees the
@@ -29,12 +29,11 @@ if ! "$py" -c 'import ckptd' 2>/dev/null; then
     "$py" -m maturin build --release -m python-bindings/Cargo.toml -o "$out/wheel"
     "$py" -m pip install -q "$out"/wheel/ckptd-*.whl
 fi
-"$py" -c 'import safetensors' 2>/dev/null || "$py" -m pip install -q safetensors || echo "safetensors not installed: skipped"
 
 # Checkpoints go next to the results, on the node's local disk (not /tmp, often tmpfs).
 mkdir -p "$out/data"
-target/release/ckptd-benches compare --device cuda --python "$py" \
-    --sizes "${SIZES:-1GiB,4GiB}" --reps "${REPS:-3}" --ranks "${RANKS:-1,2,4,8}" \
+target/release/ckptd-benches compare --device cuda --python "$py" --install-peers \
+    --sizes "${SIZES:-256MiB,1GiB}" --reps "${REPS:-3}" --ranks "${RANKS:-1,2,4,8}" \
     --out "$out" --dir "$out/data" 2>&1 | tee "$out/run.log"
 rm -rf "$out/data" "$out/wheel"
 echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $out"

@@ -34,6 +34,8 @@ pub struct Config {
     pub ranks: Vec<usize>,
     pub shard: u64,
     pub fault: FaultRate,
+    /// `pip install` missing peers into `python`'s environment first.
+    pub install_peers: bool,
 }
 
 /// The order systems are shown in, and their labels.
@@ -111,6 +113,9 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
 
     // Python first: it decides whether this is a GPU run, and fails early on `--device cuda`
     // without CUDA, before minutes of limits are spent.
+    if cfg.install_peers {
+        install_peers(&cfg.python, out)?;
+    }
     let torch = probe_python(&cfg.python);
     if cfg.device == "cuda" && !torch.as_ref().is_ok_and(|t| t.1) {
         let why = match &torch {
@@ -298,6 +303,23 @@ fn probe_python(python: &Path) -> Result<(String, bool), String> {
     let mut w = text.split_whitespace();
     let version = w.next().unwrap_or("?").to_string();
     Ok((version, w.next() == Some("True")))
+}
+
+/// Installs the peers `python` cannot import; a failure is reported and the peer skipped later.
+fn install_peers(python: &Path, out: &mut dyn Write) -> Result<(), Failure> {
+    for (module, package) in [("safetensors", "safetensors")] {
+        let present =
+            Command::new(python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
+        if present {
+            continue;
+        }
+        writeln!(out, "  installing {package} into {} ...", python.display())?;
+        let ok = Command::new(python).args(["-m", "pip", "install", "-q", package]).status().is_ok_and(|s| s.success());
+        if !ok {
+            writeln!(out, "  could not install {package}: it will be skipped")?;
+        }
+    }
+    Ok(())
 }
 
 type PyOut = (Vec<Rec>, Value, BTreeMap<String, String>);

@@ -60,6 +60,10 @@ struct CompareArgs {
     /// [default: $CKPTD_BENCH_PYTHON, else python3]
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Before measuring, `pip install` the peers that --python cannot import (safetensors) into
+    /// --python's own environment (use a virtualenv).
+    #[arg(long)]
+    install_peers: bool,
     /// `cuda` uses CUDA tensors and pinned copies (and fails without CUDA); `auto` picks it when
     /// torch sees a GPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
@@ -170,6 +174,7 @@ fn main() -> ExitCode {
                 ranks,
                 shard: a.shard,
                 fault,
+                install_peers: a.install_peers,
             };
             let stdout = std::io::stdout();
             let done = match &a.from_json {
