@@ -254,20 +254,20 @@ fn check(cfg: &Config) -> Result<(PathBuf, usize), Failure> {
     Ok((dir, size))
 }
 
-fn timed(f: impl FnOnce()) -> Duration {
+pub(crate) fn timed(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
     f();
     t.elapsed()
 }
 
-fn timed_io(f: impl FnOnce() -> std::io::Result<()>) -> anyhow::Result<Duration> {
+pub(crate) fn timed_io(f: impl FnOnce() -> std::io::Result<()>) -> anyhow::Result<Duration> {
     let t = Instant::now();
     f()?;
     Ok(t.elapsed())
 }
 
 /// The plain baseline: a new file, sequential 8 MiB writes, one fsync.
-fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut f = File::create(path)?;
     for block in data.chunks(IO_BLOCK) {
         f.write_all(block)?;
@@ -276,7 +276,7 @@ fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// The plain baseline: sequential 8 MiB reads into a preallocated buffer.
-fn read_file(path: &Path, dst: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn read_file(path: &Path, dst: &mut [u8]) -> std::io::Result<()> {
     let mut f = File::open(path)?;
     for block in dst.chunks_mut(IO_BLOCK) {
         f.read_exact(block)?;
@@ -285,7 +285,7 @@ fn read_file(path: &Path, dst: &mut [u8]) -> std::io::Result<()> {
 }
 
 /// Drops a file's clean pages from the page cache.
-fn evict(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn evict(path: &Path) -> anyhow::Result<()> {
     let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
     rustix::fs::fadvise(&f, 0, None, Advice::DontNeed).with_context(|| format!("fadvise {}", path.display()))
 }
@@ -298,7 +298,7 @@ fn evict_tree(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parallel_copy(src: &[u8], dst: &mut [u8], threads: usize) {
+pub(crate) fn parallel_copy(src: &[u8], dst: &mut [u8], threads: usize) {
     let piece = src.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let mut pieces = src.chunks(piece).zip(dst.chunks_mut(piece));
@@ -313,7 +313,7 @@ fn parallel_copy(src: &[u8], dst: &mut [u8], threads: usize) {
 }
 
 /// Incompressible bytes (splitmix64), so that no layer can shortcut the work.
-fn noise(len: usize) -> Vec<u8> {
+pub(crate) fn noise(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for c in v.chunks_mut(8) {
@@ -328,7 +328,7 @@ fn noise(len: usize) -> Vec<u8> {
 }
 
 /// Touches every page, so that the first measurement does not pay for page faults.
-fn prefault(buf: &mut [u8]) {
+pub(crate) fn prefault(buf: &mut [u8]) {
     buf.fill(1);
     std::hint::black_box(&mut *buf);
     buf.fill(0);
@@ -339,7 +339,7 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
 }
 
 /// Median (mean of the middle two for an even count), min and max.
-fn spread(v: &[f64]) -> (f64, f64, f64) {
+pub(crate) fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();

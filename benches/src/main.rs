@@ -2,12 +2,17 @@
 //!
 //! `engine` times the engine's save and restore on a `file://` store next to the plain file
 //! system calls and memcpy on the same bytes, so every ckptd number comes with the ceiling it
-//! should be compared to.
+//! should be compared to. `compare` puts ckptd (embedded and sidecar) next to torch.save, DCP and
+//! safetensors and the machine's limits in one run, adds multi-rank scaling and the goodput model,
+//! and writes `results.json`, a markdown table and PNG plots.
 //!
 //! Exit codes: 0 on success, 64 for a bad configuration (one line on stderr), 1 when a run fails.
 
+mod compare;
 mod engine;
+mod goodput;
 mod machine;
+mod plot;
 mod units;
 
 use std::io::Write;
@@ -31,6 +36,63 @@ struct Cli {
 enum Command {
     /// Engine save/restore on file:// next to write+fsync, read and memcpy of the same bytes.
     Engine(EngineArgs),
+    /// ckptd embedded and sidecar against torch.save, DCP, safetensors and the limits; scaling;
+    /// goodput. Writes OUT/results.json, OUT/results.md and PNG plots.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// State sizes, comma-separated (units as for `engine --size`).
+    #[arg(long, default_value = "256MiB,1GiB", value_delimiter = ',', value_parser = units::parse_size)]
+    sizes: Vec<u64>,
+    /// Repetitions of every measurement.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Where results.json, results.md and the PNGs go.
+    #[arg(long, default_value = "bench-out/compare")]
+    out: PathBuf,
+    /// Directory the checkpoints and the limit files are written to (a temporary directory is made
+    /// inside it and removed). [default: OUT]
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Python with torch and the ckptd package; safetensors is measured when it imports.
+    /// [default: $CKPTD_BENCH_PYTHON, else python3]
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Before measuring, `pip install` the peers that --python cannot import (safetensors) into
+    /// --python's own environment (use a virtualenv).
+    #[arg(long)]
+    install_peers: bool,
+    /// `cuda` uses CUDA tensors and pinned copies (and fails without CUDA); `auto` picks it when
+    /// torch sees a GPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// Only these Python systems (ckptd, ckptd-sidecar, torch.save, dcp, dcp-cached, safetensors, memcpy).
+    #[arg(long)]
+    systems: Option<String>,
+    /// World sizes of the scaling run, comma-separated; `none` skips it.
+    #[arg(long, default_value = "1,2,4,8")]
+    ranks: String,
+    /// Bytes each rank saves in the scaling run.
+    #[arg(long, default_value = "64MiB", value_parser = units::parse_size)]
+    shard: u64,
+    /// Measure nothing: redraw OUT/results.md, the plots and the goodput model (with these fault
+    /// flags) from an earlier results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    from_json: Option<PathBuf>,
+    /// Goodput: interruptions observed on the reference fleet (default: Llama 3, 419 in 54 days on 16,384 GPUs).
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.interruptions)]
+    fault_interruptions: f64,
+    /// Goodput: over this many days.
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.days)]
+    fault_days: f64,
+    /// Goodput: on this many GPUs.
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.fleet_gpus)]
+    fault_fleet_gpus: f64,
+    /// Goodput: GPUs in the modelled job (the job fails when any does).
+    #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.job_gpus)]
+    job_gpus: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +130,63 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Compare(a) => {
+            let ranks: Result<Vec<usize>, _> = if a.ranks == "none" {
+                Ok(Vec::new())
+            } else {
+                a.ranks
+                    .split(',')
+                    .map(|r| r.trim().parse::<usize>().ok().filter(|&n| (1..=64).contains(&n)).ok_or(r))
+                    .collect()
+            };
+            let ranks = match ranks {
+                Ok(r) => r,
+                Err(bad) => return fail(EXIT_CONFIG, &format!("--ranks: `{bad}` is not a world size from 1 to 64")),
+            };
+            let fault = goodput::FaultRate {
+                interruptions: a.fault_interruptions,
+                days: a.fault_days,
+                fleet_gpus: a.fault_fleet_gpus,
+                job_gpus: a.job_gpus,
+            };
+            if [fault.interruptions, fault.days, fault.fleet_gpus, fault.job_gpus]
+                .iter()
+                .any(|v| !(v.is_finite() && *v > 0.0))
+            {
+                return fail(EXIT_CONFIG, "the --fault-* and --job-gpus values must be positive numbers");
+            }
+            let python = a
+                .python
+                .or_else(|| std::env::var_os("CKPTD_BENCH_PYTHON").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("python3"));
+            if let Err(e) = std::fs::create_dir_all(&a.out) {
+                return fail(EXIT_CONFIG, &format!("cannot create --out {}: {e}", a.out.display()));
+            }
+            let dir = a.dir.unwrap_or_else(|| a.out.clone());
+            let cfg = compare::Config {
+                sizes: a.sizes,
+                reps: a.reps,
+                out: a.out,
+                dir,
+                python,
+                device: a.device,
+                systems: a.systems,
+                ranks,
+                shard: a.shard,
+                fault,
+                install_peers: a.install_peers,
+            };
+            let stdout = std::io::stdout();
+            let done = match &a.from_json {
+                Some(from) => compare::redraw(&cfg, from, &mut stdout.lock()),
+                None => compare::run(&cfg, &mut stdout.lock()),
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(engine::Failure::Config(reason)) => fail(EXIT_CONFIG, &reason),
+                Err(engine::Failure::Run(e)) => fail(1, &format!("{e:#}")),
+            }
+        }
         Command::Engine(a) => {
             let dir = match a.dir {
                 Some(d) => d,

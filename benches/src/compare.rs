@@ -1,0 +1,717 @@
+//! `compare`: ckptd against its peers and the machine's limits, in one run, on the same state and
+//! the same directory, so that every ratio it prints is measured side by side.
+//!
+//! The limits (memcpy, sequential write+fsync, warm and cold sequential read) are timed here in
+//! Rust, on the same directory. Everything that needs torch (ckptd embedded and sidecar, torch.save,
+//! DCP, safetensors, pinned CUDA copies, multi-rank commits) is timed by `benches/python/compare.py`
+//! under `--python`, each system in its own process. This module merges both into
+//! `OUT/results.json`, writes `OUT/results.md`, draws the PNGs and runs the goodput model.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::engine::{Failure, evict, noise, parallel_copy, prefault, read_file, spread, timed, timed_io, write_file};
+use crate::goodput::{self, Costs, FaultRate};
+use crate::machine;
+use crate::plot::{self, Series, YAxis};
+use crate::units::human;
+
+/// What `compare` runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub sizes: Vec<u64>,
+    pub reps: usize,
+    pub out: PathBuf,
+    pub dir: PathBuf,
+    pub python: PathBuf,
+    pub device: String,
+    pub systems: Option<String>,
+    pub ranks: Vec<usize>,
+    pub shard: u64,
+    pub fault: FaultRate,
+    /// `pip install` missing peers into `python`'s environment first.
+    pub install_peers: bool,
+}
+
+/// The order systems are shown in, and their labels.
+const SYSTEMS: [(&str, &str); 8] = [
+    ("ckptd", "ckptd (embedded)"),
+    ("ckptd-sidecar", "ckptd (sidecar)"),
+    ("torch.save", "torch.save/load"),
+    ("dcp", "DCP async_save"),
+    ("dcp-cached", "DCP async_save, cached staging"),
+    ("safetensors", "safetensors"),
+    ("memcpy", "torch copy_ (limit)"),
+    ("limit", "Rust limits"),
+];
+
+/// One record of `results.json`.
+#[derive(Debug, Clone)]
+struct Rec {
+    system: String,
+    size: u64,
+    metric: String,
+    median: f64,
+    min: f64,
+    max: f64,
+    rss: Option<u64>,
+    ranks: Option<u64>,
+}
+
+impl Rec {
+    fn from_json(v: &Value) -> Option<Rec> {
+        Some(Rec {
+            system: v.get("system")?.as_str()?.to_string(),
+            size: v.get("size_bytes")?.as_u64()?,
+            metric: v.get("metric")?.as_str()?.to_string(),
+            median: v.get("median_s")?.as_f64()?,
+            min: v.get("min_s")?.as_f64()?,
+            max: v.get("max_s")?.as_f64()?,
+            rss: v.get("peak_rss_bytes").and_then(Value::as_u64),
+            ranks: v.get("ranks").and_then(Value::as_u64),
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        let mut v = json!({
+            "system": self.system, "size_bytes": self.size, "metric": self.metric,
+            "median_s": self.median, "min_s": self.min, "max_s": self.max,
+        });
+        if let Some(r) = self.rss {
+            v["peak_rss_bytes"] = json!(r);
+        }
+        if let Some(n) = self.ranks {
+            v["ranks"] = json!(n);
+        }
+        v
+    }
+}
+
+/// Runs everything and prints the tables to `out`.
+pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
+    if cfg.reps == 0 || cfg.reps > 100 {
+        return Err(Failure::Config(format!("--reps {} is out of range: give 1 to 100", cfg.reps)));
+    }
+    if cfg.sizes.is_empty() {
+        return Err(Failure::Config("--sizes is empty".into()));
+    }
+    let dir = cfg.dir.canonicalize().map_err(|e| Failure::Config(format!("--dir {}: {e}", cfg.dir.display())))?;
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("create {}", cfg.out.display()))?;
+    let mount = machine::mount_of(&dir);
+    let facts = machine_facts(&dir, mount.as_ref());
+    writeln!(out, "ckptd compare: sizes {}, {} reps, dir {}", sizes_text(&cfg.sizes), cfg.reps, dir.display())?;
+    writeln!(out, "  machine {}", facts["summary"].as_str().unwrap_or_default())?;
+    if mount.as_ref().is_some_and(machine::Mount::memory_backed) {
+        writeln!(out, "  note: {} is memory-backed: 'durable' and cold reads mean nothing there", dir.display())?;
+    }
+    out.flush()?;
+
+    // Python first: it decides whether this is a GPU run, and fails early on `--device cuda`
+    // without CUDA, before minutes of limits are spent.
+    if cfg.install_peers {
+        install_peers(&cfg.python, out)?;
+    }
+    let torch = probe_python(&cfg.python);
+    if cfg.device == "cuda" && !torch.as_ref().is_ok_and(|t| t.1) {
+        let why = match &torch {
+            Ok(_) => "torch.cuda.is_available() is False (no GPU, or a CPU-only torch)".to_string(),
+            Err(e) => e.clone(),
+        };
+        return Err(Failure::Config(format!("--device cuda: {why}")));
+    }
+
+    let mut recs: Vec<Rec> = Vec::new();
+    for &size in &cfg.sizes {
+        writeln!(out, "  limits at {} ...", human(size))?;
+        out.flush()?;
+        recs.extend(limits(&dir, size, cfg.reps)?);
+    }
+    let mut skipped: BTreeMap<String, String> = BTreeMap::new();
+    let mut py_machine = Value::Null;
+    match &torch {
+        Err(e) => {
+            writeln!(out, "  skipping every Python system: {e}")?;
+            skipped.insert("python".into(), e.clone());
+        }
+        Ok((version, cuda)) => {
+            writeln!(out, "  python {} with torch {version} (CUDA: {cuda}) ...", cfg.python.display())?;
+            out.flush()?;
+            let (r, m, s) = python_systems(cfg, &dir)?;
+            recs.extend(r);
+            py_machine = m;
+            skipped.extend(s);
+        }
+    }
+
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    report(cfg, &recs, &facts, &py_machine, &skipped, &command, out)
+}
+
+/// Redraws the tables, the goodput model and the plots from an earlier `results.json`, with this
+/// run's fault-rate flags: a different job size or fault rate needs no new measurements.
+pub fn redraw(cfg: &Config, from: &Path, out: &mut dyn Write) -> Result<(), Failure> {
+    let text =
+        std::fs::read_to_string(from).map_err(|e| Failure::Config(format!("--from-json {}: {e}", from.display())))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::Config(format!("--from-json {}: not JSON: {e}", from.display())))?;
+    let recs: Vec<Rec> =
+        v["records"].as_array().map(|a| a.iter().filter_map(Rec::from_json).collect()).unwrap_or_default();
+    if recs.is_empty() {
+        return Err(Failure::Config(format!("--from-json {}: no records", from.display())));
+    }
+    let mut sizes: Vec<u64> = recs.iter().filter(|r| r.system == "limit").map(|r| r.size).collect();
+    if sizes.is_empty() {
+        sizes = recs.iter().filter(|r| r.ranks.is_none()).map(|r| r.size).collect();
+    }
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut ranks: Vec<usize> = recs.iter().filter_map(|r| r.ranks).filter_map(|n| usize::try_from(n).ok()).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let shard = recs.iter().find_map(|r| r.ranks.filter(|&n| n > 0).map(|n| r.size / n)).unwrap_or(cfg.shard);
+    let reps = v["reps"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(cfg.reps);
+    let skipped: BTreeMap<String, String> = v["skipped"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default();
+    let command = v["command"].as_str().unwrap_or_default().to_string();
+    let cfg = Config { sizes, reps, ranks, shard, ..cfg.clone() };
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("create {}", cfg.out.display()))?;
+    report(&cfg, &recs, &v["machine"], &v["python"], &skipped, &command, out)
+}
+
+/// Writes results.json, results.md and the plots, and prints the tables.
+fn report(
+    cfg: &Config,
+    recs: &[Rec],
+    facts: &Value,
+    py_machine: &Value,
+    skipped: &BTreeMap<String, String>,
+    command: &str,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
+    let fault = cfg.fault;
+    let mtbf = fault.job_mtbf_s();
+    let good = goodput_rows(recs, &cfg.sizes, mtbf);
+    let json = json!({
+        "benchmark": "compare",
+        "command": command,
+        "machine": facts,
+        "python": py_machine,
+        "reps": cfg.reps,
+        "fault_rate": {
+            "interruptions": fault.interruptions, "days": fault.days, "fleet_gpus": fault.fleet_gpus,
+            "job_gpus": fault.job_gpus, "per_gpu_per_hour": fault.per_gpu_per_s() * 3600.0, "job_mtbf_s": mtbf,
+        },
+        "skipped": skipped,
+        "records": recs.iter().map(Rec::to_json).collect::<Vec<_>>(),
+        "goodput": good.iter().map(|g| json!({
+            "system": g.system, "size_bytes": g.size, "stall_s": g.costs.stall, "persist_s": g.costs.persist,
+            "restore_s": g.costs.restore, "interval_s": g.out.interval_s, "effective": g.out.effective,
+        })).collect::<Vec<_>>(),
+    });
+    let path = cfg.out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).context("encode results")? + "\n")
+        .with_context(|| format!("write {}", path.display()))?;
+
+    let md = markdown(cfg, recs, &good, skipped, facts, mtbf);
+    let md_path = cfg.out.join("results.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
+    writeln!(out, "\n{md}")?;
+    match plots(&cfg.out, recs, &good) {
+        Ok(made) => writeln!(out, "wrote {}, {} and {}", path.display(), md_path.display(), made.join(", "))?,
+        Err(e) => writeln!(out, "wrote {} and {}; no plots: {e:#}", path.display(), md_path.display())?,
+    }
+    Ok(())
+}
+
+fn sizes_text(sizes: &[u64]) -> String {
+    sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", ")
+}
+
+/// CPU, RAM, file system and load: figures without them cannot be compared.
+fn machine_facts(dir: &Path, mount: Option<&machine::Mount>) -> Value {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let cpu = machine::cpu_model().unwrap_or_else(|| "unknown CPU".into());
+    let mem = machine::meminfo("MemTotal");
+    let fs = mount.map_or_else(|| "unknown fs".to_string(), |m| format!("{} on {}", m.fs_type, m.source));
+    let summary = format!(
+        "{} cores ({cpu}), {} RAM, dir on {fs}, load average {}",
+        machine::cores(),
+        mem.map_or_else(|| "unknown".into(), human),
+        load.join(" ")
+    );
+    json!({
+        "cores": machine::cores(), "cpu": cpu, "mem_total": mem, "dir": dir.display().to_string(),
+        "fs_type": mount.map(|m| m.fs_type.clone()), "fs_source": mount.map(|m| m.source.clone()),
+        "loadavg_start": load, "summary": summary,
+    })
+}
+
+/// The machine's own speed on `size` bytes in `dir`, as records of system `limit`.
+fn limits(dir: &Path, size: u64, reps: usize) -> Result<Vec<Rec>, Failure> {
+    let n = usize::try_from(size).map_err(|_| Failure::Config(format!("{size} bytes do not fit in memory here")))?;
+    let need = size.saturating_mul(2).saturating_add(256 << 20);
+    if machine::meminfo("MemAvailable").is_some_and(|a| a < need) {
+        return Err(Failure::Config(format!("{} needs {} of free memory for the limits", human(size), human(need))));
+    }
+    let data = noise(n);
+    let mut dst = vec![0u8; n];
+    prefault(&mut dst);
+    let cores = machine::cores();
+    let work =
+        tempfile::Builder::new().prefix("ckptd-compare-").tempdir_in(dir).context("create the work directory")?;
+    let plain = work.path().join("plain.bin");
+    let mut s: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..reps {
+        s.entry("memcpy_1thread").or_default().push(timed(|| dst.copy_from_slice(&data)).as_secs_f64());
+        std::hint::black_box(&mut dst);
+        s.entry("memcpy_all_threads").or_default().push(timed(|| parallel_copy(&data, &mut dst, cores)).as_secs_f64());
+        std::hint::black_box(&mut dst);
+        s.entry("write_fsync").or_default().push(timed_io(|| write_file(&plain, &data))?.as_secs_f64());
+        s.entry("read_warm").or_default().push(timed_io(|| read_file(&plain, &mut dst))?.as_secs_f64());
+        evict(&plain)?;
+        s.entry("read_cold").or_default().push(timed_io(|| read_file(&plain, &mut dst))?.as_secs_f64());
+        std::fs::remove_file(&plain).with_context(|| format!("remove {}", plain.display()))?;
+    }
+    Ok(s.into_iter()
+        .map(|(metric, xs)| {
+            let (median, min, max) = spread(&xs);
+            Rec { system: "limit".into(), size, metric: metric.into(), median, min, max, rss: None, ranks: None }
+        })
+        .collect())
+}
+
+/// `(torch version, CUDA available)` of `--python`, or why it cannot run the Python systems.
+fn probe_python(python: &Path) -> Result<(String, bool), String> {
+    let out = Command::new(python)
+        .args(["-c", "import torch, ckptd; print(torch.__version__, torch.cuda.is_available())"])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e} (give --python PATH)", python.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("failed");
+        return Err(format!("{} cannot import torch and ckptd: {last}", python.display()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut w = text.split_whitespace();
+    let version = w.next().unwrap_or("?").to_string();
+    Ok((version, w.next() == Some("True")))
+}
+
+/// Installs the peers `python` cannot import; a failure is reported and the peer skipped later.
+fn install_peers(python: &Path, out: &mut dyn Write) -> Result<(), Failure> {
+    for (module, package) in [("safetensors", "safetensors")] {
+        let present =
+            Command::new(python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
+        if present {
+            continue;
+        }
+        writeln!(out, "  installing {package} into {} ...", python.display())?;
+        let ok = Command::new(python).args(["-m", "pip", "install", "-q", package]).status().is_ok_and(|s| s.success());
+        if !ok {
+            writeln!(out, "  could not install {package}: it will be skipped")?;
+        }
+    }
+    Ok(())
+}
+
+type PyOut = (Vec<Rec>, Value, BTreeMap<String, String>);
+
+/// Runs `benches/python/compare.py` and reads its records back.
+fn python_systems(cfg: &Config, dir: &Path) -> Result<PyOut, Failure> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/compare.py");
+    let json_path = cfg.out.join("python.json");
+    let sizes: Vec<String> = cfg.sizes.iter().map(u64::to_string).collect();
+    let ranks: Vec<String> = cfg.ranks.iter().map(usize::to_string).collect();
+    let mut cmd = Command::new(&cfg.python);
+    cmd.arg(&script)
+        .args(["--sizes", &sizes.join(","), "--reps", &cfg.reps.to_string(), "--device", &cfg.device])
+        .args(["--ranks", &ranks.join(","), "--shard", &cfg.shard.to_string()])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--json")
+        .arg(&json_path);
+    if let Some(s) = &cfg.systems {
+        cmd.args(["--systems", s]);
+    }
+    // The sidecar child starts `ckptd agent` from the same target directory as this binary.
+    if let Some(bin_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        if std::env::var_os("CKPTD_BIN_DIR").is_none() && bin_dir.join("ckptd").exists() {
+            cmd.env("CKPTD_BIN_DIR", bin_dir);
+        }
+    }
+    let status = cmd.status().with_context(|| format!("run {}", cfg.python.display()))?;
+    if !status.success() {
+        return Err(Failure::Run(anyhow::anyhow!("{} failed ({status})", script.display())));
+    }
+    let text = std::fs::read_to_string(&json_path).with_context(|| format!("read {}", json_path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", json_path.display()))?;
+    let recs = v["records"].as_array().map(|a| a.iter().filter_map(Rec::from_json).collect()).unwrap_or_default();
+    let skipped = v["skipped"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&json_path);
+    Ok((recs, v["machine"].clone(), skipped))
+}
+
+/// The requested size a record belongs to: Python's state is within a few percent of it.
+fn bucket(sizes: &[u64], size: u64) -> u64 {
+    let d = |s: u64| ((s as f64).ln() - (size as f64).ln()).abs();
+    sizes.iter().copied().min_by(|a, b| d(*a).total_cmp(&d(*b))).unwrap_or(size)
+}
+
+fn find<'a>(recs: &'a [Rec], sizes: &[u64], system: &str, size: u64, metric: &str) -> Option<&'a Rec> {
+    recs.iter().find(|r| r.system == system && r.ranks.is_none() && r.metric == metric && bucket(sizes, r.size) == size)
+}
+
+struct GoodRow {
+    system: String,
+    size: u64,
+    costs: Costs,
+    out: goodput::Goodput,
+}
+
+/// Goodput for every system with a stall, a persist and a restore time at a size. Synchronous
+/// systems (torch.save, safetensors) stall until durable.
+fn goodput_rows(recs: &[Rec], sizes: &[u64], mtbf: f64) -> Vec<GoodRow> {
+    let mut rows = Vec::new();
+    for &size in sizes {
+        for (sys, _) in SYSTEMS {
+            let m = |metric| find(recs, sizes, sys, size, metric).map(|r| r.median);
+            let (Some(stall), Some(persist), Some(restore)) = (m("save_stall"), m("durable"), m("restore_storage"))
+            else {
+                continue;
+            };
+            let costs = Costs { stall, persist, restore };
+            rows.push(GoodRow { system: sys.into(), size, costs, out: goodput::model(costs, mtbf) });
+        }
+    }
+    rows
+}
+
+fn secs(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.0} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn cell(r: Option<&Rec>) -> String {
+    r.map_or_else(|| "–".into(), |r| format!("{} ({}–{})", secs(r.median), secs(r.min), secs(r.max)))
+}
+
+fn gbps(bytes: u64, s: f64) -> f64 {
+    if s > 0.0 { bytes as f64 / s / 1e9 } else { 0.0 }
+}
+
+fn label(sys: &str) -> &str {
+    SYSTEMS.iter().find(|(k, _)| *k == sys).map_or(sys, |(_, l)| l)
+}
+
+fn markdown(
+    cfg: &Config,
+    recs: &[Rec],
+    good: &[GoodRow],
+    skipped: &BTreeMap<String, String>,
+    facts: &Value,
+    mtbf: f64,
+) -> String {
+    let mut s = String::new();
+    let mut line = |t: String| {
+        s.push_str(&t);
+        s.push('\n');
+    };
+    let sizes = &cfg.sizes;
+    line(format!(
+        "Machine: {}. Median (min–max) of {} repetitions.",
+        facts["summary"].as_str().unwrap_or(""),
+        cfg.reps
+    ));
+    line(String::new());
+    line("| size | system | save stall | until durable | durable GB/s | restore, memory tier | restore, storage (cold) | peak RSS over state |".into());
+    line("|---|---|---|---|---|---|---|---|".into());
+    for &size in sizes {
+        for (sys, lab) in SYSTEMS {
+            if sys == "limit" {
+                continue;
+            }
+            let g = |m| find(recs, sizes, sys, size, m);
+            let stall = g("save_stall");
+            if stall.is_none() {
+                continue;
+            }
+            let bytes = stall.map_or(size, |r| r.size);
+            let durable = g("durable");
+            let tput = durable.map_or_else(|| "–".into(), |d| format!("{:.2}", gbps(bytes, d.median)));
+            let rss = stall.and_then(|r| r.rss).map_or_else(|| "–".into(), human);
+            line(format!(
+                "| {} | {lab} | {} | {} | {tput} | {} | {} | {rss} |",
+                human(bytes),
+                cell(stall),
+                cell(durable),
+                cell(g("restore_memory")),
+                cell(g("restore_storage"))
+            ));
+        }
+    }
+    line(String::new());
+    line("Limits in the same directory (GB/s, median (min–max)):".into());
+    line(String::new());
+    line("| size | memcpy 1 thread | memcpy all threads | write+fsync | read, warm | read, cold |".into());
+    line("|---|---|---|---|---|---|".into());
+    for &size in sizes {
+        let c = |m| {
+            find(recs, sizes, "limit", size, m).map_or_else(
+                || "–".to_string(),
+                |r| format!("{:.2} ({:.2}–{:.2})", gbps(size, r.median), gbps(size, r.max), gbps(size, r.min)),
+            )
+        };
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} |",
+            human(size),
+            c("memcpy_1thread"),
+            c("memcpy_all_threads"),
+            c("write_fsync"),
+            c("read_warm"),
+            c("read_cold")
+        ));
+    }
+    line(String::new());
+    line("Ratios of medians, same run:".into());
+    line(String::new());
+    line("| size | ckptd stall / torch.save stall | / DCP async_save stall | / DCP cached stall | / safetensors stall | ckptd durable GB/s / write+fsync GB/s | ckptd cold restore GB/s / cold read GB/s | sidecar stall / embedded stall |".into());
+    line("|---|---|---|---|---|---|---|---|".into());
+    for &size in sizes {
+        let med = |sys, m| find(recs, sizes, sys, size, m).map(|r| (r.median, r.size));
+        let ratio = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| match (a, b) {
+            (Some(a), Some(b)) if b.0 > 0.0 => format!("{:.3}", a.0 / b.0),
+            _ => "–".into(),
+        };
+        let stall = med("ckptd", "save_stall");
+        let bw = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| match (a, b) {
+            (Some(a), Some(b)) if a.0 > 0.0 && b.0 > 0.0 => format!("{:.2}", gbps(a.1, a.0) / gbps(size, b.0)),
+            _ => "–".into(),
+        };
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            human(size),
+            ratio(stall, med("torch.save", "save_stall")),
+            ratio(stall, med("dcp", "save_stall")),
+            ratio(stall, med("dcp-cached", "save_stall")),
+            ratio(stall, med("safetensors", "save_stall")),
+            bw(med("ckptd", "durable"), med("limit", "write_fsync")),
+            bw(med("ckptd", "restore_storage"), med("limit", "read_cold")),
+            ratio(med("ckptd-sidecar", "save_stall"), stall),
+        ));
+    }
+    let scaling: Vec<&Rec> = recs.iter().filter(|r| r.ranks.is_some()).collect();
+    if !scaling.is_empty() {
+        line(String::new());
+        line(format!(
+            "Scaling: N ranks (one process each) saving {} each to one file:// store, ckptd embedded:",
+            human(cfg.shard)
+        ));
+        line(String::new());
+        line("| ranks | total | until every rank's wait() returns | aggregate GB/s | commit after the last shard (MANIFEST mtime − last shard mtime) | slowest rank's save stall |".into());
+        line("|---|---|---|---|---|---|".into());
+        for &n in &cfg.ranks {
+            let g = |m: &str| scaling.iter().find(|r| r.ranks == Some(n as u64) && r.metric == m).copied();
+            let Some(all) = g("all_durable") else { continue };
+            line(format!(
+                "| {n} | {} | {} | {:.2} | {} | {} |",
+                human(all.size),
+                cell(Some(all)),
+                gbps(all.size, all.median),
+                cell(g("commit_after_last_shard")),
+                cell(g("save_stall_max_rank"))
+            ));
+        }
+    }
+    line(String::new());
+    let f = cfg.fault;
+    line(format!(
+        "Goodput model: {} interruptions in {} days on {} GPUs = {:.3e} per GPU-hour; a job of {} GPUs fails every {:.2} h (MTBF). \
+         Interval: Daly's optimum for the stall, at least the persist time; effective = interval/(interval+stall) × \
+         (1 − ((interval+stall)/2 + persist + restore from storage)/MTBF). Each GPU is assumed to hold one state of the size shown, all saved in parallel.",
+        f.interruptions,
+        f.days,
+        f.fleet_gpus,
+        f.per_gpu_per_s() * 3600.0,
+        f.job_gpus,
+        mtbf / 3600.0
+    ));
+    line(String::new());
+    line("| size | system | stall | persist | restore | best interval | effective training time |".into());
+    line("|---|---|---|---|---|---|---|".into());
+    for g in good {
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} | {:.4} |",
+            human(g.size),
+            label(&g.system),
+            secs(g.costs.stall),
+            secs(g.costs.persist),
+            secs(g.costs.restore),
+            secs(g.out.interval_s),
+            g.out.effective
+        ));
+    }
+    if !skipped.is_empty() {
+        line(String::new());
+        for (k, v) in skipped {
+            line(format!("Not measured: {k}: {v}."));
+        }
+    }
+    s
+}
+
+/// Draws the PNGs; returns their names.
+fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<String>> {
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let by_system = |metric: &str, y: &dyn Fn(&Rec) -> f64| -> Vec<Series> {
+        SYSTEMS
+            .iter()
+            .filter_map(|(sys, lab)| {
+                let points: Vec<(f64, f64)> = recs
+                    .iter()
+                    .filter(|r| r.system == *sys && r.metric == metric && r.ranks.is_none())
+                    .map(|r| (mib(r.size), y(r)))
+                    .collect();
+                (!points.is_empty()).then(|| Series { name: (*lab).to_string(), points })
+            })
+            .collect()
+    };
+    let mut made = Vec::new();
+    let mut stall = by_system("save_stall", &|r| r.median);
+    stall.extend(limit_series(recs, "memcpy_1thread", "memcpy 1 thread (limit)", &|r| r.median));
+    plot::lines(
+        &out.join("stall.png"),
+        "Save stall (trainer blocked)",
+        "state size (MiB)",
+        "seconds",
+        &stall,
+        YAxis::Log,
+    )?;
+    made.push("stall.png".to_string());
+    let mut tput = by_system("durable", &|r| gbps(r.size, r.median));
+    tput.extend(limit_series(recs, "write_fsync", "write+fsync (limit)", &|r| gbps(r.size, r.median)));
+    plot::lines(
+        &out.join("throughput.png"),
+        "Save throughput until durable",
+        "state size (MiB)",
+        "GB/s",
+        &tput,
+        YAxis::Linear,
+    )?;
+    made.push("throughput.png".to_string());
+    let mut rest = by_system("restore_storage", &|r| gbps(r.size, r.median));
+    rest.extend(limit_series(recs, "read_cold", "cold read (limit)", &|r| gbps(r.size, r.median)));
+    plot::lines(
+        &out.join("restore.png"),
+        "Restore from storage (page cache dropped)",
+        "state size (MiB)",
+        "GB/s",
+        &rest,
+        YAxis::Linear,
+    )?;
+    made.push("restore.png".to_string());
+    let scale: Vec<(f64, f64)> = recs
+        .iter()
+        .filter(|r| r.metric == "all_durable")
+        .filter_map(|r| r.ranks.map(|n| (n as f64, gbps(r.size, r.median))))
+        .collect();
+    if !scale.is_empty() {
+        let s = [Series { name: "ckptd, aggregate until committed".into(), points: scale }];
+        plot::lines(
+            &out.join("scaling.png"),
+            "Ranks on loopback, one file:// store",
+            "ranks",
+            "GB/s",
+            &s,
+            YAxis::Linear,
+        )?;
+        made.push("scaling.png".to_string());
+    }
+    let g: Vec<Series> = SYSTEMS
+        .iter()
+        .filter_map(|(sys, lab)| {
+            let points: Vec<(f64, f64)> =
+                good.iter().filter(|g| g.system == *sys).map(|g| (mib(g.size), g.out.effective)).collect();
+            (!points.is_empty()).then(|| Series { name: (*lab).to_string(), points })
+        })
+        .collect();
+    if !g.is_empty() {
+        plot::lines(
+            &out.join("goodput.png"),
+            "Effective training time (goodput model)",
+            "state size (MiB)",
+            "fraction",
+            &g,
+            YAxis::Linear,
+        )?;
+        made.push("goodput.png".to_string());
+    }
+    Ok(made)
+}
+
+fn limit_series(recs: &[Rec], metric: &str, name: &str, y: &dyn Fn(&Rec) -> f64) -> Option<Series> {
+    let points: Vec<(f64, f64)> = recs
+        .iter()
+        .filter(|r| r.system == "limit" && r.metric == metric)
+        .map(|r| (r.size as f64 / f64::from(1u32 << 20), y(r)))
+        .collect();
+    (!points.is_empty()).then(|| Series { name: name.into(), points })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(system: &str, size: u64, metric: &str, median: f64) -> Rec {
+        Rec {
+            system: system.into(),
+            size,
+            metric: metric.into(),
+            median,
+            min: median,
+            max: median,
+            rss: None,
+            ranks: None,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_bucket_to_the_requested_size() {
+        let r = Rec { rss: Some(7), ..rec("ckptd", 270_000_000, "save_stall", 0.5) };
+        let back = Rec::from_json(&r.to_json()).unwrap();
+        assert_eq!((back.system.as_str(), back.size, back.rss), ("ckptd", 270_000_000, Some(7)));
+        assert_eq!(bucket(&[64 << 20, 256 << 20, 1 << 30], 270_000_000), 256 << 20);
+    }
+
+    #[test]
+    fn goodput_needs_all_three_costs() {
+        let sizes = [1u64 << 20];
+        let mut recs = vec![
+            rec("ckptd", 1 << 20, "save_stall", 0.01),
+            rec("ckptd", 1 << 20, "durable", 0.5),
+            rec("torch.save", 1 << 20, "save_stall", 0.5),
+            rec("torch.save", 1 << 20, "durable", 0.5),
+        ];
+        assert!(goodput_rows(&recs, &sizes, 10_000.0).is_empty());
+        recs.push(rec("ckptd", 1 << 20, "restore_storage", 0.2));
+        recs.push(rec("torch.save", 1 << 20, "restore_storage", 0.2));
+        let rows = goodput_rows(&recs, &sizes, 10_000.0);
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].out.effective > rows[1].out.effective, "ckptd stalls less");
+    }
+}
