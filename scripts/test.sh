@@ -62,7 +62,7 @@ check_toolchain() {
 # imports both is reused so repeat runs skip pip entirely.
 setup_venv() {
     section "python venv ($VENV)"
-    if [[ -x "$VENV/bin/moto_server" ]] && "$VENV/bin/python" -c 'import moto.server, boto3, kmock' 2>/dev/null; then
+    if [[ -x "$VENV/bin/moto_server" ]] && "$VENV/bin/python" -c 'import moto.server, boto3, kmock, pytest_asyncio' 2>/dev/null; then
         echo "moto already installed: $("$VENV/bin/python" -c 'import moto; print(moto.__version__)'); kmock too"
         return
     fi
@@ -75,7 +75,9 @@ setup_venv() {
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet 'moto[server]' kmock
+    # kmock registers a pytest plugin that imports pytest_asyncio: install it too, or
+    # every pytest run in this venv fails at start-up.
+    "$VENV/bin/python" -m pip install --quiet 'moto[server]' kmock pytest-asyncio
     "$VENV/bin/python" -c 'import moto, kmock; print("installed moto", moto.__version__, "and kmock")'
 }
 
