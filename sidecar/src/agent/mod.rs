@@ -412,7 +412,20 @@ impl Agent {
             ranks.sort_unstable();
             let cfg = &agent.cfg;
             let store = agent.engine.store().url().to_string();
-            match link.register(&cfg.job, &ranks, world_size, &cfg.node, &cfg.pod, &cfg.namespace, &store).await {
+            // Retried with backoff: an isolator that is down (a leader change, a rollout) must not
+            // leave the agent without commits or commands until the next trainer attaches.
+            let mut backoff = Duration::from_millis(500);
+            let registered = loop {
+                match link.register(&cfg.job, &ranks, world_size, &cfg.node, &cfg.pod, &cfg.namespace, &store).await {
+                    Err(e) if e.kind() != crate::ErrorKind::Config => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot register with the isolator");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    other => break other,
+                }
+            };
+            match registered {
                 Ok(reply) => {
                     tracing::info!(?ranks, generation = reply.generation, "registered with the isolator");
                     // A pod started after a restart (a rescheduled rank): its trainer restores the
