@@ -133,14 +133,24 @@ impl Link {
     }
 
     /// Hands a sealed slot to the agent. `state` is completed when the agent reports the step
-    /// durable or failed. Answers the pending snapshot request, if any.
-    pub(crate) fn handover(&self, step: u64, slot: u32, stall: Duration, state: Arc<SaveState>) -> Result<()> {
+    /// durable or failed. `request` is the snapshot request this save answers (0: none).
+    pub(crate) fn handover(
+        &self,
+        step: u64,
+        slot: u32,
+        stall: Duration,
+        state: Arc<SaveState>,
+        request: u64,
+    ) -> Result<()> {
         self.check_alive()?;
-        let request = {
-            let mut r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
-            r.pending.entry(step).or_default().push(state.clone());
-            r.request.take().unwrap_or(0)
-        };
+        self.shared
+            .routing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .entry(step)
+            .or_default()
+            .push(state.clone());
         let mut c = self.client.clone();
         let req = pb::HandoverRequest {
             session: self.attached.session,
@@ -195,6 +205,12 @@ impl Link {
     /// Why the agent asked this trainer to stop, if it did.
     pub(crate) fn stop_requested(&self) -> Option<String> {
         self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).stop.clone()
+    }
+
+    /// Takes the unanswered snapshot request: the save being started answers it, so that no
+    /// other save (a background thread's) answers it again.
+    pub(crate) fn take_request(&self) -> Option<u64> {
+        self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).request.take()
     }
 
     /// The unanswered snapshot request, if any.

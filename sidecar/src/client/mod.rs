@@ -404,7 +404,8 @@ impl Checkpointer {
         }
         *self.shared.last_save.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.state.clone());
         let stall = started.elapsed();
-        let job = persist::Job { arena, slot, step, table, metadata, tickets, handle: handle.clone(), stall };
+        let request = self.shared.link.as_ref().and_then(link::Link::take_request).unwrap_or(0);
+        let job = persist::Job { arena, slot, step, table, metadata, tickets, handle: handle.clone(), stall, request };
         if let Err(job) = self.persist.submit(job) {
             job.arena.release(job.slot);
             handle.state.finish(Err(Arc::new(Error::Closed)));

@@ -26,6 +26,8 @@ pub(super) struct Job {
     pub handle: SaveHandle,
     /// Time the caller spent in `save()`, reported to the agent.
     pub stall: Duration,
+    /// Sidecar mode: the snapshot request this save answers (0: none).
+    pub request: u64,
 }
 
 /// A slot's region, shared with the persist pipeline without copying.
@@ -102,7 +104,7 @@ impl PersistThread {
 
 /// Sidecar mode: seal the slot once the copies are done and give it to the agent.
 fn hand_over(link: &super::link::Link, job: Job) -> Result<()> {
-    let Job { arena, slot, step, table, metadata, tickets, handle, stall } = job;
+    let Job { arena, slot, step, table, metadata, tickets, handle, stall, request } = job;
     let sealed = (|| {
         for t in &tickets {
             t.wait()?;
@@ -114,7 +116,7 @@ fn hand_over(link: &super::link::Link, job: Job) -> Result<()> {
         arena.release(slot);
         return Err(e);
     }
-    if let Err(e) = link.handover(step, slot, stall, handle.state.clone()) {
+    if let Err(e) = link.handover(step, slot, stall, handle.state.clone(), request) {
         // The agent did not take it: free the slot unless the agent already did take it over.
         arena.transition(slot, SlotState::Sealed, SlotState::Free);
         return Err(e);
