@@ -57,14 +57,30 @@ pub enum SlotState {
     Persisting = 3,
     /// Committed to storage; kept as the memory tier until a newer one is durable.
     Durable = 4,
+    /// A durable slot being read by a restore; it returns to durable when the read ends, and a
+    /// reader that died leaves it readable again at the next start (see [`Arena::create`]).
+    Reading = 5,
 }
 
 impl SlotState {
     fn from_u32(v: u32) -> Option<SlotState> {
-        [SlotState::Free, SlotState::Writing, SlotState::Sealed, SlotState::Persisting, SlotState::Durable]
-            .into_iter()
+        [
+            SlotState::Free,
+            SlotState::Writing,
+            SlotState::Sealed,
+            SlotState::Persisting,
+            SlotState::Durable,
+            SlotState::Reading,
+        ]
+        .into_iter()
             .find(|s| *s as u32 == v)
     }
+}
+
+/// The arena file name of `rank` of `job`: the contract between a trainer and the agent that
+/// serves it (both derive the path from the arena directory, the job and the rank).
+pub fn file_name(job: &str, rank: u32) -> String {
+    format!("{job}-rank-{rank}.arena")
 }
 
 /// How to create an arena.
@@ -106,8 +122,16 @@ pub trait HostPinner: Send + Sync + std::fmt::Debug {
 pub struct Arena {
     map: memmap2::MmapRaw,
     path: PathBuf,
+    /// (device, inode) of the mapped file, to tell it from a file that later replaced it.
+    file_id: (u64, u64),
     slots: u32,
     slot_size: u64,
+}
+
+fn file_id(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 fn align_up(v: u64, a: u64) -> Option<u64> {
@@ -183,8 +207,7 @@ impl Arena {
         let existing_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let (free, memory) = free_space(&cfg.dir)?;
         if free.saturating_add(existing_len) < total {
-            return Err(Error::InvalidConfig {
-                field: "arena_dir",
+            return Err(Error::ArenaFull {
                 reason: format!(
                     "{} has {} free, the arena needs {} ({} slots of {}): mount a larger memory-backed volume \
                      (Kubernetes: an emptyDir with medium: Memory and a sizeLimit of at least {}) or lower the slot count",
@@ -213,7 +236,8 @@ impl Arena {
         };
         file.set_len(total).map_err(|e| cleanup(Error::io("truncate", &tmp, e)))?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(|e| cleanup(Error::io("mmap", &tmp, e)))?;
-        let arena = Arena { map, path: path.clone(), slots: cfg.slots, slot_size };
+        let file_id = file_id(&file).map_err(|e| cleanup(Error::io("stat", &tmp, e)))?;
+        let arena = Arena { map, path: path.clone(), file_id, slots: cfg.slots, slot_size };
         arena.write_header();
         std::fs::rename(&tmp, &path).map_err(|e| cleanup(Error::io("rename", &path, e)))?;
         Ok(arena)
@@ -226,6 +250,7 @@ impl Arena {
         };
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io("open", path, e))?;
         let len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+        let id = file_id(&file).map_err(|e| Error::io("stat", path, e))?;
         if len < HEADER_LEN {
             return Err(bad(format!("{len} bytes is too short for an arena")));
         }
@@ -250,7 +275,13 @@ impl Arena {
         if need != Some(len) {
             return Err(bad(format!("file is {len} bytes, its header describes {need:?}")));
         }
-        Ok(Arena { map, path: path.to_path_buf(), slots, slot_size })
+        Ok(Arena { map, path: path.to_path_buf(), file_id: id, slots, slot_size })
+    }
+
+    /// Whether the file at `path` is the one this arena maps, and not a newer file that replaced
+    /// it (an arena grown by another process).
+    pub fn maps(&self, path: &Path) -> bool {
+        std::fs::File::open(path).and_then(|f| file_id(&f)).is_ok_and(|id| id == self.file_id)
     }
 
     fn write_header(&self) {
@@ -265,12 +296,15 @@ impl Arena {
     }
 
     /// Slots that a crashed owner left mid-way (writing, sealed, persisting) cannot be trusted to
-    /// finish: free them. Durable slots are kept.
+    /// finish: free them. Durable slots are kept, and so are slots a dead reader held.
     fn recover(&self) {
         for i in 0..self.slots {
-            let s = self.state(i);
-            if matches!(s, Some(SlotState::Writing | SlotState::Sealed | SlotState::Persisting) | None) {
-                self.word(i).store(SlotState::Free as u32, Ordering::Release);
+            match self.state(i) {
+                Some(SlotState::Durable | SlotState::Free) => {}
+                Some(SlotState::Reading) => self.word(i).store(SlotState::Durable as u32, Ordering::Release),
+                Some(SlotState::Writing | SlotState::Sealed | SlotState::Persisting) | None => {
+                    self.word(i).store(SlotState::Free as u32, Ordering::Release)
+                }
             }
         }
     }

@@ -76,6 +76,41 @@ impl Default for CommitConfig {
     }
 }
 
+/// Longest pause between two looks for a MANIFEST written by another committer: a rank's save
+/// completes at most this long after its step is committed.
+const MAX_MANIFEST_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until `step` is committed by another writer (rank 0, or the isolator), up to the commit
+/// deadline. `abort` is asked between looks; `Some(reason)` ends the wait with
+/// [`Error::Aborted`]. Blocking.
+pub(crate) fn wait_committed(
+    store: &Store,
+    rt: &Handle,
+    cfg: &CommitConfig,
+    job: &str,
+    step: u64,
+    abort: &dyn Fn() -> Option<String>,
+) -> Result<Manifest> {
+    let started = Instant::now();
+    let mut poll = cfg.poll.min(MAX_MANIFEST_POLL);
+    loop {
+        match catalog::read_manifest(store, rt, job, step) {
+            Ok(m) => return Ok(m),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(reason) = abort() {
+            return Err(Error::Aborted { job: job.to_string(), step, reason });
+        }
+        let waited = started.elapsed();
+        if waited >= cfg.deadline {
+            return Err(Error::CommitTimeout { job: job.to_string(), step, waited_ms: waited.as_millis() as u64 });
+        }
+        std::thread::sleep(poll.min(cfg.deadline - waited));
+        poll = (poll * 2).min(cfg.max_poll.min(MAX_MANIFEST_POLL));
+    }
+}
+
 /// Waits until every rank's shard of `step` is present and its header validates, then writes the
 /// MANIFEST. Blocking.
 pub(crate) fn commit_when_complete(

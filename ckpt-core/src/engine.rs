@@ -125,6 +125,13 @@ impl Engine {
         commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, job, step, world_size, metadata)
     }
 
+    /// Waits until `step` is committed by another writer (rank 0 of a storage-coordinated commit,
+    /// or the isolator), up to the commit deadline ([`Error::CommitTimeout`]). `abort` is asked
+    /// between looks: `Some(reason)` ends the wait with [`Error::Aborted`] (the job restarted).
+    pub fn wait_committed(&self, job: &str, step: u64, abort: &dyn Fn() -> Option<String>) -> Result<Manifest> {
+        commit::wait_committed(&self.store, &self.rt(), &self.cfg.commit, job, step, abort)
+    }
+
     /// Writes this rank's shard and, on rank 0, commits the step once every shard is present.
     /// Returns the manifest on rank 0 and `None` elsewhere.
     pub fn save(

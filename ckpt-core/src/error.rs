@@ -35,6 +35,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A GPU driver call failed (the device may be faulty or lost).
     Device,
+    /// The arena has no room: too little memory-backed space, or every slot stays busy.
+    ArenaFull,
 }
 
 /// Where in a checkpoint a corruption was found.
@@ -193,6 +195,34 @@ pub enum Error {
         /// The driver's error name and description.
         reason: String,
     },
+    /// Rank 0 (or the isolator) did not commit a step whose shard this rank wrote in time.
+    #[error(
+        "step {step} of job `{job}` was not committed within {waited_ms} ms of this rank's shard being durable: the committer (rank 0 or the isolator) failed or is slow; the previous step stays latest"
+    )]
+    CommitTimeout {
+        /// The job.
+        job: String,
+        /// The step.
+        step: u64,
+        /// How long this rank waited.
+        waited_ms: u64,
+    },
+    /// A step was given up before it committed (the job restarted, or its owner cancelled it).
+    #[error("step {step} of job `{job}` was abandoned before it committed: {reason}")]
+    Aborted {
+        /// The job.
+        job: String,
+        /// The step.
+        step: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The arena cannot take the snapshot.
+    #[error("arena full: {reason}")]
+    ArenaFull {
+        /// What did not fit and what to change.
+        reason: String,
+    },
     /// The engine's I/O runtime or a worker is gone.
     #[error("engine is shut down or a worker died: {reason}")]
     Cancelled {
@@ -215,8 +245,9 @@ impl Error {
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::StateMismatch { .. } => ErrorKind::Mismatch,
-            Error::Incomplete { .. } => ErrorKind::Timeout,
-            Error::Cancelled { .. } => ErrorKind::Cancelled,
+            Error::Incomplete { .. } | Error::CommitTimeout { .. } => ErrorKind::Timeout,
+            Error::Cancelled { .. } | Error::Aborted { .. } => ErrorKind::Cancelled,
+            Error::ArenaFull { .. } => ErrorKind::ArenaFull,
             Error::Device { .. } => ErrorKind::Device,
         }
     }

@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod persist;
 pub mod restore;
 pub mod retention;
+pub mod slots;
 pub mod store;
 pub mod tensor;
 

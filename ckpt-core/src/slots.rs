@@ -1,0 +1,481 @@
+//! The life of an arena slot, written once for every holder of an arena: the trainer library in
+//! embedded mode, and the sidecar agent for the trainers it serves.
+//!
+//! [`Arena`] is the mechanism: slot records in shared memory, compare-and-swap transitions,
+//! checksummed descriptors. This module is the policy on top of it, each step in one place:
+//!
+//! - where a rank's arena lives and how big it is ([`ArenaSpec`]): the file name is a contract
+//!   between the trainer and the agent, and the slot size carries headroom so that a state that
+//!   grows a little does not recreate the arena at every save;
+//! - taking a slot for a snapshot or a restore ([`take_slot`]): a free slot, else the memory tier,
+//!   which the new snapshot is about to replace anyway;
+//! - persisting a sealed slot ([`persist`]): write the shard, commit under a [`CommitPolicy`]
+//!   (through storage, or by a vote to the isolator), wait for the MANIFEST (cancellable), apply
+//!   retention, keep the slot as the memory tier;
+//! - staging a committed step from storage into a slot ([`stage`]);
+//! - finding the memory tier ([`find_durable`]) and holding a slot while it is read
+//!   ([`ReadHold`]).
+//!
+//! ```text
+//!  take_slot ─► writing ─seal─► sealed ─► persisting ─persist()─► durable ─► (freed by a newer one)
+//!                  ▲                                                  │ ▲
+//!                  └──────────── stage() (restore from storage) ──────┘ └─ ReadHold: reading
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::arena::{self, Arena, ArenaConfig, SlotContent, SlotState};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::persist::{ShardInfo, Snapshot};
+use crate::restore::ShardHeader;
+use crate::retention::RetentionPolicy;
+use crate::tensor::TensorTable;
+
+/// Where a rank's arena lives and how many slots it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArenaSpec {
+    /// The memory-backed directory.
+    pub dir: PathBuf,
+    /// The file name ([`arena::file_name`]).
+    pub name: String,
+    /// Slots per arena.
+    pub slots: u32,
+}
+
+impl ArenaSpec {
+    /// The arena of `rank` of `job` in `dir`.
+    pub fn for_rank(dir: impl Into<PathBuf>, job: &str, rank: u32, slots: u32) -> ArenaSpec {
+        ArenaSpec { dir: dir.into(), name: arena::file_name(job, rank), slots }
+    }
+
+    /// The arena file's path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// An arena whose slots hold at least `slot_size` bytes: `current` when it has the configured
+    /// slot count and is big enough, else a new file that replaces it (a mapped old file stays
+    /// valid for whoever still maps it). The caller must not hand out slots of the old arena
+    /// afterwards. Fails with [`Error::ArenaFull`] when the directory has no room.
+    pub fn ensure(&self, current: Option<&Arc<Arena>>, slot_size: u64) -> Result<Arc<Arena>> {
+        if let Some(a) = current
+            && a.slot_size() >= slot_size
+            && a.slot_count() == self.slots
+        {
+            return Ok(a.clone());
+        }
+        let cfg = ArenaConfig { dir: self.dir.clone(), name: self.name.clone(), slots: self.slots, slot_size };
+        let created = Arc::new(Arena::create(&cfg)?);
+        tracing::info!(path = %created.path().display(), slot_size = created.slot_size(), slots = created.slot_count(), "arena ready");
+        Ok(created)
+    }
+
+    /// Maps the arena file a predecessor left (a restarted trainer or agent on the same pod), if
+    /// there is a usable one.
+    pub fn open_existing(&self) -> Option<Arc<Arena>> {
+        let path = self.path();
+        if !path.exists() {
+            return None;
+        }
+        match Arena::open(&path) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unusable arena file");
+                None
+            }
+        }
+    }
+}
+
+/// Bytes per slot to create for a snapshot of `table` with `metadata_len` bytes of metadata: what
+/// it needs plus 1/16 and 1 MiB of headroom, so that a state that grows a little (an optimizer's
+/// lazily created buffers, a new metadata key) does not recreate the arena at every save.
+pub fn slot_size_with_headroom(table: &TensorTable, metadata_len: usize) -> u64 {
+    let needed = arena::slot_size_for(table, metadata_len);
+    needed.saturating_add(needed / 16).saturating_add(1 << 20)
+}
+
+/// Takes a slot to write: a free one, else the memory tier (the newest durable slot), which the
+/// snapshot or restore about to be written replaces anyway. `None` when every slot is being
+/// written, persisted or read.
+pub fn take_slot(arena: &Arena) -> Option<u32> {
+    if let Some(slot) = arena.acquire() {
+        return Some(slot);
+    }
+    let tier = arena.newest_durable()?;
+    arena.transition(tier, SlotState::Durable, SlotState::Writing).then_some(tier)
+}
+
+/// The durable slot holding `step`, with its content, if the arena has one.
+pub fn find_durable(arena: &Arena, step: u64) -> Option<(u32, SlotContent)> {
+    (0..arena.slot_count())
+        .filter(|&s| arena.state(s) == Some(SlotState::Durable))
+        .find_map(|s| arena.content(s).ok().filter(|c| c.step == step).map(|c| (s, c)))
+}
+
+/// The step of the memory tier (the newest durable slot), if any.
+pub fn memory_tier_step(arena: &Arena) -> Option<u64> {
+    arena.newest_durable().and_then(|s| arena.content(s).ok()).map(|c| c.step)
+}
+
+/// A durable slot held in the `reading` state, so that no save or restore reuses it while its
+/// bytes are copied out. Dropping it makes the slot durable again.
+#[derive(Debug)]
+pub struct ReadHold {
+    arena: Arc<Arena>,
+    slot: u32,
+    content: SlotContent,
+}
+
+impl ReadHold {
+    /// Holds durable `slot` and reads its descriptor; `None` when the slot is not durable (any
+    /// more) or its descriptor does not validate.
+    pub fn new(arena: &Arc<Arena>, slot: u32) -> Option<ReadHold> {
+        if !arena.transition(slot, SlotState::Durable, SlotState::Reading) {
+            return None;
+        }
+        match arena.content(slot) {
+            Ok(content) => Some(ReadHold { arena: arena.clone(), slot, content }),
+            Err(e) => {
+                tracing::warn!(path = %arena.path().display(), slot, error = %e, "dropping an unreadable memory-tier slot");
+                arena.release(slot);
+                None
+            }
+        }
+    }
+
+    /// Holds the durable slot that holds `step`, if any.
+    pub fn of_step(arena: &Arc<Arena>, step: u64) -> Option<ReadHold> {
+        let (slot, _) = find_durable(arena, step)?;
+        ReadHold::new(arena, slot).filter(|h| h.content.step == step)
+    }
+
+    /// What the slot holds.
+    pub fn content(&self) -> &SlotContent {
+        &self.content
+    }
+
+    /// Address of the slot's first byte (the region starts there).
+    pub fn addr(&self) -> u64 {
+        self.arena.slot_addr(self.slot)
+    }
+}
+
+impl Drop for ReadHold {
+    fn drop(&mut self) {
+        self.arena.transition(self.slot, SlotState::Reading, SlotState::Durable);
+    }
+}
+
+/// A slot's region as `Bytes` for the persist pipeline, without a copy.
+struct SlotRegion {
+    arena: Arc<Arena>,
+    slot: u32,
+    len: usize,
+}
+
+impl AsRef<[u8]> for SlotRegion {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `persist` holds the slot in the persisting state while any `Bytes` of this
+        // region lives: nobody writes a slot in that state (writers hold slots they took in the
+        // writing state), and the slot leaves it only after the snapshot, and so every `Bytes`
+        // of it, has been dropped.
+        unsafe { &self.arena.slot_bytes(self.slot)[..self.len] }
+    }
+}
+
+/// Whose snapshot a slot holds, and what to do once it is committed.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotOwner<'a> {
+    /// The job.
+    pub job: &'a str,
+    /// The rank.
+    pub rank: u32,
+    /// The job's world size.
+    pub world_size: u32,
+    /// Committed steps to keep on the store, applied by rank 0 after each commit (0 keeps all).
+    pub keep: usize,
+}
+
+/// How a step becomes committed once this rank's shard is durable.
+pub enum CommitPolicy<'a, E> {
+    /// Storage-coordinated: rank 0 writes the MANIFEST once every rank's shard is present and
+    /// valid; the other ranks wait until it exists.
+    Storage,
+    /// Another writer (the isolator) commits: `vote` tells it this shard is durable, then the
+    /// rank waits until the MANIFEST exists.
+    Vote(&'a (dyn Fn(&ShardInfo) -> std::result::Result<(), E> + 'a)),
+}
+
+impl<E> std::fmt::Debug for CommitPolicy<'_, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CommitPolicy::Storage => "Storage",
+            CommitPolicy::Vote(_) => "Vote",
+        })
+    }
+}
+
+/// What [`persist`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persisted {
+    /// The step.
+    pub step: u64,
+    /// Bytes written to the store (0 when the step was found committed already).
+    pub bytes: u64,
+    /// The step was committed before this persist started: a predecessor (an agent that died
+    /// after committing, before it could mark the slot durable) finished it.
+    pub already_committed: bool,
+}
+
+/// Persists the snapshot in `slot`, which the caller moved to the persisting state: writes the
+/// shard, commits the step under `policy` (waiting for the MANIFEST where another writer commits;
+/// `abort` is asked between looks and ends the wait with [`Error::Aborted`]), applies retention on
+/// rank 0, and keeps the slot as the memory tier. On failure the slot is freed.
+///
+/// A step that is already committed is not written again: with `resumed` (the slot was left
+/// persisting or sealed by a process that died, and may have been committed by it) it is accepted
+/// as is; otherwise it is refused with [`Error::Conflict`], because committed bytes never change.
+pub fn persist<E: From<Error>>(
+    engine: &Engine,
+    arena: &Arc<Arena>,
+    slot: u32,
+    owner: SlotOwner<'_>,
+    policy: CommitPolicy<'_, E>,
+    resumed: bool,
+    abort: &dyn Fn() -> Option<String>,
+) -> std::result::Result<Persisted, E> {
+    let r = persist_held(engine, arena, slot, owner, policy, resumed, abort);
+    if r.is_err() {
+        arena.release(slot);
+    }
+    r
+}
+
+fn persist_held<E: From<Error>>(
+    engine: &Engine,
+    arena: &Arc<Arena>,
+    slot: u32,
+    owner: SlotOwner<'_>,
+    policy: CommitPolicy<'_, E>,
+    resumed: bool,
+    abort: &dyn Fn() -> Option<String>,
+) -> std::result::Result<Persisted, E> {
+    if arena.state(slot) != Some(SlotState::Persisting) {
+        return Err(Error::Cancelled { reason: format!("slot {slot} is not held for persisting") }.into());
+    }
+    let content = arena.content(slot)?;
+    let step = content.step;
+    let SlotOwner { job, rank, world_size, keep } = owner;
+    match engine.manifest(job, step) {
+        Ok(_) if resumed => {
+            tracing::info!(job, rank, step, "step was committed before this persist; keeping it as the memory tier");
+            arena.mark_durable(slot)?;
+            return Ok(Persisted { step, bytes: 0, already_committed: true });
+        }
+        Ok(_) => return Err(Error::Conflict { job: job.to_string(), step }.into()),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let len = content.table.total_len() as usize;
+    let data = Bytes::from_owner(SlotRegion { arena: arena.clone(), slot, len });
+    let snap = Snapshot { table: content.table, data, metadata: content.metadata };
+    let info = engine.write_shard(job, step, rank, world_size, &snap);
+    drop(snap);
+    let info = info?;
+    match policy {
+        CommitPolicy::Storage if rank == 0 => {
+            engine.commit_when_complete(job, step, world_size, Default::default())?;
+        }
+        CommitPolicy::Storage => {
+            engine.wait_committed(job, step, abort)?;
+        }
+        CommitPolicy::Vote(vote) => {
+            vote(&info)?;
+            engine.wait_committed(job, step, abort)?;
+        }
+    }
+    if rank == 0 && keep > 0 {
+        let policy = RetentionPolicy { keep, ..Default::default() };
+        if let Err(e) = engine.gc(job, &policy) {
+            tracing::warn!(job, step, error = %e, "retention failed; it runs again after the next commit");
+        }
+    }
+    arena.mark_durable(slot)?;
+    Ok(Persisted { step, bytes: info.size, already_committed: false })
+}
+
+/// Reads committed `step` of `rank` from storage into `slot` (held in the writing state, e.g. from
+/// [`take_slot`]) and keeps it as the memory tier; every chunk is verified on the way. `header` is
+/// the shard's header ([`Engine::shard_header`]), which says the table the slot must fit. On
+/// failure the slot is freed.
+pub fn stage(
+    engine: &Engine,
+    arena: &Arena,
+    slot: u32,
+    job: &str,
+    rank: u32,
+    step: u64,
+    header: &ShardHeader,
+) -> Result<()> {
+    let table = &header.index.table;
+    let r = (|| {
+        if arena.state(slot) != Some(SlotState::Writing) {
+            return Err(Error::Cancelled { reason: format!("slot {slot} is not held for writing") });
+        }
+        if !arena.fits(table, header.index.metadata.len()) {
+            return Err(Error::ArenaFull {
+                reason: format!(
+                    "step {step} needs {} per slot, the arena {} has {}",
+                    arena::human_bytes(arena::slot_size_for(table, header.index.metadata.len())),
+                    arena.path().display(),
+                    arena::human_bytes(arena.slot_size())
+                ),
+            });
+        }
+        // SAFETY: we hold the slot in the writing state, so nobody else reads or writes it, and
+        // the slice does not outlive this closure.
+        let dst = unsafe { &mut arena.slot_bytes_mut(slot)[..table.total_len() as usize] };
+        engine.restore_into(job, step, rank, dst)?;
+        arena.seal(slot, step, table, &header.index.metadata)?;
+        arena.transition(slot, SlotState::Sealed, SlotState::Persisting);
+        arena.mark_durable(slot)
+    })();
+    if r.is_err() {
+        arena.release(slot);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::engine::EngineConfig;
+    use crate::tensor::TensorMeta;
+
+    fn table() -> TensorTable {
+        TensorTable::packed([TensorMeta::new("w", DType::F32, vec![256]).unwrap()], 64).unwrap()
+    }
+
+    fn fill(arena: &Arena, slot: u32, step: u64, t: &TensorTable) {
+        // SAFETY: the test holds the slot in the writing state.
+        let dst = unsafe { arena.slot_bytes_mut(slot) };
+        dst[..t.total_len() as usize].fill(step as u8);
+        arena.seal(slot, step, t, b"m").unwrap();
+        assert!(arena.transition(slot, SlotState::Sealed, SlotState::Persisting));
+    }
+
+    #[test]
+    fn persist_commits_keeps_the_memory_tier_and_refuses_to_rewrite_a_committed_step() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let t = table();
+        let spec = ArenaSpec::for_rank(dir.path(), "j", 0, 2);
+        let arena = spec.ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let owner = SlotOwner { job: "j", rank: 0, world_size: 1, keep: 0 };
+        let never = || None;
+
+        let s = take_slot(&arena).unwrap();
+        fill(&arena, s, 7, &t);
+        let p = persist::<Error>(&engine, &arena, s, owner, CommitPolicy::Storage, false, &never).unwrap();
+        assert_eq!((p.step, p.already_committed), (7, false));
+        assert!(p.bytes > 0);
+        assert!(engine.manifest("j", 7).is_ok());
+        assert_eq!(memory_tier_step(&arena), Some(7));
+
+        // The same step again: refused, the slot freed, the memory tier untouched.
+        let s2 = take_slot(&arena).unwrap();
+        fill(&arena, s2, 7, &t);
+        let e = persist::<Error>(&engine, &arena, s2, owner, CommitPolicy::Storage, false, &never).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Conflict);
+        assert_eq!(arena.state(s2), Some(SlotState::Free));
+        assert_eq!(memory_tier_step(&arena), Some(7));
+
+        // Resumed (a predecessor committed it): accepted without writing.
+        let s3 = take_slot(&arena).unwrap();
+        fill(&arena, s3, 7, &t);
+        let p = persist::<Error>(&engine, &arena, s3, owner, CommitPolicy::Storage, true, &never).unwrap();
+        assert_eq!((p.bytes, p.already_committed), (0, true));
+        assert_eq!(arena.state(s3), Some(SlotState::Durable));
+    }
+
+    #[test]
+    fn a_vote_that_fails_keeps_its_error_and_frees_the_slot() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let t = table();
+        let arena = ArenaSpec::for_rank(dir.path(), "j", 1, 1).ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let s = take_slot(&arena).unwrap();
+        fill(&arena, s, 3, &t);
+        #[derive(Debug, PartialEq)]
+        enum VoteError {
+            Down,
+            Core,
+        }
+        impl From<Error> for VoteError {
+            fn from(_: Error) -> Self {
+                VoteError::Core
+            }
+        }
+        let vote = |_: &ShardInfo| Err(VoteError::Down);
+        let owner = SlotOwner { job: "j", rank: 1, world_size: 2, keep: 0 };
+        let e = persist(&engine, &arena, s, owner, CommitPolicy::Vote(&vote), false, &|| None).unwrap_err();
+        assert_eq!(e, VoteError::Down);
+        assert_eq!(arena.state(s), Some(SlotState::Free));
+    }
+
+    #[test]
+    fn an_aborted_wait_says_why() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let t = table();
+        let arena = ArenaSpec::for_rank(dir.path(), "j", 1, 1).ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let s = take_slot(&arena).unwrap();
+        fill(&arena, s, 3, &t);
+        let owner = SlotOwner { job: "j", rank: 1, world_size: 2, keep: 0 };
+        let abort = || Some("the job restarted".to_string());
+        let e = persist::<Error>(&engine, &arena, s, owner, CommitPolicy::Storage, false, &abort).unwrap_err();
+        assert!(matches!(e, Error::Aborted { step: 3, .. }), "{e}");
+        assert!(e.to_string().contains("the job restarted"));
+    }
+
+    #[test]
+    fn stage_reads_a_committed_step_and_a_read_hold_protects_it() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let t = table();
+        let owner = SlotOwner { job: "j", rank: 0, world_size: 1, keep: 0 };
+        let first = ArenaSpec::for_rank(dir.path(), "j", 0, 1).ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let s = take_slot(&first).unwrap();
+        fill(&first, s, 9, &t);
+        persist::<Error>(&engine, &first, s, owner, CommitPolicy::Storage, false, &|| None).unwrap();
+
+        // Another pod: an empty arena, staged from storage.
+        let other = tempfile::tempdir().unwrap();
+        let header = engine.shard_header("j", 9, 0).unwrap();
+        let spec = ArenaSpec::for_rank(other.path(), "j", 0, 1);
+        let arena = spec.ensure(None, slot_size_with_headroom(&header.index.table, header.index.metadata.len())).unwrap();
+        let slot = take_slot(&arena).unwrap();
+        stage(&engine, &arena, slot, "j", 0, 9, &header).unwrap();
+        let hold = ReadHold::of_step(&arena, 9).unwrap();
+        assert_eq!(hold.content().metadata, b"m");
+        // SAFETY: the slot is held for reading; nobody writes it.
+        let bytes = unsafe { &arena.slot_bytes(slot)[..t.total_len() as usize] };
+        assert!(bytes.iter().all(|&b| b == 9));
+        assert_eq!(take_slot(&arena), None, "a held slot is never handed out");
+        drop(hold);
+        assert_eq!(memory_tier_step(&arena), Some(9));
+        assert_eq!(take_slot(&arena), Some(slot), "the memory tier yields to a new snapshot");
+        assert!(spec.open_existing().is_some());
+        assert!(arena.maps(&spec.path()));
+    }
+}
