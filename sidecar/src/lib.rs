@@ -4,6 +4,7 @@
 #[cfg(feature = "server")]
 pub mod agent;
 pub mod cli;
+pub mod env;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod health;

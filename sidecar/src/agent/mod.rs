@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ckpt_core::arena::{self, Arena, ArenaConfig, SlotState};
-use ckpt_core::{Compression, Engine, EngineConfig, TensorTable};
+use ckpt_core::arena::{self, Arena, SlotState};
+use ckpt_core::slots;
+use ckpt_core::{Compression, Engine, EngineConfig};
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
@@ -530,27 +531,21 @@ impl Agent {
             return Ok(rank.clone());
         }
         let rank = Rank::start(self, r)?;
-        if rank.arena_path.exists() {
-            match Arena::open(&rank.arena_path) {
-                Ok(a) => {
-                    let a = Arc::new(a);
-                    let durable = a.newest_durable().and_then(|s| a.content(s).ok()).map(|c| c.step);
-                    {
-                        let mut inner = rank.lock();
-                        inner.arena = Some(a.clone());
-                        inner.world_size = self.cfg.world_size;
-                        inner.committed = durable;
-                        inner.last_durable = durable;
-                    }
-                    // A previous agent died while persisting: persist those slots again.
-                    for slot in 0..a.slot_count() {
-                        a.transition(slot, SlotState::Persisting, SlotState::Sealed);
-                    }
-                    rank.flush_abandoned(&a, self.cfg.world_size);
-                    tracing::info!(rank = r, path = %rank.arena_path.display(), memory_tier = ?durable, "adopted an existing arena");
-                }
-                Err(e) => tracing::warn!(rank = r, error = %e, "ignoring an unusable arena file"),
+        if let Some(a) = rank.spec.open_existing() {
+            let durable = slots::memory_tier_step(&a);
+            {
+                let mut inner = rank.lock();
+                inner.arena = Some(a.clone());
+                inner.world_size = self.cfg.world_size;
+                inner.committed = durable;
+                inner.last_durable = durable;
             }
+            // A previous agent died while persisting: persist those slots again.
+            for slot in 0..a.slot_count() {
+                a.transition(slot, SlotState::Persisting, SlotState::Sealed);
+            }
+            rank.flush_abandoned(&a, self.cfg.world_size);
+            tracing::info!(rank = r, path = %a.path().display(), memory_tier = ?durable, "adopted an existing arena");
         }
         ranks.insert(r, rank.clone());
         Ok(rank)
@@ -659,66 +654,34 @@ impl Agent {
     /// Makes the rank's arena hold slots of at least `slot_size` bytes. Call with the staging lock
     /// held and no persist in flight.
     fn ensure_arena(&self, rank: &Rank, slot_size: u64) -> Result<Arc<Arena>> {
-        if let Some(a) = rank.lock().arena.clone()
-            && a.slot_size() >= slot_size
-            && a.slot_count() == self.cfg.slots
-        {
-            return Ok(a);
+        let current = rank.lock().arena.clone();
+        let arena = rank.spec.ensure(current.as_ref(), slot_size)?;
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, &arena)) {
+            let mut inner = rank.lock();
+            inner.arena = Some(arena.clone());
+            inner.committed = None;
         }
-        let name = rank.arena_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let cfg = ArenaConfig { dir: self.cfg.arena_dir.clone(), name, slots: self.cfg.slots, slot_size };
-        let created = Arena::create(&cfg).map_err(|e| match e {
-            ckpt_core::Error::InvalidConfig { field: "arena_dir", reason } => Error::ArenaFull { reason },
-            other => Error::Core(other),
-        })?;
-        let created = Arc::new(created);
-        tracing::info!(rank = rank.rank, slot_size = created.slot_size(), slots = created.slot_count(), "arena ready");
-        let mut inner = rank.lock();
-        inner.arena = Some(created.clone());
-        inner.committed = None;
-        Ok(created)
+        Ok(arena)
     }
 
     /// Stages `step` of the rank in its arena as the memory tier: from memory when a durable slot
-    /// holds it, else by reading the shard from storage. Returns the slot's step and whether
-    /// storage was read. Blocking; call with the staging lock held.
+    /// holds it, else by reading the shard from storage. Returns the step and whether storage was
+    /// read. Blocking; call with the staging lock held.
     fn stage(&self, rank: &Rank, step: u64) -> Result<(u64, bool)> {
         if self.in_memory(rank, step).is_some() {
             return Ok((step, false));
         }
         let header = self.engine.shard_header(&self.cfg.job, step, rank.rank)?;
-        let table: &TensorTable = &header.index.table;
-        let needed = arena::slot_size_for(table, header.index.metadata.len());
+        let needed = slots::slot_size_with_headroom(&header.index.table, header.index.metadata.len());
         let current = rank.lock().arena.clone();
         let arena = match current {
-            Some(a) if a.fits(table, header.index.metadata.len()) && a.slot_count() == self.cfg.slots => a,
-            _ => self.ensure_arena(rank, needed.saturating_add(needed / 16).saturating_add(1 << 20))?,
+            Some(a) if a.fits(&header.index.table, header.index.metadata.len()) && a.slot_count() == self.cfg.slots => a,
+            _ => self.ensure_arena(rank, needed)?,
         };
-        let slot = match arena.acquire() {
-            Some(s) => s,
-            None => (0..arena.slot_count())
-                .find(|&s| arena.transition(s, SlotState::Durable, SlotState::Writing))
-                .ok_or_else(|| Error::ArenaFull {
-                    reason: format!(
-                        "every slot of {} is busy; retry the load once saves have finished",
-                        arena.path().display()
-                    ),
-                })?,
-        };
-        let r = (|| {
-            // SAFETY: we hold the slot in the writing state; the trainer only reads durable slots
-            // and writes slots it acquired itself.
-            let dst = unsafe { &mut arena.slot_bytes_mut(slot)[..table.total_len() as usize] };
-            self.engine.restore_into(&self.cfg.job, step, rank.rank, dst)?;
-            arena.seal(slot, step, table, &header.index.metadata)?;
-            arena.transition(slot, SlotState::Sealed, SlotState::Persisting);
-            arena.mark_durable(slot)?;
-            Ok::<_, Error>(())
-        })();
-        if let Err(e) = r {
-            arena.release(slot);
-            return Err(e);
-        }
+        let slot = slots::take_slot(&arena).ok_or_else(|| ckpt_core::Error::ArenaFull {
+            reason: format!("every slot of {} is busy; retry the load once saves have finished", arena.path().display()),
+        })?;
+        slots::stage(&self.engine, &arena, slot, &self.cfg.job, rank.rank, step, &header)?;
         let mut inner = rank.lock();
         inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
         Ok((step, true))
@@ -727,10 +690,7 @@ impl Agent {
     /// The durable slot holding `step`, if the rank's arena has one.
     fn in_memory(&self, rank: &Rank, step: u64) -> Option<(Arc<Arena>, u32)> {
         let arena = rank.lock().arena.clone()?;
-        (0..arena.slot_count())
-            .filter(|&s| arena.state(s) == Some(SlotState::Durable))
-            .find(|&s| arena.content(s).is_ok_and(|c| c.step == step))
-            .map(|s| (arena, s))
+        slots::find_durable(&arena, step).map(|(slot, _)| (arena, slot))
     }
 }
 

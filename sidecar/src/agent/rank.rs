@@ -5,13 +5,12 @@
 //! only memory a snapshot ever occupies), so that eight ranks of a pod persist in parallel and a
 //! slow rank never holds up another.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
-use ckpt_core::Snapshot;
+use ckpt_core::ShardInfo;
 use ckpt_core::arena::{Arena, SlotState};
+use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, SlotOwner};
 use ckptd_proto::v1::{self as pb, trainer_event::Event};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{mpsc, watch};
@@ -63,7 +62,7 @@ pub(super) struct RankInner {
 #[derive(Debug)]
 pub(super) struct Rank {
     pub rank: u32,
-    pub arena_path: PathBuf,
+    pub spec: ArenaSpec,
     pub inner: Mutex<RankInner>,
     /// Serialises arena (re)creation, restores into the arena and flushes.
     pub staging: tokio::sync::Mutex<()>,
@@ -82,7 +81,7 @@ impl Rank {
         let (tx, rx) = crossbeam_channel::bounded::<PersistJob>(agent.cfg.slots as usize);
         let r = Arc::new(Rank {
             rank,
-            arena_path: agent.cfg.arena_dir.join(format!("{}-rank-{rank}.arena", agent.cfg.job)),
+            spec: ArenaSpec::for_rank(&agent.cfg.arena_dir, &agent.cfg.job, rank, agent.cfg.slots),
             inner: Mutex::new(RankInner::default()),
             staging: tokio::sync::Mutex::new(()),
             handovers: watch::Sender::new((0, 0)),
@@ -185,22 +184,6 @@ impl Rank {
     }
 }
 
-/// A slot's bytes, shared with the persist pipeline without copying.
-struct SlotRegion {
-    arena: Arc<Arena>,
-    slot: u32,
-    len: usize,
-}
-
-impl AsRef<[u8]> for SlotRegion {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the slot is in the persisting state, owned by this rank's persist thread; the
-        // trainer never writes a slot it does not hold in the writing state, and the slot leaves
-        // the persisting state only after the pipeline has dropped every `Bytes` of this region.
-        unsafe { &self.arena.slot_bytes(self.slot)[..self.len] }
-    }
-}
-
 fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
     for job in rx {
         let Some(agent) = agent.upgrade() else { break };
@@ -208,6 +191,13 @@ fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<Per
         let started = job.handed_at;
         let flushed = job.flushed;
         let result = persist_one(&agent, &rank, job);
+        if result.is_ok() {
+            // Before the job leaves `in_flight`: a load that waited for persists to settle must
+            // find this step committed, or it would stage an older one over it.
+            let mut inner = rank.lock();
+            inner.last_durable = Some(inner.last_durable.map_or(step, |s| s.max(step)));
+            inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
+        }
         rank.in_flight.send_modify(|n| *n = n.saturating_sub(1));
         agent.metrics.queue_depth.dec();
         match result {
@@ -222,11 +212,6 @@ fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<Per
                     .last_durable_step
                     .get_or_create(&super::metrics::RankLabel { rank: rank.rank.to_string() })
                     .set(step.min(i64::MAX as u64) as i64);
-                {
-                    let mut inner = rank.lock();
-                    inner.last_durable = Some(inner.last_durable.map_or(step, |s| s.max(step)));
-                    inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
-                }
                 tracing::info!(rank = rank.rank, step, bytes, flushed, "step durable and committed");
                 rank.notify(Event::Durable(pb::StepDurable { step, committed: true }));
             }
@@ -243,97 +228,24 @@ fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<Per
     }
 }
 
-/// Writes the slot's shard, waits for the commit, marks the slot durable. Returns the shard size.
+/// Persists the slot through the slot lifecycle: with an isolator the shard is voted on and the
+/// isolator commits; without one, rank 0 commits through storage. A restart (the generation moved
+/// on, or a rollback below this step) abandons the wait for the MANIFEST. Returns the bytes
+/// written.
 fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
-    let PersistJob { arena, slot, step, world_size, .. } = job;
-    let r = (|| {
-        let content = arena.content(slot)?;
-        if content.step != step {
-            return Err(ckpt_core::Error::Cancelled {
-                reason: format!("slot {slot} holds step {} where step {step} was handed over", content.step),
-            }
-            .into());
+    let PersistJob { arena, slot, step, world_size, flushed, .. } = job;
+    let owner = SlotOwner { job: &agent.cfg.job, rank: rank.rank, world_size, keep: agent.cfg.keep };
+    let persisted = match &agent.link {
+        Some(link) => {
+            let generation = link.generation();
+            let vote = |info: &ShardInfo| agent.rt.block_on(link.vote_durable(info, &Default::default())).map(drop);
+            let abort = || {
+                let restarted = link.generation() > generation || rank.lock().rollback.is_some_and(|rb| step > rb);
+                restarted.then(|| format!("the job restarted (generation {})", link.generation()))
+            };
+            slots::persist(&agent.engine, &arena, slot, owner, CommitPolicy::Vote(&vote), flushed, &abort)?
         }
-        let len = content.table.total_len() as usize;
-        let data = Bytes::from_owner(SlotRegion { arena: arena.clone(), slot, len });
-        let snap = Snapshot { table: content.table, data, metadata: content.metadata };
-        let generation = agent.link.as_ref().map(|l| l.generation());
-        let saved = match &agent.link {
-            // With an isolator, it commits once every rank voted: write the shard and vote.
-            Some(link) => {
-                agent.engine.write_shard(&agent.cfg.job, step, rank.rank, world_size, &snap).and_then(|info| {
-                    drop(snap);
-                    agent.rt.block_on(link.vote_durable(&info, &Default::default())).map(|_| (info, None)).map_err(
-                        |e| ckpt_core::Error::Cancelled { reason: format!("vote to the isolator failed: {e}") },
-                    )
-                })
-            }
-            None => {
-                let r = agent.engine.save(&agent.cfg.job, step, rank.rank, world_size, &snap, Default::default());
-                drop(snap);
-                r
-            }
-        };
-        let size = match saved {
-            Ok((info, _)) => info.size,
-            // An earlier agent persisted this step and died before marking the slot durable.
-            Err(e)
-                if e.kind() == ckpt_core::ErrorKind::Conflict
-                    && agent.engine.manifest(&agent.cfg.job, step).is_ok() =>
-            {
-                0
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match (&agent.link, generation) {
-            (Some(link), Some(g)) => wait_global_commit(agent, rank, link, g, step)?,
-            _ if rank.rank != 0 => crate::client::wait_committed(&agent.engine, &agent.cfg.job, step)?,
-            _ => {}
-        }
-        if rank.rank == 0 && agent.cfg.keep > 0 {
-            let policy = ckpt_core::RetentionPolicy { keep: agent.cfg.keep, ..Default::default() };
-            if let Err(e) = agent.engine.gc(&agent.cfg.job, &policy) {
-                tracing::warn!(step, error = %e, "retention failed; it runs again after the next commit");
-            }
-        }
-        arena.mark_durable(slot)?;
-        Ok::<_, Error>(size)
-    })();
-    if r.is_err() {
-        arena.release(slot);
-    }
-    r
-}
-
-/// With an isolator: waits until the isolator has written the step's MANIFEST. A restart (the
-/// generation moved on) aborts every step still open, so the wait ends there instead of running
-/// into the deadline.
-fn wait_global_commit(
-    agent: &Agent,
-    rank: &Rank,
-    link: &crate::isolator::link::IsolatorLink,
-    generation: u64,
-    step: u64,
-) -> Result<()> {
-    let deadline = agent.engine.config().commit.deadline;
-    let started = Instant::now();
-    let mut poll = std::time::Duration::from_millis(10);
-    loop {
-        match agent.engine.manifest(&agent.cfg.job, step) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
-        if link.generation() > generation || rank.lock().rollback.is_some_and(|rb| step > rb) {
-            return Err(ckpt_core::Error::Cancelled {
-                reason: format!("step {step} was aborted by the job's restart (generation {})", link.generation()),
-            }
-            .into());
-        }
-        if started.elapsed() >= deadline {
-            return Err(Error::CommitTimeout { step, waited_ms: started.elapsed().as_millis() as u64 });
-        }
-        std::thread::sleep(poll);
-        poll = (poll * 2).min(std::time::Duration::from_millis(200));
-    }
+        None => slots::persist::<Error>(&agent.engine, &arena, slot, owner, CommitPolicy::Storage, flushed, &|| None)?,
+    };
+    Ok(persisted.bytes)
 }

@@ -138,14 +138,11 @@ impl Trainer for Service {
             }
             if let Some(a) = &inner.arena {
                 // Slots a previous trainer of this rank left half-written cannot complete now, and
-                // with no persist in flight a `persisting` slot is the read hold of a load that
-                // trainer never finished: the data is intact, give it back to the memory tier.
-                let idle = *rank.in_flight.borrow() == 0;
+                // a `reading` slot is the hold of a load that trainer never finished: the data is
+                // intact, give it back to the memory tier.
                 for slot in 0..a.slot_count() {
                     a.transition(slot, SlotState::Writing, SlotState::Free);
-                    if idle {
-                        a.transition(slot, SlotState::Persisting, SlotState::Durable);
-                    }
+                    a.transition(slot, SlotState::Reading, SlotState::Durable);
                 }
             }
             inner.world_size = Some(req.world_size);

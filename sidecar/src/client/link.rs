@@ -17,7 +17,7 @@ use ckptd_proto::v1::trainer_client::TrainerClient;
 use ckptd_proto::v1::{self as pb, trainer_event::Event};
 use tonic::transport::Channel;
 
-use super::SaveState;
+use super::handle::SaveState;
 use crate::error::{Error, ErrorKind, Result};
 use crate::rpc;
 

@@ -1,18 +1,18 @@
-//! The persist thread: waits for a snapshot's copies and seals its slot. Embedded, it then writes
-//! the shard (and, on rank 0, commits the step), marks the slot durable and completes the save's
-//! handle. In sidecar mode it hands the sealed slot to the agent instead; the agent's "durable" or
+//! The persist thread: waits for a snapshot's copies and seals its slot, then hands it to the
+//! mode: embedded, it persists and commits the slot ([`ckpt_core::slots::persist`]) and completes
+//! the save's handle; in sidecar mode it hands the sealed slot to the agent, whose "durable" or
 //! "failed" event completes the handle later.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use ckpt_core::arena::{Arena, SlotState};
+use ckpt_core::TensorTable;
+use ckpt_core::arena::Arena;
 use ckpt_core::copy::CopyTicket;
-use ckpt_core::{Snapshot, TensorTable};
 use crossbeam_channel::{Sender, TrySendError};
 
-use super::{SaveHandle, Shared};
+use super::handle::SaveHandle;
+use super::{Mode, Shared};
 use crate::error::{Error, Result};
 
 /// One snapshot to persist.
@@ -30,22 +30,6 @@ pub(super) struct Job {
     pub request: u64,
 }
 
-/// A slot's region, shared with the persist pipeline without copying.
-struct SlotRegion {
-    arena: Arc<Arena>,
-    slot: u32,
-    len: usize,
-}
-
-impl AsRef<[u8]> for SlotRegion {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the slot is in the persisting state, owned by the persist thread, and nobody
-        // writes it until it is marked durable or released, which happens after the pipeline has
-        // dropped every `Bytes` of this region.
-        unsafe { &self.arena.slot_bytes(self.slot)[..self.len] }
-    }
-}
-
 pub(super) struct PersistThread {
     tx: std::sync::Mutex<Option<Sender<Job>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -60,17 +44,13 @@ impl PersistThread {
             .spawn(move || {
                 for job in rx {
                     let handle = job.handle.clone();
-                    let result = match &shared.link {
-                        Some(link) => hand_over(link, job),
-                        None => run(&shared, job),
-                    };
-                    match result {
+                    match run(&shared, job) {
                         Err(e) => {
-                            tracing::error!(step = handle.step, error = %e, "checkpoint save failed");
+                            tracing::error!(step = handle.step(), error = %e, "checkpoint save failed");
                             handle.state.finish(Err(Arc::new(e)));
                         }
                         // Sidecar mode: the agent's event completes the handle.
-                        Ok(()) if shared.link.is_some() => handle.state.mark_handed_over(),
+                        Ok(()) if matches!(shared.mode, Mode::Sidecar(_)) => handle.state.mark_handed_over(),
                         Ok(()) => handle.state.finish(Ok(())),
                     }
                 }
@@ -102,8 +82,8 @@ impl PersistThread {
     }
 }
 
-/// Sidecar mode: seal the slot once the copies are done and give it to the agent.
-fn hand_over(link: &super::link::Link, job: Job) -> Result<()> {
+/// Seals the slot once the copies are done, then persists it (embedded) or hands it over.
+fn run(shared: &Shared, job: Job) -> Result<()> {
     let Job { arena, slot, step, table, metadata, tickets, handle, stall, request } = job;
     let sealed = (|| {
         for t in &tickets {
@@ -116,61 +96,8 @@ fn hand_over(link: &super::link::Link, job: Job) -> Result<()> {
         arena.release(slot);
         return Err(e);
     }
-    if let Err(e) = link.handover(step, slot, stall, handle.state.clone(), request) {
-        // The agent did not take it: free the slot unless the agent already did take it over.
-        arena.transition(slot, SlotState::Sealed, SlotState::Free);
-        return Err(e);
-    }
-    Ok(())
-}
-
-fn run(shared: &Shared, job: Job) -> Result<()> {
-    let Job { arena, slot, step, table, metadata, tickets, .. } = job;
-    let engine = shared.engine.as_ref().ok_or(Error::Closed)?;
-    let r = (|| {
-        for t in &tickets {
-            t.wait()?;
-        }
-        arena.seal(slot, step, &table, &metadata)?;
-        if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
-            return Err(
-                ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into()
-            );
-        }
-        let len = table.total_len() as usize;
-        let data = Bytes::from_owner(SlotRegion { arena: arena.clone(), slot, len });
-        let snap = Snapshot { table, data, metadata };
-        let cfg = &shared.cfg;
-        engine.save(&cfg.job, step, cfg.rank, cfg.world_size, &snap, Default::default())?;
-        drop(snap);
-        if cfg.rank != 0 {
-            wait_committed(engine, &cfg.job, step)?;
-        }
-        arena.mark_durable(slot)?;
-        Ok(())
-    })();
-    if r.is_err() {
-        arena.release(slot);
-    }
-    r
-}
-
-/// On ranks other than 0, a save is done when rank 0 has committed the step. The agent waits the
-/// same way for the ranks it serves.
-pub(crate) fn wait_committed(engine: &ckpt_core::Engine, job: &str, step: u64) -> Result<()> {
-    let deadline = engine.config().commit.deadline;
-    let started = Instant::now();
-    let mut poll = Duration::from_millis(10);
-    loop {
-        match engine.manifest(job, step) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
-        if started.elapsed() >= deadline {
-            return Err(Error::CommitTimeout { step, waited_ms: started.elapsed().as_millis() as u64 });
-        }
-        std::thread::sleep(poll);
-        poll = (poll * 2).min(Duration::from_millis(500));
+    match &shared.mode {
+        Mode::Embedded(m) => m.persist(&shared.cfg, &arena, slot),
+        Mode::Sidecar(m) => m.hand_over(&arena, slot, step, stall, handle.state.clone(), request),
     }
 }

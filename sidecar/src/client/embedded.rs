@@ -1,0 +1,82 @@
+//! Embedded mode: the training process owns its arena and persists from its own thread, through
+//! the same slot lifecycle as the agent ([`ckpt_core::slots`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ckpt_core::arena::{self, Arena, SlotState};
+use ckpt_core::restore::ShardHeader;
+use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, ReadHold, SlotOwner};
+use ckpt_core::Engine;
+
+use super::CheckpointerConfig;
+use crate::env;
+use crate::error::{Error, Result};
+
+/// Store used when neither the caller nor [`env::ENV_STORE`] names one: a directory under the
+/// working directory, so a laptop or CI run needs nothing else.
+pub const DEFAULT_LOCAL_STORE: &str = "ckptd-store";
+
+/// The embedded checkpointer's engine and arena location.
+#[derive(Debug)]
+pub(super) struct Embedded {
+    pub engine: Engine,
+    pub spec: ArenaSpec,
+}
+
+impl Embedded {
+    pub(super) fn open(cfg: &CheckpointerConfig) -> Result<Embedded> {
+        let store = match cfg.store.clone().or_else(|| env::nonempty(env::ENV_STORE)) {
+            Some(url) => url,
+            None => {
+                let dir = std::env::current_dir()
+                    .map_err(|e| ckpt_core::Error::Io { op: "getcwd", path: ".".into(), source: e })?
+                    .join(DEFAULT_LOCAL_STORE);
+                format!("file://{}", dir.display())
+            }
+        };
+        let engine = Engine::open(&store, cfg.engine.clone())?;
+        let dir = cfg
+            .arena_dir
+            .clone()
+            .or_else(|| env::nonempty(env::ENV_ARENA_DIR).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(arena::DEFAULT_ARENA_DIR));
+        Ok(Embedded { engine, spec: ArenaSpec::for_rank(dir, &cfg.job, cfg.rank, cfg.slots) })
+    }
+
+    /// Persists a sealed slot and commits its step through storage (rank 0 writes the MANIFEST).
+    pub(super) fn persist(&self, cfg: &CheckpointerConfig, arena: &Arc<Arena>, slot: u32) -> Result<()> {
+        if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
+            arena.release(slot);
+            return Err(ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into());
+        }
+        let owner = SlotOwner { job: &cfg.job, rank: cfg.rank, world_size: cfg.world_size, keep: 0 };
+        slots::persist::<Error>(&self.engine, arena, slot, owner, CommitPolicy::Storage, false, &|| None)?;
+        Ok(())
+    }
+
+    /// The step to load: `step`, or the newest committed step.
+    pub(super) fn resolve(&self, job: &str, step: Option<u64>) -> Result<u64> {
+        match step {
+            Some(s) => Ok(s),
+            None => match self.engine.latest(job)? {
+                Some(m) => Ok(m.step),
+                None => Err(Error::NoCheckpoint { job: job.to_string(), store: self.engine.store().url().to_string() }),
+            },
+        }
+    }
+
+    /// The shard header of `step` for `rank` (its tensor table and metadata).
+    pub(super) fn header(&self, job: &str, step: u64, rank: u32) -> Result<ShardHeader> {
+        Ok(self.engine.shard_header(job, step, rank)?)
+    }
+
+    /// The memory tier held for reading: the newest durable slot when `step` is `None` (a slot is
+    /// durable only once its step committed), else the durable slot holding `step`.
+    pub(super) fn memory_tier(arena: &Arc<Arena>, step: Option<u64>) -> Option<ReadHold> {
+        match step {
+            Some(step) => ReadHold::of_step(arena, step),
+            None => arena.newest_durable().and_then(|slot| ReadHold::new(arena, slot)),
+        }
+    }
+}

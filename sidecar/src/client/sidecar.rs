@@ -1,0 +1,79 @@
+//! Sidecar mode: the agent owns the arena file, storage and commits. The trainer maps the arena
+//! the agent made, copies into slots it took, and hands sealed slots over; loads come from a slot
+//! the agent staged (from its memory tier, else from storage).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ckpt_core::arena::{Arena, SlotState};
+use ckpt_core::slots::ReadHold;
+
+use super::handle::SaveState;
+use super::link::Link;
+use crate::error::Result;
+
+/// The session with the agent.
+#[derive(Debug)]
+pub(super) struct Sidecar {
+    pub link: Link,
+}
+
+/// A step the agent staged in the arena, held for reading.
+pub(super) struct Staged {
+    pub hold: ReadHold,
+    /// Whether the agent had to read storage to stage it.
+    pub from_storage: bool,
+}
+
+impl Sidecar {
+    pub(super) fn attach(socket: &Path, job: &str, rank: u32, world_size: u32) -> Result<Sidecar> {
+        Ok(Sidecar { link: Link::attach(socket, job, rank, world_size)? })
+    }
+
+    /// The arena the agent reported at attach (empty before the agent made one).
+    pub(super) fn arena_path(&self) -> PathBuf {
+        self.link.attached().arena_path.clone().unwrap_or_default()
+    }
+
+    /// Has the agent create or grow the arena to `slot_size` bytes per slot; returns its path.
+    pub(super) fn prepare_arena(&self, slot_size: u64) -> Result<PathBuf> {
+        self.link.prepare_arena(slot_size)
+    }
+
+    /// Gives a sealed slot to the agent, which persists and commits it; `state` completes when
+    /// the agent reports the step durable or failed. A refused slot is freed unless the agent
+    /// took it after all.
+    pub(super) fn hand_over(
+        &self,
+        arena: &Arena,
+        slot: u32,
+        step: u64,
+        stall: Duration,
+        state: Arc<SaveState>,
+        request: u64,
+    ) -> Result<()> {
+        if let Err(e) = self.link.handover(step, slot, stall, state, request) {
+            arena.transition(slot, SlotState::Sealed, SlotState::Free);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Has the agent stage `step` (default: the newest committed step), maps the arena with
+    /// `map`, and holds the staged slot for reading.
+    pub(super) fn stage(
+        &self,
+        step: Option<u64>,
+        map: impl FnOnce(&Path) -> Result<Arc<Arena>>,
+    ) -> Result<Staged> {
+        let reply = self.link.locate(step)?;
+        let arena = map(Path::new(&reply.arena_path))?;
+        let hold = ReadHold::new(&arena, reply.slot).filter(|h| h.content().step == reply.step).ok_or_else(|| {
+            ckpt_core::Error::Cancelled {
+                reason: format!("arena slot {} changed before it could be read; retry the load", reply.slot),
+            }
+        })?;
+        Ok(Staged { hold, from_storage: reply.from_storage })
+    }
+}
