@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ckpt_core::copy::Device;
-use ckpt_core::{Compression, DType, TensorMeta};
-use ckptd::client::{Checkpointer, CheckpointerConfig, Phase, SaveHandle, TensorRef};
+use ckpt_core::{Compression, DType};
+use ckptd::client::{Checkpointer, CheckpointerConfig, Description, Phase, SaveHandle, TensorRef};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -156,24 +156,46 @@ impl PyCheckpointer {
     }
 
     /// Fills `tensors` in place from `step` (default: the newest committed step). Returns
-    /// `(step, metadata, from_memory)`.
-    #[pyo3(signature = (tensors, step=None, stream=None))]
+    /// `(step, metadata, from_memory)`. `check`, when given, is called with the step's metadata
+    /// before anything is written and returns further problems (the caller's scalars that the
+    /// checkpoint lacks): they are raised together with the tensor mismatches. The step is
+    /// resolved, and its header read, once.
+    #[pyo3(signature = (tensors, step=None, stream=None, check=None))]
     fn load(
         &self,
         py: Python<'_>,
         tensors: Vec<PyTensor>,
         step: Option<u64>,
         stream: Option<u64>,
+        check: Option<Py<PyAny>>,
     ) -> PyResult<(u64, Py<PyBytes>, bool)> {
         let ck = self.get()?;
         let refs = tensor_refs(tensors)?;
+        // A failure of `check` itself (a Python exception) is raised as it is, not as a mismatch.
+        let check_error: Mutex<Option<PyErr>> = Mutex::new(None);
+        let run_check = |d: &Description| -> Vec<String> {
+            let Some(check) = &check else { return Vec::new() };
+            Python::attach(|py| {
+                let called = check
+                    .call1(py, (PyBytes::new(py, &d.metadata),))
+                    .and_then(|problems| problems.extract::<Vec<String>>(py));
+                called.unwrap_or_else(|e| {
+                    let problem = format!("the state check failed: {e}");
+                    *check_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    vec![problem]
+                })
+            })
+        };
         let loaded = py.detach(|| {
             // SAFETY: this private module's contract, kept by `ckptd.Checkpointer.load`: every
             // address is the start of a live, writable, contiguous buffer of the given dtype and
             // shape, referenced by the caller for the whole call, that nothing else touches until
             // this returns.
-            unsafe { ck.load(&refs, step, stream) }
+            unsafe { ck.load_checked(&refs, step, stream, &run_check) }
         });
+        if let Some(e) = check_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
         let loaded = loaded.map_err(to_py)?;
         Ok((loaded.step, PyBytes::new(py, &loaded.metadata).unbind(), loaded.from_memory))
     }
@@ -196,20 +218,6 @@ impl PyCheckpointer {
             })
             .map_err(to_py)?;
         Ok((step, table, PyBytes::new(py, &metadata).unbind()))
-    }
-
-    /// Every difference between `tensors` and the tensor table of `step`, one line each (empty when
-    /// they match). Reads only the shard's header.
-    fn mismatches(&self, py: Python<'_>, tensors: Vec<PyTensor>, step: u64) -> PyResult<Vec<String>> {
-        let ck = self.get()?;
-        let refs = tensor_refs(tensors)?;
-        let wanted: Vec<TensorMeta> =
-            refs.into_iter().map(|t| TensorMeta { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
-        py.detach(|| {
-            let d = ck.describe(Some(step))?;
-            Ok::<_, ckptd::Error>(d.table.mismatches(&wanted))
-        })
-        .map_err(to_py)
     }
 
     /// Waits until the newest save's copies have read the tensors (with `stream`, GPU copies are
@@ -313,7 +321,7 @@ impl PyCheckpointer {
     /// The path of this rank's arena file.
     #[getter]
     fn arena_path(&self) -> PyResult<PathBuf> {
-        Ok(self.get()?.arena_path().to_path_buf())
+        Ok(self.get()?.arena_path())
     }
 }
 

@@ -359,16 +359,19 @@ class Checkpointer:
         _check_step(step, optional=True)
         flat = _tree.flatten(state, writable=True)
         device = _cuda_device(flat.tensors)
-        got, _table, raw = self._native.describe(step)
-        tree = _tree.decode_metadata(raw)
-        stored = _tree.tree_scalars(tree) if tree is not None else {}
-        problems = [f"`{n}`: not in the checkpoint" for n in flat.scalars if n not in stored]
-        problems += [f"`{n}`: in the checkpoint but not in the state" for n in stored if n not in flat.scalars]
+        stored: dict[str, Any] = {}
+
+        def check(raw: bytes) -> list[str]:
+            # Runs once, before any tensor is written: scalar problems are raised together with
+            # the tensor mismatches.
+            tree = _tree.decode_metadata(raw)
+            stored.update(_tree.tree_scalars(tree) if tree is not None else {})
+            problems = [f"`{n}`: not in the checkpoint" for n in flat.scalars if n not in stored]
+            problems += [f"`{n}`: in the checkpoint but not in the state" for n in stored if n not in flat.scalars]
+            return problems
+
         tensors = [leaf.as_tuple() for leaf in flat.tensors]
-        if problems:
-            problems = self._native.mismatches(tensors, got) + problems
-            raise StateMismatch(f"state does not match checkpoint step {got}: {'; '.join(problems)}")
-        loaded, _metadata, from_memory = self._native.load(tensors, got, _cuda_stream(device))
+        loaded, _metadata, from_memory = self._native.load(tensors, step, _cuda_stream(device), check)
         _tree.assign_scalars(state, stored)
         self.last_load_from_memory = from_memory
         return loaded

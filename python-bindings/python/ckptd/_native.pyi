@@ -1,6 +1,7 @@
 """The private native module of ckptd (Rust, PyO3). Use the ``ckptd`` package instead."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
 
@@ -69,12 +70,15 @@ class _Checkpointer:
         keepalive: object = None,
     ) -> _SaveHandle: ...
     def load(
-        self, tensors: list[_Tensor], step: int | None = None, stream: int | None = None
+        self,
+        tensors: list[_Tensor],
+        step: int | None = None,
+        stream: int | None = None,
+        check: Callable[[bytes], list[str]] | None = None,
     ) -> tuple[int, bytes, bool]: ...
     def describe(
         self, step: int | None = None
     ) -> tuple[int, list[tuple[str, str, tuple[int, ...]]], bytes]: ...
-    def mismatches(self, tensors: list[_Tensor], step: int) -> list[str]: ...
     def fence(self, stream: int | None = None) -> None: ...
     def latest_step(self) -> int | None: ...
     def wait_all(self) -> None: ...
