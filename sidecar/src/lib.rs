@@ -12,9 +12,6 @@ pub mod isolator;
 #[cfg(feature = "server")]
 pub mod webhook;
 
-pub mod demo;
-#[cfg(feature = "server")]
-pub mod demo_sidecar;
 pub mod error;
 pub mod rpc;
 
