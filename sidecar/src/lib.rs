@@ -3,6 +3,7 @@
 
 #[cfg(feature = "server")]
 pub mod agent;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
 #[cfg(feature = "server")]
