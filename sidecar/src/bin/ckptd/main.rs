@@ -69,7 +69,7 @@ struct DemoTrainerArgs {
     #[arg(long)]
     compute_ms: u64,
     #[arg(long)]
-    resume: bool,
+    resume: Option<u64>,
 }
 
 impl DemoTrainerArgs {

@@ -277,9 +277,9 @@ fn train(
                 if step % cfg.every == 0 {
                     let metadata = serde_json::json!({ "demo": { "seed": SEED, "step": step } }).to_string();
                     let started = Instant::now();
-                    // SAFETY: the tensors live in `state`, which outlives the save: the watcher
-                    // waits for every save to be durable before `train` returns. Nothing writes
-                    // them before the `fence` of the next step.
+                    // SAFETY: the tensors live in `state`, which outlives the copies: `train`
+                    // fences before it returns, on every path. Nothing writes them before the
+                    // `fence` of the next step.
                     let handle = unsafe { ck.save(&state.refs(), base + step, metadata.into_bytes(), None) }?;
                     let stall = started.elapsed();
                     writeln!(out, "step {}: save stall {} us", base + step, stall.as_micros())?;
@@ -289,9 +289,12 @@ fn train(
             }
             Ok::<_, anyhow::Error>(())
         })();
+        let fenced = ck.fence(None);
         drop(tx);
         let saves = watcher.join().map_err(|_| anyhow!("the durability watcher panicked"))??;
-        trained.map(|()| saves)
+        trained?;
+        fenced?;
+        Ok(saves)
     })
 }
 

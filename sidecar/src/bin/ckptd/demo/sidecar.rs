@@ -5,7 +5,8 @@
 //!
 //! The trainer is this binary again (`ckptd demo-trainer`, hidden), running the embedded demo's
 //! training loop against the agent's socket. It prints `step N`, `step N: save stall U us`,
-//! `restored N memory=B load_ms M` and `verified N` lines, which the demo reads.
+//! `restored N memory=B load_ms M` and `verified N` lines, which the demo reads. The new trainer
+//! restores the last step the killed one handed over, which the agent commits after the kill.
 
 use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::{Path, PathBuf};
@@ -25,8 +26,8 @@ pub struct TrainerConfig {
     pub socket: PathBuf,
     /// The demo's settings (the store and the arena are the agent's).
     pub demo: Config,
-    /// Restore the newest committed step first.
-    pub resume: bool,
+    /// Restore this step first, once the agent has committed it.
+    pub resume: Option<u64>,
 }
 
 /// Runs one trainer process; see the module documentation for what it prints.
@@ -35,12 +36,17 @@ pub fn trainer(cfg: &TrainerConfig, out: &mut dyn Write) -> anyhow::Result<()> {
     ck_cfg.socket = Some(cfg.socket.clone());
     let ck = Checkpointer::new(ck_cfg)?;
     let specs = state::specs(cfg.demo.state_bytes);
-    let (mut state, base) = if cfg.resume {
+    let (mut state, base) = if let Some(step) = cfg.resume {
         ck.heartbeat(0, Phase::CheckpointLoad)?;
         let mut state = State::poisoned(&specs, SEED);
         let t = Instant::now();
+        // The killed trainer handed the step over; the agent may still be committing it.
+        while ck.latest_step()?.is_none_or(|s| s < step) {
+            ensure!(t.elapsed() < Duration::from_secs(60), "the agent did not commit step {step} within 60 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // SAFETY: `state` owns the tensors and nothing else touches them until `load` returns.
-        let loaded = unsafe { ck.load(&state.refs(), None, None) }?;
+        let loaded = unsafe { ck.load(&state.refs(), Some(step), None) }?;
         let load_ms = t.elapsed().as_secs_f64() * 1e3;
         writeln!(out, "restored {} memory={} load_ms {load_ms:.1}", loaded.step, loaded.from_memory)?;
         state.step = super::local_step(&loaded.metadata)?;
@@ -58,7 +64,7 @@ pub fn trainer(cfg: &TrainerConfig, out: &mut dyn Write) -> anyhow::Result<()> {
         Ok(out.flush()?)
     };
     super::train(&ck, &mut state, &cfg.demo, base, cfg.demo.steps, out, &on_step)?;
-    if cfg.resume {
+    if cfg.resume.is_some() {
         super::verify(&state, &State::derive(&specs, SEED, cfg.demo.steps), "the resumed run")?;
     }
     Ok(ck.close()?)
@@ -82,7 +88,7 @@ fn spawn(args: &[String], stdout: Stdio) -> anyhow::Result<Proc> {
     Ok(Proc(child.with_context(|| format!("cannot start {}", exe.display()))?))
 }
 
-fn trainer_args(cfg: &Config, steps: u64, socket: &Path, resume: bool) -> Vec<String> {
+fn trainer_args(cfg: &Config, steps: u64, socket: &Path, resume: Option<u64>) -> Vec<String> {
     let mut a: Vec<String> = vec!["demo-trainer".into(), "--socket".into(), socket.display().to_string()];
     for (flag, value) in [
         ("--job", cfg.job.clone()),
@@ -93,8 +99,8 @@ fn trainer_args(cfg: &Config, steps: u64, socket: &Path, resume: bool) -> Vec<St
     ] {
         a.extend([flag.to_string(), value]);
     }
-    if resume {
-        a.push("--resume".into());
+    if let Some(step) = resume {
+        a.extend(["--resume".into(), step.to_string()]);
     }
     a
 }
@@ -160,17 +166,25 @@ pub fn run(cfg: &Config, work_dir: &Path, out: &mut dyn Write) -> anyhow::Result
     }
     writeln!(out, "agent pid {} serving {} on {}", agent.0.id(), cfg.job, socket.display())?;
 
-    let mut first = spawn(&trainer_args(cfg, total, &socket, false), Stdio::piped())?;
+    let mut first = spawn(&trainer_args(cfg, total, &socket, None), Stdio::piped())?;
     let kill_at = format!("step {}", cfg.steps);
     let seen = read_until(&mut trainer_lines(&mut first)?, |l| l == kill_at)?;
-    let mut stalls: Vec<u64> =
-        seen.iter().filter_map(|l| l.split(": save stall ").nth(1)?.strip_suffix(" us")?.parse().ok()).collect();
+    // `step S: save stall U us` lines; every save printed before the kill line was fenced, so the
+    // agent owns it.
+    let saves: Vec<(u64, u64)> = seen
+        .iter()
+        .filter_map(|l| {
+            let (step, stall) = l.strip_prefix("step ")?.split_once(": save stall ")?;
+            Some((step.parse().ok()?, stall.strip_suffix(" us")?.parse().ok()?))
+        })
+        .collect();
+    let last_saved = saves.last().map(|&(step, _)| step);
     first.0.kill().context("cannot kill the trainer")?;
     let killed = Instant::now();
     first.0.wait().context("cannot reap the trainer")?;
-    writeln!(out, "trainer pid {} SIGKILLed at step {} after {} saves", first.0.id(), cfg.steps, stalls.len())?;
+    writeln!(out, "trainer pid {} SIGKILLed at step {} after {} saves", first.0.id(), cfg.steps, saves.len())?;
 
-    let mut second = spawn(&trainer_args(cfg, total, &socket, true), Stdio::piped())?;
+    let mut second = spawn(&trainer_args(cfg, total, &socket, last_saved), Stdio::piped())?;
     let mut lines = trainer_lines(&mut second)?;
     let restored = read_until(&mut lines, |l| l.starts_with("restored"))?.pop().unwrap_or_default();
     let resumed = killed.elapsed();
@@ -180,6 +194,7 @@ pub fn run(cfg: &Config, work_dir: &Path, out: &mut dyn Write) -> anyhow::Result
     let status = second.0.wait().context("cannot wait for the trainer")?;
     ensure!(status.success(), "the resumed trainer failed ({status})");
     writeln!(out, "new trainer {restored}; state checked bitwise against a recomputation")?;
+    let mut stalls: Vec<u64> = saves.iter().map(|&(_, stall)| stall).collect();
     stalls.sort_unstable();
     let median = stalls.get(stalls.len() / 2).copied().unwrap_or(0);
     let mib = cfg.state_bytes >> 20;
