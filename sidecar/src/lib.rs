@@ -3,6 +3,7 @@
 
 #[cfg(feature = "server")]
 pub mod agent;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod env;
 pub mod client;
@@ -13,9 +14,6 @@ pub mod isolator;
 #[cfg(feature = "server")]
 pub mod webhook;
 
-pub mod demo;
-#[cfg(feature = "server")]
-pub mod demo_sidecar;
 pub mod error;
 pub mod rpc;
 

@@ -14,8 +14,10 @@ fn ckptd() -> Command {
 fn demo_checkpoints_crashes_and_restores_bitwise() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
+    let arena = tempfile::tempdir().unwrap();
     let out = ckptd()
         .args(["demo", "--state-mib", "8", "--steps", "12", "--every", "4", "--compute-ms", "5", "--store", &url])
+        .args(["--arena-dir".as_ref(), arena.path().as_os_str()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -23,6 +25,15 @@ fn demo_checkpoints_crashes_and_restores_bitwise() {
     assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
     let last = stdout.lines().last().unwrap_or_default();
     assert!(last.starts_with("demo ok: restored step 12 (") && last.ends_with("MiB) bitwise identical"), "{stdout}");
+    // Three saves, each with its stall and its time to durable; one restore from each tier.
+    for step in [4, 8, 12] {
+        assert!(stdout.contains(&format!("step {step}: save stall ")), "{stdout}");
+        assert!(stdout.contains(&format!("step {step}: durable ")), "{stdout}");
+    }
+    assert!(stdout.contains("restore      8.0 MiB of step 12: memory tier "), "{stdout}");
+    assert!(stdout.contains("node lost: removed the arena"), "{stdout}");
+    // The demo leaves no arena behind in the memory-backed directory.
+    assert_eq!(std::fs::read_dir(arena.path()).unwrap().count(), 0);
 
     // A fresh reader of the store sees what the demo claims: step 12 committed and valid, with
     // retention's default of 2 keeping step 8 too.
@@ -35,13 +46,15 @@ fn demo_checkpoints_crashes_and_restores_bitwise() {
 }
 
 #[test]
-fn a_bad_store_url_is_one_line_and_exit_64() {
-    let out = ckptd().args(["demo", "--store", "ftp://x"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("ftp"), "{stderr}");
-    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+fn a_bad_or_unusable_store_is_one_line_and_exit_64() {
+    for store in ["ftp://x", "memory://"] {
+        let out = ckptd().args(["demo", "--store", store]).output().unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(store.trim_end_matches("//")), "{stderr}");
+        assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
 }
 
 #[test]

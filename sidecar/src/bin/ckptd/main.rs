@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ckpt_core::Compression;
-use ckptd::demo;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+mod demo;
 
 /// Environment variable: the filter for the logs written to stderr, in `tracing_subscriber`'s
 /// `EnvFilter` syntax (`info`, `ckpt_core=debug,warn`, ...). Unset means `warn`.
@@ -68,12 +69,29 @@ struct DemoTrainerArgs {
     #[arg(long)]
     compute_ms: u64,
     #[arg(long)]
-    resume: bool,
+    resume: Option<u64>,
+}
+
+impl DemoTrainerArgs {
+    fn config(self) -> demo::sidecar::TrainerConfig {
+        let demo = demo::Config {
+            store: String::new(),
+            job: self.job,
+            arena_dir: None,
+            state_bytes: self.state_bytes,
+            steps: self.steps,
+            every: self.every,
+            compression: Compression::None,
+            compute: Duration::from_millis(self.compute_ms),
+            keep: 0,
+        };
+        demo::sidecar::TrainerConfig { socket: self.socket, demo, resume: self.resume }
+    }
 }
 
 #[derive(Debug, Args)]
 struct DemoArgs {
-    /// Store URL (file:///dir, s3://bucket/prefix, memory://, ...) [default: ./ckptd-demo-store]
+    /// Store URL (file:///dir, s3://bucket/prefix, ...) [default: ./ckptd-demo-store]
     #[arg(long)]
     store: Option<String>,
     /// Job name in the store.
@@ -97,6 +115,10 @@ struct DemoArgs {
     /// Committed steps to keep (0 keeps all).
     #[arg(long, default_value_t = 2)]
     keep: usize,
+    /// Directory of the arena, the memory tier [default: /dev/shm/ckptd; in sidecar mode a
+    /// directory of its own under /dev/shm, removed at the end].
+    #[arg(long)]
+    arena_dir: Option<std::path::PathBuf>,
     /// `embedded` (one process) or `sidecar` (an agent process and a trainer that is SIGKILLed
     /// and restarted).
     #[arg(long, value_enum, default_value = "embedded")]
@@ -132,18 +154,13 @@ fn main() -> ExitCode {
         Command::Agent(args) => exit_with(ckptd::agent::run(*args)),
         Command::Isolator(args) => exit_with(ckptd::isolator::run(*args)),
         Command::Webhook(args) => exit_with(ckptd::webhook::run(args)),
-        Command::DemoTrainer(args) => {
-            let cfg = ckptd::demo_sidecar::TrainerConfig {
-                socket: args.socket,
-                job: args.job,
-                state_bytes: args.state_bytes,
-                steps: args.steps,
-                every: args.every,
-                compute: Duration::from_millis(args.compute_ms),
-                resume: args.resume,
-            };
-            exit_with(ckptd::demo_sidecar::trainer(&cfg, &mut std::io::stdout().lock()))
-        }
+        Command::DemoTrainer(args) => match demo::sidecar::trainer(&args.config(), &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "ckptd demo-trainer: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -178,36 +195,30 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         Ok(cwd) => cwd,
         Err(e) => return fail_config(&format!("cannot resolve the current directory: {e}")),
     };
-    let store = args.store.clone().unwrap_or_else(|| demo::default_store(&cwd));
-    if args.mode == DemoMode::Sidecar {
-        let cfg = ckptd::demo_sidecar::Config {
-            store,
-            job: args.job,
-            state_bytes: args.state_mib.saturating_mul(1 << 20),
-            kill_after: args.steps,
-            steps: args.steps + 2 * args.every,
-            every: args.every,
-            compute: Duration::from_millis(args.compute_ms),
-            work_dir: cwd.join("ckptd-demo-sidecar"),
-        };
-        return exit_with(ckptd::demo_sidecar::run(&cfg, &mut std::io::stdout().lock()));
-    }
     let cfg = demo::Config {
+        store: args.store.unwrap_or_else(|| demo::default_store(&cwd)),
         job: args.job,
+        arena_dir: args.arena_dir,
         state_bytes: args.state_mib.saturating_mul(1 << 20),
         steps: args.steps,
         every: args.every,
         compression: args.compression,
         compute: Duration::from_millis(args.compute_ms),
         keep: args.keep,
-        ..demo::Config::new(store)
     };
-    let stdout = std::io::stdout();
-    match demo::run(&cfg, &mut stdout.lock()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) if e.is_config() => fail_config(&e.to_string()),
+    if let Err(reason) = cfg.validate() {
+        return fail_config(&reason);
+    }
+    let mut out = std::io::stdout().lock();
+    let r = match args.mode {
+        DemoMode::Embedded => demo::run(&cfg, &mut out),
+        DemoMode::Sidecar => demo::sidecar::run(&cfg, &cwd.join("ckptd-demo-sidecar"), &mut out),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if demo::is_config(&e) => fail_config(&e.to_string()),
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "ckptd demo failed: {e}");
+            let _ = writeln!(std::io::stderr(), "ckptd demo failed: {e:#}");
             ExitCode::FAILURE
         }
     }
