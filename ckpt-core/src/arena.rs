@@ -73,7 +73,7 @@ impl SlotState {
             SlotState::Reading,
         ]
         .into_iter()
-            .find(|s| *s as u32 == v)
+        .find(|s| *s as u32 == v)
     }
 }
 

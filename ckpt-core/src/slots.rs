@@ -463,7 +463,8 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let header = engine.shard_header("j", 9, 0).unwrap();
         let spec = ArenaSpec::for_rank(other.path(), "j", 0, 1);
-        let arena = spec.ensure(None, slot_size_with_headroom(&header.index.table, header.index.metadata.len())).unwrap();
+        let arena =
+            spec.ensure(None, slot_size_with_headroom(&header.index.table, header.index.metadata.len())).unwrap();
         let slot = take_slot(&arena).unwrap();
         stage(&engine, &arena, slot, "j", 0, 9, &header).unwrap();
         let hold = ReadHold::of_step(&arena, 9).unwrap();

@@ -5,8 +5,8 @@
 pub mod agent;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod env;
 pub mod client;
+pub mod env;
 #[cfg(feature = "server")]
 pub mod health;
 #[cfg(feature = "server")]

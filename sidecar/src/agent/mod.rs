@@ -675,11 +675,16 @@ impl Agent {
         let needed = slots::slot_size_with_headroom(&header.index.table, header.index.metadata.len());
         let current = rank.lock().arena.clone();
         let arena = match current {
-            Some(a) if a.fits(&header.index.table, header.index.metadata.len()) && a.slot_count() == self.cfg.slots => a,
+            Some(a) if a.fits(&header.index.table, header.index.metadata.len()) && a.slot_count() == self.cfg.slots => {
+                a
+            }
             _ => self.ensure_arena(rank, needed)?,
         };
         let slot = slots::take_slot(&arena).ok_or_else(|| ckpt_core::Error::ArenaFull {
-            reason: format!("every slot of {} is busy; retry the load once saves have finished", arena.path().display()),
+            reason: format!(
+                "every slot of {} is busy; retry the load once saves have finished",
+                arena.path().display()
+            ),
         })?;
         slots::stage(&self.engine, &arena, slot, &self.cfg.job, rank.rank, step, &header)?;
         let mut inner = rank.lock();

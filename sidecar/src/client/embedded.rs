@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ckpt_core::Engine;
 use ckpt_core::arena::{self, Arena, SlotState};
 use ckpt_core::restore::ShardHeader;
 use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, ReadHold, SlotOwner};
-use ckpt_core::Engine;
 
 use super::CheckpointerConfig;
 use crate::env;
@@ -48,7 +48,9 @@ impl Embedded {
     pub(super) fn persist(&self, cfg: &CheckpointerConfig, arena: &Arc<Arena>, slot: u32) -> Result<()> {
         if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
             arena.release(slot);
-            return Err(ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into());
+            return Err(
+                ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into()
+            );
         }
         let owner = SlotOwner { job: &cfg.job, rank: cfg.rank, world_size: cfg.world_size, keep: 0 };
         slots::persist::<Error>(&self.engine, arena, slot, owner, CommitPolicy::Storage, false, &|| None)?;

@@ -62,11 +62,7 @@ impl Sidecar {
 
     /// Has the agent stage `step` (default: the newest committed step), maps the arena with
     /// `map`, and holds the staged slot for reading.
-    pub(super) fn stage(
-        &self,
-        step: Option<u64>,
-        map: impl FnOnce(&Path) -> Result<Arc<Arena>>,
-    ) -> Result<Staged> {
+    pub(super) fn stage(&self, step: Option<u64>, map: impl FnOnce(&Path) -> Result<Arc<Arena>>) -> Result<Staged> {
         let reply = self.link.locate(step)?;
         let arena = map(Path::new(&reply.arena_path))?;
         let hold = ReadHold::new(&arena, reply.slot).filter(|h| h.content().step == reply.step).ok_or_else(|| {
