@@ -34,6 +34,12 @@ pub enum ErrorKind {
     Cluster,
     /// The isolator cannot be reached.
     IsolatorUnavailable,
+    /// A local resource failed: a socket could not be bound or a server stopped accepting.
+    Io,
+    /// A bounded queue is full or its consumer is stopping; retrying later can succeed.
+    Busy,
+    /// The process itself failed: a thread or runtime could not start, or a task panicked.
+    Internal,
 }
 
 /// The error type of the `ckptd` library.
@@ -178,9 +184,73 @@ pub enum Error {
         /// The isolator's message.
         message: String,
     },
+    /// A thread, runtime or blocking task of this process failed.
+    #[error("cannot {what}: {reason}")]
+    Runtime {
+        /// What was attempted (`start the isolator runtime`, `open the store`).
+        what: &'static str,
+        /// The operating system's or the task's answer.
+        reason: String,
+    },
+    /// A server could not bind its address.
+    #[error("cannot listen on {addr} for {what}: {source}: free the address or choose another one")]
+    Listen {
+        /// The server (`the isolator's gRPC`, `the webhook's HTTPS`).
+        what: &'static str,
+        /// The address as given.
+        addr: String,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server stopped with an error after it started.
+    #[error("{what} server failed: {reason}")]
+    Serve {
+        /// The server (`the isolator's gRPC`).
+        what: &'static str,
+        /// The transport's answer.
+        reason: String,
+    },
+    /// A bounded queue is full or its consumer is stopping.
+    #[error("{what} is busy: {reason}; retry")]
+    Busy {
+        /// The queue or component.
+        what: &'static str,
+        /// Why the request was not taken.
+        reason: String,
+    },
+    /// Something this process waits for did not finish in time.
+    #[error("{what} did not finish within {waited_ms} ms")]
+    Timeout {
+        /// What was awaited (`rank 3's persists`, `the persists of the grace period`).
+        what: String,
+        /// How long it was awaited.
+        waited_ms: u64,
+    },
 }
 
 impl Error {
+    /// A configuration file (or a file a flag names) that cannot be read.
+    pub fn unreadable(what: impl Into<String>, path: &std::path::Path, e: &std::io::Error) -> Error {
+        Error::Config { what: what.into(), reason: format!("cannot read {}: {e}", path.display()) }
+    }
+
+    /// A configuration document (YAML, TOML, JSON) that does not parse; `e` is the parser's error.
+    pub fn unparsable(what: impl Into<String>, e: &dyn std::error::Error) -> Error {
+        Error::Config { what: what.into(), reason: source_chain(e) }
+    }
+
+    /// The isolator at `url` cannot be reached: the transport's error with its causes.
+    pub fn isolator_transport(url: &str, e: &dyn std::error::Error) -> Error {
+        Error::IsolatorUnavailable { url: url.to_string(), reason: source_chain(e) }
+    }
+
+    /// A failed Kubernetes API call `op` on `object`, keeping the API server's answer.
+    #[cfg(feature = "server")]
+    pub fn kube(op: &str, object: &str, e: &kube::Error) -> Error {
+        Error::Kube { op: op.to_string(), object: object.to_string(), reason: source_chain(e) }
+    }
+
     /// The class of this failure.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -201,6 +271,10 @@ impl Error {
             Error::Kube { .. } => ErrorKind::Cluster,
             Error::IsolatorUnavailable { .. } => ErrorKind::IsolatorUnavailable,
             Error::IsolatorRefused { class, .. } => *class,
+            Error::Runtime { .. } => ErrorKind::Internal,
+            Error::Listen { .. } | Error::Serve { .. } => ErrorKind::Io,
+            Error::Busy { .. } => ErrorKind::Busy,
+            Error::Timeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
         }
     }
 }
@@ -233,6 +307,9 @@ impl ErrorKind {
             ErrorKind::NotLeader => "not_leader",
             ErrorKind::Cluster => "cluster",
             ErrorKind::IsolatorUnavailable => "isolator_unavailable",
+            ErrorKind::Io => "io",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Internal => "internal",
         }
     }
 
@@ -262,9 +339,27 @@ impl ErrorKind {
             "not_leader" => ErrorKind::NotLeader,
             "cluster" => ErrorKind::Cluster,
             "isolator_unavailable" => ErrorKind::IsolatorUnavailable,
+            "io" => ErrorKind::Io,
+            "busy" => ErrorKind::Busy,
+            "internal" => ErrorKind::Internal,
             _ => return None,
         })
     }
+}
+
+/// `e` and its causes on one line (`connect failed: tcp connect error: connection refused`).
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Result alias of the `ckptd` library.
