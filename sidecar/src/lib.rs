@@ -15,6 +15,7 @@ pub mod webhook;
 pub mod demo;
 #[cfg(feature = "server")]
 pub mod demo_sidecar;
+pub mod env;
 pub mod error;
 pub mod rpc;
 
