@@ -34,7 +34,7 @@ pub enum ErrorKind {
     Cluster,
     /// The isolator cannot be reached.
     IsolatorUnavailable,
-    /// A local resource failed: a socket could not be bound or a server stopped accepting.
+    /// A local resource failed after start-up: a server stopped accepting connections.
     Io,
     /// A bounded queue is full or its consumer is stopping; retrying later can succeed.
     Busy,
@@ -192,7 +192,8 @@ pub enum Error {
         /// The operating system's or the task's answer.
         reason: String,
     },
-    /// A server could not bind its address.
+    /// A server could not bind its address. Its kind is [`ErrorKind::Config`]: the operator picks
+    /// the address, and a daemon exits with code 64 on it as on any other bad setting.
     #[error("cannot listen on {addr} for {what}: {source}: free the address or choose another one")]
     Listen {
         /// The server (`the isolator's gRPC`, `the webhook's HTTPS`).
@@ -272,7 +273,8 @@ impl Error {
             Error::IsolatorUnavailable { .. } => ErrorKind::IsolatorUnavailable,
             Error::IsolatorRefused { class, .. } => *class,
             Error::Runtime { .. } => ErrorKind::Internal,
-            Error::Listen { .. } | Error::Serve { .. } => ErrorKind::Io,
+            Error::Listen { .. } => ErrorKind::Config,
+            Error::Serve { .. } => ErrorKind::Io,
             Error::Busy { .. } => ErrorKind::Busy,
             Error::Timeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
         }
@@ -364,3 +366,47 @@ pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
 
 /// Result alias of the `ckptd` library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sidecars_own_failures_have_truthful_kinds() {
+        let io = || std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let cases = [
+            (
+                Error::Runtime { what: "start the isolator runtime", reason: "out of threads".into() },
+                ErrorKind::Internal,
+            ),
+            (
+                Error::Listen { what: "the webhook's HTTPS", addr: "0.0.0.0:8443".into(), source: io() },
+                ErrorKind::Config,
+            ),
+            (Error::Serve { what: "the isolator's gRPC", reason: "accept failed".into() }, ErrorKind::Io),
+            (Error::Busy { what: "the health controller", reason: "its queue is full".into() }, ErrorKind::Busy),
+            (
+                Error::Timeout { what: "rank 3's persists".into(), waited_ms: 1000 },
+                ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
+            ),
+            (Error::unreadable("--token-file", std::path::Path::new("/t"), &io()), ErrorKind::Config),
+            (Error::isolator_transport("https://iso", &io()), ErrorKind::IsolatorUnavailable),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+            let msg = e.to_string();
+            assert!(msg.chars().next().is_some_and(|c| !c.is_uppercase()) && !msg.ends_with('.'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_cause_chain_reads_on_one_line_without_repeats() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed: refused")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("refused"));
+        assert_eq!(source_chain(&e), "connect failed: refused");
+        let e = Outer(std::io::Error::other("tls handshake"));
+        assert_eq!(source_chain(&e), "connect failed: refused: tls handshake");
+    }
+}

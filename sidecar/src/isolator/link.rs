@@ -5,8 +5,10 @@
 //! register reply sets it and every restore command raises it, so calls always carry the current
 //! one. Errors: [`ErrorKind::Stale`](crate::ErrorKind::Stale) means "wait for the restore
 //! command", [`ErrorKind::IsolatorUnavailable`](crate::ErrorKind::IsolatorUnavailable) means
-//! "retry later", [`ErrorKind::UnknownJob`](crate::ErrorKind::UnknownJob) means "register again"
-//! (a new leader took over and knows nothing yet; the link sends its generation along).
+//! "retry later", [`ErrorKind::NotLeader`](crate::ErrorKind::NotLeader) means "retry: another
+//! replica leads", [`ErrorKind::UnknownJob`](crate::ErrorKind::UnknownJob) means "register again"
+//! (a new leader took over and knows nothing yet; the link sends its generation along). Statuses
+//! become errors through [`crate::rpc::from_isolator_status`], which keeps the isolator's kind.
 //!
 //! ```no_run
 //! # async fn demo(info: ckpt_core::ShardInfo) -> ckptd::Result<()> {
