@@ -34,6 +34,12 @@ pub enum ErrorKind {
     Cluster,
     /// The isolator cannot be reached.
     IsolatorUnavailable,
+    /// A local resource failed after start-up: a server stopped accepting connections.
+    Io,
+    /// A bounded queue is full or its consumer is stopping; retrying later can succeed.
+    Busy,
+    /// The process itself failed: a thread or runtime could not start, or a task panicked.
+    Internal,
 }
 
 /// The error type of the `ckptd` library.
@@ -178,9 +184,74 @@ pub enum Error {
         /// The isolator's message.
         message: String,
     },
+    /// A thread, runtime or blocking task of this process failed.
+    #[error("cannot {what}: {reason}")]
+    Runtime {
+        /// What was attempted (`start the isolator runtime`, `open the store`).
+        what: &'static str,
+        /// The operating system's or the task's answer.
+        reason: String,
+    },
+    /// A server could not bind its address. Its kind is [`ErrorKind::Config`]: the operator picks
+    /// the address, and a daemon exits with code 64 on it as on any other bad setting.
+    #[error("cannot listen on {addr} for {what}: {source}: free the address or choose another one")]
+    Listen {
+        /// The server (`the isolator's gRPC`, `the webhook's HTTPS`).
+        what: &'static str,
+        /// The address as given.
+        addr: String,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server stopped with an error after it started.
+    #[error("{what} server failed: {reason}")]
+    Serve {
+        /// The server (`the isolator's gRPC`).
+        what: &'static str,
+        /// The transport's answer.
+        reason: String,
+    },
+    /// A bounded queue is full or its consumer is stopping.
+    #[error("{what} is busy: {reason}; retry")]
+    Busy {
+        /// The queue or component.
+        what: &'static str,
+        /// Why the request was not taken.
+        reason: String,
+    },
+    /// Something this process waits for did not finish in time.
+    #[error("{what} did not finish within {waited_ms} ms")]
+    Timeout {
+        /// What was awaited (`rank 3's persists`, `the persists of the grace period`).
+        what: String,
+        /// How long it was awaited.
+        waited_ms: u64,
+    },
 }
 
 impl Error {
+    /// A configuration file (or a file a flag names) that cannot be read.
+    pub fn unreadable(what: impl Into<String>, path: &std::path::Path, e: &std::io::Error) -> Error {
+        Error::Config { what: what.into(), reason: format!("cannot read {}: {e}", path.display()) }
+    }
+
+    /// A configuration document (YAML, TOML, JSON) that does not parse; `e` is the parser's error.
+    pub fn unparsable(what: impl Into<String>, e: &dyn std::error::Error) -> Error {
+        Error::Config { what: what.into(), reason: source_chain(e) }
+    }
+
+    /// The isolator at `url` cannot be reached: the transport's error with its causes.
+    pub fn isolator_transport(url: &str, e: &dyn std::error::Error) -> Error {
+        Error::IsolatorUnavailable { url: url.to_string(), reason: source_chain(e) }
+    }
+
+    /// A failed Kubernetes API call `op` on `object`, keeping the API server's answer.
+    #[cfg(feature = "server")]
+    pub fn kube(op: &str, object: &str, e: &kube::Error) -> Error {
+        Error::Kube { op: op.to_string(), object: object.to_string(), reason: source_chain(e) }
+    }
+
     /// The class of this failure.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -201,6 +272,11 @@ impl Error {
             Error::Kube { .. } => ErrorKind::Cluster,
             Error::IsolatorUnavailable { .. } => ErrorKind::IsolatorUnavailable,
             Error::IsolatorRefused { class, .. } => *class,
+            Error::Runtime { .. } => ErrorKind::Internal,
+            Error::Listen { .. } => ErrorKind::Config,
+            Error::Serve { .. } => ErrorKind::Io,
+            Error::Busy { .. } => ErrorKind::Busy,
+            Error::Timeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
         }
     }
 }
@@ -233,6 +309,9 @@ impl ErrorKind {
             ErrorKind::NotLeader => "not_leader",
             ErrorKind::Cluster => "cluster",
             ErrorKind::IsolatorUnavailable => "isolator_unavailable",
+            ErrorKind::Io => "io",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Internal => "internal",
         }
     }
 
@@ -262,10 +341,72 @@ impl ErrorKind {
             "not_leader" => ErrorKind::NotLeader,
             "cluster" => ErrorKind::Cluster,
             "isolator_unavailable" => ErrorKind::IsolatorUnavailable,
+            "io" => ErrorKind::Io,
+            "busy" => ErrorKind::Busy,
+            "internal" => ErrorKind::Internal,
             _ => return None,
         })
     }
 }
 
+/// `e` and its causes on one line (`connect failed: tcp connect error: connection refused`).
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Result alias of the `ckptd` library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sidecars_own_failures_have_truthful_kinds() {
+        let io = || std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let cases = [
+            (
+                Error::Runtime { what: "start the isolator runtime", reason: "out of threads".into() },
+                ErrorKind::Internal,
+            ),
+            (
+                Error::Listen { what: "the webhook's HTTPS", addr: "0.0.0.0:8443".into(), source: io() },
+                ErrorKind::Config,
+            ),
+            (Error::Serve { what: "the isolator's gRPC", reason: "accept failed".into() }, ErrorKind::Io),
+            (Error::Busy { what: "the health controller", reason: "its queue is full".into() }, ErrorKind::Busy),
+            (
+                Error::Timeout { what: "rank 3's persists".into(), waited_ms: 1000 },
+                ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
+            ),
+            (Error::unreadable("--token-file", std::path::Path::new("/t"), &io()), ErrorKind::Config),
+            (Error::isolator_transport("https://iso", &io()), ErrorKind::IsolatorUnavailable),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+            let msg = e.to_string();
+            assert!(msg.chars().next().is_some_and(|c| !c.is_uppercase()) && !msg.ends_with('.'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_cause_chain_reads_on_one_line_without_repeats() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed: refused")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("refused"));
+        assert_eq!(source_chain(&e), "connect failed: refused");
+        let e = Outer(std::io::Error::other("tls handshake"));
+        assert_eq!(source_chain(&e), "connect failed: refused: tls handshake");
+    }
+}

@@ -72,7 +72,10 @@ fn ckptctl(args: &[&str]) -> Output {
 
 fn ckptctl_in(cwd: Option<&Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckptctl"));
-    cmd.args(args).env_remove(ckptd::cli::ENV_STORE).env_remove(ckptd::cli::ENV_JOB).env_remove(ckptd::cli::ENV_LOG);
+    cmd.args(args)
+        .env_remove(ckptd::env::ENV_STORE)
+        .env_remove(ckptd::env::ENV_JOB)
+        .env_remove(ckptd::env::ENV_CKPTCTL_LOG);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
@@ -136,8 +139,8 @@ fn ls_lists_committed_and_uncommitted_steps_and_marks_latest() {
     // The table, with the target taken from the environment this time.
     let o = Command::new(env!("CARGO_BIN_EXE_ckptctl"))
         .arg("ls")
-        .env(ckptd::cli::ENV_STORE, &s.url)
-        .env(ckptd::cli::ENV_JOB, JOB)
+        .env(ckptd::env::ENV_STORE, &s.url)
+        .env(ckptd::env::ENV_JOB, JOB)
         .output()
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));

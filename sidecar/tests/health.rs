@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use ckpt_core::Phase;
 use ckptd::health::{Action, Decision, Health, HealthArgs, Injection, Policy, Source};
-use ckptd_proto::v1::Phase;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;

@@ -222,7 +222,7 @@ async fn with_two_isolators_only_the_lease_holder_acts_and_the_other_takes_over(
     // Once b has read the Lease, its refusal names the holder.
     let err = eventually("b to name the holder", LIMIT, || async {
         let err = job_on(&b, &dir, "job", 1).await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::IsolatorUnavailable, "{err}");
+        assert_eq!(err.kind(), ErrorKind::NotLeader, "{err}");
         err.to_string().contains("iso-a").then_some(err)
     })
     .await;

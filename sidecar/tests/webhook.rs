@@ -312,6 +312,22 @@ fn bad_config_files_are_rejected() {
     assert!(Config::from_yaml(" ", "").is_err(), "an empty agent image is refused");
 }
 
+#[test]
+fn slots_are_bounded_by_the_arena_and_nothing_else() {
+    let max = ckpt_core::arena::MAX_SLOTS;
+    let admitted = |slots: u32| {
+        let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+        raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/slots"] = Value::String(slots.to_string());
+        let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+        value(&agent(&pod(&obj)), "CKPTD_SLOTS")
+    };
+    assert_eq!(admitted(max), Some(max.to_string()), "the arena's limit is accepted");
+    assert!(denial(&[("ckptd.io/slots", &(max + 1).to_string())]).contains(&format!("1 to {max}")));
+    assert!(Config::from_yaml("img:1", &format!("slots: {max}\n")).is_ok());
+    let e = Config::from_yaml("img:1", &format!("slots: {}\n", max + 1)).unwrap_err();
+    assert!(e.to_string().contains(&format!("must be 1 to {max}")), "{e}");
+}
+
 /// Sets `annotations` on the plain pod and returns the denial message.
 fn denial(annotations: &[(&str, &str)]) -> String {
     let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
@@ -339,10 +355,10 @@ fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
         ("ckptd.io/arena-size", "1Mi", "64Mi to 512Gi"),
         ("ckptd.io/arena-size", "1Pi", "64Mi to 512Gi"),
         ("ckptd.io/arena-size", "99999999999999999999Ti", "e.g. 64Gi"),
-        ("ckptd.io/slots", "0", "1 to 16"),
-        ("ckptd.io/slots", "17", "1 to 16"),
-        ("ckptd.io/slots", "two", "1 to 16"),
-        ("ckptd.io/slots", "+2", "1 to 16"),
+        ("ckptd.io/slots", "0", "1 to 32"),
+        ("ckptd.io/slots", "33", "1 to 32"),
+        ("ckptd.io/slots", "two", "1 to 32"),
+        ("ckptd.io/slots", "+2", "1 to 32"),
         ("ckptd.io/isolator", "http://iso:7443", "https://host[:port]"),
         ("ckptd.io/isolator", "https://iso:7443/path", "https://host[:port]"),
         ("ckptd.io/isolator", "iso:7443", "https://host[:port]"),
@@ -376,7 +392,7 @@ fn denial_reads_as_documented_in_deploy_md() {
     let msg = denial(&[("ckptd.io/slots", "0"), ("ckptd.io/arena-size", "1.5Gi")]);
     assert_eq!(
         msg,
-        "ckptd: ckptd.io/arena-size: `1.5Gi` is not a whole number of bytes with an optional suffix Ki, Mi, Gi, Ti, Pi, k, M, G, T or P (e.g. 64Gi); ckptd.io/slots: `0` is not a whole number from 1 to 16 (e.g. 2)"
+        "ckptd: ckptd.io/arena-size: `1.5Gi` is not a whole number of bytes with an optional suffix Ki, Mi, Gi, Ti, Pi, k, M, G, T or P (e.g. 64Gi); ckptd.io/slots: `0` is not a whole number from 1 to 32 (e.g. 2)"
     );
     let long = "x".repeat(10_000);
     let msg = denial(&[("ckptd.io/slots", &long)]);
@@ -542,8 +558,10 @@ mod hostile {
             let r = review_response(&body, &config());
             prop_assert_eq!(r.status(), 400);
             let good = fixture("plain-pod.json");
+            // Cutting only the trailing newline leaves a complete document.
+            let complete = good.trim_ascii_end().len();
             let r = review_response(&good[..cut.min(good.len())], &config());
-            prop_assert!(r.status() == 400 || cut >= good.len());
+            prop_assert!(r.status() == 400 || cut >= complete);
         }
     }
 }

@@ -656,7 +656,7 @@ fn monitoring_and_dashboard_cover_the_metrics_contract() {
     );
     assert_eq!(pm.namespace_selector.get("any"), Some(&true));
     let sel = pm.selector.match_labels.clone().unwrap();
-    assert_eq!(sel.get(ckptd::webhook::mutate::LABEL_INJECT).map(String::as_str), Some("true"));
+    assert_eq!(sel.get(ckptd::webhook::annotations::LABEL_INJECT).map(String::as_str), Some("true"));
 
     let file = std::fs::read_to_string(chart_dir().join("dashboards/ckptd.json")).unwrap();
     let cm = &o.config_maps["ckptd-dashboard"];

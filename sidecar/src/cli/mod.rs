@@ -35,16 +35,9 @@ use anyhow::Context as _;
 use ckpt_core::{Engine, EngineConfig};
 use clap::{Args, Parser, Subcommand};
 
-pub use export::{MAX_HEADER_LEN, SafetensorsLayout, write_safetensors_file};
+use crate::env::{ENV_CKPTCTL_LOG, ENV_JOB, ENV_SOCKET, ENV_STORE};
 
-/// Environment variable: the store URL, when `--store` is not given. May carry credentials, so
-/// `--help` never shows its value.
-pub const ENV_STORE: &str = "CKPTD_STORE";
-/// Environment variable: the job name, when `--job` is not given.
-pub const ENV_JOB: &str = "CKPTD_JOB";
-/// Environment variable: the log filter (`tracing_subscriber` `EnvFilter` syntax); `warn` when
-/// unset, so that the engine's fall-back warnings reach the operator.
-pub const ENV_LOG: &str = "CKPTCTL_LOG";
+pub use export::{MAX_HEADER_LEN, SafetensorsLayout, write_safetensors_file};
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -98,7 +91,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct SnapshotArgs {
     /// The agent's Unix socket.
-    #[arg(long, env = "CKPTD_SOCKET", value_name = "PATH")]
+    #[arg(long, env = ENV_SOCKET, value_name = "PATH")]
     pub socket: std::path::PathBuf,
     /// Only this rank (default: every attached rank).
     #[arg(long, value_name = "R")]
@@ -119,7 +112,7 @@ pub struct SnapshotArgs {
 #[command(group(clap::ArgGroup::new("fault").required(true).args(["xid", "hang", "ib_down"])))]
 pub struct InjectArgs {
     /// The agent's Unix socket.
-    #[arg(long, env = "CKPTD_SOCKET", value_name = "PATH")]
+    #[arg(long, env = ENV_SOCKET, value_name = "PATH")]
     pub socket: std::path::PathBuf,
     /// An XID error (e.g. 79: GPU fallen off the bus).
     #[arg(long, value_name = "N")]
@@ -142,7 +135,7 @@ pub struct InjectArgs {
 #[derive(Debug, Clone, Args)]
 pub struct AgentStatusArgs {
     /// The agent's Unix socket.
-    #[arg(long, env = "CKPTD_SOCKET", value_name = "PATH")]
+    #[arg(long, env = ENV_SOCKET, value_name = "PATH")]
     pub socket: std::path::PathBuf,
     /// Print one JSON document instead of text.
     #[arg(long)]
@@ -310,13 +303,14 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
 }
 
 /// The exit code for a failed command: [`EXIT_USAGE`] for invalid configuration (a URL the engine
-/// cannot open, an invalid job name or setting), [`EXIT_FAILURE`] for everything else.
+/// cannot open, an invalid job name or setting, a missing or unreadable flag value),
+/// [`EXIT_FAILURE`] for everything else.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     let usage = err.chain().any(|e| {
         matches!(
             e.downcast_ref::<ckpt_core::Error>(),
             Some(ckpt_core::Error::InvalidUrl { .. } | ckpt_core::Error::InvalidConfig { .. })
-        )
+        ) || e.downcast_ref::<crate::Error>().is_some_and(|e| e.kind() == crate::ErrorKind::Config)
     });
     if usage { EXIT_USAGE } else { EXIT_FAILURE }
 }
@@ -332,9 +326,9 @@ pub fn error_line(err: &anyhow::Error) -> String {
     format!("error: {err:#}").replace(['\n', '\r'], " ")
 }
 
-/// Installs the stderr logger, filtered by [`ENV_LOG`].
+/// Installs the stderr logger, filtered by [`ENV_CKPTCTL_LOG`].
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_LOG)
+    let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_CKPTCTL_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     // A second initialisation (in tests) is harmless: the first subscriber stays.
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();

@@ -4,21 +4,18 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use crate::env::{ENV_ISOLATOR, ENV_ISOLATOR_TOKEN_FILE, ENV_ISOLATOR_URL};
 use crate::isolator::link::{IsolatorLink, LinkCredentials};
-
-/// Environment variable: the isolator URL, when `--isolator` is not given.
-pub const ENV_ISOLATOR: &str = "CKPTD_ISOLATOR_URL";
-/// Environment variable: the bearer token file, when `--token-file` is not given.
-pub const ENV_TOKEN_FILE: &str = "CKPTD_ISOLATOR_TOKEN_FILE";
 
 /// Where the isolator is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IsolatorTarget {
-    /// Isolator URL (`http://host:7443` or `https://host:7443`).
+    /// Isolator URL (`http://host:7443` or `https://host:7443`) [env: CKPTD_ISOLATOR, or the
+    /// older CKPTD_ISOLATOR_URL].
     #[arg(long, env = ENV_ISOLATOR, value_name = "URL")]
-    pub isolator: String,
+    pub isolator: Option<String>,
     /// File holding the bearer token.
-    #[arg(long, env = ENV_TOKEN_FILE, value_name = "FILE")]
+    #[arg(long, env = ENV_ISOLATOR_TOKEN_FILE, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Client certificate (PEM) for mTLS.
     #[arg(long, value_name = "FILE", requires = "key")]
@@ -32,9 +29,23 @@ pub struct IsolatorTarget {
 }
 
 impl IsolatorTarget {
+    /// The isolator URL: `--isolator`, else [`ENV_ISOLATOR`], else [`ENV_ISOLATOR_URL`].
+    pub fn url(&self) -> anyhow::Result<String> {
+        self.url_or(std::env::var(ENV_ISOLATOR_URL).ok())
+    }
+
+    fn url_or(&self, legacy: Option<String>) -> anyhow::Result<String> {
+        self.isolator.clone().or(legacy.filter(|u| !u.is_empty())).ok_or_else(|| {
+            anyhow::Error::new(crate::Error::Config {
+                what: "--isolator".into(),
+                reason: format!("is required: pass the isolator's URL or set {ENV_ISOLATOR}"),
+            })
+        })
+    }
+
     /// Connects with the configured credentials.
     pub async fn connect(&self) -> anyhow::Result<IsolatorLink> {
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| crate::Error::unreadable("isolator credentials", p, &e));
         let mut creds = match (&self.cert, &self.key) {
             (Some(c), Some(k)) => LinkCredentials::mtls(read(c)?, read(k)?, Vec::new()),
             _ => LinkCredentials::default(),
@@ -46,7 +57,7 @@ impl IsolatorTarget {
             let token = String::from_utf8(read(t)?)?.trim().to_string();
             creds = LinkCredentials::token(token).merge_tls(creds);
         }
-        Ok(IsolatorLink::connect(&self.isolator, creds).await?)
+        Ok(IsolatorLink::connect(&self.url()?, creds).await?)
     }
 }
 
@@ -76,4 +87,23 @@ pub fn run(args: &ReleaseArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
         writeln!(out, "node {} was not isolated", args.node)?;
     }
     Ok(super::EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(isolator: Option<&str>) -> IsolatorTarget {
+        IsolatorTarget { isolator: isolator.map(String::from), token_file: None, cert: None, key: None, ca: None }
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_former_variable_which_still_works() {
+        let legacy = Some("http://old:7443".to_string());
+        assert_eq!(target(Some("http://new:7443")).url_or(legacy.clone()).unwrap(), "http://new:7443");
+        assert_eq!(target(None).url_or(legacy).unwrap(), "http://old:7443");
+        let err = target(None).url_or(None).unwrap_err();
+        assert!(super::super::exit_code(&err) == super::super::EXIT_USAGE, "{err}");
+        assert!(err.to_string().contains(ENV_ISOLATOR), "{err}");
+    }
 }

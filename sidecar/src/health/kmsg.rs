@@ -303,7 +303,7 @@ mod tests {
     /// access to /dev/kmsg), so it runs only with `CKPTD_KMSG_TESTS=1`.
     #[test]
     fn reads_records_from_dev_kmsg() {
-        if std::env::var("CKPTD_KMSG_TESTS").as_deref() != Ok("1") {
+        if std::env::var(crate::env::ENV_KMSG_TESTS).as_deref() != Ok("1") {
             return;
         }
         let path = Path::new("/dev/kmsg");

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ckptd_proto::v1::Phase;
+use ckpt_core::Phase;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -40,148 +40,92 @@ pub use progress::Budgets;
 
 use controller::{Controller, Metrics, StatusBoard};
 
-/// Environment variables of the health flags (each flag reads its variable when not given).
-pub mod env {
-    /// `--health-policy`: the policy override file (TOML, or YAML by `.yaml`/`.yml`).
-    pub const POLICY: &str = "CKPTD_HEALTH_POLICY";
-    /// `--kmsg`: the kernel log to read.
-    pub const KMSG: &str = "CKPTD_KMSG";
-    /// `--no-kmsg`.
-    pub const NO_KMSG: &str = "CKPTD_NO_KMSG";
-    /// `--kmsg-poll`.
-    pub const KMSG_POLL: &str = "CKPTD_KMSG_POLL";
-    /// `--gpu-pci-map`: `INDEX=PCI,...` when NVML is unavailable.
-    pub const GPU_PCI_MAP: &str = "CKPTD_GPU_PCI_MAP";
-    /// `--pci-root`: sysfs PCI devices directory for the fallback map.
-    pub const PCI_ROOT: &str = "CKPTD_PCI_ROOT";
-    /// `--nccl-log-glob`: NCCL debug file patterns (comma-separated; `%h`/`%p` allowed).
-    pub const NCCL_LOG_GLOB: &str = "CKPTD_NCCL_LOG_GLOB";
-    /// `--nccl-dir`: a directory whose every file is an NCCL debug log.
-    pub const NCCL_DIR: &str = "CKPTD_NCCL_DIR";
-    /// `--flight-recorder-dir`: where torch writes flight-recorder dumps.
-    pub const FLIGHT_RECORDER_DIR: &str = "CKPTD_FLIGHT_RECORDER_DIR";
-    /// `--nccl-poll`.
-    pub const NCCL_POLL: &str = "CKPTD_NCCL_POLL";
-    /// `--ib-root`.
-    pub const IB_ROOT: &str = "CKPTD_IB_ROOT";
-    /// `--no-ib`.
-    pub const NO_IB: &str = "CKPTD_NO_IB";
-    /// `--ib-poll`.
-    pub const IB_POLL: &str = "CKPTD_IB_POLL";
-    /// `--ib-down-grace`.
-    pub const IB_DOWN_GRACE: &str = "CKPTD_IB_DOWN_GRACE";
-    /// `--ib-flap-count`.
-    pub const IB_FLAP_COUNT: &str = "CKPTD_IB_FLAP_COUNT";
-    /// `--ib-flap-window`.
-    pub const IB_FLAP_WINDOW: &str = "CKPTD_IB_FLAP_WINDOW";
-    /// `--ib-symbol-error-rate`.
-    pub const IB_SYMBOL_ERROR_RATE: &str = "CKPTD_IB_SYMBOL_ERROR_RATE";
-    /// `--ib-rcv-error-rate`.
-    pub const IB_RCV_ERROR_RATE: &str = "CKPTD_IB_RCV_ERROR_RATE";
-    /// `--hang-floor`.
-    pub const HANG_FLOOR: &str = "CKPTD_HANG_FLOOR";
-    /// `--hang-k`.
-    pub const HANG_K: &str = "CKPTD_HANG_K";
-    /// `--hang-init`.
-    pub const HANG_INIT: &str = "CKPTD_HANG_INIT";
-    /// `--hang-save`.
-    pub const HANG_SAVE: &str = "CKPTD_HANG_SAVE";
-    /// `--hang-load`.
-    pub const HANG_LOAD: &str = "CKPTD_HANG_LOAD";
-    /// `--progress-poll`.
-    pub const PROGRESS_POLL: &str = "CKPTD_PROGRESS_POLL";
-    /// `--no-nvml`.
-    pub const NO_NVML: &str = "CKPTD_NO_NVML";
-    /// `--nvml-poll`.
-    pub const NVML_POLL: &str = "CKPTD_NVML_POLL";
-    /// `--allow-inject`: accept `ckptctl inject` drills.
-    pub const ALLOW_INJECT: &str = "CKPTD_ALLOW_INJECT";
-}
+use crate::env;
 
 /// The health flags of `ckptd agent` (flattened into its flags). Every flag has an environment
-/// variable, listed in [`mod@env`].
+/// variable, listed in [`crate::env`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct HealthArgs {
     /// Policy override file (TOML, or YAML for .yaml/.yml); validated at start-up.
-    #[arg(long = "health-policy", env = env::POLICY, value_name = "FILE")]
+    #[arg(long = "health-policy", env = env::ENV_HEALTH_POLICY, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// Kernel log to read: /dev/kmsg, or a regular file or FIFO of kernel-log lines.
-    #[arg(long, env = env::KMSG, default_value = "/dev/kmsg", value_name = "PATH")]
+    #[arg(long, env = env::ENV_KMSG, default_value = "/dev/kmsg", value_name = "PATH")]
     pub kmsg: PathBuf,
     /// Do not read the kernel log.
-    #[arg(long, env = env::NO_KMSG)]
+    #[arg(long, env = env::ENV_NO_KMSG)]
     pub no_kmsg: bool,
     /// How often the kernel-log reader looks for new lines.
-    #[arg(long, env = env::KMSG_POLL, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_KMSG_POLL, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub kmsg_poll: Duration,
     /// PCI address → GPU index map when NVML is unavailable, e.g. `0=0000:3b:00.0,1=0000:5e:00.0`.
-    #[arg(long, env = env::GPU_PCI_MAP, value_name = "MAP")]
+    #[arg(long, env = env::ENV_GPU_PCI_MAP, value_name = "MAP")]
     pub gpu_pci_map: Option<String>,
     /// sysfs PCI devices directory, for the PCI → GPU index fallback.
-    #[arg(long, env = env::PCI_ROOT, default_value = "/sys/bus/pci/devices", value_name = "DIR")]
+    #[arg(long, env = env::ENV_PCI_ROOT, default_value = "/sys/bus/pci/devices", value_name = "DIR")]
     pub pci_root: PathBuf,
     /// NCCL debug log patterns (NCCL_DEBUG_FILE values; %h and %p match anything).
-    #[arg(long, env = env::NCCL_LOG_GLOB, value_delimiter = ',', value_name = "GLOB")]
+    #[arg(long, env = env::ENV_NCCL_LOG_GLOB, value_delimiter = ',', value_name = "GLOB")]
     pub nccl_log_glob: Vec<String>,
     /// A directory whose every file is an NCCL debug log.
-    #[arg(long, env = env::NCCL_DIR, value_name = "DIR")]
+    #[arg(long, env = env::ENV_NCCL_DIR, value_name = "DIR")]
     pub nccl_dir: Option<PathBuf>,
     /// The torch flight-recorder dump directory (TORCH_NCCL_DEBUG_INFO_TEMP_FILE's directory).
-    #[arg(long, env = env::FLIGHT_RECORDER_DIR, value_name = "DIR")]
+    #[arg(long, env = env::ENV_FLIGHT_RECORDER_DIR, value_name = "DIR")]
     pub flight_recorder_dir: Option<PathBuf>,
     /// How often NCCL logs and dumps are read.
-    #[arg(long, env = env::NCCL_POLL, default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_NCCL_POLL, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub nccl_poll: Duration,
     /// InfiniBand sysfs root.
-    #[arg(long, env = env::IB_ROOT, default_value = "/sys/class/infiniband", value_name = "DIR")]
+    #[arg(long, env = env::ENV_IB_ROOT, default_value = "/sys/class/infiniband", value_name = "DIR")]
     pub ib_root: PathBuf,
     /// Do not watch InfiniBand ports.
-    #[arg(long, env = env::NO_IB)]
+    #[arg(long, env = env::ENV_NO_IB)]
     pub no_ib: bool,
     /// How often IB ports are read.
-    #[arg(long, env = env::IB_POLL, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_IB_POLL, default_value = "1s", value_parser = humantime::parse_duration)]
     pub ib_poll: Duration,
     /// How long a port must stay out of ACTIVE before it is reported down (shorter is a bounce).
-    #[arg(long, env = env::IB_DOWN_GRACE, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_IB_DOWN_GRACE, default_value = "5s", value_parser = humantime::parse_duration)]
     pub ib_down_grace: Duration,
     /// Down→up transitions within --ib-flap-window that make a flap.
-    #[arg(long, env = env::IB_FLAP_COUNT, default_value_t = 3)]
+    #[arg(long, env = env::ENV_IB_FLAP_COUNT, default_value_t = 3)]
     pub ib_flap_count: u32,
     /// The flap window.
-    #[arg(long, env = env::IB_FLAP_WINDOW, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_IB_FLAP_WINDOW, default_value = "10m", value_parser = humantime::parse_duration)]
     pub ib_flap_window: Duration,
     /// symbol_error increments per second that count as a spike.
-    #[arg(long, env = env::IB_SYMBOL_ERROR_RATE, default_value_t = 10.0)]
+    #[arg(long, env = env::ENV_IB_SYMBOL_ERROR_RATE, default_value_t = 10.0)]
     pub ib_symbol_error_rate: f64,
     /// port_rcv_errors increments per second that count as a spike.
-    #[arg(long, env = env::IB_RCV_ERROR_RATE, default_value_t = 10.0)]
+    #[arg(long, env = env::ENV_IB_RCV_ERROR_RATE, default_value_t = 10.0)]
     pub ib_rcv_error_rate: f64,
     /// Least time without progress in the step phase before a hang.
-    #[arg(long, env = env::HANG_FLOOR, default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_HANG_FLOOR, default_value = "2m", value_parser = humantime::parse_duration)]
     pub hang_floor: Duration,
     /// Multiple of the rolling median step time before a hang.
-    #[arg(long, env = env::HANG_K, default_value_t = 10.0)]
+    #[arg(long, env = env::ENV_HANG_K, default_value_t = 10.0)]
     pub hang_k: f64,
     /// Budget of start-up and the first step.
-    #[arg(long, env = env::HANG_INIT, default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_HANG_INIT, default_value = "30m", value_parser = humantime::parse_duration)]
     pub hang_init: Duration,
     /// Budget of a checkpoint save.
-    #[arg(long, env = env::HANG_SAVE, default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_HANG_SAVE, default_value = "30m", value_parser = humantime::parse_duration)]
     pub hang_save: Duration,
     /// Budget of a checkpoint load.
-    #[arg(long, env = env::HANG_LOAD, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_HANG_LOAD, default_value = "1h", value_parser = humantime::parse_duration)]
     pub hang_load: Duration,
     /// How often hang budgets are checked.
-    #[arg(long, env = env::PROGRESS_POLL, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_PROGRESS_POLL, default_value = "1s", value_parser = humantime::parse_duration)]
     pub progress_poll: Duration,
     /// Do not use NVML.
-    #[arg(long, env = env::NO_NVML)]
+    #[arg(long, env = env::ENV_NO_NVML)]
     pub no_nvml: bool,
     /// How often NVML counters are read (XID events arrive at once).
-    #[arg(long, env = env::NVML_POLL, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_NVML_POLL, default_value = "5s", value_parser = humantime::parse_duration)]
     pub nvml_poll: Duration,
     /// Accept `ckptctl inject` drills.
-    #[arg(long, env = env::ALLOW_INJECT)]
+    #[arg(long, env = env::ENV_ALLOW_INJECT)]
     pub allow_inject: bool,
 }
 
@@ -331,7 +275,7 @@ impl Health {
         let (ptx, prx) = mpsc::channel(PROGRESS_QUEUE);
         let mut tasks = Vec::new();
         let io =
-            |e: std::io::Error| crate::Error::Config { what: "health reporter thread".into(), reason: e.to_string() };
+            |e: std::io::Error| crate::Error::Runtime { what: "start a health reporter thread", reason: e.to_string() };
 
         let attached = controller::Attached::default();
         let ctl = Controller::new(node, policy, metrics.clone(), attached.clone());
@@ -443,10 +387,11 @@ impl Health {
         }
     }
 
-    /// A trainer heartbeat: the rank's step and phase. Never blocks; when the queue is full the
+    /// A trainer heartbeat: the rank's step and phase (`None`, or a wire phase that is
+    /// unspecified, when the trainer did not say). Never blocks; when the queue is full the
     /// heartbeat is dropped and counted (the next one carries the same information).
-    pub fn heartbeat(&self, rank: u32, step: u64, phase: Phase) {
-        self.progress(progress::Event::Heartbeat { rank, step, phase });
+    pub fn heartbeat(&self, rank: u32, step: u64, phase: impl Into<Option<Phase>>) {
+        self.progress(progress::Event::Heartbeat { rank, step, phase: phase.into() });
     }
 
     /// A trainer rank registered, with the GPU it uses when known; its init budget starts now.
@@ -496,9 +441,9 @@ impl Health {
             )
             .with_port(Some(port)),
         };
-        self.inner.findings.try_send(finding).map_err(|_| crate::Error::Config {
-            what: "fault injection".into(),
-            reason: "the health controller queue is full or stopped; retry".into(),
+        self.inner.findings.try_send(finding).map_err(|_| crate::Error::Busy {
+            what: "the health controller",
+            reason: "its queue is full or it is stopping".into(),
         })
     }
 

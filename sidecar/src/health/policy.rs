@@ -61,6 +61,23 @@ impl From<Action> for ckptd_proto::v1::FaultAction {
     }
 }
 
+/// The wire's action as a policy action; `UNSPECIFIED` has none.
+impl TryFrom<ckptd_proto::v1::FaultAction> for Action {
+    type Error = ckptd_proto::Unspecified;
+
+    fn try_from(a: ckptd_proto::v1::FaultAction) -> Result<Action, ckptd_proto::Unspecified> {
+        use ckptd_proto::v1::FaultAction as F;
+        match a {
+            F::Unspecified => Err(ckptd_proto::Unspecified { field: "fault action", value: a as i32 }),
+            F::Ignore => Ok(Action::Ignore),
+            F::RestartJob => Ok(Action::RestartJob),
+            F::ResetGpu => Ok(Action::ResetGpu),
+            F::DrainNode => Ok(Action::DrainNode),
+            F::RebootNode => Ok(Action::RebootNode),
+        }
+    }
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Rule {
@@ -241,8 +258,7 @@ impl Policy {
     /// file, the key and the accepted values.
     pub fn load(path: &Path) -> crate::Result<Policy> {
         let what = format!("health policy file {}", path.display());
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::Config { what: what.clone(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::unreadable(what.clone(), path, &e))?;
         let yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml") | Some("yml"));
         Policy::parse(&text, yaml).map_err(|reason| Error::Config { what, reason })
     }
@@ -250,7 +266,7 @@ impl Policy {
     /// Parses an operator file's text onto the built-in table. The error is one line.
     pub fn parse(text: &str, yaml: bool) -> Result<Policy, String> {
         let file: PolicyFile = if yaml {
-            serde_norway::from_str(text).map_err(|e| one_line(&e.to_string()))?
+            serde_yaml_ng::from_str(text).map_err(|e| one_line(&e.to_string()))?
         } else {
             toml::from_str(text).map_err(|e| toml_error(text, &e))?
         };

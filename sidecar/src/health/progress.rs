@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ckptd_proto::v1::Phase;
+use ckpt_core::Phase;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,10 +44,11 @@ pub struct Budgets {
 /// What the progress task receives.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Event {
+    /// `phase` is `None` when the trainer did not say; the heartbeat still counts.
     Heartbeat {
         rank: u32,
         step: u64,
-        phase: Phase,
+        phase: Option<Phase>,
     },
     Attached {
         rank: u32,
@@ -66,7 +67,8 @@ pub(crate) enum Event {
 struct Rank {
     gpu: Option<u32>,
     step: u64,
-    phase: Phase,
+    /// `None` until the trainer names a phase, or after a heartbeat that named none.
+    phase: Option<Phase>,
     last_progress: Instant,
     /// When the current step began, in the step phase.
     step_started: Option<(u64, Instant)>,
@@ -92,7 +94,7 @@ impl Tracker {
         self.ranks.entry(rank).or_insert_with(|| Rank {
             gpu: None,
             step: 0,
-            phase: Phase::Init,
+            phase: Some(Phase::Init),
             last_progress: now,
             step_started: None,
             step_times: VecDeque::new(),
@@ -116,12 +118,13 @@ impl Tracker {
         }
     }
 
-    fn heartbeat(&mut self, rank: u32, step: u64, phase: Phase, now: Instant) {
+    fn heartbeat(&mut self, rank: u32, step: u64, phase: Option<Phase>, now: Instant) {
         let r = self.rank(rank, now);
         let first = !r.seen;
         r.seen = true;
         let progressed = first || step != r.step || phase != r.phase;
-        if phase == Phase::Step && r.phase == Phase::Step && step > r.step {
+        let stepping = phase == Some(Phase::Step);
+        if stepping && r.phase == Some(Phase::Step) && step > r.step {
             // A step time only from step to step, so checkpoint phases do not inflate it.
             if let Some((from, at)) = r.step_started {
                 let steps = u32::try_from(step - from).unwrap_or(u32::MAX).max(1);
@@ -131,7 +134,7 @@ impl Tracker {
                 }
             }
         }
-        if phase == Phase::Step && (r.phase != Phase::Step || step != r.step || first) {
+        if stepping && (r.phase != Some(Phase::Step) || step != r.step || first) {
             r.step_started = Some((step, now));
         }
         if progressed {
@@ -146,9 +149,9 @@ impl Tracker {
     fn budget(&self, r: &Rank) -> (Duration, String) {
         let b = &self.budgets;
         match r.phase {
-            Phase::CheckpointSave => (b.save, "checkpoint-save budget".into()),
-            Phase::CheckpointLoad => (b.load, "checkpoint-load budget".into()),
-            Phase::Step if !r.step_times.is_empty() => {
+            Some(Phase::CheckpointSave) => (b.save, "checkpoint-save budget".into()),
+            Some(Phase::CheckpointLoad) => (b.load, "checkpoint-load budget".into()),
+            Some(Phase::Step) if !r.step_times.is_empty() => {
                 let mut v: Vec<Duration> = r.step_times.iter().copied().collect();
                 v.sort();
                 let median = v[v.len() / 2];
@@ -201,7 +204,7 @@ impl Tracker {
                         format!(
                             "rank {rank} made no progress for {}s in phase {} at step {} (budget {}s = {how})",
                             idle.as_secs(),
-                            r.phase.short_name(),
+                            phase_name(r.phase),
                             r.step,
                             budget.as_secs()
                         ),
@@ -230,11 +233,16 @@ impl Tracker {
                 "{} ranks; longest without progress: rank {rank}, {}s, step {step}, phase {}",
                 self.ranks.len(),
                 idle.as_secs(),
-                phase.short_name()
+                phase_name(phase)
             ),
             None => "no ranks attached".into(),
         }
     }
+}
+
+/// How a rank's phase reads in findings and status: its name, or `unspecified`.
+fn phase_name(phase: Option<Phase>) -> &'static str {
+    phase.map_or("unspecified", Phase::as_str)
 }
 
 /// The progress task: applies events as they come and checks the budgets every `poll`.
@@ -297,7 +305,7 @@ mod tests {
         let mut t = Tracker::new(budgets());
         let t0 = Instant::now();
         for i in 0..20u64 {
-            t.apply(Event::Heartbeat { rank: 0, step: i, phase: Phase::Step }, t0 + S * 10 * i as u32);
+            t.apply(Event::Heartbeat { rank: 0, step: i, phase: Some(Phase::Step) }, t0 + S * 10 * i as u32);
         }
         // Last progress at t0+190 s; median step 10 s → budget max(60, 100) = 100 s.
         let last = t0 + S * 190;
@@ -307,7 +315,7 @@ mod tests {
         assert_eq!((f[0].kind.as_str(), f[0].rank), ("hang", Some(0)));
         assert!(f[0].evidence.contains("median step 10s"), "{}", f[0].evidence);
         assert!(t.check(last + S * 200).is_empty(), "one report per stall");
-        t.apply(Event::Heartbeat { rank: 0, step: 20, phase: Phase::Step }, last + S * 300);
+        t.apply(Event::Heartbeat { rank: 0, step: 20, phase: Some(Phase::Step) }, last + S * 300);
         assert!(t.check(last + S * 301).is_empty(), "progress clears the stall");
     }
 
@@ -316,7 +324,7 @@ mod tests {
         let mut t = Tracker::new(budgets());
         let t0 = Instant::now();
         for i in 0..10u64 {
-            t.apply(Event::Heartbeat { rank: 1, step: i, phase: Phase::Step }, t0 + S * i as u32);
+            t.apply(Event::Heartbeat { rank: 1, step: i, phase: Some(Phase::Step) }, t0 + S * i as u32);
         }
         let last = t0 + S * 9;
         assert!(t.check(last + S * 59).is_empty());
@@ -327,21 +335,21 @@ mod tests {
     async fn checkpoint_phases_have_their_own_budgets_and_do_not_skew_the_median() {
         let mut t = Tracker::new(budgets());
         let t0 = Instant::now();
-        t.apply(Event::Heartbeat { rank: 0, step: 0, phase: Phase::CheckpointLoad }, t0);
+        t.apply(Event::Heartbeat { rank: 0, step: 0, phase: Some(Phase::CheckpointLoad) }, t0);
         // A 20-minute restore is not a hang (load budget 30 min).
         assert!(t.check(t0 + S * 1200).is_empty());
-        t.apply(Event::Heartbeat { rank: 0, step: 0, phase: Phase::Step }, t0 + S * 1200);
-        t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Phase::Step }, t0 + S * 1202);
-        t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Phase::CheckpointSave }, t0 + S * 1203);
+        t.apply(Event::Heartbeat { rank: 0, step: 0, phase: Some(Phase::Step) }, t0 + S * 1200);
+        t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Some(Phase::Step) }, t0 + S * 1202);
+        t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Some(Phase::CheckpointSave) }, t0 + S * 1203);
         // Ten minutes into a save: within the 15-minute save budget.
         assert!(t.check(t0 + S * 1803).is_empty());
-        t.apply(Event::Heartbeat { rank: 0, step: 2, phase: Phase::Step }, t0 + S * 1803);
-        t.apply(Event::Heartbeat { rank: 0, step: 3, phase: Phase::Step }, t0 + S * 1805);
+        t.apply(Event::Heartbeat { rank: 0, step: 2, phase: Some(Phase::Step) }, t0 + S * 1803);
+        t.apply(Event::Heartbeat { rank: 0, step: 3, phase: Some(Phase::Step) }, t0 + S * 1805);
         // Median is 2 s (the save did not count): budget = floor 60 s.
         assert!(t.check(t0 + S * 1864).is_empty());
         assert_eq!(t.check(t0 + S * 1866).len(), 1);
         // And a save that overruns its budget is reported.
-        t.apply(Event::Heartbeat { rank: 0, step: 3, phase: Phase::CheckpointSave }, t0 + S * 2000);
+        t.apply(Event::Heartbeat { rank: 0, step: 3, phase: Some(Phase::CheckpointSave) }, t0 + S * 2000);
         assert!(t.check(t0 + S * 2899).is_empty());
         let f = t.check(t0 + S * 2901);
         assert!(f[0].evidence.contains("checkpoint-save"), "{}", f[0].evidence);
@@ -363,10 +371,10 @@ mod tests {
     async fn repeated_heartbeats_without_a_new_step_are_not_progress() {
         let mut t = Tracker::new(budgets());
         let t0 = Instant::now();
-        t.apply(Event::Heartbeat { rank: 0, step: 0, phase: Phase::Step }, t0);
-        t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Phase::Step }, t0 + S);
+        t.apply(Event::Heartbeat { rank: 0, step: 0, phase: Some(Phase::Step) }, t0);
+        t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Some(Phase::Step) }, t0 + S);
         for i in 2..200u32 {
-            t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Phase::Step }, t0 + S * i);
+            t.apply(Event::Heartbeat { rank: 0, step: 1, phase: Some(Phase::Step) }, t0 + S * i);
         }
         assert_eq!(t.check(t0 + S * 200).len(), 1);
     }

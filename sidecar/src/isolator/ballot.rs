@@ -29,10 +29,12 @@ pub struct Vote {
     pub metadata: BTreeMap<String, String>,
 }
 
-impl Vote {
-    /// Validates the shard fields of `v` (job, rank and generation are the coordinator's).
-    /// `metadata` must be empty or a JSON object of strings.
-    pub fn from_proto(v: &DurableVote) -> Result<Vote> {
+/// Validates the shard fields of a vote (job, rank and generation are the coordinator's).
+/// `metadata` must be empty or a JSON object of strings.
+impl TryFrom<&DurableVote> for Vote {
+    type Error = Error;
+
+    fn try_from(v: &DurableVote) -> Result<Vote> {
         let bad = |what: &str, reason: String| Error::InvalidRequest { what: format!("vote {what}"), reason };
         if v.shard_key != layout::shard_name(v.rank) {
             return Err(bad(
@@ -162,9 +164,9 @@ mod tests {
     #[test]
     fn completes_once_every_rank_voted_and_repeats_are_harmless() {
         let mut b = Ballot::new(7, 2, Instant::now());
-        assert_eq!(b.add(Vote::from_proto(&vote(0, 10)).unwrap()).unwrap(), Tally::Pending(1));
-        assert_eq!(b.add(Vote::from_proto(&vote(0, 10)).unwrap()).unwrap(), Tally::Repeated);
-        assert_eq!(b.add(Vote::from_proto(&vote(1, 20)).unwrap()).unwrap(), Tally::Complete);
+        assert_eq!(b.add(Vote::try_from(&vote(0, 10)).unwrap()).unwrap(), Tally::Pending(1));
+        assert_eq!(b.add(Vote::try_from(&vote(0, 10)).unwrap()).unwrap(), Tally::Repeated);
+        assert_eq!(b.add(Vote::try_from(&vote(1, 20)).unwrap()).unwrap(), Tally::Complete);
         let e = b.entries();
         assert_eq!((e[0].rank, e[1].rank, e[1].size), (0, 1, 20));
     }
@@ -172,8 +174,8 @@ mod tests {
     #[test]
     fn conflicting_second_vote_is_refused() {
         let mut b = Ballot::new(7, 2, Instant::now());
-        b.add(Vote::from_proto(&vote(0, 10)).unwrap()).unwrap();
-        let err = b.add(Vote::from_proto(&vote(0, 11)).unwrap()).unwrap_err();
+        b.add(Vote::try_from(&vote(0, 10)).unwrap()).unwrap();
+        let err = b.add(Vote::try_from(&vote(0, 11)).unwrap()).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::InvalidRequest);
         assert_eq!(b.voters(), vec![0]);
     }
@@ -182,18 +184,18 @@ mod tests {
     fn hostile_fields_are_refused() {
         let mut v = vote(0, 10);
         v.shard_key = "../../etc/passwd".into();
-        assert!(Vote::from_proto(&v).is_err());
-        assert!(Vote::from_proto(&vote(0, 0)).is_err());
-        assert!(Vote::from_proto(&vote(0, MAX_SHARD_LEN + 1)).is_err());
+        assert!(Vote::try_from(&v).is_err());
+        assert!(Vote::try_from(&vote(0, 0)).is_err());
+        assert!(Vote::try_from(&vote(0, MAX_SHARD_LEN + 1)).is_err());
         let mut v = vote(0, 10);
         v.metadata = b"[1,2]".to_vec();
-        assert!(Vote::from_proto(&v).is_err());
+        assert!(Vote::try_from(&v).is_err());
         v.metadata = vec![b' '; MAX_METADATA_BYTES + 1];
-        assert!(Vote::from_proto(&v).is_err());
+        assert!(Vote::try_from(&v).is_err());
         v.metadata = br#"{"lr":"0.1"}"#.to_vec();
-        assert_eq!(Vote::from_proto(&v).unwrap().metadata["lr"], "0.1");
+        assert_eq!(Vote::try_from(&v).unwrap().metadata["lr"], "0.1");
         let mut b = Ballot::new(7, 2, Instant::now());
-        let mut far = Vote::from_proto(&vote(0, 10)).unwrap();
+        let mut far = Vote::try_from(&vote(0, 10)).unwrap();
         far.rank = 5;
         assert!(b.add(far).is_err());
     }

@@ -11,20 +11,22 @@ use std::time::Duration;
 
 use ckpt_core::{Engine, EngineConfig};
 use ckptd_proto::v1::{
-    Command, CommandsRequest, DurableVote, FaultAck, FaultAction, FaultReport, HeartbeatAck, JobStatus, RankHeartbeat,
-    RegisterReply, RegisterRequest, RestoreCommand, SnapshotNowCommand, StopCommand, command,
+    Command, FaultAck, FaultAction, HeartbeatAck, JobStatus, RegisterReply, RestoreCommand, SnapshotNowCommand,
+    StopCommand, command,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::ballot::{Ballot, Tally, Vote};
+use super::ballot::{Ballot, Tally};
 use super::breaker::{Breaker, BreakerConfig};
 use super::fencer::{Isolation, NodeFencer, Notice, PodRef, Subject, taint_value};
 use super::metrics::Metrics;
+use super::request::{Fault, Heartbeat, Registration, ShardVote, Subscription, check_name};
 use super::state::{Event, JobState, needs_isolation};
 use super::straggler::Detector;
+use crate::health::Action;
 use crate::{Error, Result};
 
 /// Most steps of one job with open ballots at once; more means ranks race far apart or a peer is
@@ -34,10 +36,6 @@ pub const MAX_OPEN_BALLOTS: usize = 16;
 const ABORTED_MEMORY: usize = 64;
 /// Capacity of each agent's command queue.
 pub const COMMAND_QUEUE: usize = 32;
-/// Longest job, node, pod or namespace name accepted.
-const MAX_NAME: usize = 253;
-/// Most ranks one request may name.
-const MAX_RANKS_PER_REQUEST: usize = 4096;
 
 /// Timing and policy of the coordinator.
 #[derive(Debug, Clone)]
@@ -154,16 +152,6 @@ fn snapshots_settled(job: &Job, base: Option<u64>) -> bool {
     })
 }
 
-fn check_name(what: &str, v: &str, required: bool) -> Result<()> {
-    if (required && v.is_empty()) || v.len() > MAX_NAME || v.chars().any(char::is_control) {
-        return Err(Error::InvalidRequest {
-            what: what.into(),
-            reason: format!("`{:.64}` must be 1-{MAX_NAME} printable characters", v),
-        });
-    }
-    Ok(())
-}
-
 /// The isolator's shared state. Cheap to share as `Arc<Coordinator>`.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -236,32 +224,15 @@ impl Coordinator {
             Engine::with_handle(store, cfg, handle)
         })
         .await
-        .map_err(|e| Error::Config { what: "store".into(), reason: format!("opening the store panicked: {e}") })??;
+        .map_err(|e| Error::Runtime { what: "open the store", reason: e.to_string() })??;
         lock(&self.engines).insert(url.to_string(), engine.clone());
         Ok(engine)
     }
 
     /// Registers one rank. The first rank of a job fixes its world size and store, and the
     /// newest committed step is read from the store.
-    pub async fn register(&self, r: RegisterRequest) -> Result<RegisterReply> {
+    pub async fn register(&self, r: Registration) -> Result<RegisterReply> {
         self.ensure_leader()?;
-        ckpt_core::store::layout::validate_job(&r.job)
-            .map_err(|e| Error::InvalidRequest { what: "job".into(), reason: e.to_string() })?;
-        if r.world_size == 0 || r.world_size > ckpt_core::manifest::MAX_WORLD_SIZE {
-            return Err(Error::InvalidRequest {
-                what: "world_size".into(),
-                reason: format!("{} is outside 1..={}", r.world_size, ckpt_core::manifest::MAX_WORLD_SIZE),
-            });
-        }
-        if r.rank >= r.world_size {
-            return Err(Error::InvalidRequest {
-                what: "rank".into(),
-                reason: format!("rank {} is not below the world size {}", r.rank, r.world_size),
-            });
-        }
-        check_name("node", &r.node, true)?;
-        check_name("pod", &r.pod, false)?;
-        check_name("namespace", &r.namespace, false)?;
         let store = self.settings.store_override.clone().unwrap_or_else(|| r.store.clone());
         if store.is_empty() {
             return Err(Error::InvalidRequest {
@@ -275,9 +246,9 @@ impl Coordinator {
         } else {
             let engine = self.engine(&store).await?;
             let job = r.job.clone();
-            let latest = tokio::task::spawn_blocking(move || engine.latest(&job)).await.map_err(|e| {
-                Error::Config { what: "store".into(), reason: format!("reading the store panicked: {e}") }
-            })??;
+            let latest = tokio::task::spawn_blocking(move || engine.latest(&job))
+                .await
+                .map_err(|e| Error::Runtime { what: "read the store", reason: e.to_string() })??;
             Some(latest.map(|m| m.step))
         };
         let mut jobs = lock(&self.jobs);
@@ -335,13 +306,13 @@ impl Coordinator {
 
     /// Records a rank's progress; during a restore, a heartbeat at the new generation counts as
     /// that rank being back.
-    pub fn heartbeat(&self, h: RankHeartbeat) -> Result<HeartbeatAck> {
+    pub fn heartbeat(&self, h: Heartbeat) -> Result<HeartbeatAck> {
         self.ensure_leader()?;
         self.with_job(&h.job, |job| {
             job.check_rank(h.rank)?;
             job.check_generation(&h.job, h.generation)?;
             if let Some(r) = job.ranks.get_mut(&h.rank) {
-                r.step_ms = h.step_time_ms;
+                r.step_ms = u64::try_from(h.step_time.as_millis()).unwrap_or(u64::MAX);
             }
             if job.state == JobState::Restoring {
                 job.restored.insert(h.rank);
@@ -360,20 +331,9 @@ impl Coordinator {
 
     /// Takes a fault report: isolates the node when the action asks for it (within the circuit
     /// breaker), and starts a coordinated restore when the job was running.
-    pub async fn report_fault(self: &Arc<Self>, f: FaultReport) -> Result<FaultAck> {
+    pub async fn report_fault(self: &Arc<Self>, f: Fault) -> Result<FaultAck> {
         self.ensure_leader()?;
-        let action = FaultAction::try_from(f.action).map_err(|_| Error::InvalidRequest {
-            what: "fault action".into(),
-            reason: format!("{} is not a FaultAction", f.action),
-        })?;
-        check_name("node", &f.node, needs_isolation(action))?;
-        check_name("pod", &f.pod, false)?;
-        if f.ranks.len() > MAX_RANKS_PER_REQUEST {
-            return Err(Error::InvalidRequest {
-                what: "ranks".into(),
-                reason: format!("{} ranks in one report", f.ranks.len()),
-            });
-        }
+        let action = f.action;
         let (start_cycle, pod) = self.with_job(&f.job, |job| {
             for &r in &f.ranks {
                 job.check_rank(r)?;
@@ -403,30 +363,30 @@ impl Coordinator {
                 node: f.node.clone(),
                 reason: taint_value(&f.kind),
                 job: f.job.clone(),
-                source: f.source.chars().take(64).collect(),
-                evidence: f.evidence.chars().take(4096).collect(),
+                source: f.source.clone(),
+                evidence: f.evidence.clone(),
                 pod,
             };
             match self.isolate(&iso).await {
                 Ok(true) => note = format!("node {} isolated", f.node),
                 Ok(false) => {
-                    taken = FaultAction::RestartJob;
+                    taken = Action::RestartJob;
                     note = format!("circuit breaker open: node {} not isolated, alert only", f.node);
                 }
                 Err(e) => {
-                    taken = FaultAction::RestartJob;
+                    taken = Action::RestartJob;
                     tracing::error!(node = %f.node, error = %e, "isolation failed");
                     note = format!("isolation of node {} failed: {e}", f.node);
                 }
             }
-        } else if !start_cycle && action != FaultAction::Ignore {
+        } else if !start_cycle && action != Action::Ignore {
             note = "folded into the restore in progress".into();
         }
         if start_cycle {
             let span = tracing::info_span!("isolator-restore", job = %f.job);
             tokio::spawn(self.clone().recover(f.job.clone()).instrument(span));
         }
-        Ok(FaultAck { action: taken as i32, note })
+        Ok(FaultAck { action: FaultAction::from(taken) as i32, note })
     }
 
     /// Isolates a node through the fencer, within the breaker. `Ok(false)`: the breaker refused.
@@ -546,11 +506,10 @@ impl Coordinator {
 
     /// Counts a durable vote; the vote that completes the step writes its MANIFEST. Returns
     /// whether the step is committed.
-    pub async fn vote(&self, v: DurableVote) -> Result<bool> {
+    pub async fn vote(&self, v: ShardVote) -> Result<bool> {
         self.ensure_leader()?;
-        let vote = Vote::from_proto(&v)?;
         let ready = self.with_job(&v.job, |job| {
-            job.check_rank(v.rank)?;
+            job.check_rank(v.vote.rank)?;
             if v.world_size != job.world_size {
                 return Err(Error::InvalidRequest {
                     what: "world_size".into(),
@@ -582,7 +541,7 @@ impl Coordinator {
             let world = job.world_size;
             let ballot =
                 job.ballots.entry(v.step).or_insert_with(|| Ballot::new(v.step, world, Instant::now().into_std()));
-            match ballot.add(vote)? {
+            match ballot.add(v.vote.clone())? {
                 Tally::Pending(_) | Tally::Repeated => Ok(Some(None)),
                 Tally::Complete => {
                     job.committing.insert(v.step);
@@ -600,7 +559,7 @@ impl Coordinator {
                 let (job, step, world) = (v.job.clone(), v.step, v.world_size);
                 tokio::task::spawn_blocking(move || engine.commit(&job, step, world, shards, metadata))
                     .await
-                    .map_err(|e| Error::Config { what: "store".into(), reason: format!("commit panicked: {e}") })
+                    .map_err(|e| Error::Runtime { what: "commit the step", reason: e.to_string() })
                     .and_then(|r| r.map_err(Error::from))
             }
             Err(e) => Err(e),
@@ -630,14 +589,8 @@ impl Coordinator {
 
     /// Subscribes an agent to the commands for its ranks. An agent behind the job's generation
     /// first gets the pending restore, so a reconnect never misses it.
-    pub fn subscribe(&self, req: CommandsRequest) -> Result<mpsc::Receiver<Command>> {
+    pub fn subscribe(&self, req: Subscription) -> Result<mpsc::Receiver<Command>> {
         self.ensure_leader()?;
-        if req.ranks.is_empty() || req.ranks.len() > MAX_RANKS_PER_REQUEST {
-            return Err(Error::InvalidRequest {
-                what: "ranks".into(),
-                reason: format!("{} ranks: name 1-{MAX_RANKS_PER_REQUEST}", req.ranks.len()),
-            });
-        }
         self.with_job(&req.job, |job| {
             for &r in &req.ranks {
                 job.check_rank(r)?;
@@ -768,6 +721,8 @@ impl Coordinator {
 
 #[cfg(test)]
 mod tests {
+    use ckptd_proto::v1::{DurableVote, FaultReport, RegisterRequest};
+
     use super::*;
     use crate::isolator::fencer::MemoryFencer;
 
@@ -806,18 +761,19 @@ mod tests {
             namespace: "ns".into(),
             ..Default::default()
         };
-        c.register(r).await.unwrap();
+        c.register(Registration::try_from(&r).unwrap()).await.unwrap();
     }
 
-    fn drain(job: &str, node: &str) -> FaultReport {
-        FaultReport {
+    fn drain(job: &str, node: &str) -> Fault {
+        let f = FaultReport {
             job: job.into(),
             ranks: vec![0],
             node: node.into(),
             kind: "xid-79".into(),
             action: FaultAction::DrainNode as i32,
             ..Default::default()
-        }
+        };
+        Fault::try_from(&f).unwrap()
     }
 
     #[tokio::test]
@@ -852,7 +808,7 @@ mod tests {
         let fencer = Arc::new(MemoryFencer::new(8));
         let c = coordinator(false, fencer.clone(), 4);
         let r = RegisterRequest { job: "a".into(), world_size: 1, node: "n".into(), ..Default::default() };
-        let err = c.register(r).await.unwrap_err();
+        let err = c.register(Registration::try_from(&r).unwrap()).await.unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::NotLeader);
         assert!(err.to_string().contains("other"), "{err}");
         assert_eq!(c.release("n").await.unwrap_err().kind(), crate::ErrorKind::NotLeader);
@@ -862,17 +818,26 @@ mod tests {
     #[tokio::test]
     async fn after_a_takeover_the_job_resumes_at_the_generation_its_agents_report() {
         let c = coordinator(true, Arc::new(MemoryFencer::new(8)), 4);
-        let r = |rank, generation| RegisterRequest {
-            job: "a".into(),
-            rank,
-            world_size: 2,
-            node: "n".into(),
-            generation,
-            ..Default::default()
+        let r = |rank, generation| {
+            let r = RegisterRequest {
+                job: "a".into(),
+                rank,
+                world_size: 2,
+                node: "n".into(),
+                generation,
+                ..Default::default()
+            };
+            Registration::try_from(&r).unwrap()
         };
         assert_eq!(c.register(r(0, 0)).await.unwrap().generation, 0, "a fresh pod");
         assert_eq!(c.register(r(1, 3)).await.unwrap().generation, 3);
-        let hb = |rank, generation| RankHeartbeat { job: "a".into(), rank, generation, step: 1, step_time_ms: 5 };
+        let hb = |rank, generation| Heartbeat {
+            job: "a".into(),
+            rank,
+            generation,
+            step: 1,
+            step_time: Duration::from_millis(5),
+        };
         assert_eq!(c.heartbeat(hb(1, 3)).unwrap().generation, 3);
         assert_eq!(c.heartbeat(hb(0, 0)).unwrap_err().kind(), crate::ErrorKind::Stale);
     }
@@ -891,6 +856,7 @@ mod tests {
             shard_len: 10,
             ..Default::default()
         };
+        let vote = ShardVote::try_from(&vote).unwrap();
         assert!(!c.vote(vote.clone()).await.unwrap());
         assert_eq!(c.sweep_deadlines(), 0);
         tokio::time::advance(Duration::from_secs(61)).await;

@@ -56,9 +56,9 @@ impl std::fmt::Debug for KubeFencer {
     }
 }
 
-/// Maps a kube error to ours, keeping the API server's answer.
+/// Maps a kube error to ours through [`Error::kube`].
 pub(crate) fn kube_err(op: &str, object: &str, e: kube::Error) -> Error {
-    Error::Kube { op: op.to_string(), object: object.to_string(), reason: e.to_string() }
+    Error::kube(op, object, &e)
 }
 
 /// 404 by code as well as by reason: some API servers (and emulators) spell the reason otherwise.
@@ -99,11 +99,7 @@ impl KubeFencer {
             "lastTimestamp": now,
             "count": 1,
         }))
-        .map_err(|e| Error::Kube {
-            op: "build event".into(),
-            object: name.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| Error::Runtime { what: "build an Event object", reason: e.to_string() })?;
         Api::<Event>::namespaced(self.client.clone(), &namespace)
             .create(&PostParams::default(), &ev)
             .await

@@ -106,11 +106,7 @@ async fn step(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Option<(Seen, Inst
             "spec": { "holderIdentity": cfg.identity, "leaseDurationSeconds": secs,
                       "acquireTime": now, "renewTime": now, "leaseTransitions": 0 },
         }))
-        .map_err(|e| crate::Error::Kube {
-            op: "build".into(),
-            object: object.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| crate::Error::Runtime { what: "build the Lease object", reason: e.to_string() })?;
         return match api.create(&PostParams::default(), &lease).await {
             Ok(_) => {
                 tracing::info!(identity = %cfg.identity, lease = %cfg.name, "acquired the lease");

@@ -5,8 +5,10 @@
 //! register reply sets it and every restore command raises it, so calls always carry the current
 //! one. Errors: [`ErrorKind::Stale`](crate::ErrorKind::Stale) means "wait for the restore
 //! command", [`ErrorKind::IsolatorUnavailable`](crate::ErrorKind::IsolatorUnavailable) means
-//! "retry later", [`ErrorKind::UnknownJob`](crate::ErrorKind::UnknownJob) means "register again"
-//! (a new leader took over and knows nothing yet; the link sends its generation along).
+//! "retry later", [`ErrorKind::NotLeader`](crate::ErrorKind::NotLeader) means "retry: another
+//! replica leads", [`ErrorKind::UnknownJob`](crate::ErrorKind::UnknownJob) means "register again"
+//! (a new leader took over and knows nothing yet; the link sends its generation along). Statuses
+//! become errors through [`crate::rpc::from_isolator_status`], which keeps the isolator's kind.
 //!
 //! ```no_run
 //! # async fn demo(info: ckpt_core::ShardInfo) -> ckptd::Result<()> {
@@ -38,7 +40,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument as _;
 
-use super::status::from_status;
+use crate::rpc::from_isolator_status;
 use crate::{Error, Result};
 
 /// Capacity of the queue [`IsolatorLink::commands`] returns.
@@ -119,7 +121,6 @@ impl IsolatorLink {
     /// Connects to `url` (`http://host:port` or `https://host:port`).
     pub async fn connect(url: &str, creds: LinkCredentials) -> Result<IsolatorLink> {
         super::install_crypto_provider();
-        let unavailable = |reason: String| Error::IsolatorUnavailable { url: url.to_string(), reason };
         let mut ep = Endpoint::from_shared(url.to_string())
             .map_err(|e| Error::Config { what: "isolator URL".into(), reason: format!("`{url}`: {e}") })?
             .connect_timeout(Duration::from_secs(5))
@@ -148,8 +149,7 @@ impl IsolatorLink {
                 })?),
                 None => None,
             };
-        let channel =
-            ep.connect().await.map_err(|e| unavailable(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        let channel = ep.connect().await.map_err(|e| Error::isolator_transport(url, &e))?;
         Ok(IsolatorLink {
             url: url.to_string(),
             channel,
@@ -212,7 +212,7 @@ impl IsolatorLink {
                 .client()
                 .register(self.req(msg))
                 .await
-                .map_err(|s| from_status(&self.url, "register", &s))?
+                .map_err(|s| from_isolator_status(&self.url, "register", &s))?
                 .into_inner();
             self.generation.fetch_max(reply.generation, Ordering::AcqRel);
             last = Some(reply);
@@ -233,7 +233,11 @@ impl IsolatorLink {
             step,
             step_time_ms: step_time.as_millis() as u64,
         };
-        let ack = self.client().heartbeat(self.req(msg)).await.map_err(|s| from_status(&self.url, "heartbeat", &s))?;
+        let ack = self
+            .client()
+            .heartbeat(self.req(msg))
+            .await
+            .map_err(|s| from_isolator_status(&self.url, "heartbeat", &s))?;
         Ok(ack.into_inner().generation)
     }
 
@@ -248,7 +252,7 @@ impl IsolatorLink {
             .client()
             .report_fault(self.req(report))
             .await
-            .map_err(|s| from_status(&self.url, "report-fault", &s))?;
+            .map_err(|s| from_isolator_status(&self.url, "report-fault", &s))?;
         Ok(ack.into_inner())
     }
 
@@ -269,8 +273,11 @@ impl IsolatorLink {
             metadata,
             region_len: entry.region_len,
         };
-        let ack =
-            self.client().vote_durable(self.req(msg)).await.map_err(|s| from_status(&self.url, "vote-durable", &s))?;
+        let ack = self
+            .client()
+            .vote_durable(self.req(msg))
+            .await
+            .map_err(|s| from_isolator_status(&self.url, "vote-durable", &s))?;
         Ok(ack.into_inner().committed)
     }
 
@@ -345,7 +352,7 @@ impl IsolatorLink {
             .admin()
             .list_jobs(self.req(ListJobsRequest {}))
             .await
-            .map_err(|s| from_status(&self.url, "list-jobs", &s))?;
+            .map_err(|s| from_isolator_status(&self.url, "list-jobs", &s))?;
         Ok(r.into_inner().jobs)
     }
 
@@ -355,7 +362,7 @@ impl IsolatorLink {
             .admin()
             .release(self.req(ReleaseRequest { node: node.to_string() }))
             .await
-            .map_err(|s| from_status(&self.url, "release", &s))?;
+            .map_err(|s| from_isolator_status(&self.url, "release", &s))?;
         Ok(r.into_inner().was_isolated)
     }
 }

@@ -1,4 +1,4 @@
-//! The node isolator (issue #6), `ckptd isolator`: one per cluster, HA through a Lease.
+//! The node isolator, `ckptd isolator`: one per cluster, HA through a Lease.
 //!
 //! Agents register their ranks, send heartbeats, faults and durable-votes over gRPC (TCP, mTLS or a
 //! bearer token). The isolator commits a step globally once every rank voted, drives each job
@@ -6,10 +6,11 @@
 //! Kubernetes within a circuit breaker, and streams snapshot-now / stop / restore commands back.
 //! docs/ISOLATOR.md describes the protocol and the state machine.
 //!
-//! Layout: [`coordinator`] holds the state and decisions; [`state`], [`ballot`], [`breaker`] and
-//! [`straggler`] are its pure parts; [`fencer`] is the cluster seam with [`kube`] as the real
-//! implementation; [`lease`] elects the leader; [`service`] and [`status`] are the gRPC shell;
-//! [`metrics`] serves Prometheus; [`link`] is the agent's client.
+//! Layout: [`coordinator`] holds the state and decisions; [`request`] validates what agents
+//! send; [`state`], [`ballot`], [`breaker`] and [`straggler`] are its pure parts; [`fencer`] is
+//! the cluster seam with [`kube`] as the real implementation; [`lease`] elects the leader;
+//! [`service`] is the gRPC shell (errors become statuses in [`crate::rpc`]); [`metrics`] serves
+//! Prometheus; [`link`] is the agent's client.
 
 pub mod ballot;
 pub mod breaker;
@@ -19,9 +20,9 @@ pub mod kube;
 pub mod lease;
 pub mod link;
 pub mod metrics;
+pub mod request;
 pub mod service;
 pub mod state;
-pub mod status;
 pub mod straggler;
 
 use std::io::Write as _;
@@ -45,130 +46,81 @@ use self::fencer::{MemoryFencer, NodeFencer};
 use self::kube::{KubeFencer, TaintEffect};
 use self::metrics::Metrics;
 use self::service::{Auth, Service};
-use crate::{Error, Result};
-
-/// Environment variable of `--listen`.
-pub const ENV_LISTEN: &str = "CKPTD_ISOLATOR_LISTEN";
-/// Environment variable of `--metrics-addr`.
-pub const ENV_METRICS_ADDR: &str = "CKPTD_ISOLATOR_METRICS_ADDR";
-/// Environment variable of `--tls-cert`.
-pub const ENV_TLS_CERT: &str = "CKPTD_ISOLATOR_TLS_CERT";
-/// Environment variable of `--tls-key`.
-pub const ENV_TLS_KEY: &str = "CKPTD_ISOLATOR_TLS_KEY";
-/// Environment variable of `--client-ca`.
-pub const ENV_CLIENT_CA: &str = "CKPTD_ISOLATOR_CLIENT_CA";
-/// Environment variable of `--token-file`.
-pub const ENV_TOKEN_FILE: &str = "CKPTD_ISOLATOR_TOKEN_FILE";
-/// Environment variable of `--lease-name`.
-pub const ENV_LEASE_NAME: &str = "CKPTD_ISOLATOR_LEASE_NAME";
-/// Environment variable of `--lease-namespace`.
-pub const ENV_LEASE_NAMESPACE: &str = "CKPTD_ISOLATOR_LEASE_NAMESPACE";
-/// Environment variable of `--lease-duration`.
-pub const ENV_LEASE_DURATION: &str = "CKPTD_ISOLATOR_LEASE_DURATION";
-/// Environment variable of `--lease-retry`.
-pub const ENV_LEASE_RETRY: &str = "CKPTD_ISOLATOR_LEASE_RETRY";
-/// Environment variable of `--identity`.
-pub const ENV_IDENTITY: &str = "CKPTD_ISOLATOR_IDENTITY";
-/// Environment variable of `--dry-run`.
-pub const ENV_DRY_RUN: &str = "CKPTD_ISOLATOR_DRY_RUN";
-/// Environment variable of `--max-isolated`.
-pub const ENV_MAX_ISOLATED: &str = "CKPTD_ISOLATOR_MAX_ISOLATED";
-/// Environment variable of `--max-isolated-fraction`.
-pub const ENV_MAX_ISOLATED_FRACTION: &str = "CKPTD_ISOLATOR_MAX_ISOLATED_FRACTION";
-/// Environment variable of `--isolation-window`.
-pub const ENV_ISOLATION_WINDOW: &str = "CKPTD_ISOLATOR_ISOLATION_WINDOW";
-/// Environment variable of `--taint-effect`.
-pub const ENV_TAINT_EFFECT: &str = "CKPTD_ISOLATOR_TAINT_EFFECT";
-/// Environment variable of `--kube-url`.
-pub const ENV_KUBE_URL: &str = "CKPTD_ISOLATOR_KUBE_URL";
-/// Environment variable of `--commit-deadline`.
-pub const ENV_COMMIT_DEADLINE: &str = "CKPTD_ISOLATOR_COMMIT_DEADLINE";
-/// Environment variable of `--snapshot-timeout`.
-pub const ENV_SNAPSHOT_TIMEOUT: &str = "CKPTD_ISOLATOR_SNAPSHOT_TIMEOUT";
-/// Environment variable of `--straggler-factor`.
-pub const ENV_STRAGGLER_FACTOR: &str = "CKPTD_ISOLATOR_STRAGGLER_FACTOR";
-/// Environment variable of `--straggler-windows`.
-pub const ENV_STRAGGLER_WINDOWS: &str = "CKPTD_ISOLATOR_STRAGGLER_WINDOWS";
-/// Environment variable of `--straggler-window`.
-pub const ENV_STRAGGLER_WINDOW: &str = "CKPTD_ISOLATOR_STRAGGLER_WINDOW";
-/// Environment variable of `--store`.
-pub const ENV_STORE: &str = "CKPTD_ISOLATOR_STORE";
-/// Pod name from the downward API: the default `--identity`.
-pub const ENV_POD_NAME: &str = "POD_NAME";
+use crate::{Error, Result, env};
 
 /// Command-line flags of `ckptd isolator`. Each is also an environment variable
-/// `CKPTD_ISOLATOR_*`.
+/// `CKPTD_ISOLATOR_*` ([`crate::env`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct IsolatorArgs {
     /// gRPC address for agents and `ckptctl` (port 0 picks a free one; the bound address is
     /// printed on stdout).
-    #[arg(long, env = ENV_LISTEN, default_value = "0.0.0.0:7443")]
+    #[arg(long, env = env::ENV_ISOLATOR_LISTEN, default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
     /// Address of `/metrics`, `/healthz` and `/readyz` (200 only on the Lease holder).
-    #[arg(long, env = ENV_METRICS_ADDR, default_value = "0.0.0.0:9102")]
+    #[arg(long, env = env::ENV_ISOLATOR_METRICS_ADDR, default_value = "0.0.0.0:9102")]
     pub metrics_addr: SocketAddr,
     /// Server certificate (PEM); serves TLS when given.
-    #[arg(long, env = ENV_TLS_CERT, requires = "tls_key")]
+    #[arg(long, env = env::ENV_ISOLATOR_TLS_CERT, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// Server private key (PEM).
-    #[arg(long, env = ENV_TLS_KEY, requires = "tls_cert")]
+    #[arg(long, env = env::ENV_ISOLATOR_TLS_KEY, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// CA that signs agent client certificates (mTLS); needs --tls-cert.
-    #[arg(long, env = ENV_CLIENT_CA)]
+    #[arg(long, env = env::ENV_ISOLATOR_CLIENT_CA)]
     pub client_ca: Option<PathBuf>,
     /// File holding the bearer token agents present (`authorization: Bearer <token>`).
-    #[arg(long, env = ENV_TOKEN_FILE)]
+    #[arg(long, env = env::ENV_ISOLATOR_TOKEN_FILE)]
     pub token_file: Option<PathBuf>,
     /// Lease for leader election; without it this replica always leads (run one replica only).
-    #[arg(long, env = ENV_LEASE_NAME)]
+    #[arg(long, env = env::ENV_ISOLATOR_LEASE_NAME)]
     pub lease_name: Option<String>,
     /// Namespace of the Lease.
-    #[arg(long, env = ENV_LEASE_NAMESPACE, default_value = "default")]
+    #[arg(long, env = env::ENV_ISOLATOR_LEASE_NAMESPACE, default_value = "default")]
     pub lease_namespace: String,
     /// How long a Lease record must stay unrenewed before another replica takes over.
-    #[arg(long, env = ENV_LEASE_DURATION, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_ISOLATOR_LEASE_DURATION, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
     /// How often the holder renews and the others look.
-    #[arg(long, env = ENV_LEASE_RETRY, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_ISOLATOR_LEASE_RETRY, default_value = "2s", value_parser = humantime::parse_duration)]
     pub lease_retry: Duration,
     /// Lease holder identity [default: $POD_NAME, else the host name].
-    #[arg(long, env = ENV_IDENTITY)]
+    #[arg(long, env = env::ENV_ISOLATOR_IDENTITY)]
     pub identity: Option<String>,
     /// Log isolations and Events instead of acting on the cluster (commit and restore still run).
-    #[arg(long, env = ENV_DRY_RUN)]
+    #[arg(long, env = env::ENV_ISOLATOR_DRY_RUN)]
     pub dry_run: bool,
     /// Most nodes isolated within --isolation-window; past it the isolator only alerts.
-    #[arg(long, env = ENV_MAX_ISOLATED, default_value_t = 2)]
+    #[arg(long, env = env::ENV_ISOLATOR_MAX_ISOLATED, default_value_t = 2)]
     pub max_isolated: u32,
     /// Most nodes isolated within the window as a share of the cluster (at least one).
-    #[arg(long, env = ENV_MAX_ISOLATED_FRACTION, default_value_t = 0.1)]
+    #[arg(long, env = env::ENV_ISOLATOR_MAX_ISOLATED_FRACTION, default_value_t = 0.1)]
     pub max_isolated_fraction: f64,
     /// The circuit breaker's sliding window.
-    #[arg(long, env = ENV_ISOLATION_WINDOW, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_ISOLATOR_ISOLATION_WINDOW, default_value = "1h", value_parser = humantime::parse_duration)]
     pub isolation_window: Duration,
     /// Effect of the `ckptd.io/unhealthy` taint.
-    #[arg(long, env = ENV_TAINT_EFFECT, value_enum, default_value = "NoSchedule")]
+    #[arg(long, env = env::ENV_ISOLATOR_TAINT_EFFECT, value_enum, default_value = "NoSchedule")]
     pub taint_effect: TaintEffect,
     /// Kubernetes API URL (tests, kmock) [default: in-cluster config or kubeconfig].
-    #[arg(long, env = ENV_KUBE_URL)]
+    #[arg(long, env = env::ENV_ISOLATOR_KUBE_URL)]
     pub kube_url: Option<String>,
     /// A step not voted by every rank this long after its first vote is aborted.
-    #[arg(long, env = ENV_COMMIT_DEADLINE, default_value = "120s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_ISOLATOR_COMMIT_DEADLINE, default_value = "120s", value_parser = humantime::parse_duration)]
     pub commit_deadline: Duration,
     /// How long healthy ranks get for their emergency snapshot before the restore.
-    #[arg(long, env = ENV_SNAPSHOT_TIMEOUT, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_ISOLATOR_SNAPSHOT_TIMEOUT, default_value = "60s", value_parser = humantime::parse_duration)]
     pub snapshot_timeout: Duration,
     /// A rank is slow when its step time exceeds this factor × the job median.
-    #[arg(long, env = ENV_STRAGGLER_FACTOR, default_value_t = 1.5)]
+    #[arg(long, env = env::ENV_ISOLATOR_STRAGGLER_FACTOR, default_value_t = 1.5)]
     pub straggler_factor: f64,
     /// Consecutive slow windows before a rank is reported as a straggler.
-    #[arg(long, env = ENV_STRAGGLER_WINDOWS, default_value_t = 3)]
+    #[arg(long, env = env::ENV_ISOLATOR_STRAGGLER_WINDOWS, default_value_t = 3)]
     pub straggler_windows: u32,
     /// Length of one straggler window.
-    #[arg(long, env = ENV_STRAGGLER_WINDOW, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_ISOLATOR_STRAGGLER_WINDOW, default_value = "30s", value_parser = humantime::parse_duration)]
     pub straggler_window: Duration,
     /// Store URL for every job, instead of the one each agent registers with.
-    #[arg(long, env = ENV_STORE, hide_env_values = true)]
+    #[arg(long, env = env::ENV_ISOLATOR_STORE, hide_env_values = true)]
     pub store: Option<String>,
 }
 
@@ -177,14 +129,14 @@ fn config(what: &str, reason: impl Into<String>) -> Error {
 }
 
 fn read(flag: &str, path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| config(flag, format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| Error::unreadable(flag, path, &e))
 }
 
 fn identity(args: &IsolatorArgs) -> String {
     if let Some(i) = &args.identity {
         return i.clone();
     }
-    if let Ok(p) = std::env::var(ENV_POD_NAME)
+    if let Ok(p) = std::env::var(env::ENV_DOWNWARD_POD_NAME)
         && !p.is_empty()
     {
         return p;
@@ -247,7 +199,7 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
         .thread_name("isolator")
         .enable_all()
         .build()
-        .map_err(|e| config("runtime", format!("cannot start the runtime: {e}")))?;
+        .map_err(|e| Error::Runtime { what: "start the isolator runtime", reason: e.to_string() })?;
     rt.block_on(serve(args, token, tls))
 }
 
@@ -305,14 +257,16 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
     let coord = Coordinator::new(settings, fencer, metrics.clone(), leader_rx.clone(), holder_rx, cancel.clone());
     tasks.spawn(coord.clone().run_background());
 
+    let listen =
+        |what: &'static str, addr: SocketAddr| move |source| Error::Listen { what, addr: addr.to_string(), source };
     let metrics_listener = TcpListener::bind(args.metrics_addr)
         .await
-        .map_err(|e| config("--metrics-addr", format!("cannot listen on {}: {e}", args.metrics_addr)))?;
-    let grpc_listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| config("--listen", format!("cannot listen on {}: {e}", args.listen)))?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|e| config("--listen", e.to_string()))?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|e| config("--metrics-addr", e.to_string()))?;
+        .map_err(listen("the isolator's metrics (--metrics-addr)", args.metrics_addr))?;
+    let grpc_listener =
+        TcpListener::bind(args.listen).await.map_err(listen("the isolator's gRPC (--listen)", args.listen))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(listen("the isolator's gRPC (--listen)", args.listen))?;
+    let metrics_addr =
+        metrics_listener.local_addr().map_err(listen("the isolator's metrics (--metrics-addr)", args.metrics_addr))?;
     tasks.spawn(metrics::serve(metrics_listener, metrics, leader_rx, cancel.clone()));
 
     let auth = Auth::new(token, args.client_ca.is_some());
@@ -345,10 +299,7 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
     cancel.cancel();
     // Drain the background tasks with a grace period (the Lease is released on the way out).
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
-    served.map_err(|e| Error::IsolatorUnavailable {
-        url: grpc_addr.to_string(),
-        reason: format!("the gRPC server failed: {e}"),
-    })
+    served.map_err(|e| Error::Serve { what: "the isolator's gRPC", reason: crate::error::source_chain(&e) })
 }
 
 async fn shutdown_signal() {

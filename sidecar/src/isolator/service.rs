@@ -14,10 +14,12 @@ use subtle::ConstantTimeEq;
 use tokio_stream::Stream;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::coordinator::Coordinator;
-use super::status::to_status;
+use super::request::{Fault, Heartbeat, Registration, ShardVote, Subscription};
+use crate::ErrorKind;
+use crate::rpc::{refuse, to_status};
 
 /// Who may call: a client certificate that the TLS layer verified against `--client-ca`, or the
 /// bearer token of `--token-file` (compared in constant time).
@@ -56,7 +58,9 @@ impl Auth {
                 return Ok(());
             }
         }
-        Err(Status::unauthenticated(
+        Err(refuse(
+            Code::Unauthenticated,
+            ErrorKind::Config,
             "the isolator needs a client certificate signed by its CA or `authorization: Bearer <token>`",
         ))
     }
@@ -88,29 +92,29 @@ pub type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Se
 #[tonic::async_trait]
 impl Isolator for Service {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
-        self.coord.register(req.into_inner()).await.map(Response::new).map_err(|e| to_status(&e))
+        let registration = Registration::try_from(req.get_ref()).map_err(|e| to_status(&e))?;
+        self.coord.register(registration).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
     async fn heartbeat(&self, req: Request<RankHeartbeat>) -> Result<Response<HeartbeatAck>, Status> {
-        self.coord.heartbeat(req.into_inner()).map(Response::new).map_err(|e| to_status(&e))
+        self.coord.heartbeat(Heartbeat::from(req.get_ref())).map(Response::new).map_err(|e| to_status(&e))
     }
 
     async fn report_fault(&self, req: Request<FaultReport>) -> Result<Response<FaultAck>, Status> {
-        self.coord.report_fault(req.into_inner()).await.map(Response::new).map_err(|e| to_status(&e))
+        let fault = Fault::try_from(req.get_ref()).map_err(|e| to_status(&e))?;
+        self.coord.report_fault(fault).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
     async fn vote_durable(&self, req: Request<DurableVote>) -> Result<Response<VoteAck>, Status> {
-        self.coord
-            .vote(req.into_inner())
-            .await
-            .map(|committed| Response::new(VoteAck { committed }))
-            .map_err(|e| to_status(&e))
+        let vote = ShardVote::try_from(req.get_ref()).map_err(|e| to_status(&e))?;
+        self.coord.vote(vote).await.map(|committed| Response::new(VoteAck { committed })).map_err(|e| to_status(&e))
     }
 
     type CommandsStream = CommandStream;
 
     async fn commands(&self, req: Request<CommandsRequest>) -> Result<Response<CommandStream>, Status> {
-        let rx = self.coord.subscribe(req.into_inner()).map_err(|e| to_status(&e))?;
+        let subscription = Subscription::try_from(req.get_ref()).map_err(|e| to_status(&e))?;
+        let rx = self.coord.subscribe(subscription).map_err(|e| to_status(&e))?;
         let stream: CommandStream = Box::pin(ReceiverStream::new(rx).map(Ok));
         Ok(Response::new(stream))
     }

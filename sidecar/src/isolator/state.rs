@@ -4,7 +4,7 @@
 //! performs the side effects that go with each transition (isolate, snapshot-now, restore). Keeping
 //! it free of I/O lets every transition be tested exhaustively here.
 
-use ckptd_proto::v1::FaultAction;
+use crate::health::Action;
 
 /// Where a job is in its fault-recovery cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,7 +58,7 @@ impl JobState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// An agent reported a fault with this action.
-    Fault(FaultAction),
+    Fault(Action),
     /// The faulty node is isolated, or needs no isolation, or the circuit breaker refused it.
     Isolated,
     /// Every healthy rank's emergency snapshot settled (committed or aborted) or the bound passed.
@@ -68,31 +68,24 @@ pub enum Event {
 }
 
 /// Whether a fault action leads to a coordinated restore.
-pub fn needs_restore(action: FaultAction) -> bool {
-    matches!(action, FaultAction::RestartJob | FaultAction::ResetGpu | FaultAction::DrainNode | FaultAction::RebootNode)
+pub fn needs_restore(action: Action) -> bool {
+    matches!(action, Action::RestartJob | Action::ResetGpu | Action::DrainNode | Action::RebootNode)
 }
 
 /// Whether a fault action isolates the node (cordon, taint, delete the pod) before the restore.
-pub fn needs_isolation(action: FaultAction) -> bool {
-    matches!(action, FaultAction::ResetGpu | FaultAction::DrainNode | FaultAction::RebootNode)
+pub fn needs_isolation(action: Action) -> bool {
+    matches!(action, Action::ResetGpu | Action::DrainNode | Action::RebootNode)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ACTIONS: [FaultAction; 6] = [
-        FaultAction::Unspecified,
-        FaultAction::Ignore,
-        FaultAction::RestartJob,
-        FaultAction::ResetGpu,
-        FaultAction::DrainNode,
-        FaultAction::RebootNode,
-    ];
+    const ACTIONS: [Action; 5] = Action::ALL;
 
     #[test]
     fn full_cycle_returns_to_running() {
-        let s = JobState::Running.on(Event::Fault(FaultAction::DrainNode)).unwrap();
+        let s = JobState::Running.on(Event::Fault(Action::DrainNode)).unwrap();
         assert_eq!(s, JobState::Degraded);
         let s = s.on(Event::Isolated).unwrap();
         assert_eq!(s, JobState::Evacuating);
@@ -107,9 +100,9 @@ mod tests {
             let next = JobState::Running.on(Event::Fault(a));
             assert_eq!(next.is_some(), needs_restore(a), "{a:?}");
         }
-        assert!(!needs_restore(FaultAction::Ignore));
-        assert!(needs_isolation(FaultAction::RebootNode));
-        assert!(!needs_isolation(FaultAction::RestartJob));
+        assert!(!needs_restore(Action::Ignore));
+        assert!(needs_isolation(Action::RebootNode));
+        assert!(!needs_isolation(Action::RestartJob));
     }
 
     #[test]
@@ -119,8 +112,8 @@ mod tests {
                 assert_eq!(s.on(Event::Fault(a)), None);
             }
         }
-        assert_eq!(JobState::Restoring.on(Event::Fault(FaultAction::ResetGpu)), Some(JobState::Degraded));
-        assert_eq!(JobState::Restoring.on(Event::Fault(FaultAction::Ignore)), None);
+        assert_eq!(JobState::Restoring.on(Event::Fault(Action::ResetGpu)), Some(JobState::Degraded));
+        assert_eq!(JobState::Restoring.on(Event::Fault(Action::Ignore)), None);
     }
 
     #[test]

@@ -7,23 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use ckpt_core::arena::MAX_SLOTS;
 use serde::Deserialize;
 
 use super::quantity::{Cpu, Memory};
+use super::value::{is_dns_subdomain, parse_isolator, parse_store};
 use crate::{Error, Result};
-
-/// Environment variable (and flag `--config`): the webhook's YAML configuration file.
-pub const ENV_CONFIG: &str = "CKPTD_WEBHOOK_CONFIG";
-/// Environment variable (and flag `--agent-image`): the image of the injected agent.
-pub const ENV_AGENT_IMAGE: &str = "CKPTD_AGENT_IMAGE";
-/// Environment variable (and flag `--listen`): the HTTPS address.
-pub const ENV_LISTEN: &str = "CKPTD_WEBHOOK_LISTEN";
-/// Environment variable (and flag `--tls-cert`): the serving certificate chain (PEM).
-pub const ENV_TLS_CERT: &str = "CKPTD_WEBHOOK_TLS_CERT";
-/// Environment variable (and flag `--tls-key`): the serving key (PEM).
-pub const ENV_TLS_KEY: &str = "CKPTD_WEBHOOK_TLS_KEY";
-/// Environment variable (and flag `--cert-reload-interval`): how often the certificate files are read.
-pub const ENV_CERT_RELOAD_INTERVAL: &str = "CKPTD_WEBHOOK_CERT_RELOAD_INTERVAL";
 
 /// Everything `mutate` needs besides the pod. Built from `--agent-image` and the `--config` file.
 #[derive(Debug, Clone)]
@@ -43,8 +32,7 @@ impl Config {
     /// Reads and checks the YAML file at `path`.
     pub fn load(agent_image: impl Into<String>, path: &Path) -> Result<Config> {
         let what = format!("--config {}", path.display());
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config { what: what.clone(), reason: format!("cannot read it: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::unreadable(what.clone(), path, &e))?;
         Config::from_yaml(agent_image, &text).map_err(|e| match e {
             Error::Config { reason, .. } => Error::Config { what, reason },
             other => other,
@@ -56,8 +44,7 @@ impl Config {
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
-            serde_yaml_ng::from_str(text)
-                .map_err(|e| Error::Config { what: "webhook configuration".into(), reason: e.to_string() })?
+            serde_yaml_ng::from_str(text).map_err(|e| Error::unparsable("webhook configuration", &e))?
         };
         let cfg = Config { agent_image: agent_image.into(), file };
         cfg.validate()?;
@@ -73,18 +60,18 @@ impl Config {
         }
         let f = &self.file;
         if let Some(store) = &f.store {
-            super::annotations::parse_store(store).map_err(|r| bad("store", r))?;
+            parse_store(store).map_err(|r| bad("store", r))?;
         }
         if let Some(iso) = &f.isolator {
-            super::annotations::parse_isolator(iso).map_err(|r| bad("isolator", r))?;
+            parse_isolator(iso).map_err(|r| bad("isolator", r))?;
         }
         let max = Memory::parse(&f.max_arena_size).map_err(|r| bad("maxArenaSize", r))?;
         let arena = Memory::parse(&f.arena_size).map_err(|r| bad("arenaSize", r))?;
         if arena.bytes() > max.bytes() {
             return Err(bad("arenaSize", format!("{} is above maxArenaSize {}", f.arena_size, f.max_arena_size)));
         }
-        if !(1..=super::annotations::MAX_SLOTS).contains(&f.slots) {
-            return Err(bad("slots", format!("must be 1 to {}, got {}", super::annotations::MAX_SLOTS, f.slots)));
+        if !(1..=MAX_SLOTS).contains(&f.slots) {
+            return Err(bad("slots", format!("must be 1 to {MAX_SLOTS}, got {}", f.slots)));
         }
         Memory::parse(&f.shared_volume_size).map_err(|r| bad("sharedVolumeSize", r))?;
         if f.flight_recorder_entries == 0 {
@@ -106,7 +93,7 @@ impl Config {
             check_resource(name, q).map_err(|r| bad("agentResources.limits", r))?;
         }
         if let Some(secret) = &f.isolator_token_secret {
-            if !super::annotations::is_dns_subdomain(&secret.name) || secret.key.is_empty() {
+            if !is_dns_subdomain(&secret.name) || secret.key.is_empty() {
                 return Err(bad(
                     "isolatorTokenSecret",
                     "needs `name` (a Secret in the pod's namespace) and `key`".into(),

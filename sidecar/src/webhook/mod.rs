@@ -1,4 +1,4 @@
-//! The mutating admission webhook (issue #7): injects the agent into training pods that opt in.
+//! The mutating admission webhook: injects the agent into training pods that opt in.
 //!
 //! Users label a pod template, or a PyTorchJob, JobSet or Job ([`templates`]), `ckptd.io/inject: "true"`
 //! instead of editing their pods; the webhook adds
@@ -17,6 +17,7 @@ pub mod quantity;
 pub mod server;
 pub mod templates;
 pub mod tls;
+pub mod value;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use std::time::Duration;
 pub use config::Config;
 pub use mutate::{Denial, mutate};
 
-use crate::{Error, Result};
+use crate::{Error, Result, env};
 
 /// Command-line flags of `ckptd webhook`. Without a subcommand it serves; `gen-cert` writes a CA and a
 /// serving certificate for clusters without cert-manager.
@@ -37,22 +38,22 @@ pub struct WebhookArgs {
     #[command(subcommand)]
     pub command: Option<WebhookCommand>,
     /// Address to serve HTTPS on.
-    #[arg(long, env = config::ENV_LISTEN, default_value = "0.0.0.0:8443")]
+    #[arg(long, env = env::ENV_WEBHOOK_LISTEN, default_value = "0.0.0.0:8443")]
     pub listen: String,
     /// Serving certificate chain (PEM). Reloaded when the file changes.
-    #[arg(long, env = config::ENV_TLS_CERT)]
+    #[arg(long, env = env::ENV_WEBHOOK_TLS_CERT)]
     pub tls_cert: Option<PathBuf>,
     /// Serving private key (PEM). Reloaded when the file changes.
-    #[arg(long, env = config::ENV_TLS_KEY)]
+    #[arg(long, env = env::ENV_WEBHOOK_TLS_KEY)]
     pub tls_key: Option<PathBuf>,
     /// Image of the injected agent container, e.g. registry.example.com/ckptd:0.1.0.
-    #[arg(long, env = config::ENV_AGENT_IMAGE)]
+    #[arg(long, env = env::ENV_AGENT_IMAGE)]
     pub agent_image: Option<String>,
     /// YAML file with the cluster defaults (store, arena size, slots, isolator, agent resources).
-    #[arg(long, env = config::ENV_CONFIG)]
+    #[arg(long, env = env::ENV_WEBHOOK_CONFIG)]
     pub config: Option<PathBuf>,
     /// How often the certificate files are checked for a change.
-    #[arg(long, env = config::ENV_CERT_RELOAD_INTERVAL, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = env::ENV_WEBHOOK_CERT_RELOAD_INTERVAL, default_value = "10s", value_parser = humantime::parse_duration)]
     pub cert_reload_interval: Duration,
 }
 
@@ -113,7 +114,7 @@ pub fn run(args: WebhookArgs) -> Result<()> {
         .thread_name("ckptd-webhook")
         .enable_all()
         .build()
-        .map_err(|e| Error::Config { what: "tokio runtime".into(), reason: e.to_string() })?;
+        .map_err(|e| Error::Runtime { what: "start the webhook runtime", reason: e.to_string() })?;
     rt.block_on(async move {
         let listener = server::bind(&args.listen).await?;
         tracing::info!(listen = %args.listen, "webhook serving");
@@ -151,7 +152,7 @@ async fn shutdown_signal() {
 }
 
 fn gen_cert(g: &GenCertArgs) -> Result<()> {
-    if !annotations::is_dns_subdomain(&g.service) || !annotations::is_dns_subdomain(&g.namespace) {
+    if !value::is_dns_subdomain(&g.service) || !value::is_dns_subdomain(&g.namespace) {
         return Err(Error::Config {
             what: "gen-cert".into(),
             reason: "--service and --namespace must be Kubernetes names (lowercase letters, digits, `-`)".into(),

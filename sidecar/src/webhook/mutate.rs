@@ -15,11 +15,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
 
-use super::annotations::{self, PodSettings};
+use super::annotations::{self, LABEL_INJECT, PodSettings};
 use super::config::Config;
+use crate::env;
 
-/// The opt-in label: only pods with `ckptd.io/inject: "true"` are changed.
-pub const LABEL_INJECT: &str = "ckptd.io/inject";
 /// The injected agent container's name; its presence marks a pod as already injected.
 pub const AGENT_CONTAINER: &str = "ckptd-agent";
 /// The arena volume (memory-backed emptyDir).
@@ -99,7 +98,7 @@ pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
         let add: Vec<EnvVar> = trainer_env
             .iter()
             .filter(|e| !set.contains(e.name.as_str()))
-            .filter(|e| tuning_allowed || e.name.starts_with("CKPTD_"))
+            .filter(|e| tuning_allowed || e.name.starts_with(env::PREFIX))
             .cloned()
             .collect();
         append(&mut ops, &["spec", "containers", &index, "env"], c.env.is_some(), add);
@@ -206,9 +205,9 @@ fn field(name: &str, path: &str) -> EnvVar {
 /// The variables every training container gets, unless it sets them itself.
 fn trainer_env(s: &PodSettings, cfg: &Config) -> Vec<EnvVar> {
     vec![
-        literal("CKPTD_SOCKET", SOCKET_PATH),
-        literal("CKPTD_JOB", &s.job),
-        literal("CKPTD_ARENA_DIR", ARENA_DIR),
+        literal(env::ENV_SOCKET, SOCKET_PATH),
+        literal(env::ENV_JOB, &s.job),
+        literal(env::ENV_ARENA_DIR, ARENA_DIR),
         literal("NCCL_DEBUG", "WARN"),
         literal("NCCL_DEBUG_FILE", NCCL_DEBUG_FILE),
         literal("TORCH_NCCL_TRACE_BUFFER_SIZE", cfg.file.flight_recorder_entries.to_string()),
@@ -287,18 +286,18 @@ fn ranks(pod: &Pod, s: &PodSettings) -> Option<(String, u64)> {
 
 fn agent(pod: &Pod, s: &PodSettings, cfg: &Config) -> Container {
     let mut env = vec![
-        literal("CKPTD_SOCKET", SOCKET_PATH),
-        literal("CKPTD_ARENA_DIR", ARENA_DIR),
-        literal("CKPTD_STORE", &s.store),
-        literal("CKPTD_JOB", &s.job),
-        literal("CKPTD_SLOTS", s.slots.to_string()),
-        literal("CKPTD_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
+        literal(env::ENV_SOCKET, SOCKET_PATH),
+        literal(env::ENV_ARENA_DIR, ARENA_DIR),
+        literal(env::ENV_STORE, &s.store),
+        literal(env::ENV_JOB, &s.job),
+        literal(env::ENV_SLOTS, s.slots.to_string()),
+        literal(env::ENV_METRICS_ADDR, format!("0.0.0.0:{METRICS_PORT}")),
     ];
     let mut mounts = shared_mounts();
     if let Some(iso) = &s.isolator {
-        env.push(literal("CKPTD_ISOLATOR", iso));
+        env.push(literal(env::ENV_ISOLATOR, iso));
         if let Some(secret) = &cfg.file.isolator_token_secret {
-            env.push(literal("CKPTD_ISOLATOR_TOKEN_FILE", format!("{TOKEN_DIR}/{}", secret.key)));
+            env.push(literal(env::ENV_ISOLATOR_TOKEN_FILE, format!("{TOKEN_DIR}/{}", secret.key)));
             mounts.push(VolumeMount {
                 name: VOLUME_TOKEN.into(),
                 mount_path: TOKEN_DIR.into(),
@@ -308,16 +307,16 @@ fn agent(pod: &Pod, s: &PodSettings, cfg: &Config) -> Container {
         }
     }
     if let Some((ranks, world)) = ranks(pod, s) {
-        env.push(literal("CKPTD_RANKS", ranks));
-        env.push(literal("CKPTD_WORLD_SIZE", world.to_string()));
+        env.push(literal(env::ENV_RANKS, ranks));
+        env.push(literal(env::ENV_WORLD_SIZE, world.to_string()));
     }
     env.extend([
         literal("NCCL_DEBUG_FILE", NCCL_DEBUG_FILE),
         literal("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", FLIGHT_RECORDER_PREFIX),
-        field("CKPTD_NODE_NAME", "spec.nodeName"),
-        field("CKPTD_POD_NAME", "metadata.name"),
-        field("CKPTD_POD_NAMESPACE", "metadata.namespace"),
-        field("CKPTD_POD_UID", "metadata.uid"),
+        field(env::ENV_NODE_NAME, "spec.nodeName"),
+        field(env::ENV_POD_NAME, "metadata.name"),
+        field(env::ENV_POD_NAMESPACE, "metadata.namespace"),
+        field(env::ENV_POD_UID, "metadata.uid"),
     ]);
     if let Ok(Some(m)) = store_mount(pod, s) {
         mounts.push(m);

@@ -20,7 +20,7 @@ impl Memory {
         let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, suffix) = s.split_at(digits_end);
         if digits.is_empty() || digits.len() > 20 {
-            return Err(format!("`{}` is not {MEMORY_FORM}", super::annotations::shown(s)));
+            return Err(format!("`{}` is not {MEMORY_FORM}", super::value::shown(s)));
         }
         let mult: u64 = match suffix {
             "" => 1,
@@ -34,14 +34,14 @@ impl Memory {
             "G" => 1_000_000_000,
             "T" => 1_000_000_000_000,
             "P" => 1_000_000_000_000_000,
-            _ => return Err(format!("`{}` is not {MEMORY_FORM}", super::annotations::shown(s))),
+            _ => return Err(format!("`{}` is not {MEMORY_FORM}", super::value::shown(s))),
         };
         digits
             .parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(mult))
             .map(Memory)
-            .ok_or_else(|| format!("`{}` is too large: use {MEMORY_FORM}", super::annotations::shown(s)))
+            .ok_or_else(|| format!("`{}` is too large: use {MEMORY_FORM}", super::value::shown(s)))
     }
 
     /// The size in bytes.
@@ -57,7 +57,7 @@ pub struct Cpu(u64);
 impl Cpu {
     /// Parses `s`, or says what is wrong with it.
     pub fn parse(s: &str) -> Result<Cpu, String> {
-        let bad = || format!("`{}` is not {CPU_FORM}", super::annotations::shown(s));
+        let bad = || format!("`{}` is not {CPU_FORM}", super::value::shown(s));
         let all_digits = |t: &str| !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit());
         let milli = if let Some(m) = s.strip_suffix('m') {
             if !all_digits(m) {

@@ -225,9 +225,11 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
     r
 }
 
-/// Binds `addr`; a bad or busy address is a configuration error.
+/// Binds `addr` (`--listen`).
 pub async fn bind(addr: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Config { what: format!("--listen {addr}"), reason: format!("cannot listen: {e}") })
+    TcpListener::bind(addr).await.map_err(|source| Error::Listen {
+        what: "the webhook's HTTPS (--listen)",
+        addr: addr.to_string(),
+        source,
+    })
 }

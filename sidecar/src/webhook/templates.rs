@@ -11,7 +11,7 @@
 use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
 use serde_json::{Map, Value};
 
-use super::mutate::LABEL_INJECT;
+use super::annotations::LABEL_INJECT;
 
 /// The job kinds whose pod templates are labelled, by API group and kind.
 pub const JOB_KINDS: [(&str, &str); 3] =

@@ -108,9 +108,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
-    let read = |flag: &str, p: &Path| {
-        std::fs::read(p).map_err(|e| Error::Config { what: format!("{flag} {}", p.display()), reason: e.to_string() })
-    };
+    let read = |flag: &str, p: &Path| std::fs::read(p).map_err(|e| Error::unreadable(flag, p, &e));
     Ok((read("--tls-cert", cert)?, read("--tls-key", key)?))
 }
 
