@@ -25,7 +25,7 @@ type PyTensor = (String, String, Vec<u64>, u64, i64);
 type StoredTensor = (String, String, Vec<u64>);
 
 fn invalid_config(field: &'static str, reason: String) -> PyErr {
-    core_to_py(ckpt_core::Error::InvalidConfig { field, reason })
+    to_py(ckptd::Error::Config { what: field.into(), reason })
 }
 
 fn tensor_refs(tensors: Vec<PyTensor>) -> PyResult<Vec<TensorRef>> {
@@ -265,18 +265,9 @@ impl PyCheckpointer {
     /// or `None`.
     #[pyo3(signature = (step, phase="step"))]
     fn heartbeat(&self, py: Python<'_>, step: u64, phase: &str) -> PyResult<Option<u64>> {
-        let phase = match phase {
-            "init" => Phase::Init,
-            "step" => Phase::Step,
-            "checkpoint-save" => Phase::CheckpointSave,
-            "checkpoint-load" => Phase::CheckpointLoad,
-            other => {
-                return Err(invalid_config(
-                    "phase",
-                    format!("`{other}` is not one of init, step, checkpoint-save, checkpoint-load"),
-                ));
-            }
-        };
+        let phase = phase.parse::<Phase>().map_err(|_| {
+            invalid_config("phase", format!("`{phase}` is not one of init, step, checkpoint-save, checkpoint-load"))
+        })?;
         let ck = self.get()?;
         py.detach(|| ck.heartbeat(step, phase)).map_err(to_py)
     }

@@ -105,11 +105,11 @@ fn class_of(kind: ErrorKind) -> Class {
             CoreKind::Corrupt => Class::Corrupt,
             CoreKind::Mismatch => Class::Mismatch,
             CoreKind::Transient | CoreKind::Storage | CoreKind::Conflict => Class::Store,
+            CoreKind::ArenaFull => Class::ArenaFull,
             // Unsupported format versions, commit deadlines and abandoned work have no class of
             // their own: the message says what happened.
             _ => Class::Base,
         },
-        ErrorKind::ArenaFull => Class::ArenaFull,
         ErrorKind::AgentUnavailable => Class::Agent,
         ErrorKind::NoCheckpoint => Class::NoCheckpoint,
         ErrorKind::Closed => Class::Closed,
@@ -160,7 +160,7 @@ mod tests {
             (ErrorKind::Core(CoreKind::Timeout), Class::Base),
             (ErrorKind::Core(CoreKind::Unsupported), Class::Base),
             (ErrorKind::Core(CoreKind::Cancelled), Class::Base),
-            (ErrorKind::ArenaFull, Class::ArenaFull),
+            (ErrorKind::Core(CoreKind::ArenaFull), Class::ArenaFull),
             (ErrorKind::AgentUnavailable, Class::Agent),
             (ErrorKind::NoCheckpoint, Class::NoCheckpoint),
             (ErrorKind::Closed, Class::Closed),

@@ -9,8 +9,6 @@ use std::sync::Arc;
 pub enum ErrorKind {
     /// A failure inside the engine, with its own kind.
     Core(ckpt_core::ErrorKind),
-    /// The arena cannot hold the state (too little memory-backed space, or slots exhausted).
-    ArenaFull,
     /// The sidecar agent cannot be reached.
     AgentUnavailable,
     /// No checkpoint exists to load.
@@ -49,12 +47,6 @@ pub enum Error {
     /// The engine failed.
     #[error(transparent)]
     Core(#[from] ckpt_core::Error),
-    /// The arena has no room for the state.
-    #[error("arena full: {reason}")]
-    ArenaFull {
-        /// What did not fit and what to change.
-        reason: String,
-    },
     /// The agent's socket does not answer.
     #[error("no ckptd agent at {}: {reason} (is the sidecar running? unset CKPTD_SOCKET for embedded mode)", socket.display())]
     AgentUnavailable {
@@ -79,16 +71,6 @@ pub enum Error {
         /// The failure, shared by every handle of the save.
         #[source]
         source: Arc<Error>,
-    },
-    /// Rank 0 did not commit a step this rank wrote in time.
-    #[error(
-        "step {step} was not committed within {waited_ms} ms of this rank's shard being durable: rank 0 failed or is slow; the previous step stays latest"
-    )]
-    CommitTimeout {
-        /// The step.
-        step: u64,
-        /// How long this rank waited.
-        waited_ms: u64,
     },
     /// The checkpointer was closed.
     #[error("the checkpointer is closed")]
@@ -256,11 +238,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Core(e) => ErrorKind::Core(e.kind()),
-            Error::ArenaFull { .. } => ErrorKind::ArenaFull,
             Error::AgentUnavailable { .. } => ErrorKind::AgentUnavailable,
             Error::NoCheckpoint { .. } => ErrorKind::NoCheckpoint,
             Error::SaveFailed { source, .. } => source.kind(),
-            Error::CommitTimeout { .. } => ErrorKind::Core(ckpt_core::ErrorKind::Timeout),
             Error::Closed => ErrorKind::Closed,
             Error::Config { .. } => ErrorKind::Config,
             Error::Agent { kind, .. } => *kind,
@@ -297,8 +277,8 @@ impl ErrorKind {
             ErrorKind::Core(K::Timeout) => "timeout",
             ErrorKind::Core(K::Cancelled) => "cancelled",
             ErrorKind::Core(K::Device) => "device",
+            ErrorKind::Core(K::ArenaFull) => "arena_full",
             ErrorKind::Core(_) => "core",
-            ErrorKind::ArenaFull => "arena_full",
             ErrorKind::AgentUnavailable => "agent_unavailable",
             ErrorKind::NoCheckpoint => "no_checkpoint",
             ErrorKind::Closed => "closed",
@@ -330,7 +310,7 @@ impl ErrorKind {
             "timeout" => ErrorKind::Core(K::Timeout),
             "cancelled" => ErrorKind::Core(K::Cancelled),
             "device" => ErrorKind::Core(K::Device),
-            "arena_full" => ErrorKind::ArenaFull,
+            "arena_full" => ErrorKind::Core(K::ArenaFull),
             "agent_unavailable" => ErrorKind::AgentUnavailable,
             "no_checkpoint" => ErrorKind::NoCheckpoint,
             "closed" => ErrorKind::Closed,

@@ -51,9 +51,10 @@ pub fn code_of(kind: ErrorKind) -> Code {
             K::Transient => Code::Unavailable,
             K::Timeout => Code::DeadlineExceeded,
             K::Cancelled => Code::Aborted,
+            K::ArenaFull => Code::ResourceExhausted,
             _ => Code::Internal,
         },
-        ErrorKind::ArenaFull | ErrorKind::Busy => Code::ResourceExhausted,
+        ErrorKind::Busy => Code::ResourceExhausted,
         ErrorKind::NoCheckpoint | ErrorKind::UnknownJob => Code::NotFound,
         ErrorKind::Config | ErrorKind::InvalidRequest => Code::InvalidArgument,
         ErrorKind::Stale => Code::FailedPrecondition,
@@ -157,7 +158,7 @@ mod tests {
             ErrorKind::Core(K::Timeout),
             ErrorKind::Core(K::Cancelled),
             ErrorKind::Core(K::Device),
-            ErrorKind::ArenaFull,
+            ErrorKind::Core(K::ArenaFull),
             ErrorKind::AgentUnavailable,
             ErrorKind::NoCheckpoint,
             ErrorKind::Closed,
@@ -175,7 +176,6 @@ mod tests {
         for k in &all {
             match k {
                 ErrorKind::Core(_)
-                | ErrorKind::ArenaFull
                 | ErrorKind::AgentUnavailable
                 | ErrorKind::NoCheckpoint
                 | ErrorKind::Closed
@@ -222,7 +222,7 @@ mod tests {
             (ErrorKind::Core(K::Timeout), Code::DeadlineExceeded),
             (ErrorKind::Core(K::Cancelled), Code::Aborted),
             (ErrorKind::Core(K::Device), Code::Internal),
-            (ErrorKind::ArenaFull, Code::ResourceExhausted),
+            (ErrorKind::Core(K::ArenaFull), Code::ResourceExhausted),
             (ErrorKind::AgentUnavailable, Code::Unavailable),
             (ErrorKind::NoCheckpoint, Code::NotFound),
             (ErrorKind::Closed, Code::Unavailable),
@@ -247,7 +247,7 @@ mod tests {
     fn errors_keep_their_kind_and_message_across_the_wire() {
         let errors = [
             Error::NoCheckpoint { job: "j".into(), store: "file:///x".into() },
-            Error::ArenaFull { reason: "no room".into() },
+            Error::Core(ckpt_core::Error::ArenaFull { reason: "no room".into() }),
             Error::Core(ckpt_core::Error::StateMismatch { step: 3, problems: vec!["`w`: shape".into()] }),
             Error::Config { what: "slots".into(), reason: "0".into() },
             Error::StaleGeneration { job: "j".into(), got: 1, current: 2 },

@@ -31,48 +31,8 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 use rank::Rank;
 
+use crate::env::*;
 use crate::error::{Error, Result};
-
-/// Environment variable: the socket path (`--socket`).
-pub const ENV_SOCKET: &str = "CKPTD_SOCKET";
-/// Environment variable: the arena directory (`--arena-dir`).
-pub const ENV_ARENA_DIR: &str = "CKPTD_ARENA_DIR";
-/// Environment variable: the store URL (`--store`).
-pub const ENV_STORE: &str = "CKPTD_STORE";
-/// Environment variable: the job name (`--job`).
-pub const ENV_JOB: &str = "CKPTD_JOB";
-/// Environment variable: arena slots per rank (`--slots`).
-pub const ENV_SLOTS: &str = "CKPTD_SLOTS";
-/// Environment variable: the metrics listen address (`--metrics-addr`).
-pub const ENV_METRICS_ADDR: &str = "CKPTD_METRICS_ADDR";
-/// Environment variable: ranks to prefetch at start-up (`--ranks`).
-pub const ENV_RANKS: &str = "CKPTD_RANKS";
-/// Environment variable: the job's world size (`--world-size`).
-pub const ENV_WORLD_SIZE: &str = "CKPTD_WORLD_SIZE";
-/// Environment variable: the shutdown grace period (`--grace-period`).
-pub const ENV_GRACE_PERIOD: &str = "CKPTD_GRACE_PERIOD";
-/// Environment variable: chunk compression (`--compression`).
-pub const ENV_COMPRESSION: &str = "CKPTD_COMPRESSION";
-/// Environment variable: how long a rank waits for a step's commit (`--commit-timeout`).
-pub const ENV_COMMIT_TIMEOUT: &str = "CKPTD_COMMIT_TIMEOUT";
-/// Environment variable: committed steps to keep (`--keep`).
-pub const ENV_KEEP: &str = "CKPTD_KEEP";
-/// Environment variable: the isolator's URL (`--isolator`).
-pub const ENV_ISOLATOR: &str = "CKPTD_ISOLATOR";
-/// Environment variable: file holding the bearer token for the isolator (`--isolator-token-file`).
-pub const ENV_ISOLATOR_TOKEN_FILE: &str = "CKPTD_ISOLATOR_TOKEN_FILE";
-/// Environment variable: CA bundle that signs the isolator's certificate (`--isolator-ca`).
-pub const ENV_ISOLATOR_CA: &str = "CKPTD_ISOLATOR_CA";
-/// Environment variable: client certificate for mTLS to the isolator (`--isolator-cert`).
-pub const ENV_ISOLATOR_CERT: &str = "CKPTD_ISOLATOR_CERT";
-/// Environment variable: client key for mTLS to the isolator (`--isolator-key`).
-pub const ENV_ISOLATOR_KEY: &str = "CKPTD_ISOLATOR_KEY";
-/// Environment variable (downward API): the node the pod runs on.
-pub const ENV_NODE_NAME: &str = "CKPTD_NODE_NAME";
-/// Environment variable (downward API): the pod's name.
-pub const ENV_POD_NAME: &str = "CKPTD_POD_NAME";
-/// Environment variable (downward API): the pod's namespace.
-pub const ENV_POD_NAMESPACE: &str = "CKPTD_POD_NAMESPACE";
 
 /// Command-line flags of `ckptd agent`; each is also an environment variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -238,7 +198,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .thread_name("ckptd-agent")
         .enable_all()
         .build()
-        .map_err(|e| ckpt_core::Error::Cancelled { reason: format!("cannot start the runtime: {e}") })?;
+        .map_err(|e| Error::Runtime { what: "start the agent runtime", reason: e.to_string() })?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let shutdown = CancellationToken::new();
@@ -340,13 +300,13 @@ async fn serve(
                 grace_s = grace.as_secs(),
                 "persists still running at the end of the grace period; exiting"
             );
-            return Err(ckpt_core::Error::Cancelled {
-                reason: format!("persists did not finish within the {}s grace period", grace.as_secs()),
-            }
-            .into());
+            return Err(Error::Timeout {
+                what: "the persists of the grace period".into(),
+                waited_ms: grace.as_millis() as u64,
+            });
         }
     }
-    served.map_err(|e| ckpt_core::Error::Cancelled { reason: format!("the trainer socket server failed: {e}") }.into())
+    served.map_err(|e| Error::Serve { what: "the trainer socket", reason: e.to_string() })
 }
 
 async fn wait_for_signal() {
@@ -493,7 +453,7 @@ impl Agent {
 
     /// A trainer heartbeat: feeds the health controller and, rate-limited to step changes, the
     /// isolator (with the time the last step took).
-    fn on_heartbeat(self: &Arc<Self>, rank: &Rank, step: u64, phase: ckptd_proto::v1::Phase) {
+    fn on_heartbeat(self: &Arc<Self>, rank: &Rank, step: u64, phase: Option<ckpt_core::Phase>) {
         if let Some(h) = &self.health {
             h.heartbeat(rank.rank, step, phase);
         }
@@ -618,10 +578,10 @@ impl Agent {
         let limit = self.engine.config().commit.deadline + Duration::from_secs(60);
         match tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await {
             Ok(_) => Ok(()),
-            Err(_) => Err(ckpt_core::Error::Cancelled {
-                reason: format!("rank {}'s persists did not finish within {}s", rank.rank, limit.as_secs()),
-            }
-            .into()),
+            Err(_) => Err(Error::Timeout {
+                what: format!("rank {}'s persists", rank.rank),
+                waited_ms: limit.as_millis() as u64,
+            }),
         }
     }
 

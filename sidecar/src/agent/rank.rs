@@ -50,7 +50,7 @@ pub(super) struct RankInner {
     pub last_durable: Option<u64>,
     /// Snapshot request sent to the trainer and not answered yet.
     pub pending_request: Option<u64>,
-    pub last_heartbeat: Option<(u64, pb::Phase)>,
+    pub last_heartbeat: Option<(u64, Option<ckpt_core::Phase>)>,
     /// (step, when first seen) of the newest heartbeat step, for step times.
     pub step_clock: Option<(u64, Instant)>,
     /// The isolator rolled the job back to this step, and the trainer has not loaded it yet:
@@ -95,7 +95,7 @@ impl Rank {
         let worker = std::thread::Builder::new()
             .name(format!("ckpt-persist-r{rank}"))
             .spawn(move || persist_loop(weak, me, rx))
-            .map_err(|e| ckpt_core::Error::Cancelled { reason: format!("cannot start a persist thread: {e}") })?;
+            .map_err(|e| Error::Runtime { what: "start a persist thread", reason: e.to_string() })?;
         *r.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
         Ok(r)
     }

@@ -317,7 +317,7 @@ impl Trainer for Service {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
         let req = req.into_inner();
         let rank = self.session(req.session)?;
-        let phase = pb::Phase::try_from(req.phase).unwrap_or(pb::Phase::Unspecified);
+        let phase = ckptd_proto::phase_from_wire(req.phase).ok();
         self.agent.on_heartbeat(&rank, req.step, phase);
         let mut inner = rank.lock();
         inner.last_heartbeat = Some((req.step, phase));

@@ -1,7 +1,7 @@
 //! Embedded mode: the training process owns its arena and persists from its own thread, through
 //! the same slot lifecycle as the agent ([`ckpt_core::slots`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ckpt_core::Engine;
@@ -30,7 +30,9 @@ impl Embedded {
             Some(url) => url,
             None => {
                 let dir = std::env::current_dir()
-                    .map_err(|e| ckpt_core::Error::Io { op: "getcwd", path: ".".into(), source: e })?
+                    .map_err(|e| {
+                        Error::unreadable("the working directory (for the default store)", Path::new("."), &e)
+                    })?
                     .join(DEFAULT_LOCAL_STORE);
                 format!("file://{}", dir.display())
             }
@@ -48,9 +50,10 @@ impl Embedded {
     pub(super) fn persist(&self, cfg: &CheckpointerConfig, arena: &Arc<Arena>, slot: u32) -> Result<()> {
         if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
             arena.release(slot);
-            return Err(
-                ckpt_core::Error::Cancelled { reason: format!("slot {slot} was taken before persisting") }.into()
-            );
+            return Err(Error::Busy {
+                what: "the arena slot",
+                reason: format!("slot {slot} was taken before persisting"),
+            });
         }
         let owner = SlotOwner { job: &cfg.job, rank: cfg.rank, world_size: cfg.world_size, keep: 0 };
         slots::persist::<Error>(&self.engine, arena, slot, owner, CommitPolicy::Storage, false, &|| None)?;

@@ -181,10 +181,10 @@ impl Link {
     }
 
     /// Reports progress; returns the id of a snapshot the agent requested, if any.
-    pub(crate) fn heartbeat(&self, step: u64, phase: pb::Phase) -> Result<Option<u64>> {
+    pub(crate) fn heartbeat(&self, step: u64, phase: ckpt_core::Phase) -> Result<Option<u64>> {
         self.check_alive()?;
         let mut c = self.client.clone();
-        let req = pb::HeartbeatRequest { session: self.attached.session, step, phase: phase as i32 };
+        let req = pb::HeartbeatRequest { session: self.attached.session, step, phase: pb::Phase::from(phase) as i32 };
         let reply = self
             .rt
             .block_on(c.heartbeat(req))

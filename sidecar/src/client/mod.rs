@@ -26,13 +26,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use ckpt_core::Phase;
 use ckpt_core::arena::{self, Arena};
 use ckpt_core::copy::cuda::{CudaCopy, CudaPinner, cuda_available};
 use ckpt_core::copy::host::HostCopy;
 use ckpt_core::copy::{CopyEngine, CopyTicket, Device, Direction, Region};
 use ckpt_core::slots::{self, ReadHold};
 use ckpt_core::{DType, Engine, EngineConfig, TensorMeta, TensorTable};
-pub use ckptd_proto::v1::Phase;
 
 pub use self::embedded::DEFAULT_LOCAL_STORE;
 pub use self::handle::SaveHandle;
@@ -167,18 +167,16 @@ impl Checkpointer {
     pub fn new(cfg: CheckpointerConfig) -> Result<Checkpointer> {
         ckpt_core::store::layout::validate_job(&cfg.job)?;
         if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(ckpt_core::Error::InvalidConfig {
-                field: "rank",
+            return Err(Error::Config {
+                what: "rank".into(),
                 reason: format!("rank {} is outside world size {}", cfg.rank, cfg.world_size),
-            }
-            .into());
+            });
         }
         if cfg.slots == 0 || cfg.slots > arena::MAX_SLOTS {
-            return Err(ckpt_core::Error::InvalidConfig {
-                field: "slots",
+            return Err(Error::Config {
+                what: "slots".into(),
                 reason: format!("{} is outside 1..={}", cfg.slots, arena::MAX_SLOTS),
-            }
-            .into());
+            });
         }
         let socket = cfg.socket.clone().or_else(|| env::nonempty(env::ENV_SOCKET).map(PathBuf::from));
         let (mode, arena_path) = match socket {
@@ -287,11 +285,10 @@ impl Checkpointer {
     ) -> Result<SaveHandle> {
         let table = TensorTable::packed(tensors.iter().map(TensorRef::meta), ckpt_core::tensor::DEFAULT_ALIGN)?;
         if metadata.len() > ckpt_core::format::MAX_METADATA_LEN as usize {
-            return Err(ckpt_core::Error::InvalidConfig {
-                field: "metadata",
+            return Err(Error::Config {
+                what: "metadata".into(),
                 reason: format!("{} bytes exceed the cap of {}", metadata.len(), ckpt_core::format::MAX_METADATA_LEN),
-            }
-            .into());
+            });
         }
         let started = Instant::now();
         let (arena, slot) = self.slot_for(&table, metadata.len())?;
@@ -479,8 +476,9 @@ impl Checkpointer {
         let cfg = &self.shared.cfg;
         let (arena, slot) = self.slot_for(&header.index.table, header.index.metadata.len())?;
         slots::stage(&m.engine, &arena, slot, &cfg.job, cfg.rank, step, header)?;
-        ReadHold::new(&arena, slot).ok_or_else(|| {
-            ckpt_core::Error::Cancelled { reason: format!("arena slot {slot} changed before it could be read") }.into()
+        ReadHold::new(&arena, slot).ok_or_else(|| Error::Busy {
+            what: "the arena slot",
+            reason: format!("slot {slot} changed before it could be read"),
         })
     }
 

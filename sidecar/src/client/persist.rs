@@ -55,7 +55,7 @@ impl PersistThread {
                     }
                 }
             })
-            .map_err(|e| ckpt_core::Error::Cancelled { reason: format!("cannot start the persist thread: {e}") })?;
+            .map_err(|e| Error::Runtime { what: "start the persist thread", reason: e.to_string() })?;
         Ok(PersistThread { tx: std::sync::Mutex::new(Some(tx)), thread: std::sync::Mutex::new(Some(thread)) })
     }
 

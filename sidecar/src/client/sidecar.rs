@@ -66,8 +66,9 @@ impl Sidecar {
         let reply = self.link.locate(step)?;
         let arena = map(Path::new(&reply.arena_path))?;
         let hold = ReadHold::new(&arena, reply.slot).filter(|h| h.content().step == reply.step).ok_or_else(|| {
-            ckpt_core::Error::Cancelled {
-                reason: format!("arena slot {} changed before it could be read; retry the load", reply.slot),
+            crate::Error::Busy {
+                what: "the arena slot",
+                reason: format!("slot {} changed before it could be read; retry the load", reply.slot),
             }
         })?;
         Ok(Staged { hold, from_storage: reply.from_storage })

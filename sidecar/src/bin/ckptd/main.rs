@@ -10,15 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ckpt_core::Compression;
+use ckptd::env::ENV_LOG;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 mod demo;
-
-/// Environment variable: the filter for the logs written to stderr, in `tracing_subscriber`'s
-/// `EnvFilter` syntax (`info`, `ckpt_core=debug,warn`, ...). Unset means `warn`.
-const ENV_LOG: &str = "CKPTD_LOG";
 
 /// Exit code for a bad configuration (`EX_USAGE` of sysexits.h).
 const EXIT_CONFIG: u8 = 64;
