@@ -18,6 +18,7 @@
 //! Host memory stays bounded by `slots × slot_stride + one page`; nothing else grows with the state.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -129,7 +130,6 @@ pub struct Arena {
 }
 
 fn file_id(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
     let m = file.metadata()?;
     Ok((m.dev(), m.ino()))
 }
@@ -158,6 +158,46 @@ pub fn free_space(dir: &Path) -> Result<(u64, bool)> {
     // SAFETY: read only when statfs returned 0 and so initialised it.
     let memory = rf == 0 && i64::from(unsafe { fs.assume_init() }.f_type as i32) == TMPFS_MAGIC;
     Ok((free, memory))
+}
+
+/// Makes `dir` ready to hold arenas, which hold the training state and must be readable by this
+/// user alone: creates it with mode 0700 when missing, tightens an existing directory of this user
+/// to 0700, and refuses one that is world-writable or owned by another user (anyone who can write
+/// it can swap an arena file under the trainer).
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    let refuse = |reason: String| Error::InvalidConfig { field: "arena_dir", reason };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod 0700", dir, e))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
+    if !meta.is_dir() {
+        return Err(refuse(format!("{} is not a directory", dir.display())));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "{} is owned by uid {}, not by this process's uid {me}: arenas hold the training state, so their \
+             directory must belong to the user that runs ckptd (use a directory of its own, e.g. /dev/shm/ckptd)",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(refuse(format!(
+            "{} is world-writable (mode {:o}): anyone could replace an arena under the trainer; use a \
+             directory of its own, e.g. /dev/shm/ckptd, which ckptd creates with mode 0700",
+            dir.display(),
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod 0700", dir, e))?;
+    }
+    Ok(())
 }
 
 /// Formats a byte count for messages.
@@ -195,7 +235,7 @@ impl Arena {
             .checked_mul(u64::from(cfg.slots))
             .and_then(|v| v.checked_add(HEADER_LEN))
             .ok_or_else(|| Error::InvalidConfig { field: "slot_size", reason: "arena size overflows".into() })?;
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| Error::io("create directory", &cfg.dir, e))?;
+        prepare_dir(&cfg.dir)?;
         let path = cfg.dir.join(&cfg.name);
         if let Ok(existing) = Arena::open(&path)
             && existing.slots == cfg.slots
@@ -228,6 +268,7 @@ impl Arena {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io("create", &tmp, e))?;
         let cleanup = |e: Error| {
@@ -347,7 +388,7 @@ impl Arena {
     }
 
     fn field(&self, slot: u32, at: usize) -> &AtomicU64 {
-        // SAFETY: `at` is one of the 8-byte-aligned offsets 8, 16, 24, 32 inside the 64-byte record;
+        // SAFETY: `at` is one of the 8-byte-aligned offsets 8, 16, 24, 32, 40 inside the 64-byte record;
         // see `word`.
         unsafe { &*(self.record(slot).add(at) as *const AtomicU64) }
     }
@@ -431,6 +472,10 @@ impl Arena {
         unsafe {
             std::ptr::copy_nonoverlapping(d.as_ptr(), (self.slot_addr(slot) + at) as *mut u8, d.len());
         }
+        // SAFETY: we own the slot in the writing state and the caller's copies into it completed;
+        // the region lies inside the slot (`fits` checked it).
+        let region = unsafe { &self.slot_bytes(slot)[..table.total_len() as usize] };
+        self.field(slot, 40).store(REGION_CRC_SET | u64::from(region_crc(region)), Ordering::Relaxed);
         self.field(slot, 8).store(step, Ordering::Relaxed);
         self.field(slot, 16).store(d.len() as u64 | (u64::from(crc) << 32), Ordering::Relaxed);
         self.field(slot, 24).store(table.total_len(), Ordering::Relaxed);
@@ -477,6 +522,36 @@ impl Arena {
         let table = crate::format::decode_tensors(&mut r, count, region_len)?;
         let metadata = r.bytes(meta_len)?.to_vec();
         Ok(SlotContent { slot, step, table, metadata })
+    }
+
+    /// Checks the region of a sealed, persisting, durable or reading slot against the checksum
+    /// recorded when it was sealed: a byte changed in shared memory since (a stray write, a
+    /// hostile process, bad memory) fails with [`Error::Corrupt`] naming the slot. A slot sealed by
+    /// a build that recorded no checksum passes.
+    pub fn verify_region(&self, slot: u32) -> Result<()> {
+        let region_len = self.field(slot, 24).load(Ordering::Relaxed);
+        let recorded = self.field(slot, 40).load(Ordering::Relaxed);
+        if recorded & REGION_CRC_SET == 0 {
+            return Ok(());
+        }
+        let location = || Location { object: format!("{} slot {slot}", self.path.display()), ..Location::default() };
+        if region_len > self.slot_size {
+            return Err(Error::corrupt(location(), format!("region of {region_len} bytes exceeds the slot")));
+        }
+        // SAFETY: the caller holds the slot in a state nobody writes (see `slot_bytes`), and the
+        // length was checked against the slot.
+        let region = unsafe { &self.slot_bytes(slot)[..region_len as usize] };
+        let found = region_crc(region);
+        if u64::from(found) != recorded & 0xffff_ffff {
+            return Err(Error::corrupt(
+                location(),
+                format!(
+                    "region checksum {found:#010x} differs from {:#010x} recorded when the snapshot was sealed",
+                    recorded & 0xffff_ffff
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Marks a persisted slot durable; the previous durable slot (an older memory tier) is freed.
@@ -526,6 +601,30 @@ impl Arena {
         }
         Ok(())
     }
+}
+
+/// Set in a slot record's checksum field when the region's crc32c was recorded at seal time.
+const REGION_CRC_SET: u64 = 1 << 32;
+/// Bytes each thread checksums at once when a region is large.
+const CRC_PIECE: usize = 64 << 20;
+
+/// crc32c of a slot region, in pieces over a few threads for large regions, combined in order.
+fn region_crc(region: &[u8]) -> u32 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    if region.len() <= CRC_PIECE || threads == 1 {
+        return crc32c::crc32c(region);
+    }
+    let per_thread = region.len().div_ceil(threads).next_multiple_of(CRC_PIECE);
+    let parts: Vec<(u32, usize)> = std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            region.chunks(per_thread).map(|part| scope.spawn(move || (crc32c::crc32c(part), part.len()))).collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    if parts.iter().map(|p| p.1).sum::<usize>() != region.len() {
+        // A checksum thread died (it cannot panic, but a lost piece must never pass).
+        return crc32c::crc32c(region);
+    }
+    parts.into_iter().fold(0u32, |acc, (crc, len)| crc32c::crc32c_combine(acc, crc, len))
 }
 
 /// Where a slot's descriptor starts: after the region, 64-byte aligned.
@@ -591,6 +690,71 @@ mod tests {
         let again = Arena::create(&cfg).unwrap();
         assert_eq!(again.newest_durable(), Some(s1));
         assert_eq!(again.state(s), Some(SlotState::Free));
+    }
+
+    #[test]
+    fn arenas_are_private_to_their_user() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("arenas");
+        let t = table();
+        let cfg = ArenaConfig { dir: dir.clone(), name: "p".into(), slots: 1, slot_size: slot_size_for(&t, 0) };
+        let arena = Arena::create(&cfg).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "a new arena directory is 0700");
+        assert_eq!(mode(arena.path()), 0o600, "an arena file is 0600");
+
+        // An existing directory of this user that others may read is tightened.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+
+        // A world-writable one is refused with what to do.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Arena::create(&cfg).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("world-writable"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // As root (CI): another user cannot read the weights, and a directory owned by another
+            // user is refused.
+            use std::os::unix::process::CommandExt;
+            let read = std::process::Command::new("cat")
+                .arg(arena.path())
+                .uid(65534)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(!read.success(), "uid 65534 read the arena");
+            let theirs = root.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let e = prepare_dir(&theirs).unwrap_err();
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        } else {
+            // Not root: the kernel already keeps a 0600 file from other users; check our own
+            // access is intact.
+            assert!(std::fs::File::open(arena.path()).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_changed_byte_fails_region_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table();
+        let cfg = ArenaConfig { dir: dir.path().into(), name: "v".into(), slots: 1, slot_size: slot_size_for(&t, 0) };
+        let arena = Arena::create(&cfg).unwrap();
+        let s = arena.acquire().unwrap();
+        arena.seal(s, 1, &t, &[]).unwrap();
+        arena.verify_region(s).unwrap();
+        // SAFETY: the test owns the arena; nobody else maps it.
+        unsafe { *(arena.slot_addr(s) as *mut u8).add(100) ^= 0x40 };
+        let e = arena.verify_region(s).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+        assert!(e.to_string().contains("slot 0"), "{e}");
+        assert_eq!(region_crc(&vec![7u8; 3 * CRC_PIECE + 5]), crc32c::crc32c(&vec![7u8; 3 * CRC_PIECE + 5]));
     }
 
     #[test]

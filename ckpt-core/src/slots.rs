@@ -132,26 +132,28 @@ pub struct ReadHold {
 }
 
 impl ReadHold {
-    /// Holds durable `slot` and reads its descriptor; `None` when the slot is not durable (any
-    /// more) or its descriptor does not validate.
-    pub fn new(arena: &Arc<Arena>, slot: u32) -> Option<ReadHold> {
+    /// Holds durable `slot`, reads its descriptor and verifies its region against the checksum
+    /// recorded at seal time. `Ok(None)`: the slot is not durable (any more). A descriptor or
+    /// region that does not verify frees the slot (its bytes are not a checkpoint any more) and
+    /// fails with [`Error::Corrupt`]: callers restore from storage instead.
+    pub fn new(arena: &Arc<Arena>, slot: u32) -> Result<Option<ReadHold>> {
         if !arena.transition(slot, SlotState::Durable, SlotState::Reading) {
-            return None;
+            return Ok(None);
         }
-        match arena.content(slot) {
-            Ok(content) => Some(ReadHold { arena: arena.clone(), slot, content }),
+        match arena.content(slot).and_then(|content| arena.verify_region(slot).map(|()| content)) {
+            Ok(content) => Ok(Some(ReadHold { arena: arena.clone(), slot, content })),
             Err(e) => {
-                tracing::warn!(path = %arena.path().display(), slot, error = %e, "dropping an unreadable memory-tier slot");
+                tracing::warn!(path = %arena.path().display(), slot, error = %e, "memory-tier slot fails verification; dropping it");
                 arena.release(slot);
-                None
+                Err(e)
             }
         }
     }
 
-    /// Holds the durable slot that holds `step`, if any.
-    pub fn of_step(arena: &Arc<Arena>, step: u64) -> Option<ReadHold> {
-        let (slot, _) = find_durable(arena, step)?;
-        ReadHold::new(arena, slot).filter(|h| h.content.step == step)
+    /// Holds the durable slot that holds `step`, if any (see [`ReadHold::new`]).
+    pub fn of_step(arena: &Arc<Arena>, step: u64) -> Result<Option<ReadHold>> {
+        let Some((slot, _)) = find_durable(arena, step) else { return Ok(None) };
+        Ok(ReadHold::new(arena, slot)?.filter(|h| h.content.step == step))
     }
 
     /// What the slot holds.
@@ -467,7 +469,7 @@ mod tests {
             spec.ensure(None, slot_size_with_headroom(&header.index.table, header.index.metadata.len())).unwrap();
         let slot = take_slot(&arena).unwrap();
         stage(&engine, &arena, slot, "j", 0, 9, &header).unwrap();
-        let hold = ReadHold::of_step(&arena, 9).unwrap();
+        let hold = ReadHold::of_step(&arena, 9).unwrap().unwrap();
         assert_eq!(hold.content().metadata, b"m");
         // SAFETY: the slot is held for reading; nobody writes it.
         let bytes = unsafe { &arena.slot_bytes(slot)[..t.total_len() as usize] };

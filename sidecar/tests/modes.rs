@@ -435,6 +435,7 @@ in_both_modes!(
     growing_state_grows_the_arena,
     multi_rank_commit,
     kill_after_seal,
+    changed_memory_byte_falls_back_to_storage,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -525,6 +526,41 @@ fn restart_loads_from_memory_without_storage(mode: Mode) {
     assert_eq!((loaded.step, loaded.metadata.as_slice()), (8, b"before restart".as_slice()));
     assert!(loaded.from_memory, "the restarted checkpointer's load did not come from memory");
     assert_same(&out, &saved, "memory-tier load");
+    ck.close().unwrap();
+}
+
+/// A byte of the memory tier changed in shared memory after the save (a stray write, bad memory):
+/// the restarted checkpointer's load notices it, drops the slot, and restores the same step from
+/// storage, bit for bit.
+fn changed_memory_byte_falls_back_to_storage(mode: Mode) {
+    use std::os::unix::fs::FileExt;
+    let fx = mode.start(Options::default());
+    let saved = State::generate(STANDARD, 3);
+    let arena_path = {
+        let ck = fx.checkpointer(0);
+        let mut live = State::generate(STANDARD, 3);
+        save_and_fence(&ck, &mut live, 9, b"flip").wait().unwrap();
+        let path = ck.arena_path();
+        ck.close().unwrap();
+        path
+    };
+    let arena = ckpt_core::arena::Arena::open(&arena_path).unwrap();
+    let slot = arena.newest_durable().expect("step 9 is the memory tier");
+    let region_start = 4096 + u64::from(slot) * arena.slot_size();
+    drop(arena);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&arena_path).unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, region_start + 1000).unwrap();
+    byte[0] ^= 0x10;
+    file.write_all_at(&byte, region_start + 1000).unwrap();
+    drop(file);
+
+    let ck = fx.checkpointer(0);
+    let mut out = State::zeroed(STANDARD);
+    let loaded = load(&ck, &mut out, None).unwrap_or_else(|e| panic!("load after a changed memory byte failed: {e}"));
+    assert_eq!((loaded.step, loaded.metadata.as_slice()), (9, b"flip".as_slice()));
+    assert!(!loaded.from_memory, "a memory tier that fails verification must not be used");
+    assert_same(&out, &saved, "load after the memory tier failed verification");
     ck.close().unwrap();
 }
 

@@ -191,8 +191,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         ckpt_core::ErrorKind::InvalidInput => config_error("--store", e),
         _ => Error::Core(e),
     })?;
-    std::fs::create_dir_all(&args.arena_dir)
-        .map_err(|e| config_error("--arena-dir", format!("cannot create {}: {e}", args.arena_dir.display())))?;
+    arena::prepare_dir(&args.arena_dir).map_err(|e| config_error("--arena-dir", e))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("ckptd-agent")

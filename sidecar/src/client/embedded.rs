@@ -77,11 +77,13 @@ impl Embedded {
     }
 
     /// The memory tier held for reading: the newest durable slot when `step` is `None` (a slot is
-    /// durable only once its step committed), else the durable slot holding `step`.
+    /// durable only once its step committed), else the durable slot holding `step`. A slot whose
+    /// bytes fail verification is dropped (and logged): the load then reads storage.
     pub(super) fn memory_tier(arena: &Arc<Arena>, step: Option<u64>) -> Option<ReadHold> {
-        match step {
+        let held = match step {
             Some(step) => ReadHold::of_step(arena, step),
-            None => arena.newest_durable().and_then(|slot| ReadHold::new(arena, slot)),
-        }
+            None => arena.newest_durable().map_or(Ok(None), |slot| ReadHold::new(arena, slot)),
+        };
+        held.ok().flatten()
     }
 }

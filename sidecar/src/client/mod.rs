@@ -476,7 +476,7 @@ impl Checkpointer {
         let cfg = &self.shared.cfg;
         let (arena, slot) = self.slot_for(&header.index.table, header.index.metadata.len())?;
         slots::stage(&m.engine, &arena, slot, &cfg.job, cfg.rank, step, header)?;
-        ReadHold::new(&arena, slot).ok_or_else(|| Error::Busy {
+        ReadHold::new(&arena, slot)?.ok_or_else(|| Error::Busy {
             what: "the arena slot",
             reason: format!("slot {slot} changed before it could be read"),
         })

@@ -61,16 +61,27 @@ impl Sidecar {
     }
 
     /// Has the agent stage `step` (default: the newest committed step), maps the arena with
-    /// `map`, and holds the staged slot for reading.
-    pub(super) fn stage(&self, step: Option<u64>, map: impl FnOnce(&Path) -> Result<Arc<Arena>>) -> Result<Staged> {
-        let reply = self.link.locate(step)?;
-        let arena = map(Path::new(&reply.arena_path))?;
-        let hold = ReadHold::new(&arena, reply.slot).filter(|h| h.content().step == reply.step).ok_or_else(|| {
-            crate::Error::Busy {
-                what: "the arena slot",
-                reason: format!("slot {} changed before it could be read; retry the load", reply.slot),
+    /// `map`, and holds the staged slot for reading. A slot whose bytes fail verification is
+    /// dropped (the hold frees it), and the agent is asked once more: it then stages the step
+    /// from storage.
+    pub(super) fn stage(&self, step: Option<u64>, map: impl Fn(&Path) -> Result<Arc<Arena>>) -> Result<Staged> {
+        let mut retried = false;
+        loop {
+            let reply = self.link.locate(step)?;
+            let arena = map(Path::new(&reply.arena_path))?;
+            match ReadHold::new(&arena, reply.slot) {
+                Ok(Some(hold)) if hold.content().step == reply.step => {
+                    return Ok(Staged { hold, from_storage: reply.from_storage });
+                }
+                Err(e) if !retried && e.kind() == ckpt_core::ErrorKind::Corrupt => retried = true,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {
+                    return Err(crate::Error::Busy {
+                        what: "the arena slot",
+                        reason: format!("slot {} changed before it could be read; retry the load", reply.slot),
+                    });
+                }
             }
-        })?;
-        Ok(Staged { hold, from_storage: reply.from_storage })
+        }
     }
 }
