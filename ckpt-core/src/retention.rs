@@ -2,7 +2,7 @@
 //! commit, and abort stale multipart uploads.
 //!
 //! Invariants:
-//! - the newest committed step that validates is never deleted, whatever K says;
+//! - the newest committed step whose every chunk verifies is never deleted, whatever K says;
 //! - a committed step loses its MANIFEST first, so no reader ever sees it half-deleted;
 //! - steps newer than the newest commit are left alone: they may be in progress.
 
@@ -66,9 +66,15 @@ pub(crate) fn gc(
         });
     }
     let steps = catalog::list_steps(store, rt, job)?;
-    let newest_valid = catalog::newest_valid(store, rt, read, job, Depth::Structure)?.map(|m| m.step);
     let committed: Vec<u64> = steps.iter().filter(|s| s.state == StepState::Committed).map(|s| s.step).collect();
     let newest_commit = committed.last().copied();
+    // Before any committed step goes, find the newest one whose every chunk verifies: it stays
+    // even when newer damaged steps fill the quota. Usually that is the newest step, read once.
+    let newest_valid = if committed.len() > policy.keep {
+        catalog::newest_valid(store, rt, read, job, Depth::Full)?.map(|m| m.step)
+    } else {
+        None
+    };
     let mut keep: Vec<u64> = committed.iter().rev().take(policy.keep).copied().collect();
     if let Some(v) = newest_valid
         && !keep.contains(&v)

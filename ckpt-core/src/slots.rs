@@ -173,6 +173,70 @@ impl Drop for ReadHold {
     }
 }
 
+/// A restore that may have passed over damaged steps to reach a sound one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback<T> {
+    /// What the restore of the sound step returned.
+    pub value: T,
+    /// The step restored.
+    pub step: u64,
+    /// Newer committed steps that were passed over, each with why.
+    pub skipped: Vec<(u64, String)>,
+}
+
+/// Whether a restore failed because the step's stored data is damaged (a checksum, a missing or
+/// unreadable shard, a format this build does not read), so that an older step may still serve.
+pub fn is_damage(kind: crate::ErrorKind) -> bool {
+    matches!(kind, crate::ErrorKind::Corrupt | crate::ErrorKind::NotFound | crate::ErrorKind::Unsupported)
+}
+
+/// Restores `step`, or with `None` the newest committed step whose data is sound: `attempt` runs
+/// on the newest committed step, then on older ones while it fails with damage (`damaged` tells
+/// which failures are; see [`is_damage`]), so that a corrupt newest step never blocks a restore.
+/// Each step passed over is logged with why and returned. With `strict`, damage is an error
+/// instead. `Ok(None)`: the job has no committed step.
+///
+/// Each rank decides for its own shard: ranks of a multi-rank job that load `None` agree as long
+/// as a damaged step is damaged for all of them, or when they load the step the isolator names.
+pub fn newest_sound<T, E: From<Error> + std::fmt::Display>(
+    engine: &Engine,
+    job: &str,
+    step: Option<u64>,
+    strict: bool,
+    damaged: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut(u64) -> std::result::Result<T, E>,
+) -> std::result::Result<Option<Fallback<T>>, E> {
+    if let Some(step) = step {
+        return attempt(step).map(|value| Some(Fallback { value, step, skipped: Vec::new() }));
+    }
+    let committed: Vec<u64> = engine
+        .steps(job)?
+        .iter()
+        .rev()
+        .filter(|s| s.state == crate::catalog::StepState::Committed)
+        .map(|s| s.step)
+        .collect();
+    let mut skipped = Vec::new();
+    for step in committed {
+        match attempt(step) {
+            Ok(value) => return Ok(Some(Fallback { value, step, skipped })),
+            Err(e) if !strict && damaged(&e) => {
+                tracing::warn!(job, step, error = %e, "committed step is damaged; restoring an older one");
+                skipped.push((step, e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match skipped.first() {
+        None => Ok(None),
+        Some((step, why)) => Err(Error::corrupt(
+            crate::error::Location { object: crate::store::layout::step_dir(job, *step), ..Default::default() },
+            format!("no committed step of job `{job}` is sound; the newest failed with: {why}"),
+        )
+        .into()),
+    }
+}
+
 /// A slot's region as `Bytes` for the persist pipeline, without a copy.
 struct SlotRegion {
     arena: Arc<Arena>,

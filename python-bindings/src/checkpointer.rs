@@ -86,7 +86,7 @@ impl PyCheckpointer {
     #[new]
     #[pyo3(signature = (
         job, *, store=None, rank=0, world_size=1, socket=None, slots=2, compression="none",
-        arena_dir=None, chunk_size=None, commit_timeout=None
+        arena_dir=None, chunk_size=None, commit_timeout=None, strict_restore=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -101,6 +101,7 @@ impl PyCheckpointer {
         arena_dir: Option<PathBuf>,
         chunk_size: Option<u64>,
         commit_timeout: Option<f64>,
+        strict_restore: bool,
     ) -> PyResult<Self> {
         let mut cfg = CheckpointerConfig::new(job);
         cfg.store = store;
@@ -109,6 +110,7 @@ impl PyCheckpointer {
         cfg.socket = socket;
         cfg.slots = slots;
         cfg.arena_dir = arena_dir;
+        cfg.strict_restore = strict_restore;
         cfg.engine.persist.compression = compression.parse::<Compression>().map_err(core_to_py)?;
         if let Some(size) = chunk_size {
             cfg.engine.persist.chunk_size = u32::try_from(size)

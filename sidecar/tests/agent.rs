@@ -467,7 +467,7 @@ fn hostile_clients_get_errors_and_the_agent_carries_on() {
     // Calls with a session nobody opened.
     let e = rt.block_on(c.handover(pb::HandoverRequest { session: 42, step: 1, slot: 0, request: 0, stall_us: 0 }));
     assert_eq!(e.unwrap_err().code(), tonic::Code::PermissionDenied);
-    let e = rt.block_on(c.locate(pb::LocateRequest { session: 42, step: None }));
+    let e = rt.block_on(c.locate(pb::LocateRequest { session: 42, step: None, strict: false }));
     assert_eq!(e.unwrap_err().code(), tonic::Code::PermissionDenied);
 
     // A real trainer of rank 0 (a one-rank job, so its saves commit alone) works alongside.

@@ -359,7 +359,8 @@ struct Fixture {
     target: Target,
     store_dir: PathBuf,
     // Dropped first: the agent goes before the directories it uses.
-    _agent: Option<Agent>,
+    agent: Option<Agent>,
+    agent_dir: PathBuf,
     _arena: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
@@ -383,7 +384,7 @@ impl Mode {
             world_size: opts.world_size,
         };
         let agent = (self == Mode::Sidecar).then(|| Agent::start(dir.path(), &target));
-        Fixture { target, store_dir, _agent: agent, _arena: arena, _dir: dir }
+        Fixture { target, store_dir, agent, agent_dir: dir.path().to_path_buf(), _arena: arena, _dir: dir }
     }
 }
 
@@ -395,6 +396,29 @@ impl Fixture {
     /// A reader of the store, independent of both modes.
     fn engine(&self) -> Engine {
         Engine::open(&self.target.store_url, Default::default()).unwrap()
+    }
+
+    /// The pod is lost and replaced: the arena directory is emptied and, in sidecar mode, a new
+    /// agent starts, so the next load can only come from storage.
+    fn lose_pod(&mut self) {
+        drop(self.agent.take());
+        for entry in std::fs::read_dir(&self.target.arena_dir).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        if self.target.mode == Mode::Sidecar {
+            self.agent = Some(Agent::start(&self.agent_dir, &self.target));
+        }
+    }
+
+    /// Flips one byte of the first data chunk of `rank`'s stored shard of `step`.
+    fn damage_stored_shard(&self, step: u64, rank: u32) {
+        use std::os::unix::fs::FileExt;
+        let path = self.store_dir.join(JOB).join(format!("step-{step}")).join(format!("rank-{rank}.ckpt"));
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, 100).unwrap();
+        byte[0] ^= 0x01;
+        file.write_all_at(&byte, 100).unwrap();
     }
 
     /// Moves the store directory away until the guard drops: any storage read fails meanwhile.
@@ -436,6 +460,7 @@ in_both_modes!(
     multi_rank_commit,
     kill_after_seal,
     changed_memory_byte_falls_back_to_storage,
+    damaged_newest_step_falls_back_to_the_previous_one,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -562,6 +587,49 @@ fn changed_memory_byte_falls_back_to_storage(mode: Mode) {
     assert!(!loaded.from_memory, "a memory tier that fails verification must not be used");
     assert_same(&out, &saved, "load after the memory tier failed verification");
     ck.close().unwrap();
+}
+
+/// One flipped byte in the newest committed step on storage, and no memory tier (the pod was
+/// replaced): a load restores the previous step instead of failing, a strict checkpointer refuses,
+/// and retention keeps the sound step even when the damaged one fills the quota.
+fn damaged_newest_step_falls_back_to_the_previous_one(mode: Mode) {
+    let mut fx = mode.start(Options::default());
+    let older = State::generate(STANDARD, 5);
+    {
+        let ck = fx.checkpointer(0);
+        let mut live = State::generate(STANDARD, 5);
+        save_and_fence(&ck, &mut live, 5, b"sound").wait().unwrap();
+        let mut live = State::generate(STANDARD, 10);
+        save_and_fence(&ck, &mut live, 10, b"damaged").wait().unwrap();
+        ck.close().unwrap();
+    }
+    fx.damage_stored_shard(10, 0);
+    fx.lose_pod();
+
+    {
+        let mut cfg = fx.target.config(0);
+        cfg.strict_restore = true;
+        let ck = Checkpointer::new(cfg).unwrap();
+        let e = load(&ck, &mut State::zeroed(STANDARD), None).expect_err("a strict load of a damaged step");
+        assert_eq!(e.kind(), ckptd::ErrorKind::Core(ckpt_core::ErrorKind::Corrupt), "{e}");
+        assert!(e.to_string().contains("step-10") || e.to_string().contains("step 10"), "{e}");
+        ck.close().unwrap();
+    }
+
+    let ck = fx.checkpointer(0);
+    let mut out = State::zeroed(STANDARD);
+    let loaded = load(&ck, &mut out, None).unwrap_or_else(|e| panic!("load past a damaged step failed: {e}"));
+    assert_eq!((loaded.step, loaded.metadata.as_slice()), (5, b"sound".as_slice()));
+    if mode == Mode::Embedded {
+        // (The new agent may have prefetched step 5 from storage into its memory before the load.)
+        assert!(!loaded.from_memory);
+    }
+    assert_same(&out, &older, "fallback to step 5");
+    ck.close().unwrap();
+
+    let report = fx.engine().gc(JOB, &ckpt_core::RetentionPolicy { keep: 1, ..Default::default() }).unwrap();
+    assert!(report.kept.contains(&5), "retention deleted the newest sound step: {report:?}");
+    assert!(fx.engine().manifest(JOB, 5).is_ok());
 }
 
 fn back_pressure_with_one_slot(mode: Mode) {

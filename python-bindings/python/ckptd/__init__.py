@@ -69,7 +69,7 @@ __all__ = [
 
 __version__: Final[str] = _native.__version__
 
-_ADVANCED: Final = frozenset({"arena_dir", "chunk_size", "commit_timeout"})
+_ADVANCED: Final = frozenset({"arena_dir", "chunk_size", "commit_timeout", "strict_restore"})
 
 
 class SaveHandle:
@@ -160,7 +160,9 @@ class Checkpointer:
     ``compression`` is ``none``, ``auto``, ``zstd`` or ``zstd:<level>``. Advanced options:
     ``arena_dir`` (memory-backed directory of the snapshot arena; default ``$CKPTD_ARENA_DIR`` or
     ``/dev/shm/ckptd``), ``chunk_size`` (bytes), ``commit_timeout`` (seconds rank 0 waits for
-    every rank's shard).
+    every rank's shard), ``strict_restore`` (``load()`` of the newest step raises
+    :class:`CorruptCheckpoint` when that step's data is damaged, instead of restoring the newest
+    sound step with a warning, the default).
     """
 
     def __init__(

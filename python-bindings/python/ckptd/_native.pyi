@@ -59,6 +59,7 @@ class _Checkpointer:
         arena_dir: str | os.PathLike[str] | None = None,
         chunk_size: int | None = None,
         commit_timeout: float | None = None,
+        strict_restore: bool = False,
     ) -> _Checkpointer: ...
     def save(
         self,

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub restores: Family<SourceLabel, Counter>,
     /// Trainer sessions open.
     pub attached: Gauge,
+    /// Committed steps a restore passed over because their data was damaged.
+    pub damaged_steps: Counter,
 }
 
 impl Metrics {
@@ -67,8 +69,14 @@ impl Metrics {
             flushed: Counter::default(),
             restores: Family::default(),
             attached: Gauge::default(),
+            damaged_steps: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("ckptd");
+        r.register(
+            "restore_damaged_steps",
+            "Committed steps a restore passed over because their data failed verification",
+            m.damaged_steps.clone(),
+        );
         r.register("save_stall_seconds", "Time trainers spent blocked in save()", m.save_stall.clone());
         r.register("persist_bytes", "Shard bytes written to the store", m.persist_bytes.clone());
         r.register("persist_seconds", "Time from handover to durable and committed", m.persist_seconds.clone());

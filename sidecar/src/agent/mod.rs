@@ -594,11 +594,7 @@ impl Agent {
             }
             let a = agent.clone();
             let r = rank.clone();
-            let staged = tokio::task::spawn_blocking(move || {
-                let Some(m) = a.engine.latest(&a.cfg.job)? else { return Ok(None) };
-                a.stage(&r, m.step).map(Some)
-            })
-            .await;
+            let staged = tokio::task::spawn_blocking(move || a.stage_newest(&r, false)).await;
             match staged {
                 Ok(Ok(Some((step, from_storage)))) => {
                     tracing::info!(rank = rank.rank, step, from_storage, "memory tier ready")
@@ -649,6 +645,19 @@ impl Agent {
         let mut inner = rank.lock();
         inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
         Ok((step, true))
+    }
+
+    /// Stages the newest committed step whose data verifies, passing over damaged newer ones (each
+    /// logged and counted in `ckptd_restore_damaged_steps`), unless `strict`. `Ok(None)`: the job
+    /// has no committed step. Blocking; call with the staging lock held.
+    fn stage_newest(&self, rank: &Rank, strict: bool) -> Result<Option<(u64, bool)>> {
+        let damaged = |e: &Error| matches!(e.kind(), crate::ErrorKind::Core(k) if slots::is_damage(k));
+        let staged =
+            slots::newest_sound(&self.engine, &self.cfg.job, None, strict, damaged, |step| self.stage(rank, step))?;
+        Ok(staged.map(|s| {
+            self.metrics.damaged_steps.inc_by(s.skipped.len() as u64);
+            s.value
+        }))
     }
 
     /// The durable slot holding `step`, if the rank's arena has one.

@@ -279,19 +279,14 @@ impl Trainer for Service {
         let r = rank.clone();
         let (step, from_storage) = self
             .blocking(move || {
-                let step = match req.step.or(known) {
-                    Some(s) => s,
-                    None => match agent.engine.latest(&agent.cfg.job)? {
-                        Some(m) => m.step,
-                        None => {
-                            return Err(crate::Error::NoCheckpoint {
-                                job: agent.cfg.job.clone(),
-                                store: agent.engine.store().url().to_string(),
-                            });
-                        }
-                    },
-                };
-                agent.stage(&r, step)
+                // Strict: always look at storage's newest step, even when memory holds an older one.
+                match req.step.or(if req.strict { None } else { known }) {
+                    Some(step) => agent.stage(&r, step),
+                    None => agent.stage_newest(&r, req.strict)?.ok_or_else(|| crate::Error::NoCheckpoint {
+                        job: agent.cfg.job.clone(),
+                        store: agent.engine.store().url().to_string(),
+                    }),
+                }
             })
             .await?;
         {

@@ -172,11 +172,12 @@ impl Link {
         Ok(())
     }
 
-    /// Asks the agent for `step` (default: the newest committed step) staged in the arena.
-    pub(crate) fn locate(&self, step: Option<u64>) -> Result<pb::LocateReply> {
+    /// Asks the agent for `step` (default: the newest committed step whose data verifies; with
+    /// `strict`, a damaged newest step is an error) staged in the arena.
+    pub(crate) fn locate(&self, step: Option<u64>, strict: bool) -> Result<pb::LocateReply> {
         self.check_alive()?;
         let mut c = self.client.clone();
-        let req = pb::LocateRequest { session: self.attached.session, step };
+        let req = pb::LocateRequest { session: self.attached.session, step, strict };
         Ok(self.rt.block_on(c.locate(req)).map_err(|s| rpc::from_status(&self.socket, "locate", s))?.into_inner())
     }
 

@@ -58,6 +58,9 @@ pub struct CheckpointerConfig {
     pub slots: u32,
     /// Engine settings (compression, chunk size, retries, commit deadline).
     pub engine: EngineConfig,
+    /// A load of the newest step fails when that step's data is damaged, instead of falling back
+    /// to the newest sound step (the default, logged as a warning).
+    pub strict_restore: bool,
 }
 
 impl CheckpointerConfig {
@@ -72,6 +75,7 @@ impl CheckpointerConfig {
             arena_dir: None,
             slots: arena::DEFAULT_SLOTS,
             engine: EngineConfig::default(),
+            strict_restore: false,
         }
     }
 }
@@ -360,7 +364,7 @@ impl Checkpointer {
     /// The newest committed step that validates, if any.
     pub fn latest_step(&self) -> Result<Option<u64>> {
         match &self.shared.mode {
-            Mode::Sidecar(m) => match m.link.locate(None) {
+            Mode::Sidecar(m) => match m.link.locate(None, false) {
                 Ok(r) => Ok(Some(r.step)),
                 Err(e) if e.kind() == crate::ErrorKind::NoCheckpoint => Ok(None),
                 Err(e) => Err(e),
@@ -376,7 +380,7 @@ impl Checkpointer {
         let cfg = &self.shared.cfg;
         match &self.shared.mode {
             Mode::Sidecar(m) => {
-                let staged = m.stage(step, |p| self.map_agent_arena(p))?;
+                let staged = m.stage(step, cfg.strict_restore, |p| self.map_agent_arena(p))?;
                 let c = staged.hold.content();
                 Ok(Description { step: c.step, table: c.table.clone(), metadata: c.metadata.clone() })
             }
@@ -427,7 +431,7 @@ impl Checkpointer {
         };
         let (hold, from_memory) = match &self.shared.mode {
             Mode::Sidecar(m) => {
-                let staged = m.stage(step, |p| self.map_agent_arena(p))?;
+                let staged = m.stage(step, cfg.strict_restore, |p| self.map_agent_arena(p))?;
                 let c = staged.hold.content();
                 verdict(&Description { step: c.step, table: c.table.clone(), metadata: c.metadata.clone() })?;
                 (staged.hold, !staged.from_storage)
@@ -443,11 +447,20 @@ impl Checkpointer {
                         (hold, true)
                     }
                     None => {
-                        let step = m.resolve(&cfg.job, step)?;
-                        let header = m.header(&cfg.job, step, cfg.rank)?;
-                        let (table, metadata) = (header.index.table.clone(), header.index.metadata.clone());
-                        verdict(&Description { step, table, metadata })?;
-                        (self.stage_embedded(m, step, &header)?, false)
+                        // From storage: the newest step whose data verifies, unless one was named.
+                        let damaged = |e: &Error| matches!(e.kind(), crate::ErrorKind::Core(k) if slots::is_damage(k));
+                        let restored =
+                            slots::newest_sound(&m.engine, &cfg.job, step, cfg.strict_restore, damaged, |step| {
+                                let header = m.header(&cfg.job, step, cfg.rank)?;
+                                let (table, metadata) = (header.index.table.clone(), header.index.metadata.clone());
+                                verdict(&Description { step, table, metadata })?;
+                                self.stage_embedded(m, step, &header)
+                            })?;
+                        let restored = restored.ok_or_else(|| Error::NoCheckpoint {
+                            job: cfg.job.clone(),
+                            store: m.engine.store().url().to_string(),
+                        })?;
+                        (restored.value, false)
                     }
                 }
             }

@@ -64,10 +64,15 @@ impl Sidecar {
     /// `map`, and holds the staged slot for reading. A slot whose bytes fail verification is
     /// dropped (the hold frees it), and the agent is asked once more: it then stages the step
     /// from storage.
-    pub(super) fn stage(&self, step: Option<u64>, map: impl Fn(&Path) -> Result<Arc<Arena>>) -> Result<Staged> {
+    pub(super) fn stage(
+        &self,
+        step: Option<u64>,
+        strict: bool,
+        map: impl Fn(&Path) -> Result<Arc<Arena>>,
+    ) -> Result<Staged> {
         let mut retried = false;
         loop {
-            let reply = self.link.locate(step)?;
+            let reply = self.link.locate(step, strict)?;
             let arena = map(Path::new(&reply.arena_path))?;
             match ReadHold::new(&arena, reply.slot) {
                 Ok(Some(hold)) if hold.content().step == reply.step => {
