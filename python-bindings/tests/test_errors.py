@@ -124,6 +124,31 @@ def test_corrupt_shard_names_the_chunk(make_ck: Callable[..., ckptd.Checkpointer
     assert fresh.last_load_from_memory is None
 
 
+def test_damaged_newest_step_falls_back_unless_strict(
+    make_ck: Callable[..., ckptd.Checkpointer], tmp_path: Path, job: str
+) -> None:
+    ck = make_ck()
+    ck.save({"w": np.full(50_000, 1.0, dtype=np.float32)}, 1).wait()
+    ck.save({"w": np.full(50_000, 2.0, dtype=np.float32)}, 2).wait()
+    ck.close()
+    shard = tmp_path / "store" / job / "step-2" / "rank-0.ckpt"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+    strict = make_ck(arena_dir=tmp_path / "strict-arena", strict_restore=True)
+    with pytest.raises(ckptd.CorruptCheckpoint, match=r"step-2/rank-0\.ckpt"):
+        strict.load({"w": np.zeros(50_000, dtype=np.float32)})
+    strict.close()
+
+    # A fresh arena, as after a pod move: step 2 is damaged, step 1 restores.
+    fresh = make_ck(arena_dir=tmp_path / "fresh-arena")
+    out = {"w": np.zeros(50_000, dtype=np.float32)}
+    assert fresh.load(out) == 1
+    assert (out["w"] == 1.0).all()
+    assert fresh.last_load_from_memory is False
+
+
 @pytest.mark.parametrize("mode", ["lz4", "zstd:99", ""])
 def test_bad_compression(make_ck: Callable[..., ckptd.Checkpointer], mode: str) -> None:
     with pytest.raises(ckptd.ConfigError, match="compression") as e:
