@@ -1,5 +1,6 @@
-//! Committing a step: the create-only MANIFEST write, and the rank-0 committer that waits for every
-//! shard of a step to be present and valid.
+//! Committing a step: the create-only MANIFEST write, the rank-0 committer that waits for every
+//! shard of a step to be present and valid, and the check of a shard entry someone else reports
+//! (the isolator's votes) against the shard on storage.
 //!
 //! Exactly one writer can create a MANIFEST: object stores get `PutMode::Create` (S3 `If-None-Match:
 //! *`), `file://` gets tmp + fsync + link + directory fsync ([`crate::durable::publish`]). The loser
@@ -53,6 +54,72 @@ pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) ->
         Ok(_) => Err(Error::Conflict { job: manifest.job.clone(), step: manifest.step }),
         Err(e) => Err(Error::store("get manifest", &path, e)),
     }
+}
+
+/// Reads the shard of `entry.rank` of `step` from storage and checks that it is the shard `entry`
+/// describes: it exists, its header validates, it was written for `world_size`, and its size,
+/// index checksum and region length are the entry's. A shard that is missing stays
+/// [`Error::NotFound`]; one that differs is [`Error::Corrupt`] and says which field differs.
+pub(crate) fn verify_entry(
+    store: &Store,
+    rt: &Handle,
+    job: &str,
+    step: u64,
+    world_size: u32,
+    entry: &ShardEntry,
+) -> Result<()> {
+    let rank = entry.rank;
+    if entry.object != layout::shard_name(rank) {
+        return Err(Error::InvalidConfig {
+            field: "shard object",
+            reason: format!("rank {rank} must name `{}`, not `{:.64}`", layout::shard_name(rank), entry.object),
+        });
+    }
+    let h = restore::read_header(store, rt, ShardRef { job, step, rank, expected: None })?;
+    let differs = |what: &str, stored: String, claimed: String| {
+        let location = crate::error::Location {
+            object: layout::shard_path(job, step, rank),
+            step: Some(step),
+            rank: Some(rank),
+            chunk: None,
+            offset: None,
+        };
+        Err(Error::Corrupt {
+            location,
+            reason: format!("the stored shard has {what} {stored}, the commit was asked for {claimed}"),
+        })
+    };
+    if h.index.world_size != world_size {
+        return differs("world size", h.index.world_size.to_string(), world_size.to_string());
+    }
+    if h.size != entry.size {
+        return differs("length", h.size.to_string(), entry.size.to_string());
+    }
+    if h.trailer.index_crc32c != entry.index_crc32c {
+        return differs(
+            "index crc32c",
+            format!("{:08x}", h.trailer.index_crc32c),
+            format!("{:08x}", entry.index_crc32c),
+        );
+    }
+    let region_len = h.index.table.total_len();
+    if region_len != entry.region_len {
+        return differs("region length", region_len.to_string(), entry.region_len.to_string());
+    }
+    Ok(())
+}
+
+/// Checks every entry of `manifest` against its shard on storage ([`verify_entry`]), then writes
+/// the MANIFEST create-only. The first shard that does not match fails the commit and nothing is
+/// written.
+pub(crate) fn commit_verified(store: &Store, rt: &Handle, manifest: &Manifest) -> Result<()> {
+    let checked = catalog::parallel_map(&manifest.shards, 16, |e| {
+        verify_entry(store, rt, &manifest.job, manifest.step, manifest.world_size, e)
+    });
+    for r in checked {
+        r?;
+    }
+    write_manifest(store, rt, manifest)
 }
 
 /// How long the committer waits for shards, and how often it looks.

@@ -97,8 +97,10 @@ impl Engine {
         persist::write_shard(&self.store, &self.rt(), &self.cfg.persist, ShardId { job, step, rank, world_size }, snap)
     }
 
-    /// Writes the MANIFEST for shards the caller already knows (the isolator's global commit).
-    /// Exactly one of several racing committers succeeds; the others get [`Error::Conflict`].
+    /// Writes the MANIFEST for shards the caller already knows, without reading them. Exactly one
+    /// of several racing committers succeeds; the others get [`Error::Conflict`]. A committer that
+    /// learned the entries from someone else (the isolator, from votes) uses
+    /// [`Engine::commit_verified`] instead, which reads every shard first as the commit rule asks.
     pub fn commit(
         &self,
         job: &str,
@@ -110,6 +112,33 @@ impl Engine {
         let m = Manifest::new(job, step, world_size, shards, metadata)?;
         commit::write_manifest(&self.store, &self.rt(), &m)?;
         Ok(m)
+    }
+
+    /// Commits `step` with the MANIFEST entries others reported (the isolator's global commit from
+    /// the ranks' votes), after reading every shard's header from storage: each must exist, be
+    /// written for `world_size`, and have exactly the entry's size, index checksum and region
+    /// length. A shard that is missing fails with [`Error::NotFound`], one that differs with
+    /// [`Error::Corrupt`]; then nothing is written. Exactly one of several racing committers
+    /// succeeds; the others get [`Error::Conflict`].
+    pub fn commit_verified(
+        &self,
+        job: &str,
+        step: u64,
+        world_size: u32,
+        shards: Vec<ShardEntry>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Manifest> {
+        let m = Manifest::new(job, step, world_size, shards, metadata)?;
+        commit::commit_verified(&self.store, &self.rt(), &m)?;
+        Ok(m)
+    }
+
+    /// Checks one rank's shard entry of an uncommitted (or committed) `step` against the shard on
+    /// storage, without a MANIFEST: the shard exists, was written for `world_size`, and has
+    /// exactly the entry's size, index checksum and region length. Missing: [`Error::NotFound`];
+    /// different: [`Error::Corrupt`] naming the field.
+    pub fn verify_shard_entry(&self, job: &str, step: u64, world_size: u32, entry: &ShardEntry) -> Result<()> {
+        commit::verify_entry(&self.store, &self.rt(), job, step, world_size, entry)
     }
 
     /// Waits until every rank's shard of `step` is present and valid, then commits it (the rank-0

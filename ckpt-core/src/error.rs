@@ -142,8 +142,11 @@ pub enum Error {
         /// The version this build reads.
         supported: u32,
     },
-    /// A step was committed by another writer first.
-    #[error("step {step} of job `{job}` is already committed")]
+    /// The step is already committed (by another writer first, or by an earlier save of the same
+    /// step number), and a committed step never changes.
+    #[error(
+        "step {step} of job `{job}` is already committed and a committed step is never rewritten: resume from step {step}, or save under a step number that is not committed yet"
+    )]
     Conflict {
         /// The job.
         job: String,

@@ -215,8 +215,9 @@ fn expect_line(out: &mut BufReader<std::process::ChildStdout>, prefix: &str) -> 
 
 /// The trainer process. Script: `;`-separated commands:
 /// `save:<step>` (save, fence, wait durable), `handoff:<step>` (save + fence only), `load:<step>`
-/// (load latest, check it equals the state of `<step>`), `seal:<step>` (raw protocol: seal a slot
-/// and never hand it over), `hang` (print `ready` and sleep).
+/// (load latest, check it equals the state of `<step>`), `resave:<step>` (save a state other than
+/// `<step>`'s under that step and print how the wait failed), `seal:<step>` (raw protocol: seal a
+/// slot and never hand it over), `hang` (print `ready` and sleep).
 #[test]
 fn trainer_child() {
     let Ok(spec) = std::env::var(CHILD_ENV) else { return };
@@ -241,6 +242,18 @@ fn trainer_child() {
                 // The state may go now: the agent owns the snapshot.
                 drop(s);
                 writeln!(out, "{op} {step}").unwrap();
+            }
+            "resave" => {
+                let ck = ck.get_or_insert_with(|| sidecar(&socket, rank, world));
+                let mut s = State::of(rank, step + 1000, N);
+                // SAFETY: `s` lives until the wait below; nothing writes it.
+                let h = unsafe { ck.save(&s.refs(), step, Vec::new(), None) }.unwrap();
+                ck.fence(None).unwrap();
+                match h.wait() {
+                    Ok(()) => writeln!(out, "outcome resaved {step}").unwrap(),
+                    Err(e) => writeln!(out, "outcome refused {step} kind={} {e}", e.kind().as_str()).unwrap(),
+                }
+                drop(s);
             }
             "load" => {
                 let ck = ck.get_or_insert_with(|| sidecar(&socket, rank, world));
@@ -632,4 +645,34 @@ fn health_status_and_drills_go_through_the_agent() {
         metric(&agent.metrics_text(), "ckptd_health_findings_total{")
             .is_some_and(|_| agent.metrics_text().contains("xid-48"))
     });
+}
+
+#[test]
+fn saving_a_committed_step_number_again_is_refused_and_never_reported_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena"), &[]);
+    let (mut child, mut out) = trainer(&agent.socket, 0, 1, "save:3");
+    expect_line(&mut out, "save 3");
+    assert!(child.wait().unwrap().success());
+    // A new trainer (it resumed from an older step) saves step 3 again, with other values.
+    let (mut child, mut out) = trainer(&agent.socket, 0, 1, "resave:3");
+    let line = expect_line(&mut out, "outcome");
+    assert!(child.wait().unwrap().success());
+    assert!(line.starts_with("outcome refused 3 kind=conflict"), "{line}");
+    assert!(line.contains("step 3") && line.contains("already committed"), "{line}");
+    assert!(line.contains("resume from step 3"), "the message says what to do: {line}");
+    // Storage still holds the first save's step 3.
+    let e = engine(&store);
+    let (header, bytes) = e.restore(JOB, 3, 0).unwrap();
+    let w = header.index.table.get("model/w").unwrap();
+    let want: Vec<u8> = State::of(0, 3, N).weights.iter().flat_map(|f| f.to_le_bytes()).collect();
+    assert!(bytes[w.offset as usize..(w.offset + w.len) as usize] == want[..], "committed step 3 changed");
+    // The agent said "durable" once, for the save that wrote bytes, and counted the refusal.
+    let text = agent.metrics_text();
+    assert_eq!(metric(&text, "ckptd_persist_failures_total"), Some(1.0), "{text}");
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    let durable: Vec<&str> = log.lines().filter(|l| l.contains("step durable and committed")).collect();
+    assert_eq!(durable.len(), 1, "{log}");
+    assert!(!durable[0].contains("bytes=0"), "{log}");
 }

@@ -206,3 +206,55 @@ fn load_without_checkpoint_says_so() {
     let e = unsafe { ck.load(&s.refs(), None, None) }.unwrap_err();
     assert_eq!(e.kind(), ckptd::ErrorKind::NoCheckpoint);
 }
+
+#[test]
+fn saving_a_committed_step_number_again_is_refused_and_stale_shards_of_an_uncommitted_one_are_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = State::new(1, 10_000);
+    let saved = first.weights.clone();
+    {
+        let ck = Checkpointer::new(config(dir.path(), 0, 1)).unwrap();
+        // SAFETY: the state outlives the save, which is waited for before the state is dropped.
+        unsafe { ck.save(&first.refs(), 4, Vec::new(), None) }.unwrap().wait().unwrap();
+    }
+    // A new process that resumed from an older step saves step 4 again, with other values.
+    let mut cfg = config(dir.path(), 0, 1);
+    cfg.arena_dir = Some(dir.path().join("arena-resumed"));
+    let ck = Checkpointer::new(cfg).unwrap();
+    let mut second = State::new(2, 10_000);
+    // SAFETY: as above.
+    let err = unsafe { ck.save(&second.refs(), 4, Vec::new(), None) }.unwrap().wait().unwrap_err();
+    assert_eq!(err.kind(), ckptd::ErrorKind::Core(ckpt_core::ErrorKind::Conflict), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("step 4") && msg.contains("already committed"), "{msg}");
+    assert!(msg.contains("resume from step 4"), "the message says what to do: {msg}");
+    // The committed bytes did not change.
+    let engine =
+        ckpt_core::Engine::open(&format!("file://{}", dir.path().join("store").display()), Default::default()).unwrap();
+    let mut check = State::new(9, 10_000);
+    // SAFETY: exclusive access during load.
+    let loaded = unsafe { ck.load(&check.refs(), Some(4), None) }.unwrap();
+    assert_eq!((loaded.step, loaded.from_memory), (4, false));
+    assert_eq!(check.weights, saved);
+
+    // Step 5 has a stale shard from an attempt that never committed: a save replaces it.
+    let stale = ckpt_core::Snapshot {
+        table: ckpt_core::TensorTable::packed(
+            [ckpt_core::TensorMeta::new("other", DType::F32, vec![8]).unwrap()],
+            ckpt_core::tensor::DEFAULT_ALIGN,
+        )
+        .unwrap(),
+        data: vec![0u8; 32].into(),
+        metadata: Vec::new(),
+    };
+    engine.write_shard("job", 5, 0, 1, &stale).unwrap();
+    // SAFETY: as above.
+    unsafe { ck.save(&second.refs(), 5, Vec::new(), None) }.unwrap().wait().unwrap();
+    assert!(engine.verify("job", 5).unwrap().ok());
+    let (header, _) = engine.restore("job", 5, 0).unwrap();
+    assert!(header.index.table.get("model.w").is_some(), "the new shard replaced the stale one");
+    let mut check = State::new(9, 10_000);
+    // SAFETY: exclusive access during load.
+    unsafe { ck.load(&check.refs(), Some(5), None) }.unwrap();
+    assert_eq!(check.weights, second.weights);
+}

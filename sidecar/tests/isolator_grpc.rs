@@ -200,6 +200,118 @@ async fn hostile_requests_get_clear_refusals() {
     assert_eq!(l.list_jobs().await.unwrap()[0].registered, 1);
 }
 
+/// Whether `step` of `job` has a MANIFEST on `store`.
+async fn has_manifest(store: &str, job: &str, step: u64) -> bool {
+    let (url, job) = (store.to_string(), job.to_string());
+    blocking(move || Engine::open(&url, EngineConfig::default()).unwrap().manifest(&job, step).is_ok()).await
+}
+
+#[tokio::test]
+async fn a_vote_for_a_shard_that_was_never_written_commits_nothing() {
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &[]);
+    let store = file_store(&dir);
+    let links = register_all(&iso, "job", 1, &store).await;
+    let forged = ShardInfo {
+        step: 1,
+        rank: 0,
+        world_size: 1,
+        size: 10,
+        index_crc32c: 0,
+        region_len: 10,
+        compressed_chunks: 0,
+        chunks: 1,
+    };
+    let err = links[0].vote_durable(&forged, &BTreeMap::new()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(!has_manifest(&store, "job", 1).await, "no MANIFEST for a shard that does not exist");
+    let jobs = links[0].list_jobs().await.unwrap();
+    assert!(!jobs[0].has_committed, "the job's state did not move");
+}
+
+#[tokio::test]
+async fn a_vote_whose_size_or_checksum_differs_from_the_shard_is_refused_and_the_honest_ballot_commits_once() {
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &[]);
+    let store = file_store(&dir);
+    let links = register_all(&iso, "job", 2, &store).await;
+    let shards = write_shards(&store, "job", 1, 2).await;
+    let lies = |s: &ShardInfo| {
+        [
+            ShardInfo { size: s.size + 1, ..s.clone() },
+            ShardInfo { size: s.size - 1, ..s.clone() },
+            ShardInfo { index_crc32c: s.index_crc32c ^ 1, ..s.clone() },
+            ShardInfo { region_len: s.region_len + 4, ..s.clone() },
+        ]
+    };
+    for (rank, lie) in lies(&shards[0]).iter().enumerate() {
+        let err = links[0].vote_durable(lie, &BTreeMap::new()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "lie {rank}: {err}");
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+    // The honest vote of rank 0 is counted (the lies were not); rank 1 lies before it is honest.
+    assert!(!links[0].vote_durable(&shards[0], &BTreeMap::new()).await.unwrap());
+    for lie in lies(&shards[1]) {
+        let err = links[1].vote_durable(&lie, &BTreeMap::new()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+        assert!(!has_manifest(&store, "job", 1).await, "no MANIFEST after a lying completing vote");
+    }
+    assert!(!links[0].list_jobs().await.unwrap()[0].has_committed);
+    // A lie does not abort the step: the honest vote completes it, exactly once.
+    assert!(links[1].vote_durable(&shards[1], &BTreeMap::new()).await.unwrap());
+    for (l, s) in links.iter().zip(&shards) {
+        assert!(l.vote_durable(s, &BTreeMap::new()).await.unwrap(), "a retried vote reports the commit");
+    }
+    // A lie about the committed step is a conflict with it, and changes nothing.
+    let err = links[1].vote_durable(&lies(&shards[1])[2], &BTreeMap::new()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Core(ckpt_core::ErrorKind::Conflict), "{err}");
+    let url = store.clone();
+    let (m, steps) = blocking(move || {
+        let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+        (engine.latest_valid("job").unwrap().expect("a committed step"), engine.steps("job").unwrap())
+    })
+    .await;
+    assert_eq!(m.step, 1);
+    assert_eq!(m.shards, shards.iter().map(ShardInfo::entry).collect::<Vec<_>>());
+    assert_eq!(steps.iter().filter(|s| s.step == 1).count(), 1);
+    assert_eq!(links[0].list_jobs().await.unwrap()[0].committed_step, 1);
+}
+
+#[tokio::test]
+async fn a_vote_for_step_2_pow_64_minus_1_is_invalid_and_later_steps_still_commit() {
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &[]);
+    let store = file_store(&dir);
+    let links = register_all(&iso, "job", 1, &store).await;
+    // A real shard at that step, so that only the bound refuses it.
+    let far = write_shards(&store, "job", u64::MAX, 1).await.remove(0);
+    let mut raw = ckptd_proto::v1::isolator_client::IsolatorClient::connect(iso.url()).await.unwrap();
+    let mut req = tonic::Request::new(ckptd_proto::v1::DurableVote {
+        job: "job".into(),
+        step: u64::MAX,
+        rank: 0,
+        world_size: 1,
+        generation: 0,
+        shard_key: far.entry().object,
+        shard_len: far.size,
+        shard_crc32c: far.index_crc32c,
+        metadata: Vec::new(),
+        region_len: far.region_len,
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let status = raw.vote_durable(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("step"), "{status:?}");
+    let err = links[0].vote_durable(&far, &BTreeMap::new()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(!has_manifest(&store, "job", u64::MAX).await);
+    // The job is not stuck behind it: an honest step 1 commits.
+    let s1 = write_shards(&store, "job", 1, 1).await;
+    assert!(links[0].vote_durable(&s1[0], &BTreeMap::new()).await.unwrap());
+    assert_eq!(links[0].list_jobs().await.unwrap()[0].committed_step, 1);
+}
+
 async fn commit_exactly_once(store: &str, dir: &TempDir, env: &[(String, String)]) {
     let iso = start_env(dir, &[], env);
     let links = register_all(&iso, "job", 4, store).await;
@@ -333,6 +445,11 @@ async fn restart_job_fault_restores_every_rank_at_a_new_generation_and_fences_st
         evidence: "no progress for 600 s".into(),
         ..Default::default()
     };
+    // Step 6 is open (rank 3 still persists) when the fault hits: the restart aborts it.
+    let s6 = write_shards(&store, "job", 6, 4).await;
+    for (l, s) in links.iter().zip(&s6).take(3) {
+        assert!(!l.vote_durable(s, &BTreeMap::new()).await.unwrap());
+    }
     let ack = links[2].report_fault(fault).await.unwrap();
     assert_eq!(ack.action, FaultAction::RestartJob as i32);
     for (rank, rx) in streams.iter_mut().enumerate() {
@@ -354,7 +471,6 @@ async fn restart_job_fault_restores_every_rank_at_a_new_generation_and_fences_st
     // The stale copy still speaks generation 0: refused.
     let err = stale.heartbeat(1, 6, Duration::from_millis(100)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Stale, "{err}");
-    let s6 = write_shards(&store, "job", 6, 4).await;
     assert_eq!(stale.vote_durable(&s6[1], &BTreeMap::new()).await.unwrap_err().kind(), ErrorKind::Stale);
     // Every rank comes back at generation 1: running again.
     for (r, l) in links.iter().enumerate() {
@@ -363,8 +479,9 @@ async fn restart_job_fault_restores_every_rank_at_a_new_generation_and_fences_st
     }
     let jobs = links[0].list_jobs().await.unwrap();
     assert_eq!((jobs[0].state.as_str(), jobs[0].generation), ("Running", 1));
-    // A reconnecting stale subscriber gets the restore it missed... none pending any more, but
-    // the new generation's votes commit.
+    // The restarted job saves step 6 again (its shards replace the aborted attempt's): the new
+    // generation's votes commit it.
+    let s6 = write_shards(&store, "job", 6, 4).await;
     for (l, s) in links.iter().zip(&s6) {
         l.vote_durable(s, &BTreeMap::new()).await.unwrap();
     }

@@ -32,7 +32,8 @@ use crate::{Error, Result};
 /// Most steps of one job with open ballots at once; more means ranks race far apart or a peer is
 /// hostile.
 pub const MAX_OPEN_BALLOTS: usize = 16;
-/// Aborted steps remembered per job (so that late votes get a clear answer).
+/// Aborted steps remembered per job (so that late votes of the same generation get a clear
+/// answer).
 const ABORTED_MEMORY: usize = 64;
 /// Capacity of each agent's command queue.
 pub const COMMAND_QUEUE: usize = 32;
@@ -80,7 +81,8 @@ struct Job {
     ballots: BTreeMap<u64, Ballot>,
     committing: BTreeSet<u64>,
     committed: Option<u64>,
-    aborted: VecDeque<(u64, String)>,
+    /// (step, generation it was aborted at, why).
+    aborted: VecDeque<(u64, u64, String)>,
     subscribers: Vec<Subscriber>,
     pending_restore: Option<RestoreCommand>,
     faulty: BTreeSet<u32>,
@@ -119,7 +121,44 @@ impl Job {
         if self.aborted.len() >= ABORTED_MEMORY {
             self.aborted.pop_front();
         }
-        self.aborted.push_back((step, reason));
+        self.aborted.push_back((step, self.generation, reason));
+    }
+
+    /// Whether a vote for `step` at the job's generation may be counted: the step was not aborted
+    /// at this generation (a restarted job may save the step number again, replacing the stale
+    /// shards), is not older than the committed step, and either is the committed step
+    /// ([`Admission::Committed`]: a retried vote) or may open or join a ballot.
+    fn admit(&self, job: &str, v: &ShardVote) -> Result<Admission> {
+        self.check_rank(v.vote.rank)?;
+        if v.world_size != self.world_size {
+            return Err(Error::InvalidRequest {
+                what: "world_size".into(),
+                reason: format!("job `{job}` has world size {}, not {}", self.world_size, v.world_size),
+            });
+        }
+        self.check_generation(job, v.generation)?;
+        if let Some((_, _, why)) = self.aborted.iter().rev().find(|(s, g, _)| *s == v.step && *g == self.generation) {
+            return Err(Error::StepAborted { job: job.to_string(), step: v.step, reason: why.clone() });
+        }
+        if let Some(c) = self.committed {
+            if v.step == c {
+                return Ok(Admission::Committed);
+            }
+            if v.step < c {
+                return Err(Error::StepAborted {
+                    job: job.to_string(),
+                    step: v.step,
+                    reason: format!("step {c} is already committed"),
+                });
+            }
+        }
+        if !self.ballots.contains_key(&v.step) && self.ballots.len() >= MAX_OPEN_BALLOTS {
+            return Err(Error::InvalidRequest {
+                what: "step".into(),
+                reason: format!("{MAX_OPEN_BALLOTS} steps are already open: ranks are too far apart"),
+            });
+        }
+        Ok(Admission::Open)
     }
 
     /// Sends `cmd` to the subscribers `pick` selects; drops those whose agent went away.
@@ -130,6 +169,42 @@ impl Job {
                 tracing::warn!(ranks = ?s.ranks, error = %e, "cannot queue a command for an agent; it resynchronises on reconnect");
             }
         }
+    }
+}
+
+/// What [`Job::admit`] decided about a vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// The vote's step is the job's committed step: a retried vote, answered "committed" once its
+    /// shard is checked to be the committed one.
+    Committed,
+    /// The vote may open or join its step's ballot.
+    Open,
+}
+
+/// Turns the failed check of a vote's shard against storage into the answer the voter gets: a
+/// shard that is missing or differs from the vote is an invalid vote (or, for a committed step, a
+/// conflict with the committed shard); a store failure is passed on as it is.
+fn refuse_vote(v: &ShardVote, committed: bool, e: ckpt_core::Error) -> Error {
+    use ckpt_core::ErrorKind as K;
+    let rank = v.vote.rank;
+    match e.kind() {
+        K::NotFound | K::Corrupt | K::Unsupported | K::InvalidInput if committed => {
+            tracing::warn!(job = %v.job, step = v.step, rank, error = %e, "vote for a committed step does not match its shard");
+            Error::Core(ckpt_core::Error::Conflict { job: v.job.clone(), step: v.step })
+        }
+        K::NotFound => Error::InvalidRequest {
+            what: "vote".into(),
+            reason: format!(
+                "rank {rank}'s shard of step {} does not exist on the store: vote only once the shard is durable",
+                v.step
+            ),
+        },
+        K::Corrupt | K::Unsupported | K::InvalidInput => Error::InvalidRequest {
+            what: "vote".into(),
+            reason: format!("rank {rank}'s shard of step {} does not match the vote: {e}", v.step),
+        },
+        _ => Error::Core(e),
     }
 }
 
@@ -482,12 +557,13 @@ impl Coordinator {
         let _ = self.with_job(&name, |job| {
             let Some(next) = job.state.on(Event::SnapshotsSettled) else { return Ok(()) };
             job.state = next;
-            job.generation = job.generation.saturating_add(1);
-            let generation = job.generation;
+            let generation = job.generation.saturating_add(1);
+            // Aborted at the old generation: the restarted job may save these step numbers again.
             let open: Vec<u64> = job.ballots.keys().copied().collect();
             for step in open {
                 job.abort(&name, step, format!("the job restarts at generation {generation}"));
             }
+            job.generation = generation;
             job.faulty.clear();
             job.restored.clear();
             let restore = RestoreCommand {
@@ -506,37 +582,32 @@ impl Coordinator {
 
     /// Counts a durable vote; the vote that completes the step writes its MANIFEST. Returns
     /// whether the step is committed.
+    ///
+    /// A vote is counted only once the shard it names has been read from the store and matches
+    /// it (exists, written for the job's world size, same length, index crc32c and region
+    /// length); a vote that does not is refused and changes nothing, so a lying peer can neither
+    /// commit a step nor open or abort a ballot. The MANIFEST is written only after every shard is
+    /// read again ([`ckpt_core::Engine::commit_verified`]).
     pub async fn vote(&self, v: ShardVote) -> Result<bool> {
         self.ensure_leader()?;
+        let (store, admission) = self.with_job(&v.job, |job| Ok((job.store.clone(), job.admit(&v.job, &v)?)))?;
+        let engine = self.engine(&store).await?;
+        let checked = {
+            let (engine, job, step, world, entry) =
+                (engine.clone(), v.job.clone(), v.step, v.world_size, v.vote.entry.clone());
+            tokio::task::spawn_blocking(move || engine.verify_shard_entry(&job, step, world, &entry))
+                .await
+                .map_err(|e| Error::Runtime { what: "read a voted shard", reason: e.to_string() })?
+        };
+        if let Err(e) = checked {
+            let err = refuse_vote(&v, admission == Admission::Committed, e);
+            tracing::warn!(job = %v.job, step = v.step, rank = v.vote.rank, error = %err, "vote refused");
+            return Err(err);
+        }
+        // The job may have moved while the shard was read: admit the vote again before counting.
         let ready = self.with_job(&v.job, |job| {
-            job.check_rank(v.vote.rank)?;
-            if v.world_size != job.world_size {
-                return Err(Error::InvalidRequest {
-                    what: "world_size".into(),
-                    reason: format!("job `{}` has world size {}, not {}", v.job, job.world_size, v.world_size),
-                });
-            }
-            job.check_generation(&v.job, v.generation)?;
-            if let Some((_, why)) = job.aborted.iter().rev().find(|(s, _)| *s == v.step) {
-                return Err(Error::StepAborted { job: v.job.clone(), step: v.step, reason: why.clone() });
-            }
-            if let Some(c) = job.committed {
-                if v.step == c {
-                    return Ok(None);
-                }
-                if v.step < c {
-                    return Err(Error::StepAborted {
-                        job: v.job.clone(),
-                        step: v.step,
-                        reason: format!("step {c} is already committed"),
-                    });
-                }
-            }
-            if !job.ballots.contains_key(&v.step) && job.ballots.len() >= MAX_OPEN_BALLOTS {
-                return Err(Error::InvalidRequest {
-                    what: "step".into(),
-                    reason: format!("{MAX_OPEN_BALLOTS} steps are already open: ranks are too far apart"),
-                });
+            if job.admit(&v.job, &v)? == Admission::Committed {
+                return Ok(None);
             }
             let world = job.world_size;
             let ballot =
@@ -545,25 +616,20 @@ impl Coordinator {
                 Tally::Pending(_) | Tally::Repeated => Ok(Some(None)),
                 Tally::Complete => {
                     job.committing.insert(v.step);
-                    Ok(Some(Some((job.store.clone(), ballot.entries(), ballot.metadata()))))
+                    Ok(Some(Some((ballot.entries(), ballot.metadata()))))
                 }
             }
         })?;
-        let (store, shards, metadata) = match ready {
+        let (shards, metadata) = match ready {
             None => return Ok(true),
             Some(None) => return Ok(false),
             Some(Some(r)) => r,
         };
-        let outcome = match self.engine(&store).await {
-            Ok(engine) => {
-                let (job, step, world) = (v.job.clone(), v.step, v.world_size);
-                tokio::task::spawn_blocking(move || engine.commit(&job, step, world, shards, metadata))
-                    .await
-                    .map_err(|e| Error::Runtime { what: "commit the step", reason: e.to_string() })
-                    .and_then(|r| r.map_err(Error::from))
-            }
-            Err(e) => Err(e),
-        };
+        let (job, step, world) = (v.job.clone(), v.step, v.world_size);
+        let outcome = tokio::task::spawn_blocking(move || engine.commit_verified(&job, step, world, shards, metadata))
+            .await
+            .map_err(|e| Error::Runtime { what: "commit the step", reason: e.to_string() })
+            .and_then(|r| r.map_err(Error::from));
         let result = self.with_job(&v.job, |job| {
             job.committing.remove(&v.step);
             match outcome {
@@ -726,23 +792,27 @@ mod tests {
     use super::*;
     use crate::isolator::fencer::MemoryFencer;
 
-    fn settings(max_isolated: u32) -> Settings {
+    fn settings(max_isolated: u32, store: &str) -> Settings {
         Settings {
             commit_deadline: Duration::from_secs(60),
             snapshot_timeout: Duration::from_secs(60),
             straggler_k: 1.5,
             straggler_windows: 3,
             straggler_window: Duration::from_secs(30),
-            store_override: Some("memory://".into()),
+            store_override: Some(store.into()),
             breaker: BreakerConfig { max_isolated, max_fraction: 1.0, window: Duration::from_secs(3600) },
         }
     }
 
     fn coordinator(leads: bool, fencer: Arc<MemoryFencer>, max_isolated: u32) -> Arc<Coordinator> {
+        coordinator_on(leads, fencer, max_isolated, "memory://")
+    }
+
+    fn coordinator_on(leads: bool, fencer: Arc<MemoryFencer>, max_isolated: u32, store: &str) -> Arc<Coordinator> {
         let (_l, leader) = watch::channel(leads);
         let (_h, holder) = watch::channel("other".to_string());
         Coordinator::new(
-            settings(max_isolated),
+            settings(max_isolated, store),
             fencer,
             Arc::new(Metrics::new()),
             leader,
@@ -844,16 +914,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_ballot_past_its_deadline_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
         let fencer = Arc::new(MemoryFencer::new(8));
-        let c = coordinator(true, fencer, 4);
+        let c = coordinator_on(true, fencer, 4, &url);
         register(&c, "a", 0, 2, "n").await;
+        let info = tokio::task::spawn_blocking(move || {
+            let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+            let table = ckpt_core::TensorTable::packed(
+                [ckpt_core::TensorMeta::new("w", ckpt_core::DType::F32, vec![4]).unwrap()],
+                64,
+            )
+            .unwrap();
+            let data = bytes::Bytes::from(vec![7u8; table.total_len() as usize]);
+            engine.write_shard("a", 3, 0, 2, &ckpt_core::Snapshot { table, data, metadata: Vec::new() }).unwrap()
+        })
+        .await
+        .unwrap();
         let vote = DurableVote {
             job: "a".into(),
             step: 3,
             rank: 0,
             world_size: 2,
             shard_key: ckpt_core::store::layout::shard_name(0),
-            shard_len: 10,
+            shard_len: info.size,
+            shard_crc32c: info.index_crc32c,
+            region_len: info.region_len,
             ..Default::default()
         };
         let vote = ShardVote::try_from(&vote).unwrap();

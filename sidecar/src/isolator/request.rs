@@ -15,6 +15,10 @@ use crate::{Error, Result};
 pub const MAX_NAME: usize = 253;
 /// Most ranks one request may name.
 pub const MAX_RANKS_PER_REQUEST: usize = 4096;
+/// Highest step a vote may name (2^40, about 10^12): a job that saves every step for a century at
+/// 300 steps per second stays below it. A higher step is a hostile or broken peer, and committing
+/// it would make every later step of the job look old.
+pub const MAX_STEP: u64 = 1 << 40;
 /// Longest reporter name kept from a fault report.
 const MAX_SOURCE: usize = 64;
 /// Longest evidence kept from a fault report (it reaches a node annotation and an Event).
@@ -165,7 +169,7 @@ impl From<&RankHeartbeat> for Heartbeat {
 pub struct ShardVote {
     /// The job.
     pub job: String,
-    /// The step.
+    /// The step, at most [`MAX_STEP`].
     pub step: u64,
     /// The world size the rank wrote its shard for.
     pub world_size: u32,
@@ -179,6 +183,9 @@ impl TryFrom<&DurableVote> for ShardVote {
     type Error = Error;
 
     fn try_from(v: &DurableVote) -> Result<ShardVote> {
+        if v.step > MAX_STEP {
+            return Err(invalid("vote step", format!("{} is above {MAX_STEP}", v.step)));
+        }
         Ok(ShardVote {
             job: v.job.clone(),
             step: v.step,
@@ -257,6 +264,21 @@ mod tests {
             FaultReport { ranks: vec![0; MAX_RANKS_PER_REQUEST + 1], ..report(FaultAction::Ignore, "n") },
         ] {
             assert_eq!(Fault::try_from(&bad).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
+        }
+    }
+
+    #[test]
+    fn a_vote_names_a_step_up_to_the_bound() {
+        let vote = |step: u64| DurableVote {
+            job: "job".into(),
+            step,
+            shard_key: ckpt_core::store::layout::shard_name(0),
+            shard_len: 10,
+            ..Default::default()
+        };
+        assert_eq!(ShardVote::try_from(&vote(MAX_STEP)).unwrap().step, MAX_STEP);
+        for step in [MAX_STEP + 1, u64::MAX] {
+            assert_eq!(ShardVote::try_from(&vote(step)).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
         }
     }
 
