@@ -500,10 +500,10 @@ impl Agent {
                 inner.last_durable = durable;
             }
             // A previous agent died while persisting: persist those slots again.
-            for slot in 0..a.slot_count() {
-                a.transition(slot, SlotState::Persisting, SlotState::Sealed);
-            }
-            rank.flush_abandoned(&a, self.cfg.world_size);
+            let resumed: Vec<u32> = (0..a.slot_count())
+                .filter(|&slot| a.transition(slot, SlotState::Persisting, SlotState::Sealed))
+                .collect();
+            rank.flush_abandoned(&a, self.cfg.world_size, &resumed);
             tracing::info!(rank = r, path = %a.path().display(), memory_tier = ?durable, "adopted an existing arena");
         }
         ranks.insert(r, rank.clone());
@@ -534,7 +534,7 @@ impl Agent {
                 }));
             }
             if let Some(a) = arena {
-                rank.flush_abandoned(&a, world);
+                rank.flush_abandoned(&a, world, &[]);
             }
         }
     }
@@ -566,7 +566,7 @@ impl Agent {
                 (inner.arena.clone(), inner.world_size)
             };
             if let Some(a) = arena {
-                rank.flush_abandoned(&a, world);
+                rank.flush_abandoned(&a, world, &[]);
             }
         });
     }

@@ -28,6 +28,9 @@ pub(super) struct PersistJob {
     pub handed_at: Instant,
     /// Persisted for a trainer that died (or an agent that restarted) without handing it over.
     pub flushed: bool,
+    /// A previous agent was persisting the slot when it died: the step may be committed already,
+    /// by that agent, with these very bytes.
+    pub resumed: bool,
 }
 
 /// The open session of the rank's trainer.
@@ -140,8 +143,9 @@ impl Rank {
     }
 
     /// Persists the newest sealed slot that nobody handed over (its trainer died, or the previous
-    /// agent did) and frees the slots a dead trainer left half-written. Returns the step queued.
-    pub(super) fn flush_abandoned(&self, arena: &Arc<Arena>, world_size: Option<u32>) -> Option<u64> {
+    /// agent did) and frees the slots a dead trainer left half-written. `resumed` are the slots a
+    /// previous agent was persisting. Returns the step queued.
+    pub(super) fn flush_abandoned(&self, arena: &Arc<Arena>, world_size: Option<u32>, resumed: &[u32]) -> Option<u64> {
         let mut sealed: Vec<(u64, u32)> = Vec::new();
         for slot in 0..arena.slot_count() {
             match arena.state(slot) {
@@ -169,7 +173,15 @@ impl Rank {
         if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
             return None;
         }
-        let job = PersistJob { arena: arena.clone(), slot, step, world_size, handed_at: Instant::now(), flushed: true };
+        let job = PersistJob {
+            arena: arena.clone(),
+            slot,
+            step,
+            world_size,
+            handed_at: Instant::now(),
+            flushed: true,
+            resumed: resumed.contains(&slot),
+        };
         match self.enqueue(job) {
             Ok(()) => {
                 tracing::warn!(rank = self.rank, step, "persisting the snapshot its trainer left behind");
@@ -233,7 +245,7 @@ fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<Per
 /// on, or a rollback below this step) abandons the wait for the MANIFEST. Returns the bytes
 /// written.
 fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
-    let PersistJob { arena, slot, step, world_size, flushed, .. } = job;
+    let PersistJob { arena, slot, step, world_size, resumed, .. } = job;
     let owner = SlotOwner { job: &agent.cfg.job, rank: rank.rank, world_size, keep: agent.cfg.keep };
     let persisted = match &agent.link {
         Some(link) => {
@@ -243,9 +255,9 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
                 let restarted = link.generation() > generation || rank.lock().rollback.is_some_and(|rb| step > rb);
                 restarted.then(|| format!("the job restarted (generation {})", link.generation()))
             };
-            slots::persist(&agent.engine, &arena, slot, owner, CommitPolicy::Vote(&vote), flushed, &abort)?
+            slots::persist(&agent.engine, &arena, slot, owner, CommitPolicy::Vote(&vote), resumed, &abort)?
         }
-        None => slots::persist::<Error>(&agent.engine, &arena, slot, owner, CommitPolicy::Storage, flushed, &|| None)?,
+        None => slots::persist::<Error>(&agent.engine, &arena, slot, owner, CommitPolicy::Storage, resumed, &|| None)?,
     };
     Ok(persisted.bytes)
 }

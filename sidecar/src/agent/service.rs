@@ -248,6 +248,7 @@ impl Trainer for Service {
             world_size,
             handed_at: Instant::now(),
             flushed: false,
+            resumed: false,
         };
         if let Err(job) = rank.enqueue(job) {
             job.arena.transition(job.slot, SlotState::Persisting, SlotState::Sealed);
