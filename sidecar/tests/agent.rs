@@ -633,3 +633,25 @@ fn health_status_and_drills_go_through_the_agent() {
             .is_some_and(|_| agent.metrics_text().contains("xid-48"))
     });
 }
+
+#[test]
+fn an_empty_or_rootless_store_is_a_configuration_error_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in ["", "file://", "file:///"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ckptd"))
+            .arg("agent")
+            .args(["--socket", dir.path().join("agent.sock").to_str().unwrap(), "--store", store, "--job", JOB])
+            .args(["--arena-dir", dir.path().join("arena").to_str().unwrap()])
+            .env_remove("CKPTD_STORE")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "--store `{store}`: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "--store `{store}`: {err}");
+        assert!(err.contains("--store") && err.contains("invalid store url"), "--store `{store}`: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the agent left {left:?} behind");
+}

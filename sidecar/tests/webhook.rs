@@ -253,7 +253,14 @@ fn torchrun_ranks_the_agent_would_refuse_are_denied_at_admission() {
         (&[("PET_NODE_RANK", "2"), ("PET_NNODES", "2")], "below PET_NNODES"),
         (&[("PET_NPROC_PER_NODE", "4000"), ("PET_NNODES", "2000000")], "world size of 8000000000"),
         (&[("PET_NPROC_PER_NODE", "4096"), ("PET_NODE_RANK", "18446744073709551615")], "below PET_NNODES"),
-        (&[("PET_NPROC_PER_NODE", "4096"), ("PET_NODE_RANK", "4503599627370495"), ("PET_NNODES", "18446744073709551615")], "beyond"),
+        (
+            &[
+                ("PET_NPROC_PER_NODE", "4096"),
+                ("PET_NODE_RANK", "4503599627370495"),
+                ("PET_NNODES", "18446744073709551615"),
+            ],
+            "beyond",
+        ),
     ];
     for (vars, why) in cases {
         let resp = worker_with(vars);

@@ -722,7 +722,9 @@ async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver
         let Some(link) = &agent.link else { continue };
         let report = d.to_report(&agent.cfg.job, ranks, link.generation(), &agent.cfg.pod);
         match link.report_fault(report).await {
-            Ok(ack) => tracing::warn!(action = ack.action, note = %crate::text::peer(&ack.note), "fault reported to the isolator"),
+            Ok(ack) => {
+                tracing::warn!(action = ack.action, note = %crate::text::peer(&ack.note), "fault reported to the isolator")
+            }
             Err(e) => tracing::error!(error = %e, "cannot report the fault to the isolator"),
         }
     }

@@ -16,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
 
 use super::annotations::{self, LABEL_INJECT, PodSettings};
-use super::value::shown;
 use super::config::Config;
+use super::value::shown;
 use crate::env;
 
 /// The injected agent container's name; its presence marks a pod as already injected.
@@ -309,8 +309,10 @@ fn ranks(pod: &Pod, s: &PodSettings) -> Result<Option<(String, u64)>, String> {
         return Err(format!("{from} give a world size of {world}, above the agent's limit {}", u32::MAX));
     }
     crate::agent::parse_ranks(&ranks).map_err(|e| {
-        format!("{from} give ranks {ranks}, which the agent refuses ({e}): one pod runs at most {} processes",
-            crate::agent::MAX_RANKS_PER_AGENT)
+        format!(
+            "{from} give ranks {ranks}, which the agent refuses ({e}): one pod runs at most {} processes",
+            crate::agent::MAX_RANKS_PER_AGENT
+        )
     })?;
     Ok(Some((ranks, world)))
 }
