@@ -104,7 +104,7 @@ impl Encoder {
             Compression::Zstd(level) => Some(level),
             Compression::Auto => Some(AUTO_LEVEL),
         }
-        .map(|level| zstd::bulk::Compressor::new(level).map_err(|source| Error::Codec { source }))
+        .map(|level| zstd::bulk::Compressor::new(level).map_err(|cause| Error::Codec { cause }))
         .transpose()?;
         Ok(Encoder { mode, ctx })
     }
@@ -115,12 +115,12 @@ impl Encoder {
             return Ok(Encoded::Raw { crc: crc32c::crc32c(raw) });
         };
         if self.mode == Compression::Auto && raw.len() > AUTO_SAMPLE {
-            let sample = ctx.compress(&raw[..AUTO_SAMPLE]).map_err(|source| Error::Codec { source })?;
+            let sample = ctx.compress(&raw[..AUTO_SAMPLE]).map_err(|cause| Error::Codec { cause })?;
             if !worth_it(sample.len(), AUTO_SAMPLE) {
                 return Ok(Encoded::Raw { crc: crc32c::crc32c(raw) });
             }
         }
-        let data = ctx.compress(raw).map_err(|source| Error::Codec { source })?;
+        let data = ctx.compress(raw).map_err(|cause| Error::Codec { cause })?;
         if self.mode == Compression::Auto && !worth_it(data.len(), raw.len()) {
             return Ok(Encoded::Raw { crc: crc32c::crc32c(raw) });
         }
@@ -131,10 +131,10 @@ impl Encoder {
 
 /// Decompresses one zstd frame into `dst`, which must be exactly the chunk's raw length.
 pub fn decompress_into(stored: &[u8], dst: &mut [u8]) -> Result<()> {
-    let n = zstd::bulk::decompress_to_buffer(stored, dst).map_err(|source| Error::Codec { source })?;
+    let n = zstd::bulk::decompress_to_buffer(stored, dst).map_err(|cause| Error::Codec { cause })?;
     if n != dst.len() {
         return Err(Error::Codec {
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("zstd frame holds {n} bytes, the index says {}", dst.len()),
             ),

@@ -103,26 +103,25 @@ pub enum Error {
         reason: String,
     },
     /// An object-store call failed.
-    #[error("store {op} of `{path}` failed: {source}")]
+    #[error("store {op} of `{path}` failed: {cause}")]
     Store {
         /// The operation (`put`, `get`, `list`, ...).
         op: &'static str,
         /// The object path relative to the store.
         path: String,
-        /// What the store said.
-        #[source]
-        source: object_store::Error,
+        /// What the store said. It is part of the message and not returned by `source()`, so a
+        /// printer of the cause chain says it once.
+        cause: object_store::Error,
     },
     /// A local file-system call failed.
-    #[error("{op} `{}` failed: {source}", path.display())]
+    #[error("{op} `{}` failed: {cause}", path.display())]
     Io {
         /// The operation (`open`, `pwrite`, `fsync`, ...).
         op: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error, part of the message and not returned by `source()` (see `Store`).
+        cause: std::io::Error,
     },
     /// Stored bytes are damaged or inconsistent.
     #[error("corrupt checkpoint data in {location}: {reason}")]
@@ -182,11 +181,10 @@ pub enum Error {
         waited_ms: u64,
     },
     /// Compressing or decompressing a chunk failed.
-    #[error("codec failure: {source}")]
+    #[error("codec failure: {cause}")]
     Codec {
-        /// The zstd error.
-        #[source]
-        source: std::io::Error,
+        /// The zstd error, part of the message and not returned by `source()` (see `Store`).
+        cause: std::io::Error,
     },
     /// A CUDA driver call failed.
     #[error("{op} on CUDA device {device} failed: {reason}")]
@@ -241,8 +239,8 @@ impl Error {
             Error::InvalidUrl { .. } | Error::InvalidConfig { .. } | Error::InvalidTensor { .. } => {
                 ErrorKind::InvalidInput
             }
-            Error::Store { source, .. } => store_error_kind(source),
-            Error::Io { source, .. } => io_error_kind(source),
+            Error::Store { cause, .. } => store_error_kind(cause),
+            Error::Io { cause, .. } => io_error_kind(cause),
             Error::Corrupt { .. } | Error::Codec { .. } => ErrorKind::Corrupt,
             Error::UnsupportedVersion { .. } => ErrorKind::Unsupported,
             Error::Conflict { .. } => ErrorKind::Conflict,
@@ -256,11 +254,11 @@ impl Error {
     }
 
     pub(crate) fn store(op: &'static str, path: impl std::fmt::Display, source: object_store::Error) -> Self {
-        Error::Store { op, path: path.to_string(), source }
+        Error::Store { op, path: path.to_string(), cause: source }
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.into(), source }
+        Error::Io { op, path: path.into(), cause: source }
     }
 
     pub(crate) fn corrupt(location: Location, reason: impl Into<String>) -> Self {

@@ -115,6 +115,7 @@ fn engine_config(max_retries: usize) -> EngineConfig {
         request_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
         allow_http: Some(true),
+        create_local_dir: true,
     };
     let persist = PersistConfig {
         chunk_size: 64 << 10,

@@ -16,6 +16,7 @@ pub mod webhook;
 
 pub mod error;
 pub mod rpc;
+pub mod text;
 
 pub use error::{Error, ErrorKind, Result};
 

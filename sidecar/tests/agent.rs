@@ -676,3 +676,46 @@ fn saving_a_committed_step_number_again_is_refused_and_never_reported_durable() 
     assert_eq!(durable.len(), 1, "{log}");
     assert!(!durable[0].contains("bytes=0"), "{log}");
 }
+
+#[test]
+fn an_empty_or_rootless_store_is_a_configuration_error_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in ["", "file://", "file:///"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ckptd"))
+            .arg("agent")
+            .args(["--socket", dir.path().join("agent.sock").to_str().unwrap(), "--store", store, "--job", JOB])
+            .args(["--arena-dir", dir.path().join("arena").to_str().unwrap()])
+            .env_remove("CKPTD_STORE")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "--store `{store}`: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "--store `{store}`: {err}");
+        assert!(err.contains("--store") && err.contains("invalid store url"), "--store `{store}`: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the agent left {left:?} behind");
+}
+
+#[test]
+fn a_world_writable_arena_directory_is_a_configuration_error_with_exit_64() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let arena = dir.path().join("shared");
+    std::fs::create_dir(&arena).unwrap();
+    std::fs::set_permissions(&arena, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ckptd"))
+        .arg("agent")
+        .args(["--socket", dir.path().join("agent.sock").to_str().unwrap()])
+        .args(["--store", &file_store(dir.path()), "--job", JOB])
+        .args(["--arena-dir", arena.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("--arena-dir") && err.contains("world-writable"), "{err}");
+    assert!(!dir.path().join("agent.sock").exists(), "the agent served anyway");
+}

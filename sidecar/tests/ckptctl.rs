@@ -362,3 +362,123 @@ fn bad_configuration_exits_64_with_one_line_and_no_credentials() {
     assert_eq!(code(&o), 64);
     assert_eq!(code(&ckptctl(&["--help"])), 0);
 }
+
+/// The MANIFEST file of `step`.
+fn manifest_path(s: &Store, step: u64) -> std::path::PathBuf {
+    s.dir.path().join(format!("{JOB}/step-{step}/{}", ckpt_core::store::layout::MANIFEST_NAME))
+}
+
+#[test]
+fn a_mistyped_file_store_is_reported_missing_and_not_created() {
+    let s = store();
+    commit(&s, 1, 1);
+    let typo = s.dir.path().join("chekpoints/llama");
+    let url = format!("file://{}", typo.display());
+    for cmd in [&["ls"][..], &["verify"], &["verify", "--all", "--json"], &["inspect"], &["gc", "--keep", "1"]] {
+        let mut args = cmd.to_vec();
+        args.extend(["--store", &url, "--job", JOB]);
+        let o = ckptctl(&args);
+        assert_eq!(code(&o), 2, "{cmd:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&typo.display().to_string()) && err.contains("not found"), "{cmd:?}: {err}");
+        assert!(!s.dir.path().join("chekpoints").exists(), "{cmd:?} created the mistyped directory");
+    }
+}
+
+#[test]
+fn an_empty_store_and_a_bare_file_scheme_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["", "file://", "file:///"] {
+        let o = ckptctl_in(Some(dir.path()), &["ls", "--store", url, "--job", JOB]);
+        assert_eq!(code(&o), 64, "`{url}`: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.lines().count() == 1 && err.starts_with("error: invalid store url"), "`{url}`: {err}");
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing is created in the working directory");
+}
+
+#[test]
+fn ls_marks_a_committed_step_whose_manifest_does_not_decode_as_damaged() {
+    let s = store();
+    for step in 1..=3 {
+        commit(&s, step, 1);
+    }
+    std::fs::write(manifest_path(&s, 2), b"{ not a manifest").unwrap();
+    std::fs::write(manifest_path(&s, 3), b"").unwrap();
+
+    let doc = json(&on(&s, &["ls", "--json"]));
+    assert_eq!(doc["latest"], 1);
+    let states: Vec<(u64, &str)> = doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [(1, "committed"), (2, "damaged"), (3, "damaged")]);
+    assert!(doc["steps"][1]["problem"].as_str().unwrap().contains("corrupt"), "{}", doc["steps"][1]);
+    assert!(doc["steps"][0].get("problem").is_none());
+
+    let o = on(&s, &["ls"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    let line = |step: &str| text.lines().find(|l| l.split_whitespace().next() == Some(step)).unwrap_or_default();
+    assert!(line("2").contains("damaged") && line("3").contains("damaged"), "{text}");
+    assert!(line("1").contains("committed") && line("1").contains("latest"), "{text}");
+    assert!(text.contains("step 3 is damaged:"), "{text}");
+    // The engine warns that it skipped the damaged steps; stderr is a pipe here, so no colour.
+    let err = stderr(&o);
+    assert!(err.contains("falling back"), "{err}");
+    assert!(!err.contains('\u{1b}'), "ANSI escapes on a redirected stderr: {err:?}");
+}
+
+#[test]
+fn verify_reports_a_newer_format_version_as_unsupported_not_corrupt() {
+    let s = store();
+    commit(&s, 1, 1);
+    commit(&s, 2, 2);
+    let mut m = s.engine.manifest(JOB, 2).unwrap();
+    m.version = ckpt_core::manifest::MANIFEST_VERSION + 1;
+    std::fs::write(manifest_path(&s, 2), m.encode()).unwrap();
+
+    let o = on(&s, &["verify", "--step", "2"]);
+    let text = stdout(&o);
+    assert_eq!(code(&o), 2, "unsupported is not corruption (exit 1): {text}");
+    assert!(text.contains("step 2: UNSUPPORTED") && !text.contains("CORRUPT"), "{text}");
+    assert!(text.contains("upgrade"), "{text}");
+
+    let doc: Value = serde_json::from_slice(&on(&s, &["verify", "--all", "--json"]).stdout).unwrap();
+    let steps = doc["steps"].as_array().unwrap();
+    assert_eq!((steps[0]["ok"].as_bool(), steps[0]["unsupported"].as_bool()), (Some(true), Some(false)));
+    assert_eq!((steps[1]["ok"].as_bool(), steps[1]["unsupported"].as_bool()), (Some(false), Some(true)));
+
+    // Real damage next to it is still corruption.
+    flip(&s, 1, 0, 100);
+    let o = on(&s, &["verify", "--all"]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    assert!(stdout(&o).contains("1 corrupt, 1 unsupported"), "{}", stdout(&o));
+}
+
+#[test]
+fn export_does_not_create_missing_directories() {
+    let s = store();
+    commit(&s, 1, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("no/such/dir/rank0.safetensors");
+    let args =
+        ["export", "--format", "safetensors", "--rank", "0", "--skip-unsupported", "--out", out.to_str().unwrap()];
+    let o = on(&s, &args);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.lines().count() == 1 && err.contains("does not exist"), "{err}");
+    assert!(!dir.path().join("no").exists(), "export created the missing directories");
+
+    // A file the OS refuses to create: the OS's reason is said once, not once per cause.
+    let o = on(
+        &s,
+        &["export", "--format", "safetensors", "--rank", "0", "--skip-unsupported", "--out", "/proc/sys/x.safetensors"],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.matches("(os error").count(), 1, "{err}");
+}

@@ -224,10 +224,87 @@ fn env_from_containers_get_only_ckptd_variables_and_rank_comes_from_rank_and_wor
     assert_eq!(value(&a, "CKPTD_RANKS").as_deref(), Some("5"));
     assert_eq!(value(&a, "CKPTD_WORLD_SIZE").as_deref(), Some("16"));
 
-    // A rank outside the world size is not copied.
+    // A rank outside the world size would make the agent refuse to start: the pod is denied.
     raw["request"]["object"]["spec"]["containers"][0]["env"][0]["value"] = "16".into();
-    let (_, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
-    assert!(value(&agent(&pod(&obj)), "CKPTD_RANKS").is_none());
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(!resp.allowed && resp.result.message.contains("RANK must be below WORLD_SIZE"), "{:?}", resp.result);
+}
+
+/// The PyTorchJob worker with its trainer's variables `vars` replaced; the review's response.
+fn worker_with(vars: &[(&str, &str)]) -> kube::core::admission::AdmissionResponse {
+    let mut raw: Value = serde_json::from_slice(&fixture("pytorchjob-worker.json")).unwrap();
+    let env = raw["request"]["object"]["spec"]["containers"][0]["env"].as_array_mut().unwrap();
+    for (name, v) in vars {
+        let e = env.iter_mut().find(|e| e["name"] == *name).unwrap_or_else(|| panic!("the fixture sets {name}"));
+        e["value"] = (*v).into();
+    }
+    review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap()
+}
+
+#[test]
+fn torchrun_ranks_the_agent_would_refuse_are_denied_at_admission() {
+    let ok = worker_with(&[("PET_NPROC_PER_NODE", "4096"), ("PET_NODE_RANK", "1"), ("PET_NNODES", "2")]);
+    assert!(ok.allowed, "4096 processes per pod is the agent's limit, not beyond it: {:?}", ok.result);
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("PET_NPROC_PER_NODE", "4097")], "which the agent refuses"),
+        (&[("PET_NPROC_PER_NODE", "1000000")], "one pod runs at most 4096 processes"),
+        (&[("PET_NPROC_PER_NODE", "0")], "must be at least 1"),
+        (&[("PET_NNODES", "0")], "must be at least 1"),
+        (&[("PET_NODE_RANK", "2"), ("PET_NNODES", "2")], "below PET_NNODES"),
+        (&[("PET_NPROC_PER_NODE", "4000"), ("PET_NNODES", "2000000")], "world size of 8000000000"),
+        (&[("PET_NPROC_PER_NODE", "4096"), ("PET_NODE_RANK", "18446744073709551615")], "below PET_NNODES"),
+        (
+            &[
+                ("PET_NPROC_PER_NODE", "4096"),
+                ("PET_NODE_RANK", "4503599627370495"),
+                ("PET_NNODES", "18446744073709551615"),
+            ],
+            "beyond",
+        ),
+    ];
+    for (vars, why) in cases {
+        let resp = worker_with(vars);
+        assert!(!resp.allowed, "{vars:?} was allowed");
+        let msg = &resp.result.message;
+        assert!(msg.contains(why) && msg.contains("container pytorch"), "{vars:?}: {msg}");
+        // Every value the agent would be started with is one it accepts, so the refusal is here.
+        assert!(resp.patch.is_none());
+    }
+}
+
+#[test]
+fn store_urls_with_credentials_or_control_characters_are_denied_without_echoing_them() {
+    let cases: &[(&str, &[&str])] = &[
+        ("s3://KEY:SECRET@/p", &["KEY", "SECRET"]),
+        ("s3://AKIAEXAMPLE:wJalrXUt@bkt/p", &["AKIAEXAMPLE", "wJalrXUt"]),
+        ("s3://bkt/p?aws_secret_access_key=wJalrXUt&region=eu-west-1", &["wJalrXUt"]),
+        ("s3://bkt/p?X-Amz-Signature=f00dcafe&X-Amz-Credential=AKIAEXAMPLE", &["f00dcafe", "AKIAEXAMPLE"]),
+        ("az://container/p?sv=2022-11-02&sig=c2lnbmF0dXJl", &["c2lnbmF0dXJl"]),
+        ("gs://bkt/p?token=ya29.T0K3N", &["ya29.T0K3N"]),
+        ("oss://bkt/p?region=cn-hangzhou&security-token=STS.T0K3N", &["STS.T0K3N"]),
+        ("oss://bkt/p?region=cn-hangzhou&OSSAccessKeyId=LTAI5t", &["LTAI5t"]),
+        ("s3://bkt/p?endpoint=https://minio:m1n10pw@minio.local:9000", &["m1n10pw"]),
+        ("s3://bkt/p?Sig%6eature=f00dcafe", &["f00dcafe"]),
+    ];
+    for (url, secrets) in cases {
+        let msg = denial(&[("ckptd.io/store", url)]);
+        assert!(msg.contains("carries credentials") && msg.contains("Secret"), "{url}: {msg}");
+        for secret in *secrets {
+            assert!(!msg.contains(secret), "{url}: the denial echoes {secret}: {msg}");
+        }
+    }
+    let msg = denial(&[("ckptd.io/store", "s3://bkt/p\n2025-01-01 INFO forged\u{1b}[31m")]);
+    assert!(msg.contains("control characters"), "{msg}");
+    assert!(!msg.chars().any(char::is_control), "the denial carries a control character: {msg:?}");
+
+    let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+    raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/store"] =
+        "s3://bkt/p?region=eu-west-1&endpoint=https://minio.local:9000&virtual_hosted=true".into();
+    let resp = review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap();
+    assert!(resp.allowed, "the store options the agent reads are not credentials: {:?}", resp.result);
+
+    let e = Config::from_yaml("img", "store: s3://bkt/p?sig=c2lnbmF0dXJl\n").unwrap_err().to_string();
+    assert!(e.contains("carries credentials") && !e.contains("c2lnbmF0dXJl"), "{e}");
 }
 
 #[test]

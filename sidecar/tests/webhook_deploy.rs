@@ -620,6 +620,15 @@ fn isolator_has_exactly_its_rbac_and_its_ports() {
     assert_eq!(flag(&args, "--lease-name"), "ckptd-isolator");
     assert_eq!(flag(&args, "--lease-namespace"), NAMESPACE);
     assert!(["NoSchedule", "NoExecute"].contains(&flag(&args, "--taint-effect").as_str()));
+    // Only the Lease holder answers /readyz with 200, so only it receives the Service's traffic. The
+    // probe uses the port --metrics-addr serves, where the isolator answers /readyz.
+    let c = &dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let metrics_port = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).unwrap();
+    assert!(flag(&args, "--metrics-addr").ends_with(&format!(":{}", metrics_port.container_port)));
+    let get = c.readiness_probe.as_ref().and_then(|p| p.http_get.clone()).expect("an httpGet readiness probe");
+    assert_eq!(get.path.as_deref(), Some("/readyz"));
+    assert_eq!(get.port, IntOrString::String("metrics".into()));
+    assert!(get.scheme.is_none_or(|s| s == "HTTP"), "the metrics port is plain HTTP");
     for f in
         ["--tls-cert", "--tls-key", "--token-file", "--max-isolated", "--max-isolated-fraction", "--isolation-window"]
     {

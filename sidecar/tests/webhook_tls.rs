@@ -355,6 +355,23 @@ fn binary_reports_bad_configuration_with_exit_64_and_one_line() {
     }
 }
 
+#[test]
+fn gen_cert_refuses_a_validity_past_what_x509_holds_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("certs");
+    for days in ["3000000", "36501", "0", "4294967295"] {
+        let out = ckptd().args(["webhook", "gen-cert", "--days", days, "--out-dir"]).arg(&out_dir).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "--days {days}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "--days {days}: {err}");
+        assert!(err.contains("--days") && err.contains("36500"), "--days {days}: {err}");
+        assert!(!out_dir.exists(), "--days {days} wrote {}", out_dir.display());
+    }
+    let out = ckptd().args(["webhook", "gen-cert", "--days", "36500", "--out-dir"]).arg(&out_dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out_dir.join("tls.crt").is_file());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gen_cert_output_serves_the_service_name_through_the_binary() {
     let dir = tempfile::tempdir().unwrap();

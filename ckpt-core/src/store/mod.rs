@@ -93,6 +93,10 @@ pub struct StoreOptions {
     pub connect_timeout: Duration,
     /// Allow plain-HTTP endpoints (loopback test servers). Defaults to true only for loopback.
     pub allow_http: Option<bool>,
+    /// Create the directory of a `file://` store when it is missing. Writers (the agent, the
+    /// engine) want this; read-only tools (`ckptctl`) turn it off so that a mistyped path is
+    /// reported as missing instead of becoming a new, empty store.
+    pub create_local_dir: bool,
 }
 
 impl Default for StoreOptions {
@@ -105,6 +109,7 @@ impl Default for StoreOptions {
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             allow_http: None,
+            create_local_dir: true,
         }
     }
 }
@@ -188,23 +193,27 @@ impl Store {
     pub fn open_with_env(url: &str, options: &StoreOptions, env: &dyn Env) -> Result<Store> {
         let shown = redact_url(url);
         let bad = |reason: String| Error::InvalidUrl { url: shown.clone(), reason };
+        if url.trim().is_empty() {
+            return Err(bad(format!("the store URL is empty: use {URL_FORMS}")));
+        }
         if !url.contains("://") {
-            return Self::open_local(FsPath::new(url), &shown);
+            return Self::open_local(FsPath::new(url), &shown, options);
         }
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         let prefix = Path::parse(parsed.path().trim_matches('/')).map_err(|e| bad(format!("bad path: {e}")))?;
         match parsed.scheme() {
             "file" => {
                 let path = parsed.to_file_path().map_err(|()| bad("a file:// URL needs an absolute path".into()))?;
-                Self::open_local(&path, &shown)
+                if path.parent().is_none() {
+                    return Err(bad("a file:// URL needs a directory below the root, e.g. file:///mnt/ckpt".into()));
+                }
+                Self::open_local(&path, &shown, options)
             }
             "memory" => {
                 Ok(Store::plain(Arc::new(object_store::memory::InMemory::new()), prefix, Backend::Memory, shown))
             }
             "s3" | "oss" | "gs" | "az" | "azure" | "abfs" => Self::open_cloud(&parsed, prefix, options, env, shown),
-            other => {
-                Err(bad(format!("unknown scheme `{other}`: use file://, s3://, oss://, gs://, az:// or memory://")))
-            }
+            other => Err(bad(format!("unknown scheme `{other}`: use {URL_FORMS}"))),
         }
     }
 
@@ -278,8 +287,14 @@ impl Store {
         })
     }
 
-    fn open_local(path: &FsPath, shown: &str) -> Result<Store> {
-        std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))?;
+    fn open_local(path: &FsPath, shown: &str, options: &StoreOptions) -> Result<Store> {
+        if options.create_local_dir {
+            std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))?;
+        } else if !path.is_dir() {
+            return Err(Error::NotFound {
+                what: format!("store directory `{}` (does it exist? check the path in {shown})", path.display()),
+            });
+        }
         let root = path.canonicalize().map_err(|e| Error::io("resolve directory", path, e))?;
         let fs =
             object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| Error::store("open", shown, e))?;
@@ -350,9 +365,13 @@ impl Store {
     }
 }
 
-/// Removes user-info and query values from a URL so that it can be logged.
+/// The URL forms a store can be opened from, for messages.
+const URL_FORMS: &str = "file:///path, s3://bucket/prefix, oss://, gs://, az:// or memory://";
+
+/// Removes user-info, query values and the fragment from a URL so that it can be logged, whether
+/// or not it parses. Control characters are written as escapes, so a URL cannot break a log line.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
+    let shown = match url::Url::parse(url) {
         Ok(mut u) => {
             if !u.username().is_empty() || u.password().is_some() {
                 let _ = u.set_username("");
@@ -362,10 +381,25 @@ pub fn redact_url(url: &str) -> String {
                 let keys: Vec<String> = u.query_pairs().map(|(k, _)| format!("{k}=…")).collect();
                 u.set_query(Some(&keys.join("&")));
             }
+            u.set_fragment(None);
             u.to_string()
         }
-        Err(_) => url.split('?').next().unwrap_or_default().to_string(),
-    }
+        Err(_) => redact_unparsed(url),
+    };
+    shown.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
+}
+
+/// [`redact_url`] for a string that is not a URL: keeps the scheme, drops everything up to the
+/// last `@` of the authority (user-info) and everything from the first `?` or `#`.
+fn redact_unparsed(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
 }
 
 fn query_value(url: &url::Url, key: &str) -> Option<String> {
@@ -524,6 +558,54 @@ mod tests {
         let shown = redact_url("s3://AKIA:supersecret@bkt/p?token=abc&region=x");
         assert!(!shown.contains("supersecret") && !shown.contains("AKIA") && !shown.contains("abc"), "{shown}");
         assert!(shown.contains("bkt/p"));
+    }
+
+    #[test]
+    fn redaction_hides_secrets_of_urls_that_do_not_parse() {
+        for (url, secrets) in [
+            ("s3://KEY:SECRET@/p", &["KEY", "SECRET"][..]),
+            ("s3://KEY:SECRET@[bad/p?token=t0k", &["KEY", "SECRET", "t0k"]),
+            ("oss://a@b:c@/x#sig=s1g", &["a@b", "c@", "s1g"]),
+        ] {
+            let shown = redact_url(url);
+            for s in secrets {
+                assert!(!shown.contains(s), "{url} shows {s}: {shown}");
+            }
+            let e = Store::open_with_env(url, &StoreOptions::default(), &env(&[])).unwrap_err();
+            let msg = e.to_string();
+            for s in secrets {
+                assert!(!msg.contains(s), "{url}: the error shows {s}: {msg}");
+            }
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidInput, "{msg}");
+        }
+        assert_eq!(redact_url("s3://KEY:SECRET@/p"), "s3:///p");
+        let forged = redact_url("gs://bkt/a\nforged line\u{1b}[31m");
+        assert!(!forged.chars().any(char::is_control), "{forged:?}");
+        assert_eq!(redact_url("not a url\n"), "not a url\\n");
+        assert_eq!(redact_url("s3://bkt/p#frag"), "s3://bkt/p");
+    }
+
+    #[test]
+    fn empty_urls_and_the_file_root_are_refused() {
+        for url in ["", " ", "file://", "file:///", "file:///.."] {
+            let e = Store::open_with_env(url, &StoreOptions::default(), &env(&[])).unwrap_err();
+            assert!(matches!(e, Error::InvalidUrl { .. }), "`{url}`: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_directory_is_not_created_when_creation_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("typo/ckpt");
+        let url = format!("file://{}", missing.display());
+        let read_only = StoreOptions { create_local_dir: false, ..StoreOptions::default() };
+        let e = Store::open_with_env(&url, &read_only, &env(&[])).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound, "{e}");
+        assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
+        assert!(!dir.path().join("typo").exists(), "nothing is created");
+        Store::open_with_env(&url, &StoreOptions::default(), &env(&[])).unwrap();
+        assert!(missing.is_dir(), "writers still create the directory");
+        Store::open_with_env(&url, &read_only, &env(&[])).unwrap();
     }
 
     #[test]

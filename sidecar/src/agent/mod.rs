@@ -108,6 +108,9 @@ pub struct AgentArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankList(pub Vec<u32>);
 
+/// The widest rank range one agent serves (`--ranks 0-4095`).
+pub const MAX_RANKS_PER_AGENT: u32 = 4096;
+
 /// Parses a [`RankList`].
 pub fn parse_ranks(s: &str) -> std::result::Result<RankList, String> {
     let mut out = Vec::new();
@@ -116,7 +119,7 @@ pub fn parse_ranks(s: &str) -> std::result::Result<RankList, String> {
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (u32, u32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
-                if a > b || b - a >= 4096 {
+                if a > b || b - a >= MAX_RANKS_PER_AGENT {
                     return Err(bad());
                 }
                 out.extend(a..=b);
@@ -420,7 +423,7 @@ impl Agent {
                 for rank in self.ranks().into_iter().filter(|r| r.lock().session.is_some()) {
                     let id = self.next_id();
                     rank.lock().pending_request = Some(id);
-                    tracing::warn!(rank = rank.rank, request = id, reason = %s.reason, "isolator requests a snapshot");
+                    tracing::warn!(rank = rank.rank, request = id, reason = %crate::text::peer(&s.reason), "isolator requests a snapshot");
                     rank.notify(Event::SnapshotRequested(pb::SnapshotRequested {
                         request: id,
                         reason: s.reason.clone(),
@@ -429,7 +432,7 @@ impl Agent {
             }
             Some(C::Stop(s)) => {
                 for rank in self.ranks() {
-                    tracing::warn!(rank = rank.rank, reason = %s.reason, "isolator stops the trainer");
+                    tracing::warn!(rank = rank.rank, reason = %crate::text::peer(&s.reason), "isolator stops the trainer");
                     rank.notify(Event::Stop(pb::StopOrder { reason: s.reason.clone() }));
                 }
             }
@@ -727,7 +730,9 @@ async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver
         let Some(link) = &agent.link else { continue };
         let report = d.to_report(&agent.cfg.job, ranks, link.generation(), &agent.cfg.pod);
         match link.report_fault(report).await {
-            Ok(ack) => tracing::warn!(action = ack.action, note = %ack.note, "fault reported to the isolator"),
+            Ok(ack) => {
+                tracing::warn!(action = ack.action, note = %crate::text::peer(&ack.note), "fault reported to the isolator")
+            }
             Err(e) => tracing::error!(error = %e, "cannot report the fault to the isolator"),
         }
     }

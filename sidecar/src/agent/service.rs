@@ -166,7 +166,7 @@ impl Trainer for Service {
             let _ = tx
                 .try_send(Ok(pb::TrainerEvent { event: Some(Event::Restore(pb::RestoreOrder { step, generation })) }));
         }
-        tracing::info!(rank = req.rank, pid = req.pid, session = id, client = %req.client_version, "trainer attached");
+        tracing::info!(rank = req.rank, pid = req.pid, session = id, client = %crate::text::peer(&req.client_version), "trainer attached");
         if rank.lock().committed.is_none() {
             self.agent.spawn_prefetch(rank.clone());
         }
@@ -345,7 +345,7 @@ impl Admin for Service {
             let id = self.agent.next_id();
             rank.lock().pending_request = Some(id);
             rank.notify(Event::SnapshotRequested(pb::SnapshotRequested { request: id, reason: reason.clone() }));
-            tracing::info!(rank = rank.rank, request = id, reason = %reason, "snapshot requested");
+            tracing::info!(rank = rank.rank, request = id, reason = %crate::text::peer(&reason), "snapshot requested");
             asked.push((rank, id));
         }
         let wait = Duration::from_millis(req.timeout_ms).min(MAX_SNAPSHOT_WAIT);

@@ -167,6 +167,7 @@ pub fn write_safetensors_file(
 ) -> anyhow::Result<()> {
     // The durable helpers fsync the parent directory, which a bare file name lacks.
     let path = std::path::absolute(path).with_context(|| format!("cannot resolve `{}`", path.display()))?;
+    anyhow::ensure!(path.parent().is_some_and(Path::is_dir), "the directory of `{}` does not exist", path.display());
     let (file, tmp) = ckpt_core::durable::create_tmp(&path)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let written = layout

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context as _;
-use ckpt_core::{StepInfo, StepState};
+use ckpt_core::{ErrorKind, StepInfo, StepState};
 use indicatif::HumanBytes;
 use serde::Serialize;
 
@@ -19,10 +19,23 @@ struct Listing<'a> {
     steps: Vec<StepRow>,
 }
 
+/// What `ls` says about a step: the catalog's state, except that a committed step whose MANIFEST
+/// cannot be read or decoded is `damaged`, because no restore can use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum RowState {
+    Committed,
+    Uncommitted,
+    Damaged,
+}
+
 #[derive(Debug, Serialize)]
 struct StepRow {
     step: u64,
-    state: StepState,
+    state: RowState,
+    /// Why a step is damaged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
     shards: usize,
     shard_ranks: Vec<u32>,
     bytes: u64,
@@ -33,10 +46,16 @@ struct StepRow {
 }
 
 impl StepRow {
-    fn new(s: &StepInfo, latest: Option<u64>) -> StepRow {
+    fn new(s: &StepInfo, latest: Option<u64>, problem: Option<String>) -> StepRow {
+        let state = match (s.state, &problem) {
+            (StepState::Uncommitted, _) => RowState::Uncommitted,
+            (StepState::Committed, None) => RowState::Committed,
+            (StepState::Committed, Some(_)) => RowState::Damaged,
+        };
         StepRow {
             step: s.step,
-            state: s.state,
+            state,
+            problem,
             shards: s.shard_ranks.len(),
             shard_ranks: s.shard_ranks.clone(),
             bytes: s.bytes(),
@@ -51,7 +70,14 @@ impl StepRow {
 pub(super) fn run(ctx: &mut Ctx<'_>, args: &LsArgs) -> anyhow::Result<()> {
     let steps = ctx.engine.steps(&ctx.job)?;
     let latest = ctx.engine.latest(&ctx.job)?.map(|m| m.step);
-    let rows: Vec<StepRow> = steps.iter().map(|s| StepRow::new(s, latest)).collect();
+    let mut rows = Vec::with_capacity(steps.len());
+    for s in &steps {
+        let problem = match s.state {
+            StepState::Committed if latest != Some(s.step) => manifest_problem(ctx, s.step)?,
+            _ => None,
+        };
+        rows.push(StepRow::new(s, latest, problem));
+    }
     if args.json {
         let url = ctx.engine.store().url().to_string();
         let job = ctx.job.clone();
@@ -66,6 +92,17 @@ pub(super) fn run(ctx: &mut Ctx<'_>, args: &LsArgs) -> anyhow::Result<()> {
     .context("cannot write output")
 }
 
+/// Why the MANIFEST of a committed step cannot be used (damaged, unreadable, an unsupported
+/// version), or `None` when it reads. A failure that may pass (a store outage, a timeout) is the
+/// command's error, so a sound step is never listed as damaged because of a network blip.
+fn manifest_problem(ctx: &Ctx<'_>, step: u64) -> anyhow::Result<Option<String>> {
+    match ctx.engine.manifest(&ctx.job, step) {
+        Ok(_) => Ok(None),
+        Err(e) if matches!(e.kind(), ErrorKind::Transient | ErrorKind::Timeout | ErrorKind::Cancelled) => Err(e.into()),
+        Err(e) => Ok(Some(e.to_string())),
+    }
+}
+
 fn write_table(out: &mut dyn Write, rows: &[StepRow]) -> std::io::Result<()> {
     if rows.is_empty() {
         return Ok(());
@@ -73,8 +110,9 @@ fn write_table(out: &mut dyn Write, rows: &[StepRow]) -> std::io::Result<()> {
     writeln!(out, "{:>12}  {:<11}  {:>6}  {:>11}  MODIFIED", "STEP", "STATE", "SHARDS", "BYTES")?;
     for r in rows {
         let state = match r.state {
-            StepState::Committed => "committed",
-            StepState::Uncommitted => "uncommitted",
+            RowState::Committed => "committed",
+            RowState::Uncommitted => "uncommitted",
+            RowState::Damaged => "damaged",
         };
         let mark = if r.latest { "  <- latest" } else { "" };
         writeln!(
@@ -86,6 +124,11 @@ fn write_table(out: &mut dyn Write, rows: &[StepRow]) -> std::io::Result<()> {
             HumanBytes(r.bytes).to_string(),
             r.modified
         )?;
+    }
+    for r in rows {
+        if let Some(problem) = &r.problem {
+            writeln!(out, "step {} is damaged: {problem}", r.step)?;
+        }
     }
     Ok(())
 }

@@ -282,8 +282,11 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Release(a) => return release::run(a, out).map(ExitCode::from),
     };
     ckpt_core::store::layout::validate_job(&target.job)?;
-    // The URL may hold credentials: only the engine's redacted form appears in messages.
-    let engine = Engine::open(&target.store, EngineConfig::default())?;
+    // The URL may hold credentials: only the engine's redacted form appears in messages. No
+    // command creates a missing file:// directory: a mistyped path is reported, not made.
+    let mut config = EngineConfig::default();
+    config.store.create_local_dir = false;
+    let engine = Engine::open(&target.store, config)?;
     let mut ctx = Ctx { engine, job: target.job.clone(), out, progress };
     let code = match cli.command {
         Command::Ls(a) => ls::run(&mut ctx, &a).map(|()| EXIT_OK)?,
@@ -330,8 +333,13 @@ pub fn error_line(err: &anyhow::Error) -> String {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_CKPTCTL_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    // A second initialisation (in tests) is harmless: the first subscriber stays.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // A second initialisation (in tests) is harmless: the first subscriber stays. Colour only on a
+    // terminal: escape codes in a redirected log are noise to whoever reads the file.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC, to the second.
@@ -390,6 +398,17 @@ mod tests {
     fn errors_print_on_one_line() {
         let e = anyhow::anyhow!("inner\nsecond line").context("outer");
         assert_eq!(error_line(&e), "error: outer: inner second line");
+    }
+
+    #[test]
+    fn an_os_error_is_said_once() {
+        let io = ckpt_core::Error::Io {
+            op: "create",
+            path: "/proc/sys/x.tmp".into(),
+            cause: std::io::Error::from_raw_os_error(2),
+        };
+        let line = error_line(&anyhow::Error::new(io).context("cannot export"));
+        assert_eq!(line.matches("(os error 2)").count(), 1, "{line}");
     }
 
     #[test]

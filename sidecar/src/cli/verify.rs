@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use anyhow::Context as _;
-use ckpt_core::{StepState, VerifyReport};
+use ckpt_core::{ErrorKind, StepState, VerifyReport};
 use serde::Serialize;
 
 use super::{Ctx, EXIT_CORRUPT, EXIT_FAILURE, EXIT_OK, VerifyArgs, progress};
@@ -24,6 +24,8 @@ struct Verification<'a> {
 #[derive(Debug, Serialize)]
 struct StepVerdict {
     ok: bool,
+    /// The step is not damaged but written in a format version this build does not read.
+    unsupported: bool,
     #[serde(flatten)]
     report: VerifyReport,
 }
@@ -63,7 +65,10 @@ pub(super) fn run(ctx: &mut Ctx<'_>, args: &VerifyArgs) -> anyhow::Result<u8> {
     for &step in &steps {
         bar.set_message(format!("step {step}"));
         match ctx.engine.verify(&ctx.job, step) {
-            Ok(report) => verdicts.push(StepVerdict { ok: report.ok(), report }),
+            Ok(report) => {
+                let unsupported = !report.ok() && unsupported(ctx, &report);
+                verdicts.push(StepVerdict { ok: report.ok(), unsupported, report });
+            }
             // One step is what the operator asked about: its failure is the command's.
             Err(e) if !args.all => return Err(e.into()),
             Err(e) => errors.push(StepError { step, error: e.to_string() }),
@@ -71,10 +76,11 @@ pub(super) fn run(ctx: &mut Ctx<'_>, args: &VerifyArgs) -> anyhow::Result<u8> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let corrupt = verdicts.iter().filter(|v| !v.ok).count();
+    let corrupt = verdicts.iter().filter(|v| !v.ok && !v.unsupported).count();
+    let unsupported = verdicts.iter().filter(|v| v.unsupported).count();
     let code = if corrupt > 0 {
         EXIT_CORRUPT
-    } else if !errors.is_empty() {
+    } else if unsupported > 0 || !errors.is_empty() {
         EXIT_FAILURE
     } else {
         EXIT_OK
@@ -89,19 +95,36 @@ pub(super) fn run(ctx: &mut Ctx<'_>, args: &VerifyArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// Whether every problem of a failed step is a format version this build does not read, rather
+/// than damage: the MANIFEST's version when it is the problem, else each failing shard's header.
+fn unsupported(ctx: &Ctx<'_>, r: &VerifyReport) -> bool {
+    let is_unsupported = |e: ckpt_core::Error| e.kind() == ErrorKind::Unsupported;
+    if !r.manifest_ok {
+        return ctx.engine.manifest(&ctx.job, r.step).is_err_and(is_unsupported);
+    }
+    let mut failed = r.shards.iter().filter(|s| s.error.is_some()).peekable();
+    failed.peek().is_some()
+        && failed.all(|s| ctx.engine.shard_header(&ctx.job, r.step, s.rank).is_err_and(is_unsupported))
+}
+
 fn write_text(
     out: &mut dyn Write,
     verdicts: &[StepVerdict],
     errors: &[StepError],
     corrupt: usize,
 ) -> std::io::Result<()> {
+    let unsupported = verdicts.iter().filter(|v| v.unsupported).count();
     for v in verdicts {
         let r = &v.report;
         if v.ok {
             writeln!(out, "step {}: ok ({} shards)", r.step, r.shards.len())?;
             continue;
         }
-        writeln!(out, "step {}: CORRUPT", r.step)?;
+        if v.unsupported {
+            writeln!(out, "step {}: UNSUPPORTED (written by a newer ckptd: upgrade ckptctl to verify it)", r.step)?;
+        } else {
+            writeln!(out, "step {}: CORRUPT", r.step)?;
+        }
         if !r.manifest_ok {
             for p in &r.problems {
                 writeln!(out, "  manifest: {p}")?;
@@ -117,9 +140,9 @@ fn write_text(
         writeln!(out, "step {}: not verified: {}", e.step, e.error)?;
     }
     let total = verdicts.len() + errors.len();
-    match (corrupt, errors.len()) {
-        (0, 0) if total == 0 => writeln!(out, "no committed steps to verify"),
-        (0, 0) => writeln!(out, "{total} step(s) verified, all sound"),
-        (c, e) => writeln!(out, "{total} step(s) checked: {c} corrupt, {e} not verified"),
+    match (corrupt, unsupported, errors.len()) {
+        (0, 0, 0) if total == 0 => writeln!(out, "no committed steps to verify"),
+        (0, 0, 0) => writeln!(out, "{total} step(s) verified, all sound"),
+        (c, u, e) => writeln!(out, "{total} step(s) checked: {c} corrupt, {u} unsupported, {e} not verified"),
     }
 }

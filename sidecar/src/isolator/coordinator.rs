@@ -426,7 +426,7 @@ impl Coordinator {
                 job.faulty.extend(f.ranks.iter().copied());
             }
             if let Some(next) = next {
-                tracing::warn!(job = %f.job, kind = %f.kind, node = %f.node, action = ?action, "fault: {} -> {}", job.state.name(), next.name());
+                tracing::warn!(job = %crate::text::peer(&f.job), kind = %crate::text::peer(&f.kind), node = %f.node, action = ?action, "fault: {} -> {}", job.state.name(), next.name());
                 job.state = next;
             }
             Ok((next.is_some(), pod))

@@ -78,7 +78,7 @@ pub struct GenCertArgs {
     /// not overwritten).
     #[arg(long, default_value = ".")]
     pub out_dir: PathBuf,
-    /// Validity of both certificates, in days.
+    /// Validity of both certificates, in days (1 to 36500).
     #[arg(long, default_value_t = 825)]
     pub days: u32,
 }
@@ -158,9 +158,7 @@ fn gen_cert(g: &GenCertArgs) -> Result<()> {
             reason: "--service and --namespace must be Kubernetes names (lowercase letters, digits, `-`)".into(),
         });
     }
-    if g.days == 0 {
-        return Err(Error::Config { what: "gen-cert --days".into(), reason: "must be at least 1".into() });
-    }
+    // Checked (with --days) before anything is written, so a bad value leaves no directory behind.
     let out = tls::generate(&g.service, &g.namespace, g.days)?;
     let io = |p: &Path, e: std::io::Error| Error::Config {
         what: format!("gen-cert {}", p.display()),

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::annotations::{self, LABEL_INJECT, PodSettings};
 use super::config::Config;
+use super::value::shown;
 use crate::env;
 
 /// The injected agent container's name; its presence marks a pod as already injected.
@@ -85,6 +86,7 @@ pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
     };
     let settings = annotations::settings(pod, cfg).map_err(|problems| Denial { problems })?;
     check_conflicts(pod, &settings)?;
+    let ranks = ranks(pod, &settings).map_err(|problem| Denial { problems: vec![problem] })?;
 
     let mut ops = Vec::new();
     let trainer_env = trainer_env(&settings, cfg);
@@ -105,7 +107,7 @@ pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
         append(&mut ops, &["spec", "containers", &index, "volumeMounts"], c.volume_mounts.is_some(), shared_mounts());
     }
     append(&mut ops, &["spec", "volumes"], spec.volumes.is_some(), volumes(&settings, cfg));
-    let agent = agent(pod, &settings, cfg);
+    let agent = agent(pod, &settings, cfg, ranks);
     if cfg.file.native_sidecar {
         append(&mut ops, &["spec", "initContainers"], spec.init_containers.is_some(), vec![agent]);
     } else {
@@ -259,32 +261,63 @@ fn volumes(s: &PodSettings, cfg: &Config) -> Vec<Volume> {
 /// Global ranks and world size from the first training container's literal PyTorch variables:
 /// torchrun's `PET_NODE_RANK`/`PET_NPROC_PER_NODE`/`PET_NNODES` (set by the PyTorchJob operator), else
 /// one process per pod with `RANK`/`WORLD_SIZE`. Anything else (elastic `min:max`, `valueFrom`) is left
-/// to the agent, which learns ranks from the trainers that attach.
-fn ranks(pod: &Pod, s: &PodSettings) -> Option<(String, u64)> {
-    let spec = pod.spec.as_ref()?;
-    let c = spec.containers.get(*s.containers.first()?)?;
+/// to the agent, which learns ranks from the trainers that attach (`Ok(None)`).
+///
+/// Values the agent would refuse at start-up (no ranks, more ranks than one agent serves, a rank
+/// outside the world, a world size beyond `u32`) are an `Err`: the pod is denied here instead of
+/// crash-looping on the agent's configuration error.
+fn ranks(pod: &Pod, s: &PodSettings) -> Result<Option<(String, u64)>, String> {
+    let Some(c) = pod.spec.as_ref().zip(s.containers.first()).and_then(|(spec, &i)| spec.containers.get(i)) else {
+        return Ok(None);
+    };
     let env: BTreeMap<&str, &str> =
         c.env.iter().flatten().filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?))).collect();
     let num = |k: &str| env.get(k).and_then(|v| v.parse::<u64>().ok());
-    if let (Some(node), Some(nproc), Some(nnodes)) =
+    let (ranks, world, from) = if let (Some(node), Some(nproc), Some(nnodes)) =
         (num("PET_NODE_RANK"), num("PET_NPROC_PER_NODE"), num("PET_NNODES"))
     {
-        let first = node.checked_mul(nproc)?;
-        let last = first.checked_add(nproc.checked_sub(1)?)?;
-        let world = nnodes.checked_mul(nproc)?;
-        if node >= nnodes {
-            return None;
+        let from = format!(
+            "container {}: PET_NODE_RANK={node}, PET_NPROC_PER_NODE={nproc}, PET_NNODES={nnodes}",
+            shown(&c.name)
+        );
+        if nproc == 0 || nnodes == 0 {
+            return Err(format!("{from} give no ranks: PET_NPROC_PER_NODE and PET_NNODES must be at least 1"));
         }
+        if node >= nnodes {
+            return Err(format!("{from}: the node rank must be below PET_NNODES"));
+        }
+        let range = node.checked_mul(nproc).and_then(|first| Some((first, first.checked_add(nproc - 1)?)));
+        let (Some((first, last)), Some(world)) = (range, nnodes.checked_mul(nproc)) else {
+            return Err(format!("{from} give ranks beyond {}", u32::MAX));
+        };
         let ranks = if first == last { first.to_string() } else { format!("{first}-{last}") };
-        return Some((ranks, world));
+        (ranks, world, from)
+    } else {
+        match (num("RANK"), num("WORLD_SIZE")) {
+            (Some(rank), Some(world)) => {
+                let from = format!("container {}: RANK={rank}, WORLD_SIZE={world}", shown(&c.name));
+                if rank >= world {
+                    return Err(format!("{from}: RANK must be below WORLD_SIZE"));
+                }
+                (rank.to_string(), world, from)
+            }
+            _ => return Ok(None),
+        }
+    };
+    // The agent reads these back with the same parser and bounds; what it would refuse is refused here.
+    if u32::try_from(world).is_err() {
+        return Err(format!("{from} give a world size of {world}, above the agent's limit {}", u32::MAX));
     }
-    match (num("RANK"), num("WORLD_SIZE")) {
-        (Some(rank), Some(world)) if rank < world => Some((rank.to_string(), world)),
-        _ => None,
-    }
+    crate::agent::parse_ranks(&ranks).map_err(|e| {
+        format!(
+            "{from} give ranks {ranks}, which the agent refuses ({e}): one pod runs at most {} processes",
+            crate::agent::MAX_RANKS_PER_AGENT
+        )
+    })?;
+    Ok(Some((ranks, world)))
 }
 
-fn agent(pod: &Pod, s: &PodSettings, cfg: &Config) -> Container {
+fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64)>) -> Container {
     let mut env = vec![
         literal(env::ENV_SOCKET, SOCKET_PATH),
         literal(env::ENV_ARENA_DIR, ARENA_DIR),
@@ -306,7 +339,7 @@ fn agent(pod: &Pod, s: &PodSettings, cfg: &Config) -> Container {
             });
         }
     }
-    if let Some((ranks, world)) = ranks(pod, s) {
+    if let Some((ranks, world)) = ranks {
         env.push(literal(env::ENV_RANKS, ranks));
         env.push(literal(env::ENV_WORLD_SIZE, world.to_string()));
     }

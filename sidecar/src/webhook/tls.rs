@@ -138,10 +138,21 @@ pub struct GeneratedCert {
     pub key_pem: String,
 }
 
-/// Generates a CA and a serving certificate for `service.namespace.svc`, valid for `days` days. Each
-/// run makes a new CA, so the caBundle must be updated together with the Secret.
+/// The longest validity `gen-cert` issues, in days (100 years). X.509 dates end at the year 9999,
+/// and a serving certificate that outlives its cluster protects nothing.
+pub const MAX_CERT_DAYS: u32 = 36_500;
+
+/// Generates a CA and a serving certificate for `service.namespace.svc`, valid for `days` days
+/// (1 to [`MAX_CERT_DAYS`]). Each run makes a new CA, so the caBundle must be updated together
+/// with the Secret.
 pub fn generate(service: &str, namespace: &str, days: u32) -> Result<GeneratedCert> {
     let fail = |reason: String| Error::Config { what: "gen-cert".into(), reason };
+    if !(1..=MAX_CERT_DAYS).contains(&days) {
+        return Err(Error::Config {
+            what: "gen-cert --days".into(),
+            reason: format!("{days} is outside 1..={MAX_CERT_DAYS} (100 years): rotate certificates instead"),
+        });
+    }
     let now = std::time::SystemTime::now();
     let not_after = now + Duration::from_secs(u64::from(days) * 86_400);
     let ca_key = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
