@@ -8,8 +8,13 @@
 # python3 and gcc.
 #
 # Environment:
-#   CKPTD_FUZZ_SECONDS  seconds to run each fuzz target (default 20);
-#                       0 skips the fuzz stage (quick local loops)
+#   CKPTD_FUZZ_SECONDS      seconds to run each fuzz target (default 20);
+#                           0 skips the fuzz stage (quick local loops)
+#   CKPTD_CRASH_ITERATIONS  SIGKILLs of the engine's file:// crash test (default 150)
+#
+# At the end it prints one reliability line per class (SIGKILLs survived, corruptions detected,
+# store faults survived, hostile inputs refused), summed from what the tests themselves recorded
+# in CKPTD_RELIABILITY_LOG.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +31,8 @@ FUZZ_SECONDS="${CKPTD_FUZZ_SECONDS:-20}"
 S3_BUCKET="ckptd-test"
 SCRIPT_START=$SECONDS
 STAGES_RUN=()
+RELIABILITY_LOG="$(mktemp -t ckptd-reliability.XXXXXX)"
+export CKPTD_RELIABILITY_LOG="$RELIABILITY_LOG"
 
 section() {
     printf '\n==> %s\n' "$*"
@@ -116,6 +123,7 @@ cleanup() {
         fi
         rm -f "$S3_LOG"
     fi
+    rm -f "$RELIABILITY_LOG"
     if [[ $rc -ne 0 ]]; then
         printf '\ntest.sh: FAILED (exit %d) after %ds\n' "$rc" "$((SECONDS - SCRIPT_START))" >&2
     fi
@@ -229,7 +237,14 @@ run_fuzz() {
         if [[ -f "ckpt-core/fuzz/dicts/$t.dict" ]]; then
             args+=(-dict="fuzz/dicts/$t.dict")
         fi
-        (cd ckpt-core && cargo fuzz run "${FUZZ_BUILD_FLAGS[@]}" "$t" "${corpora[@]}" -- "${args[@]}")
+        local out
+        out="$(mktemp -t ckptd-fuzz.XXXXXX)"
+        (cd ckpt-core && cargo fuzz run "${FUZZ_BUILD_FLAGS[@]}" "$t" "${corpora[@]}" -- "${args[@]}") 2>&1 | tee "$out"
+        local execs
+        execs="$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$out" | tail -n 1)"
+        rm -f "$out"
+        [[ -n "$execs" ]] || die "fuzz $t printed no executed-units count"
+        printf 'hostile\tfuzz %s: random inputs to the parser\t%s\n' "$t" "$execs" >>"$RELIABILITY_LOG"
     done
 }
 
@@ -251,6 +266,29 @@ run_python_tests() {
     [[ $rc -eq 0 ]] || die "pytest failed (exit $rc)"
 }
 
+# ------------------------------------------------------------------ reliability
+
+# One line per class from what the tests recorded, with the kinds behind each total.
+reliability_summary() {
+    section "reliability"
+    local class label
+    for class in sigkill corruption store-fault hostile; do
+        case "$class" in
+            sigkill) label="SIGKILLs survived" ;;
+            corruption) label="corruptions detected" ;;
+            store-fault) label="store faults survived" ;;
+            hostile) label="hostile inputs refused" ;;
+        esac
+        awk -F '\t' -v c="$class" -v label="$label" '
+            $1 == c { total += $3; by[$2] += $3 }
+            END {
+                detail = ""
+                for (k in by) detail = detail (detail == "" ? "" : ", ") k " " by[k]
+                printf "reliability: %s: %d (%s)\n", label, total, detail == "" ? "none recorded" : detail
+            }' "$RELIABILITY_LOG"
+    done
+}
+
 # ------------------------------------------------------------------------ main
 
 main() {
@@ -269,6 +307,7 @@ main() {
     else
         stage fuzz run_fuzz
     fi
+    reliability_summary
     section "summary"
     local IFS=,
     echo "test.sh: all stages ok in $((SECONDS - SCRIPT_START))s (${STAGES_RUN[*]})"

@@ -7,6 +7,8 @@
 //! says where, and `latest_valid` (and, for damage outside the data chunks, `latest`) falls back to
 //! step 1.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -158,6 +160,7 @@ fn corrupt_location(e: &Error, rank: u32, what: &str) -> Location {
 fn every_bit_flip_in_a_shard_is_caught() {
     let f = Fixture::new();
     let rank = 0;
+    let spans_checked;
     {
         let path = f.shard(2, rank);
         let original = std::fs::read(&path).unwrap();
@@ -166,6 +169,7 @@ fn every_bit_flip_in_a_shard_is_caught() {
         let data_len = header.trailer.index_offset;
         assert!(spans.len() >= 3, "{spans:?}");
         assert!(original.len() < 4096, "shard is {} bytes; keep it small", original.len());
+        spans_checked = original.len() as u64;
         for pos in 0..original.len() {
             let bit = pos % 8;
             let what = format!("rank {rank} byte {pos} bit {bit}");
@@ -200,6 +204,7 @@ fn every_bit_flip_in_a_shard_is_caught() {
         std::fs::write(&path, &original).unwrap();
     }
     f.assert_sound();
+    common::reliability::record("corruption", "shard bit flip", spans_checked);
 }
 
 #[test]
@@ -232,6 +237,7 @@ fn every_bit_flip_in_a_manifest_is_caught() {
     }
     std::fs::write(&path, &original).unwrap();
     f.assert_sound();
+    common::reliability::record("corruption", "manifest bit flip", original.len() as u64);
 }
 
 /// The checks for damage that makes step 2 rank `rank` structurally invalid.
@@ -257,6 +263,7 @@ fn truncated_shard_is_caught() {
     }
     std::fs::write(&path, &original).unwrap();
     f.assert_sound();
+    common::reliability::record("corruption", "truncated shard", 7);
 }
 
 #[test]
@@ -276,6 +283,7 @@ fn appended_bytes_are_caught() {
     }
     std::fs::write(&path, &original).unwrap();
     f.assert_sound();
+    common::reliability::record("corruption", "appended bytes", 3);
 }
 
 /// The manifest entry that describes the shard file at `path` as it is.
@@ -338,6 +346,7 @@ fn misplaced_shards_are_caught() {
         }
         other => panic!("expected a corruption error, got {other:?}"),
     }
+    common::reliability::record("corruption", "misplaced shard", 2);
 }
 
 #[test]
@@ -358,6 +367,7 @@ fn deleted_shard_of_committed_step_falls_back() {
     assert_eq!(f.latest_valid(), Some(1));
     let (_, data) = f.engine.restore(JOB, 1, 1).unwrap();
     assert!(data == snapshot(1, 1).data);
+    common::reliability::record("corruption", "missing shard", 1);
 }
 
 #[test]
@@ -377,6 +387,7 @@ fn future_shard_version_is_unsupported() {
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(matches!(e, Error::UnsupportedVersion { what: "shard", found: 2, supported: 1 }), "{e:?}");
     assert!(e.to_string().contains("upgrade"), "the message must say to upgrade: {e}");
+    common::reliability::record("corruption", "unsupported shard version", 1);
 }
 
 #[test]
@@ -398,4 +409,5 @@ fn future_manifest_version_is_unsupported() {
     let e = assert_structure_damage_caught(&f, 0, "manifest version 2");
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("upgrade"), "the message must say to upgrade: {e}");
+    common::reliability::record("corruption", "unsupported manifest version", 1);
 }

@@ -49,7 +49,7 @@ const S3_ITERATIONS_ENV: &str = "CKPTD_CRASH_S3_ITERATIONS";
 /// Seed of the kill delays; random when unset.
 const SEED_ENV: &str = "CKPTD_CRASH_SEED";
 
-const DEFAULT_ITERATIONS: u32 = 50;
+const DEFAULT_ITERATIONS: u32 = 150;
 const DEFAULT_S3_ITERATIONS: u32 = 8;
 /// The child's test name, for `--exact`.
 const CHILD_TEST: &str = "crash_child";
@@ -282,6 +282,8 @@ fn run_kills(run: &Run<'_>) -> anyhow::Result<Option<u64>> {
         latest =
             check_store(run.url, profile, latest).with_context(|| format!("iteration {i}, killed after {delay} ms"))?;
     }
+    let store = if run.url.starts_with("s3://") { "engine (s3)" } else { "engine (file)" };
+    common::reliability::record("sigkill", store, u64::from(run.iterations));
     Ok(latest)
 }
 

@@ -99,7 +99,13 @@ impl Harness {
         Arc::new(store)
     }
 
+    /// Stops the proxy once the test's checks passed, and tallies the faults it injected.
     fn finish(self) {
+        let st = self.proxy.stats();
+        common::reliability::record("store-fault", "503 responses", st.injected_errors);
+        common::reliability::record("store-fault", "dropped connections", st.dropped);
+        common::reliability::record("store-fault", "cut responses", st.truncated);
+        common::reliability::record("store-fault", "delays", st.delayed);
         let Harness { proxy, rt, .. } = self;
         rt.block_on(proxy.shutdown());
     }

@@ -7,6 +7,9 @@
 //! from storage; four trainers share one agent; hostile clients get errors while the agent and
 //! other ranks carry on; snapshot-now reaches a trainer that calls `heartbeat`; metrics and SIGTERM.
 
+#[path = "../../ckpt-core/tests/common/reliability.rs"]
+mod reliability;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -525,6 +528,7 @@ fn hostile_clients_get_errors_and_the_agent_carries_on() {
     // The rank-0 trainer still heartbeats through all of it.
     assert_eq!(good.heartbeat(1, Phase::Step).unwrap(), None);
     drop(s);
+    reliability::record("hostile", "agent: garbage and forged trainer requests", 13);
 }
 
 #[test]

@@ -3,6 +3,9 @@
 //! generation fencing, stragglers.
 #![cfg(feature = "server")]
 
+#[path = "../../ckpt-core/tests/common/reliability.rs"]
+mod reliability;
+
 #[path = "support/isolator_proc.rs"]
 mod isolator_proc;
 
@@ -198,6 +201,7 @@ async fn hostile_requests_get_clear_refusals() {
     assert_eq!(l.report_fault(fault).await.unwrap_err().kind(), ErrorKind::InvalidRequest);
     // The isolator survived all of it.
     assert_eq!(l.list_jobs().await.unwrap()[0].registered, 1);
+    reliability::record("hostile", "isolator: forged and unauthenticated requests", 7);
 }
 
 /// Whether `step` of `job` has a MANIFEST on `store`.
@@ -276,6 +280,7 @@ async fn a_vote_whose_size_or_checksum_differs_from_the_shard_is_refused_and_the
     assert_eq!(m.shards, shards.iter().map(ShardInfo::entry).collect::<Vec<_>>());
     assert_eq!(steps.iter().filter(|s| s.step == 1).count(), 1);
     assert_eq!(links[0].list_jobs().await.unwrap()[0].committed_step, 1);
+    reliability::record("hostile", "isolator: lying durable votes", 4);
 }
 
 #[tokio::test]

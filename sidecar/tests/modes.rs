@@ -8,6 +8,9 @@
 //! Only the public API is used: `Checkpointer`, its config, `TensorRef` on host memory, and the
 //! engine for looking at what storage holds.
 
+#[path = "../../ckpt-core/tests/common/reliability.rs"]
+mod reliability;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -760,6 +763,7 @@ fn kill_after_seal(mode: Mode) {
     assert!(fx.engine().manifest(JOB, STEP).is_ok(), "step {STEP} is committed on storage");
     assert_stored(&fx.engine(), STEP, 0, &State::generate(STANDARD, STEP));
     ck.close().unwrap();
+    reliability::record("sigkill", "trainer after seal (two-mode suite)", 1);
 }
 
 /// Reads the child's stdout until a line containing `prefix`, for at most [`PATIENCE`]; returns the

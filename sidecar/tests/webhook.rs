@@ -3,6 +3,9 @@
 //! containers, volumes and environment.
 #![cfg(feature = "server")]
 
+#[path = "../../ckpt-core/tests/common/reliability.rs"]
+mod reliability;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -462,6 +465,7 @@ fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
         assert!(msg.contains(key), "{key}={v:?}: message does not name the annotation: {msg}");
         assert!(msg.contains(form), "{key}={v:?}: message lacks {form:?}: {msg}");
     }
+    reliability::record("hostile", "webhook: invalid annotations", cases.len() as u64);
 }
 
 #[test]
@@ -560,6 +564,7 @@ fn hostile_bodies_are_400_with_a_message() {
             "not an AdmissionReview",
         ),
     ];
+    let n = cases.len() + 1;
     for (name, body, msg) in cases {
         let r = review_response(&body, &config());
         assert_eq!(r.status(), 400, "{name}");
@@ -571,6 +576,7 @@ fn hostile_bodies_are_400_with_a_message() {
     let r = review_response(&serde_json::to_vec(&raw).unwrap(), &config());
     assert_eq!(r.status(), 400);
     assert!(futures_body(r).contains("not a valid Pod"));
+    reliability::record("hostile", "webhook: malformed AdmissionReview bodies", n as u64);
 }
 
 fn futures_body(r: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> String {

@@ -5,6 +5,8 @@
 
 #[allow(dead_code)]
 pub mod fault_proxy;
+#[allow(dead_code)]
+pub mod reliability;
 
 /// Access to the loopback S3 server (moto) that `scripts/test.sh` starts for the test run.
 ///
