@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use object_store::ObjectStoreExt;
 use tokio::runtime::{Handle, Runtime};
 
 use crate::catalog::{self, Depth, StepInfo, VerifyReport};
@@ -238,6 +239,32 @@ impl Engine {
         let mut buf = vec![0u8; header.index.table.total_len() as usize];
         let header = self.restore_into(job, step, rank, &mut buf)?;
         Ok((header, buf))
+    }
+
+    /// Deletes this rank's shards of steps newer than the newest commit that are not committed:
+    /// what a process of `rank` left when it died mid-save. A process calls it when it starts,
+    /// before it saves: otherwise, when it saves the same step number again, rank 0 could commit
+    /// that step with another rank's stale shard (from the dead attempt) next to the fresh ones.
+    /// Only the rank's own shards are touched (one writer per rank). Returns the steps cleaned.
+    pub fn discard_stale_shards(&self, job: &str, rank: u32) -> Result<Vec<u64>> {
+        let steps = self.steps(job)?;
+        let newest_commit = steps.iter().rev().find(|s| s.state == catalog::StepState::Committed).map(|s| s.step);
+        let stale: Vec<u64> = steps
+            .iter()
+            .filter(|s| s.state == catalog::StepState::Uncommitted && newest_commit.is_none_or(|n| s.step > n))
+            .filter(|s| s.shard_ranks.contains(&rank))
+            .map(|s| s.step)
+            .collect();
+        let os = self.store.object_store().clone();
+        for &step in &stale {
+            let path = self.store.path(&crate::store::layout::shard_path(job, step, rank));
+            match self.rt().block_on(os.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::store("delete", &path, e)),
+            }
+            tracing::info!(job, step, rank, "removed a shard a dead process left of an uncommitted step");
+        }
+        Ok(stale)
     }
 
     /// Applies retention to `job`.

@@ -472,6 +472,38 @@ mod tests {
     }
 
     #[test]
+    fn a_starting_rank_discards_only_its_own_stale_shards() {
+        let store = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let t = table();
+        let snap = |v: u8| crate::Snapshot {
+            table: t.clone(),
+            data: bytes::Bytes::from(vec![v; t.total_len() as usize]),
+            metadata: Vec::new(),
+        };
+        // Step 1 committed by both ranks; step 2 left half-done by a dead attempt (both shards,
+        // no MANIFEST).
+        for rank in 0..2 {
+            engine.write_shard("j", 1, rank, 2, &snap(1)).unwrap();
+        }
+        engine.commit_when_complete("j", 1, 2, Default::default()).unwrap();
+        for rank in 0..2 {
+            engine.write_shard("j", 2, rank, 2, &snap(2)).unwrap();
+        }
+        assert_eq!(engine.discard_stale_shards("j", 1).unwrap(), vec![2]);
+        let steps = engine.steps("j").unwrap();
+        assert_eq!(steps[1].shard_ranks, vec![0], "rank 0's shard is not rank 1's to remove");
+        assert_eq!(steps[0].shard_ranks, vec![0, 1], "committed shards stay");
+        assert!(engine.discard_stale_shards("j", 1).unwrap().is_empty());
+        // A re-save of step 2 by rank 0 cannot be committed with rank 1's stale shard now.
+        let mut cfg = EngineConfig::default();
+        cfg.commit.deadline = std::time::Duration::from_millis(50);
+        let impatient = Engine::new(engine.store().clone(), cfg).unwrap();
+        let e = impatient.commit_when_complete("j", 2, 2, Default::default()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Timeout);
+    }
+
+    #[test]
     fn a_vote_that_fails_keeps_its_error_and_frees_the_slot() {
         let store = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
