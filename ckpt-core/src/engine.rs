@@ -213,7 +213,7 @@ impl Engine {
         job: &str,
         step: u64,
         rank: u32,
-        sink: &mut dyn FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+        sink: &mut restore::ChunkSink<'_, E>,
     ) -> std::result::Result<ShardHeader, E> {
         let m = self.manifest(job, step)?;
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {

@@ -367,6 +367,9 @@ fn check_chunk(
     }
 }
 
+/// Takes a shard's region chunk by chunk: the chunk's offset in the region and its raw bytes.
+pub type ChunkSink<'a, E> = dyn FnMut(u64, &[u8]) -> std::result::Result<(), E> + 'a;
+
 /// Reads a shard chunk by chunk in region order, verifying each one, and hands every chunk's raw
 /// bytes to `sink` with their offset in the region. Memory stays bounded by one chunk and one read
 /// group whatever region length the index claims, so a reader can stream a region larger than
@@ -377,7 +380,7 @@ pub(crate) fn stream_shard<E: From<Error>>(
     rt: &Handle,
     cfg: &ReadConfig,
     r: ShardRef<'_>,
-    sink: &mut dyn FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+    sink: &mut ChunkSink<'_, E>,
 ) -> std::result::Result<ShardHeader, E> {
     let ShardRef { job, step, rank, expected } = r;
     let rel = layout::shard_path(job, step, rank);
