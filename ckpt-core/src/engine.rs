@@ -233,6 +233,31 @@ impl Engine {
         )
     }
 
+    /// Streams rank `rank` of committed step `step` chunk by chunk: every chunk is verified, then
+    /// `sink` gets its offset in the region and its raw bytes, in region order. Memory stays
+    /// bounded by one chunk whatever the region's length, so this is the way to read a region
+    /// that may not fit in memory (`ckptctl export`). The first error, the engine's or the
+    /// sink's, ends the read.
+    pub fn restore_stream<E: From<Error>>(
+        &self,
+        job: &str,
+        step: u64,
+        rank: u32,
+        sink: &mut restore::ChunkSink<'_, E>,
+    ) -> std::result::Result<ShardHeader, E> {
+        let m = self.manifest(job, step)?;
+        let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
+            what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
+        })?;
+        restore::stream_shard(
+            &self.store,
+            &self.rt(),
+            &self.cfg.read,
+            ShardRef { job, step, rank, expected: Some(entry) },
+            sink,
+        )
+    }
+
     /// Restores rank `rank` of a committed step into a new buffer.
     pub fn restore(&self, job: &str, step: u64, rank: u32) -> Result<(ShardHeader, Vec<u8>)> {
         let header = self.shard_header(job, step, rank)?;

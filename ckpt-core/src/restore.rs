@@ -366,3 +366,59 @@ fn check_chunk(
         Ok(())
     }
 }
+
+/// Takes a shard's region chunk by chunk: the chunk's offset in the region and its raw bytes.
+pub type ChunkSink<'a, E> = dyn FnMut(u64, &[u8]) -> std::result::Result<(), E> + 'a;
+
+/// Reads a shard chunk by chunk in region order, verifying each one, and hands every chunk's raw
+/// bytes to `sink` with their offset in the region. Memory stays bounded by one chunk and one read
+/// group whatever region length the index claims, so a reader can stream a region larger than
+/// memory, and a crafted index that claims one fails on its first bad chunk instead of on an
+/// allocation. The first error, the engine's or the sink's, ends the read. Blocking.
+pub(crate) fn stream_shard<E: From<Error>>(
+    store: &Store,
+    rt: &Handle,
+    cfg: &ReadConfig,
+    r: ShardRef<'_>,
+    sink: &mut ChunkSink<'_, E>,
+) -> std::result::Result<ShardHeader, E> {
+    let ShardRef { job, step, rank, expected } = r;
+    let rel = layout::shard_path(job, step, rank);
+    let path = store.path(&rel);
+    let source = Source::open(store, rt, &path)?;
+    let header = header_from(&source, rt, &rel, step, rank, expected)?;
+    let index = &header.index;
+    let spans = index.spans();
+    let mut raw = Vec::new();
+    let mut scratch = Vec::new();
+    let mut i = 0;
+    for group in group_spans(&spans, cfg.read_size) {
+        let bytes = source.read(rt, group.clone())?;
+        if bytes.len() as u64 != group.end - group.start {
+            return Err(Error::corrupt(
+                Location {
+                    object: rel.clone(),
+                    step: Some(step),
+                    rank: Some(rank),
+                    chunk: None,
+                    offset: Some(group.start),
+                },
+                format!("store returned {} bytes for a {}-byte range", bytes.len(), group.end - group.start),
+            )
+            .into());
+        }
+        while let Some(span) = spans.get(i).filter(|s| s.stored.end <= group.end) {
+            let stored = &bytes[(span.stored.start - group.start) as usize..(span.stored.end - group.start) as usize];
+            if span.entry.codec == CODEC_ZSTD {
+                raw.resize((span.raw.end - span.raw.start) as usize, 0);
+                check_chunk(index, &rel, span, stored, Some(&mut raw[..]), &mut scratch)?;
+                sink(span.raw.start, &raw)?;
+            } else {
+                check_chunk(index, &rel, span, stored, None, &mut scratch)?;
+                sink(span.raw.start, stored)?;
+            }
+            i += 1;
+        }
+    }
+    Ok(header)
+}

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod client;
 pub mod env;
 #[cfg(feature = "server")]
+pub mod gate;
+#[cfg(feature = "server")]
 pub mod health;
 #[cfg(feature = "server")]
 pub mod isolator;

@@ -482,3 +482,81 @@ fn export_does_not_create_missing_directories() {
     let err = stderr(&o);
     assert_eq!(err.matches("(os error").count(), 1, "{err}");
 }
+
+/// Commits step `step` of one rank whose shard is consistent (trailer, index checksum, manifest)
+/// but whose index claims a `region_len`-byte region in 8 MiB zstd chunks of 16 garbage bytes each,
+/// so that only reading a chunk shows the damage.
+fn commit_huge_claim(s: &Store, step: u64, region_len: u64) {
+    use ckpt_core::codec::CODEC_ZSTD;
+    use ckpt_core::format::ChunkEntry;
+    const STORED: u32 = 16;
+    let garbage = [0x5au8; STORED as usize];
+    let chunk_size = 8 << 20;
+    let table = TensorTable::packed([TensorMeta::new("huge", DType::U8, vec![region_len]).unwrap()], 64).unwrap();
+    assert_eq!(table.total_len(), region_len);
+    let chunks = region_len.div_ceil(u64::from(chunk_size));
+    let entry = ChunkEntry { codec: CODEC_ZSTD, stored_len: STORED, crc32c: crc32c::crc32c(&garbage) };
+    let index = ckpt_core::ShardIndex {
+        step,
+        rank: 0,
+        world_size: 1,
+        chunk_size,
+        table,
+        chunks: vec![entry; chunks as usize],
+        metadata: Vec::new(),
+    };
+    let encoded = index.encode();
+    let mut bytes = garbage.repeat(chunks as usize);
+    let trailer = ckpt_core::Trailer {
+        index_offset: bytes.len() as u64,
+        index_len: encoded.len() as u64,
+        index_crc32c: crc32c::crc32c(&encoded),
+    };
+    bytes.extend_from_slice(&encoded);
+    bytes.extend_from_slice(&trailer.encode());
+    let path = s.dir.path().join(ckpt_core::store::layout::shard_path(JOB, step, 0));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let shard = ckpt_core::ShardEntry {
+        rank: 0,
+        object: ckpt_core::store::layout::shard_name(0),
+        size: bytes.len() as u64,
+        index_crc32c: trailer.index_crc32c,
+        region_len,
+    };
+    s.engine.commit(JOB, step, 1, vec![shard], BTreeMap::new()).unwrap();
+}
+
+/// Runs `ckptctl` with its address space capped at 8 GiB, far below the region the crafted shard
+/// claims: a reader that allocates the whole region dies on the allocation instead of answering.
+fn ckptctl_capped(s: &Store, args: &[&str]) -> Output {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -v 8388608 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_ckptctl")])
+        .args(args)
+        .args(["--store", &s.url, "--job", JOB])
+        .env_remove(ckptd::env::ENV_STORE)
+        .env_remove(ckptd::env::ENV_JOB)
+        .env_remove(ckptd::env::ENV_CKPTCTL_LOG);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn export_and_verify_of_a_shard_claiming_a_64_gib_region_stream_it_and_fail_on_the_bad_chunk() {
+    let s = store();
+    commit_huge_claim(&s, 3, 64 << 30);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("huge.safetensors");
+
+    let o = ckptctl_capped(&s, &["export", "--format", "safetensors", "--rank", "0", "--out", out.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "export must fail cleanly, not be killed: {:?}\n{err}", o.status);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: ") && err.contains("step 3") && err.contains("chunk 0"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "no output and no temporary file: {left:?}");
+
+    let o = ckptctl_capped(&s, &["verify", "--step", "3"]);
+    assert_eq!(o.status.code(), Some(1), "verify reports corruption: {:?}\n{}", o.status, stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("step 3: CORRUPT") && text.contains("rank 0") && text.contains("chunk 0"), "{text}");
+}

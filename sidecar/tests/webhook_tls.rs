@@ -428,3 +428,97 @@ async fn gen_cert_output_serves_the_service_name_through_the_binary() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM is a clean shutdown");
 }
+
+/// Raises this process's soft open-file limit to `want` (or the hard limit), so that a test can
+/// hold many sockets; the servers it starts inherit the raised limit.
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutate_answers_while_1024_slow_clients_hold_connections_to_the_binary() {
+    const SLOW_BODIES: usize = 1024;
+    const SILENT: usize = 256;
+    raise_nofile(8192);
+    let dir = tempfile::tempdir().unwrap();
+    let out = ckptd().args(["webhook", "gen-cert", "--out-dir"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = ckptd()
+        .args(["webhook", "--listen", &addr.to_string(), "--agent-image", "registry.example.com/ckptd:0.1.0"])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed when the test fails, so that a failure leaves no webhook behind.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = KillOnDrop(child);
+    let ca_pem = std::fs::read(dir.path().join("ca.crt")).unwrap();
+    let ca: CertificateDer<'static> = rustls::pki_types::pem::PemObject::from_pem_slice(&ca_pem).unwrap();
+    let tls = connector(ca);
+    let sni = "ckptd-webhook.ckptd.svc";
+    let mut up = false;
+    for _ in 0..500 {
+        if request(addr, &tls, sni, "GET", "/healthz", b"").await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "the webhook binary answered /healthz");
+
+    // Clients that finish the handshake, announce a body and never send it, then clients that
+    // connect and say nothing at all.
+    let mut held = Vec::new();
+    for _ in 0..SLOW_BODIES {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut s = tls.connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap();
+        let head = "POST /mutate HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{";
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        held.push(s);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+
+    // Each attempt is bounded, and so are the attempts: a webhook that never answers fails here.
+    let pod = fixture("plain-pod.json");
+    let mut answer = None;
+    for _ in 0..4 {
+        let attempt = request(addr, &tls, sni, "POST", "/mutate", &pod);
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(30), attempt).await {
+            answer = Some(r);
+            break;
+        }
+    }
+    let r = answer.expect("/mutate answered while slow clients held connections");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let review: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(review["response"]["allowed"], true);
+    drop((held, silent));
+
+    let mut child = child;
+    let term = Command::new("sh").arg("-c").arg(format!("kill -TERM {}", child.0.id())).status().unwrap();
+    assert!(term.success());
+    assert_eq!(child.0.wait().unwrap().code(), Some(0), "SIGTERM is a clean shutdown");
+}

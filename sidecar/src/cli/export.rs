@@ -2,8 +2,9 @@
 //! tool that reads the Hugging Face format.
 //!
 //! The writer is pure: [`SafetensorsLayout::plan`] turns a shard's tensor table into the file's
-//! header and the order in which region bytes follow it, and [`SafetensorsLayout::write_to`]
-//! streams a restored region through that plan into any writer. Only
+//! header and the order in which region bytes follow it, and [`SafetensorsLayout::writer`]
+//! streams a region through that plan into any writer, chunk by chunk as the engine verifies
+//! them, so memory stays bounded whatever region length a shard claims. Only
 //! [`write_safetensors_file`] touches the file system, through `ckpt_core::durable`.
 //!
 //! The file is the safetensors format: an 8-byte little-endian header length N, N bytes of JSON
@@ -126,22 +127,83 @@ impl SafetensorsLayout {
         &self.skipped
     }
 
-    /// Writes the file: the header, then each tensor's bytes from `region` (the restored region
-    /// the table describes). `progress` is told how many bytes each write added.
+    /// Writes the file from a whole region in memory: the header, then each tensor's bytes from
+    /// `region` (the restored region the table describes). `progress` is told how many bytes each
+    /// write added.
     pub fn write_to(&self, region: &[u8], out: &mut dyn Write, progress: &dyn Fn(u64)) -> anyhow::Result<()> {
-        if region.len() as u64 != self.region_len {
-            anyhow::bail!("region is {} bytes, the tensor table describes {}", region.len(), self.region_len);
-        }
+        let mut w = self.writer(out, progress)?;
+        w.chunk(0, region)?;
+        w.finish()
+    }
+
+    /// Starts the file: writes the header and returns the writer that takes the region chunk by
+    /// chunk, so that a region larger than memory streams through.
+    pub fn writer<'a>(&'a self, out: &'a mut dyn Write, progress: &'a dyn Fn(u64)) -> anyhow::Result<RegionWriter<'a>> {
         out.write_all(&self.header).context("cannot write the safetensors header")?;
         progress(self.header.len() as u64);
-        for r in &self.ranges {
-            let bytes = region
-                .get(r.start as usize..r.end as usize)
-                .with_context(|| format!("tensor bytes {r:?} lie outside the {}-byte region", region.len()))?;
-            for slice in bytes.chunks(WRITE_SLICE) {
-                out.write_all(slice).context("cannot write tensor data")?;
-                progress(slice.len() as u64);
+        Ok(RegionWriter { layout: self, out, progress, next_range: 0, region_at: 0, written: 0 })
+    }
+}
+
+/// Writes the tensor bytes of a safetensors file from region chunks that arrive in region order.
+/// Tensor ranges are sorted and disjoint (the tensor table guarantees it), so each chunk's bytes
+/// go out as they arrive and nothing is buffered.
+pub struct RegionWriter<'a> {
+    layout: &'a SafetensorsLayout,
+    out: &'a mut dyn Write,
+    progress: &'a dyn Fn(u64),
+    /// The first range not yet written in full.
+    next_range: usize,
+    /// Region offset the next chunk must start at.
+    region_at: u64,
+    /// Tensor bytes written so far.
+    written: u64,
+}
+
+impl std::fmt::Debug for RegionWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionWriter").field("region_at", &self.region_at).field("written", &self.written).finish()
+    }
+}
+
+impl RegionWriter<'_> {
+    /// Takes the region bytes at `offset..offset + bytes.len()`, which must follow the previous
+    /// chunk, and writes the parts that belong to exported tensors.
+    pub fn chunk(&mut self, offset: u64, bytes: &[u8]) -> anyhow::Result<()> {
+        let end = offset.checked_add(bytes.len() as u64).context("region chunk ends past 2^64 bytes")?;
+        if offset != self.region_at || end > self.layout.region_len {
+            anyhow::bail!(
+                "region bytes {offset}..{end} do not follow byte {} of the {}-byte region the tensor table describes",
+                self.region_at,
+                self.layout.region_len
+            );
+        }
+        while let Some(r) = self.layout.ranges.get(self.next_range) {
+            if r.start >= end && r.start != r.end {
+                break;
             }
+            let (from, to) = (r.start.max(offset), r.end.min(end));
+            if from < to {
+                let slice = &bytes[(from - offset) as usize..(to - offset) as usize];
+                for part in slice.chunks(WRITE_SLICE) {
+                    self.out.write_all(part).context("cannot write tensor data")?;
+                    (self.progress)(part.len() as u64);
+                }
+                self.written += to - from;
+            }
+            if r.end > end {
+                break;
+            }
+            self.next_range += 1;
+        }
+        self.region_at = end;
+        Ok(())
+    }
+
+    /// Checks that the whole region arrived.
+    pub fn finish(self) -> anyhow::Result<()> {
+        if self.region_at != self.layout.region_len || self.written != self.layout.data_len {
+            anyhow::bail!("region is {} bytes, the tensor table describes {}", self.region_at, self.layout.region_len);
         }
         Ok(())
     }
@@ -158,12 +220,14 @@ fn name_list(names: &[String]) -> String {
 }
 
 /// Writes the file durably: into a temporary file next to `path`, fsynced, renamed over `path`,
-/// and the directory fsynced, so a crash leaves either the old file or the complete new one.
+/// and the directory fsynced, so a crash leaves either the old file or the complete new one. `feed`
+/// hands the region to the writer chunk by chunk; when it fails, the temporary file is removed and
+/// `path` is left as it was.
 pub fn write_safetensors_file(
     path: &Path,
     layout: &SafetensorsLayout,
-    region: &[u8],
     progress: &dyn Fn(u64),
+    feed: &mut dyn FnMut(&mut RegionWriter<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     // The durable helpers fsync the parent directory, which a bare file name lacks.
     let path = std::path::absolute(path).with_context(|| format!("cannot resolve `{}`", path.display()))?;
@@ -171,7 +235,11 @@ pub fn write_safetensors_file(
     let (file, tmp) = ckpt_core::durable::create_tmp(&path)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let written = layout
-        .write_to(region, &mut w, progress)
+        .writer(&mut w, progress)
+        .and_then(|mut region| {
+            feed(&mut region)?;
+            region.finish()
+        })
         .and_then(|()| w.into_inner().map_err(|e| anyhow::Error::new(e.into_error())));
     let file = match written {
         Ok(f) => f,
@@ -199,14 +267,14 @@ pub(super) fn run(ctx: &mut Ctx<'_>, args: &ExportArgs) -> anyhow::Result<()> {
     ]);
     // Planning first: an unsupported dtype fails before any data is read.
     let layout = SafetensorsLayout::plan(&header.index.table, &metadata, args.skip_unsupported)?;
-    let region_len = usize::try_from(header.index.table.total_len()).context("the region does not fit in memory")?;
-    let mut region = vec![0u8; region_len];
-    let spinner = progress::spinner(ctx.progress, &format!("restoring step {step} rank {rank}"));
-    let restored = ctx.engine.restore_into(&ctx.job, step, rank, &mut region);
-    spinner.finish_and_clear();
-    restored?;
-    let bar = progress::bytes(ctx.progress, layout.file_len(), "writing");
-    let written = write_safetensors_file(&args.out, &layout, &region, &|n| bar.inc(n));
+    // The region streams from the store into the file one verified chunk at a time: a shard
+    // whose index claims more bytes than memory holds costs one chunk of memory, not the region.
+    let bar = progress::bytes(ctx.progress, layout.file_len(), &format!("exporting step {step} rank {rank}"));
+    let (engine, job) = (&ctx.engine, ctx.job.as_str());
+    let written = write_safetensors_file(&args.out, &layout, &|n| bar.inc(n), &mut |w| {
+        engine.restore_stream(job, step, rank, &mut |offset, bytes| w.chunk(offset, bytes))?;
+        Ok(())
+    });
     bar.finish_and_clear();
     written?;
     write_summary(ctx.out, &args.out, step, rank, &layout).context("cannot write output")
@@ -320,6 +388,33 @@ mod tests {
     }
 
     #[test]
+    fn a_region_fed_in_small_chunks_gives_the_same_file_and_out_of_order_chunks_are_refused() {
+        let t = table(vec![
+            TensorMeta::new("a", DType::F32, vec![5]).unwrap(),
+            TensorMeta::new("z", DType::C128, vec![2]).unwrap(),
+            TensorMeta::new("e", DType::F32, vec![0]).unwrap(),
+            TensorMeta::new("b", DType::U8, vec![130]).unwrap(),
+        ]);
+        let layout = SafetensorsLayout::plan(&t, &BTreeMap::new(), true).unwrap();
+        let data = region(&t);
+        let mut whole = Vec::new();
+        layout.write_to(&data, &mut whole, &|_| {}).unwrap();
+        for size in [1, 7, 64, 1000] {
+            let mut out = Vec::new();
+            let mut w = layout.writer(&mut out, &|_| {}).unwrap();
+            for (i, c) in data.chunks(size).enumerate() {
+                w.chunk((i * size) as u64, c).unwrap();
+            }
+            w.finish().unwrap();
+            assert_eq!(out, whole, "chunks of {size} bytes");
+        }
+        let mut out = Vec::new();
+        let mut w = layout.writer(&mut out, &|_| {}).unwrap();
+        let e = w.chunk(8, &data[8..16]).unwrap_err().to_string();
+        assert!(e.contains("do not follow byte 0"), "{e}");
+    }
+
+    #[test]
     fn file_is_replaced_whole_without_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let t = table(vec![TensorMeta::new("w", DType::I32, vec![3]).unwrap()]);
@@ -327,7 +422,8 @@ mod tests {
         let path = dir.path().join("sub/out.safetensors");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"old contents that are longer than the new file will be, by far").unwrap();
-        write_safetensors_file(&path, &layout, &region(&t), &|_| {}).unwrap();
+        let data = region(&t);
+        write_safetensors_file(&path, &layout, &|_| {}, &mut |w| w.chunk(0, &data)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, layout.file_len());
         safetensors::SafeTensors::deserialize(&bytes).unwrap();

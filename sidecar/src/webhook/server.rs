@@ -16,19 +16,24 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::config::Config;
 use super::mutate::mutate;
 use super::templates::{JOB_KINDS, propagate};
 use super::tls::CertStore;
+use crate::gate::Gate;
 use crate::{Error, Result};
 
-/// How long a client may take to finish the TLS handshake or send the request head: the API server
-/// does both in milliseconds, and a slow peer must not hold a connection slot.
+/// How long a client may take to finish the TLS handshake and send its first request head, to send
+/// any later request head on a kept-alive connection, and to send a request body: the API server
+/// does each in milliseconds, and a slow peer must not hold a connection slot.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most connections served at once; more wait in the kernel's accept queue.
+/// How long a client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most connections open at once. At the bound, a new connection evicts the oldest one that
+/// has not sent a whole request yet ([`Gate`]); only when every connection has, it waits in the
+/// kernel's accept queue.
 const MAX_CONNECTIONS: usize = 1024;
 /// How long in-flight requests may take to finish after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -43,26 +48,32 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let acceptor = TlsAcceptor::from(certs.server_config()?);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let gate = Gate::new(MAX_CONNECTIONS);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
+    // HTTP/2 has no header timeout: pings find dead peers, and the gate's fresh deadline ends a
+    // connection that never completes a request.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(HANDSHAKE_TIMEOUT))
+        .keep_alive_timeout(HANDSHAKE_TIMEOUT);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        let admission = tokio::select! {
             _ = &mut shutdown => break,
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+            a = gate.admit() => a,
         };
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
+                    // Out of file descriptors and the like: make idle peers give theirs back, and
+                    // back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
+                    gate.evict_oldest_fresh();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -70,38 +81,49 @@ pub async fn serve(
         };
         let (acceptor, builder, cfg, mut stop) = (acceptor.clone(), builder.clone(), Arc::clone(&cfg), stop_rx.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
+            let ticket = admission.ticket();
+            let serve = async {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    ticket.established();
+                    handle(req, Arc::clone(&cfg))
+                });
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             };
-            let service = hyper::service::service_fn(move |req| handle(req, Arc::clone(&cfg)));
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            tokio::select! {
+                () = serve => {}
+                () = admission.must_close(HANDSHAKE_TIMEOUT) => {
+                    tracing::debug!(%peer, "connection closed before its first request: evicted or too slow");
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    // Every connection task holds a permit: having them all back means every connection is closed.
-    let all = MAX_CONNECTIONS as u32;
-    if tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await.is_err() {
+    // Every connection task holds an admission: having every slot back means every connection is
+    // closed.
+    if !gate.drained(SHUTDOWN_GRACE).await {
         tracing::warn!("connections still open after the shutdown grace period");
     }
     Ok(())
@@ -113,7 +135,14 @@ pub async fn handle(req: Request<Incoming>, cfg: Arc<Config>) -> std::result::Re
         (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => text(StatusCode::OK, "ok"),
         (&Method::POST, "/mutate") => {
             let limit = cfg.file.max_body_bytes;
-            match Limited::new(req.into_body(), limit).collect().await {
+            let body = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect()).await;
+            let Ok(body) = body else {
+                return Ok(text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+                ));
+            };
+            match body {
                 // Decoding up to maxBodyBytes of JSON is CPU work that can take milliseconds: keep it
                 // off the async workers.
                 Ok(body) => {
