@@ -204,7 +204,8 @@ def _check_step(step: object, *, optional: bool = False) -> int | None:
         return None
     dtype = str(getattr(step, "dtype", ""))
     value: int | None = None
-    if not isinstance(step, bool) and dtype not in ("bool", "torch.bool"):
+    zero_dim = tuple(getattr(step, "shape", ())) == ()
+    if zero_dim and not isinstance(step, bool) and dtype not in ("bool", "torch.bool"):
         try:
             value = operator.index(step)  # type: ignore[arg-type]
         except (TypeError, RuntimeError, ValueError):
