@@ -15,7 +15,7 @@ use ckptd::client::{Checkpointer, CheckpointerConfig, Description, Phase, SaveHa
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::errors::{core_to_py, to_py};
+use crate::errors::{core_to_py, open_to_py, to_py};
 
 /// A tensor as the Python layer passes it: `(name, dtype, shape, addr, device)`, where `device` is
 /// -1 for host memory and `n` for `cuda:n`.
@@ -123,7 +123,7 @@ impl PyCheckpointer {
                 })?;
         }
         // Opening a store may touch the network or the file system.
-        let ck = py.detach(|| Checkpointer::new(cfg)).map_err(to_py)?;
+        let ck = py.detach(|| Checkpointer::new(cfg)).map_err(open_to_py)?;
         Ok(PyCheckpointer { inner: RwLock::new(Some(Arc::new(ck))), keepalive: Mutex::new(Vec::new()) })
     }
 

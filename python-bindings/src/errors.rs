@@ -138,6 +138,16 @@ pub fn to_py(err: ckptd::Error) -> PyErr {
     }
 }
 
+/// Converts an error of opening a checkpointer: nothing is loaded yet, so a "not found" there (a
+/// store directory that cannot be created) is a store failure, never `NoCheckpoint`, which
+/// `except NoCheckpoint: start fresh` would hide.
+pub fn open_to_py(err: ckptd::Error) -> PyErr {
+    match class_of(err.kind()) {
+        Class::NoCheckpoint => StoreError::new_err(err.to_string()),
+        _ => to_py(err),
+    }
+}
+
 /// Converts an engine error (raised before the library wraps it) into a Python exception.
 pub fn core_to_py(err: ckpt_core::Error) -> PyErr {
     to_py(ckptd::Error::from(err))

@@ -28,13 +28,15 @@ torch is optional and never imported here; see :mod:`ckptd.torch` for model/opti
 
 from __future__ import annotations
 
+import ctypes
+import operator
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from . import _native, _tree
 from ._native import (
@@ -59,6 +61,7 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpoint",
     "Description",
+    "IncompatibleKeys",
     "NoCheckpoint",
     "SaveHandle",
     "StateMismatch",
@@ -111,8 +114,9 @@ class Description:
 
     def allocate(self, make: Callable[[str, TensorInfo], Any] | None = None, *, key: str | int | None = None) -> Any:
         """A new state shaped like the saved one (or like its part ``state[key]``), with
-        ``make(name, info)`` at each tensor leaf (default: an empty numpy array), ready to be
-        loaded into."""
+        ``make(name, info)`` at each tensor leaf, ready to be loaded into. The default is an empty
+        numpy array, or an empty torch tensor for dtypes numpy lacks (``bfloat16``, ``float8_*``);
+        without torch those raise :class:`CkptError`."""
         if self.state is None:
             raise CkptError(f"step {self.step} has no ckptd state metadata to rebuild its structure from")
         if key is None:
@@ -121,10 +125,68 @@ class Description:
 
 
 def _numpy_empty(name: str, info: TensorInfo) -> Any:
-    del name
-    import numpy
+    try:
+        import numpy
 
-    return numpy.empty(info.shape, dtype=numpy.dtype(info.dtype))
+        dtype = numpy.dtype(info.dtype)
+    except (ImportError, TypeError):
+        try:
+            import torch
+        except ImportError:
+            raise CkptError(
+                f"`{name}`: a {info.dtype} tensor needs torch (numpy has no {info.dtype}): install torch, "
+                "or pass make= to allocate()"
+            ) from None
+        return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+    return numpy.empty(info.shape, dtype=dtype)
+
+
+class IncompatibleKeys(NamedTuple):
+    """The key paths that :meth:`Checkpointer.load` with ``strict=False`` left alone, as
+    ``torch.nn.Module.load_state_dict`` reports them."""
+
+    #: In the state but not in the checkpoint: left as they were.
+    missing_keys: list[str]
+    #: In the checkpoint but not in the state: read and dropped.
+    unexpected_keys: list[str]
+
+
+class _Scratch:
+    """Host memory for one stored tensor: a load target that a caller's leaf cannot be (an
+    unexpected tensor to drop, or one to cast)."""
+
+    def __init__(self, name: str, info: TensorInfo) -> None:
+        self.info = info
+        size = _tree.ITEMSIZE[info.dtype]
+        for d in info.shape:
+            size *= d
+        self.buf = bytearray(max(size, 1))
+        addr = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+        self.leaf = (name, info.dtype, info.shape, addr, -1)
+
+    def cast_into(self, target: Any) -> None:
+        """Copies the loaded data into ``target``, converting to its dtype (and device)."""
+        count = 1
+        for d in self.info.shape:
+            count *= d
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(target, torch.Tensor):
+            dtype = getattr(torch, self.info.dtype)
+            src = torch.frombuffer(self.buf, dtype=dtype, count=count) if count else torch.empty(0, dtype=dtype)
+            with torch.no_grad():
+                target.copy_(src.reshape(self.info.shape))
+            return
+        import numpy
+
+        try:
+            np_dtype = numpy.dtype(self.info.dtype)
+        except TypeError:
+            raise CkptError(
+                f"`{self.leaf[0]}`: casting a stored {self.info.dtype} tensor needs a torch tensor to load into "
+                f"(numpy has no {self.info.dtype})"
+            ) from None
+        src = numpy.frombuffer(self.buf, dtype=np_dtype, count=count).reshape(self.info.shape)
+        numpy.copyto(numpy.asarray(target), src, casting="unsafe")
 
 
 def _cuda_stream(device: int | None) -> int | None:
@@ -135,11 +197,22 @@ def _cuda_stream(device: int | None) -> int | None:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
-def _check_step(step: object, *, optional: bool = False) -> None:
+def _check_step(step: object, *, optional: bool = False) -> int | None:
+    """``step`` as an ``int``: any integral type (numpy integers, 0-d integer tensors) in
+    0..2**64; ``bool``, floats and other types raise :class:`ConfigError`."""
     if optional and step is None:
-        return
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**64:
-        raise ConfigError(f"step must be an int in 0..2**64, not {step!r}")
+        return None
+    dtype = str(getattr(step, "dtype", ""))
+    value: int | None = None
+    zero_dim = tuple(getattr(step, "shape", ())) == ()
+    if zero_dim and not isinstance(step, bool) and dtype not in ("bool", "torch.bool"):
+        try:
+            value = operator.index(step)  # type: ignore[arg-type]
+        except (TypeError, RuntimeError, ValueError):
+            value = None
+    if value is None or not 0 <= value < 2**64:
+        raise ConfigError(f"step must be an int in 0..2**64 (any integral type), not {step!r}")
+    return value
 
 
 def _cuda_device(leaves: list[_tree.Leaf]) -> int | None:
@@ -149,6 +222,84 @@ def _cuda_device(leaves: list[_tree.Leaf]) -> int | None:
             f"the state has tensors on CUDA devices {sorted(devices)}: use one Checkpointer per device"
         )
     return devices.pop() if devices else None
+
+
+def _scalar_problems(
+    flat: _tree.Flat, stored: dict[str, Any], stored_tensors: set[str], *, strict: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """Compares the state's scalars with the stored ones: ``(problems, missing, unexpected)``.
+    A leaf that is a scalar on one side and a tensor on the other is a problem even when not
+    ``strict``; the tensor side reports nothing about it."""
+    tensor_names = {leaf.name for leaf in flat.tensors}
+    problems: list[str] = []
+    missing: list[str] = []
+    unexpected: list[str] = []
+    for name in flat.scalars:
+        if name in stored_tensors:
+            problems.append(f"`{name}`: a tensor in the checkpoint, a {_tree.scalar_kind(flat.scalars[name])} in the state")
+        elif name not in stored:
+            (problems if strict else missing).append(name if not strict else f"`{name}`: not in the checkpoint")
+    for name, v in stored.items():
+        if name in tensor_names:
+            problems.append(f"`{name}`: a {_tree.scalar_kind(v)} in the checkpoint, a tensor in the state")
+        elif name not in flat.scalars:
+            (problems if strict else unexpected).append(
+                name if not strict else f"`{name}`: in the checkpoint but not in the state"
+            )
+    return problems, missing, unexpected
+
+
+class _LoadPlan:
+    """What :meth:`Checkpointer.load` reads where: the state's tensors matched against a step's
+    description, with every difference listed at once."""
+
+    def __init__(self, flat: _tree.Flat, desc: Description, *, strict: bool, cast: bool) -> None:
+        self.leaves: list[tuple[str, str, tuple[int, ...], int, int]] = []
+        self.casts: list[tuple[_Scratch, Any]] = []
+        self._scratch: list[_Scratch] = []
+        problems: list[str] = []
+        missing: list[str] = []
+        unexpected: list[str] = []
+        stored_scalars = _tree.described_scalars(desc.state) if desc.state is not None else {}
+        for leaf in flat.tensors:
+            info = desc.tensors.get(leaf.name)
+            if info is None:
+                if leaf.name in stored_scalars:
+                    continue  # a scalar in the checkpoint: _scalar_problems names it
+                if strict:
+                    problems.append(f"`{leaf.name}`: not in the checkpoint")
+                else:
+                    missing.append(leaf.name)
+            elif info.shape != leaf.shape or (info.dtype != leaf.dtype and not cast):
+                problems.append(
+                    f"`{leaf.name}`: expected {leaf.dtype} {list(leaf.shape)}, checkpoint has {info.dtype} {list(info.shape)}"
+                )
+            elif info.dtype != leaf.dtype:
+                scratch = _Scratch(leaf.name, info)
+                self.casts.append((scratch, leaf.owner))
+                self.leaves.append(scratch.leaf)
+            else:
+                self.leaves.append(leaf.as_tuple())
+        names = {leaf.name for leaf in flat.tensors}
+        for name, info in desc.tensors.items():
+            if name in names:
+                continue
+            if name in flat.scalars:
+                pass  # a scalar in the state: _scalar_problems names it
+            elif strict:
+                problems.append(f"`{name}`: in the checkpoint but not in the state")
+            else:
+                unexpected.append(name)
+            # Read and dropped: the native load reads every stored tensor.
+            scratch = _Scratch(name, info)
+            self._scratch.append(scratch)
+            self.leaves.append(scratch.leaf)
+        scalar_problems, scalar_missing, scalar_unexpected = _scalar_problems(
+            flat, stored_scalars, set(desc.tensors), strict=strict
+        )
+        self.problems = problems + scalar_problems
+        self.missing = sorted(missing + scalar_missing)
+        self.unexpected = sorted(unexpected + scalar_unexpected)
 
 
 class Checkpointer:
@@ -201,9 +352,15 @@ class Checkpointer:
         self._snapshotting = False
         self._hooks = False
         self._worker: threading.Thread | None = None
+        # Where the tensors come from whose writers wait for fence() (registered by
+        # ckptd.torch.fence_before_step), as (device, address) pairs; see save().
+        self._fenced: list[Callable[[], Iterable[tuple[int, int]]]] = []
         #: Whether the last :meth:`load` came from the shared-memory arena (memory tier) rather
         #: than the store; ``None`` before the first load.
         self.last_load_from_memory: bool | None = None
+        #: The keys the last :meth:`load` left alone (always empty lists with ``strict=True``);
+        #: ``None`` before the first load.
+        self.last_load_keys: IncompatibleKeys | None = None
 
     @property
     def job(self) -> str:
@@ -221,30 +378,41 @@ class Checkpointer:
         return self._native.mode
 
     def save(self, state: Any, step: int, *, blocking: bool = False) -> SaveHandle:
-        """Starts saving ``state`` as ``step`` and returns once the copies are enqueued.
+        """Starts saving ``state`` as ``step`` and returns once the copies are enqueued; the
+        snapshot is the state as of this call.
 
-        Call :meth:`fence` (or use :func:`ckptd.torch.fence_before_step`) before the training loop
-        next writes the saved tensors; call ``wait()`` on the handle to know it is durable. With
-        ``blocking=True`` it returns only after the copies are done (and, in sidecar mode, after
-        the agent owns the snapshot, so it is persisted even if this process dies right after).
-        A pending snapshot request from the agent is answered by this save.
+        Plain use: call :meth:`fence` before the training loop next writes any saved tensor.
+        With :func:`ckptd.torch.fence_before_step` hooks registered, the tensors those hooks
+        fence (the optimizer's, and the model's when given) are copied in the background, and
+        every other tensor (buffers, EMA, user tensors) is copied before this returns. Call
+        ``wait()`` on the handle to know it is durable. With ``blocking=True`` it returns only
+        after all copies are done (and, in sidecar mode, after the agent owns the snapshot, so it
+        is persisted even if this process dies right after). A pending snapshot request from the
+        agent is answered by this save. ``step`` is any integral type (int, numpy integer, 0-d
+        integer tensor).
         """
-        handle = self._save(state, step)
+        handle = self._save(state, step, copy_unfenced=not blocking)
         if blocking:
             # The host waits (even for CUDA tensors), so that the copies are done and, in sidecar
             # mode, the agent owns the snapshot when this returns.
             self._native.fence(None)
         return handle
 
-    def _save(self, state: Any, step: int) -> SaveHandle:
-        _check_step(step)
-        self._last_step = step
+    def _save(self, state: Any, step: int, *, copy_unfenced: bool = True) -> SaveHandle:
+        value = _check_step(step)
+        assert value is not None
+        self._last_step = value
         flat = _tree.flatten(state, writable=False)
+        if copy_unfenced and self._fenced:
+            fenced = {key for source in self._fenced for key in source()}
+            flat.tensors = [
+                leaf if (leaf.device, leaf.addr) in fenced else leaf.snapshot() for leaf in flat.tensors
+            ]
         device = _cuda_device(flat.tensors)
         metadata = _tree.encode_metadata(flat)
         native = self._native.save(
             [leaf.as_tuple() for leaf in flat.tensors],
-            step,
+            value,
             metadata,
             _cuda_stream(device),
             # The native checkpointer keeps these referenced until the save has finished.
@@ -267,12 +435,13 @@ class Checkpointer:
         :meth:`register_snapshot`, the snapshot is taken here (this is a safe point); otherwise
         the caller should :meth:`save` now. Embedded mode never requests one.
         """
-        _check_step(step)
-        self._last_step = step
-        if self._native.heartbeat(step, phase) is None:
+        value = _check_step(step)
+        assert value is not None
+        self._last_step = value
+        if self._native.heartbeat(value, phase) is None:
             return False
         if self._snapshot_fn is not None:
-            self._save(self._snapshot_fn(), step)
+            self._save(self._snapshot_fn(), value)
         return True
 
     def restore_order(self) -> tuple[int, int] | None:
@@ -308,9 +477,15 @@ class Checkpointer:
             self._in_optimizer_step = False
             self._guard.notify_all()
 
-    def _hooks_registered(self) -> None:
+    def _hooks_registered(self, fenced: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        """Fence hooks now protect the tensors ``fenced()`` names by ``(device, address)``."""
+        self._fenced.append(fenced)
         self._hooks = True
         self._maybe_start_worker()
+
+    def _hooks_removed(self, fenced: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        if fenced in self._fenced:
+            self._fenced.remove(fenced)
 
     def _maybe_start_worker(self) -> None:
         if self._worker is not None or not self._hooks or self._snapshot_fn is None or self.mode != "sidecar":
@@ -344,38 +519,59 @@ class Checkpointer:
 
     def describe(self, step: int | None = None) -> Description:
         """What ``step`` (default: the newest committed step) holds, without reading tensor data."""
-        _check_step(step, optional=True)
-        got, table, metadata = self._native.describe(step)
+        got, table, metadata = self._native.describe(_check_step(step, optional=True))
         tensors = {name: TensorInfo(dtype, tuple(shape)) for name, dtype, shape in table}
         tree = _tree.decode_metadata(metadata)
         state = None if tree is None else _tree.build(tree, tensors, lambda _name, info: info)
         return Description(got, tensors, state)
 
-    def load(self, state: Any, step: int | None = None) -> int:
+    def read(self, step: int | None = None, *, make: Callable[[str, TensorInfo], Any] | None = None) -> Any:
+        """A new state holding ``step`` (default: the newest committed step), like
+        ``torch.load``: built with :meth:`Description.allocate` (``make`` as there) and loaded."""
+        desc = self.describe(step)
+        state = desc.allocate(make)
+        self.load(state, desc.step)
+        return state
+
+    def load(self, state: Any, step: int | None = None, *, strict: bool = True, cast: bool = False) -> int:
         """Fills ``state`` in place from ``step`` (default: the newest committed step) and returns
         the step loaded.
 
-        ``state`` must have the saved structure: every difference (missing or extra keys, shape or
-        dtype changes) is reported at once as :class:`StateMismatch`, before anything is written.
+        With ``strict=True`` (the default), ``state`` must have the saved structure: every
+        difference (missing or extra keys, shape or dtype changes, a scalar where a tensor was) is
+        reported at once as :class:`StateMismatch`, before anything is written. With
+        ``strict=False``, keys in only one of them are left alone and reported in
+        :attr:`last_load_keys` (as ``load_state_dict`` does); other differences still raise.
+        With ``cast=True``, a tensor stored with another dtype (same shape) is read into a
+        temporary and converted into the state's tensor (an fp32 checkpoint into a bf16 model).
+        ``strict`` is about keys; the constructor's ``strict_restore`` is about damaged steps.
         """
-        _check_step(step, optional=True)
+        value = _check_step(step, optional=True)
         flat = _tree.flatten(state, writable=True)
         device = _cuda_device(flat.tensors)
+        desc = self.describe(value)
+        plan = _LoadPlan(flat, desc, strict=strict, cast=cast)
+        if plan.problems:
+            raise StateMismatch(f"state does not match checkpoint step {desc.step}: {'; '.join(plan.problems)}")
         stored: dict[str, Any] = {}
 
         def check(raw: bytes) -> list[str]:
-            # Runs once, before any tensor is written: scalar problems are raised together with
-            # the tensor mismatches.
+            # Runs once, before any tensor is written, on the step actually read (an older one
+            # when the newest is damaged): its scalars, compared like those of the description.
             tree = _tree.decode_metadata(raw)
-            stored.update(_tree.tree_scalars(tree) if tree is not None else {})
-            problems = [f"`{n}`: not in the checkpoint" for n in flat.scalars if n not in stored]
-            problems += [f"`{n}`: in the checkpoint but not in the state" for n in stored if n not in flat.scalars]
-            return problems
+            if tree is None:
+                scalars, tensors = {}, set()
+            else:
+                scalars, tensors = _tree.tree_scalars(tree), _tree.tree_tensor_names(tree)
+            stored.update(scalars)
+            return _scalar_problems(flat, scalars, tensors, strict=strict)[0]
 
-        tensors = [leaf.as_tuple() for leaf in flat.tensors]
-        loaded, _metadata, from_memory = self._native.load(tensors, step, _cuda_stream(device), check)
+        loaded, _metadata, from_memory = self._native.load(plan.leaves, value, _cuda_stream(device), check)
+        for scratch, target in plan.casts:
+            scratch.cast_into(target)
         _tree.assign_scalars(state, stored)
         self.last_load_from_memory = from_memory
+        self.last_load_keys = IncompatibleKeys(plan.missing, plan.unexpected)
         return loaded
 
     def latest_step(self) -> int | None:

@@ -55,6 +55,27 @@ DTYPES: Final = frozenset(
     }
 )
 
+#: Bytes per element of each stored dtype.
+ITEMSIZE: Final = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+    "complex64": 8,
+    "complex128": 16,
+}
+
 _NUMPY_KINDS: Final = {
     ("f", 8): "float64",
     ("f", 4): "float32",
@@ -130,6 +151,17 @@ class Leaf:
 
     def as_tuple(self) -> tuple[str, str, tuple[int, ...], int, int]:
         return (self.name, self.dtype, self.shape, self.addr, self.device)
+
+    def snapshot(self) -> Leaf:
+        """This leaf with its data copied now (torch: in stream order on its device), so that
+        later writes to the original do not reach what the copy engine reads."""
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(self.owner, torch.Tensor):
+            copy = self.owner.detach().clone(memory_format=torch.contiguous_format)
+            return Leaf(self.name, self.dtype, self.shape, int(copy.data_ptr()), self.device, copy)
+        copied = self.owner.copy()  # type: ignore[attr-defined]
+        addr = int(copied.__array_interface__["data"][0])
+        return Leaf(self.name, self.dtype, self.shape, addr, self.device, copied)
 
 
 @dataclass
@@ -329,6 +361,16 @@ def decode_metadata(raw: bytes) -> Any:
     return doc["tree"]
 
 
+def tree_tensor_names(tree: Any) -> set[str]:
+    """The key paths of a stored tree's tensor leaves."""
+    return {name for name, node in _nodes(tree, "") if "T" in node}
+
+
+def scalar_kind(value: Scalar) -> str:
+    """How a scalar's type is named in messages (``int``, ``NoneType``)."""
+    return type(value).__name__
+
+
 def tree_scalars(tree: Any) -> dict[str, Scalar]:
     """Every scalar of a stored tree, by key path."""
     out: dict[str, Scalar] = {}
@@ -351,12 +393,13 @@ def _nodes(node: Any, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def assign_scalars(state: Any, values: dict[str, Scalar]) -> Any:
-    """Sets every scalar leaf of ``state`` to its entry in ``values``, in place for dicts and
-    lists; tuples are rebuilt and stored back into their parent. Returns the (possibly new) root."""
+    """Sets every scalar leaf of ``state`` to its entry in ``values`` (leaving those without
+    one), in place for dicts and lists; tuples are rebuilt and stored back into their parent.
+    Returns the (possibly new) root."""
 
     def walk(obj: Any, name: str) -> Any:
         if isinstance(obj, _SCALARS):
-            return values[name]
+            return values.get(name, obj)
         if isinstance(obj, dict):
             for k in list(obj.keys()):
                 new = walk(obj[k], join(name, k))
@@ -437,3 +480,23 @@ def described_leaves(value: Any, name: str) -> tuple[dict[str, TensorInfo], set[
 
     walk(value, name)
     return tensors, scalars
+
+
+def described_scalars(value: Any) -> dict[str, Scalar]:
+    """The scalars of a described state (from the root), by key path."""
+    out: dict[str, Scalar] = {}
+
+    def walk(v: Any, n: str) -> None:
+        if isinstance(v, TensorInfo):
+            return
+        if isinstance(v, dict):
+            for k, child in v.items():
+                walk(child, join(n, k))
+        elif isinstance(v, (list, tuple)):
+            for i, child in enumerate(v):
+                walk(child, join(n, i))
+        else:
+            out[n] = v
+
+    walk(value, "")
+    return out

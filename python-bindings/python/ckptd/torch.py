@@ -16,6 +16,7 @@ identically.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +26,7 @@ from . import Checkpointer, CkptError, Description, TensorInfo, _tree
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookHandles", "capture", "fence_before_step", "restore"]
+__all__ = ["HookHandles", "capture", "fence_before_step", "read", "restore"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -89,6 +90,13 @@ def _empty(name: str, info: TensorInfo) -> Any:
     return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
 
 
+def read(ck: Checkpointer, step: int | None = None) -> dict[str, Any]:
+    """A new state holding ``step`` (default: the newest committed step) as CPU torch tensors
+    (numpy's generator state stays numpy), like ``torch.load`` of a saved state dict."""
+    state: dict[str, Any] = ck.read(step, make=_empty)
+    return state
+
+
 def _same_layout(live: Any, desc: Description, key: str) -> bool:
     """Whether the live part ``live`` has exactly the tensors and scalar paths that the stored
     ``state[key]`` has, so it can be loaded into in place."""
@@ -109,6 +117,8 @@ def restore(
     step: int | None = None,
     *,
     extra: Any = None,
+    strict: bool = True,
+    cast: bool = False,
 ) -> int:
     """Loads ``step`` (default: the newest committed step) into ``model`` and ``optimizer`` in
     place, re-applies the optimizer's and the scheduler's state dicts and the RNG states, fills
@@ -116,6 +126,9 @@ def restore(
 
     An optimizer whose state does not exist yet (a fresh optimizer before its first step) gets
     it from the checkpoint. Parts of the checkpoint that are not asked for are read and dropped.
+    ``strict`` and ``cast`` are those of :meth:`ckptd.Checkpointer.load` (``strict=False`` loads
+    the keys present in both and reports the others in ``ck.last_load_keys``; ``cast=True``
+    converts stored dtypes, e.g. an fp32 checkpoint into a bf16 model).
     """
     desc = ck.describe(step)
     if desc.state is None or not isinstance(desc.state, dict):
@@ -131,7 +144,7 @@ def restore(
             target[key] = extra
         else:
             target[key] = desc.allocate(_empty, key=key)
-    loaded = ck.load(target, desc.step)
+    loaded = ck.load(target, desc.step, strict=strict, cast=cast)
     if optimizer is not None and "optimizer" in target:
         optimizer.load_state_dict(target["optimizer"])
     if scheduler is not None and "scheduler" in target:
@@ -144,21 +157,48 @@ def restore(
 class HookHandles:
     """The hooks :func:`fence_before_step` registered; ``remove()`` unregisters them all."""
 
-    def __init__(self, *handles: RemovableHandle) -> None:
+    def __init__(self, *handles: RemovableHandle, on_remove: Callable[[], None] | None = None) -> None:
         self._handles = handles
+        self._on_remove = on_remove
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        if self._on_remove is not None:
+            self._on_remove()
 
 
-def fence_before_step(optimizer: torch.optim.Optimizer, ck: Checkpointer) -> HookHandles:
+def _keys(tensors: Iterable[torch.Tensor]) -> Iterator[tuple[int, int]]:
+    """``(device, address)`` of each tensor, as the flattened state names its leaves."""
+    for t in tensors:
+        device = -1 if t.device.type == "cpu" else int(t.device.index or 0)
+        yield device, int(t.data_ptr())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for group in optimizer.param_groups:
+        yield from group["params"]
+    for per_param in optimizer.state.values():
+        yield from (v for v in per_param.values() if isinstance(v, torch.Tensor))
+
+
+def fence_before_step(
+    optimizer: torch.optim.Optimizer, ck: Checkpointer, *, model: torch.nn.Module | None = None
+) -> HookHandles:
     """Registers an optimizer step pre-hook that calls ``ck.fence()``, so ``optimizer.step()``
     never overwrites parameters or state that a save is still copying, and a post-hook that marks
     the step finished. Together they tell ``ck`` when the trainer is outside the optimizer step,
     so that a snapshot the agent requests can be taken from a background thread (see
-    :meth:`ckptd.Checkpointer.register_snapshot`). Returns the hooks' handles (``.remove()``
-    unregisters them). The hooks do nothing once ``ck`` is closed."""
+    :meth:`ckptd.Checkpointer.register_snapshot`).
+
+    They also tell ``ck`` which tensors are fenced: from then on, :meth:`ckptd.Checkpointer.save`
+    copies every other saved tensor (buffers such as BatchNorm's running statistics, an EMA,
+    your own tensors) before it returns, so that the forward pass after ``save()`` cannot change
+    the snapshot. With ``model``, a forward pre-hook on it fences too, and the model's buffers are
+    copied in the background instead: no extra memory, but the next forward waits for the copy.
+
+    Returns the hooks' handles (``.remove()`` unregisters them). The hooks do nothing once ``ck``
+    is closed."""
 
     def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         del opt, args, kwargs
@@ -170,6 +210,19 @@ def fence_before_step(optimizer: torch.optim.Optimizer, ck: Checkpointer) -> Hoo
         del opt, args, kwargs
         ck._leave_optimizer_step()
 
-    handles = HookHandles(optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))
-    ck._hooks_registered()
-    return handles
+    def before_forward(module: torch.nn.Module, args: Any) -> None:
+        del module, args
+        if not ck.closed:
+            ck.fence()
+
+    def fenced() -> Iterator[tuple[int, int]]:
+        yield from _keys(_optimizer_tensors(optimizer))
+        if model is not None:
+            yield from _keys(model.parameters())
+            yield from _keys(model.buffers())
+
+    handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+    if model is not None:
+        handles.append(model.register_forward_pre_hook(before_forward))
+    ck._hooks_registered(fenced)
+    return HookHandles(*handles, on_remove=lambda: ck._hooks_removed(fenced))
