@@ -158,10 +158,11 @@ impl PyCheckpointer {
     }
 
     /// Fills `tensors` in place from `step` (default: the newest committed step). Returns
-    /// `(step, metadata, from_memory)`. `check`, when given, is called with the step's metadata
-    /// before anything is written and returns further problems (the caller's scalars that the
-    /// checkpoint lacks): they are raised together with the tensor mismatches. The step is
-    /// resolved, and its header read, once.
+    /// `(step, metadata, from_memory)`. `check`, when given, is called as
+    /// `check(step, metadata, [(name, dtype, shape)])` with the step actually read, before
+    /// anything is written, and returns further problems (the caller's scalars that the checkpoint
+    /// lacks), raised together with the tensor mismatches; an exception it raises is raised as
+    /// is. The step is resolved, and its header read, once.
     #[pyo3(signature = (tensors, step=None, stream=None, check=None))]
     fn load(
         &self,
@@ -178,8 +179,14 @@ impl PyCheckpointer {
         let run_check = |d: &Description| -> Vec<String> {
             let Some(check) = &check else { return Vec::new() };
             Python::attach(|py| {
+                let table: Vec<StoredTensor> = d
+                    .table
+                    .entries()
+                    .iter()
+                    .map(|e| (e.meta.name.clone(), e.meta.dtype.name().to_string(), e.meta.shape.clone()))
+                    .collect();
                 let called = check
-                    .call1(py, (PyBytes::new(py, &d.metadata),))
+                    .call1(py, (d.step, PyBytes::new(py, &d.metadata), table))
                     .and_then(|problems| problems.extract::<Vec<String>>(py));
                 called.unwrap_or_else(|e| {
                     let problem = format!("the state check failed: {e}");

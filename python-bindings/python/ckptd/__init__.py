@@ -249,11 +249,20 @@ def _scalar_problems(
     return problems, missing, unexpected
 
 
+def _description(got: int, table: list[tuple[str, str, tuple[int, ...]]], metadata: bytes) -> Description:
+    """A :class:`Description` from what the native layer reports of a step."""
+    tensors = {name: TensorInfo(dtype, tuple(shape)) for name, dtype, shape in table}
+    tree = _tree.decode_metadata(metadata)
+    state = None if tree is None else _tree.build(tree, tensors, lambda _name, info: info)
+    return Description(got, tensors, state)
+
+
 class _LoadPlan:
     """What :meth:`Checkpointer.load` reads where: the state's tensors matched against a step's
     description, with every difference listed at once."""
 
     def __init__(self, flat: _tree.Flat, desc: Description, *, strict: bool, cast: bool) -> None:
+        self.step = desc.step
         self.leaves: list[tuple[str, str, tuple[int, ...], int, int]] = []
         self.casts: list[tuple[_Scratch, Any]] = []
         self._scratch: list[_Scratch] = []
@@ -520,10 +529,7 @@ class Checkpointer:
     def describe(self, step: int | None = None) -> Description:
         """What ``step`` (default: the newest committed step) holds, without reading tensor data."""
         got, table, metadata = self._native.describe(_check_step(step, optional=True))
-        tensors = {name: TensorInfo(dtype, tuple(shape)) for name, dtype, shape in table}
-        tree = _tree.decode_metadata(metadata)
-        state = None if tree is None else _tree.build(tree, tensors, lambda _name, info: info)
-        return Description(got, tensors, state)
+        return _description(got, table, metadata)
 
     def read(self, step: int | None = None, *, make: Callable[[str, TensorInfo], Any] | None = None) -> Any:
         """A new state holding ``step`` (default: the newest committed step), like
@@ -549,29 +555,33 @@ class Checkpointer:
         value = _check_step(step, optional=True)
         flat = _tree.flatten(state, writable=True)
         device = _cuda_device(flat.tensors)
-        desc = self.describe(value)
-        plan = _LoadPlan(flat, desc, strict=strict, cast=cast)
-        if plan.problems:
-            raise StateMismatch(f"state does not match checkpoint step {desc.step}: {'; '.join(plan.problems)}")
+        plan: _LoadPlan | None = None
+        if not strict or cast:
+            # Which stored tensors to read where depends on the stored table: look first.
+            plan = _LoadPlan(flat, self.describe(value), strict=strict, cast=cast)
+            if plan.problems:
+                raise StateMismatch(f"state does not match checkpoint step {plan.step}: {'; '.join(plan.problems)}")
+        leaves = plan.leaves if plan is not None else [leaf.as_tuple() for leaf in flat.tensors]
         stored: dict[str, Any] = {}
 
-        def check(raw: bytes) -> list[str]:
+        def check(got: int, raw: bytes, table: list[tuple[str, str, tuple[int, ...]]]) -> list[str]:
             # Runs once, before any tensor is written, on the step actually read (an older one
-            # when the newest is damaged): its scalars, compared like those of the description.
-            tree = _tree.decode_metadata(raw)
-            if tree is None:
-                scalars, tensors = {}, set()
-            else:
-                scalars, tensors = _tree.tree_scalars(tree), _tree.tree_tensor_names(tree)
-            stored.update(scalars)
-            return _scalar_problems(flat, scalars, tensors, strict=strict)[0]
+            # when the newest is damaged). The default load reads nothing before this: every
+            # difference is listed here, in one message.
+            desc = _description(got, table, raw)
+            stored.update(_tree.described_scalars(desc.state) if desc.state is not None else {})
+            problems = _LoadPlan(flat, desc, strict=strict, cast=cast).problems
+            if problems:
+                raise StateMismatch(f"state does not match checkpoint step {got}: {'; '.join(problems)}")
+            return []
 
-        loaded, _metadata, from_memory = self._native.load(plan.leaves, value, _cuda_stream(device), check)
-        for scratch, target in plan.casts:
-            scratch.cast_into(target)
+        loaded, _metadata, from_memory = self._native.load(leaves, value, _cuda_stream(device), check)
+        if plan is not None:
+            for scratch, target in plan.casts:
+                scratch.cast_into(target)
         _tree.assign_scalars(state, stored)
         self.last_load_from_memory = from_memory
-        self.last_load_keys = IncompatibleKeys(plan.missing, plan.unexpected)
+        self.last_load_keys = IncompatibleKeys(plan.missing, plan.unexpected) if plan is not None else IncompatibleKeys([], [])
         return loaded
 
     def latest_step(self) -> int | None:

@@ -75,7 +75,7 @@ class _Checkpointer:
         tensors: list[_Tensor],
         step: int | None = None,
         stream: int | None = None,
-        check: Callable[[bytes], list[str]] | None = None,
+        check: Callable[[int, bytes, list[tuple[str, str, tuple[int, ...]]]], list[str]] | None = None,
     ) -> tuple[int, bytes, bool]: ...
     def describe(
         self, step: int | None = None

@@ -361,35 +361,9 @@ def decode_metadata(raw: bytes) -> Any:
     return doc["tree"]
 
 
-def tree_tensor_names(tree: Any) -> set[str]:
-    """The key paths of a stored tree's tensor leaves."""
-    return {name for name, node in _nodes(tree, "") if "T" in node}
-
-
 def scalar_kind(value: Scalar) -> str:
     """How a scalar's type is named in messages (``int``, ``NoneType``)."""
     return type(value).__name__
-
-
-def tree_scalars(tree: Any) -> dict[str, Scalar]:
-    """Every scalar of a stored tree, by key path."""
-    out: dict[str, Scalar] = {}
-    for name, node in _nodes(tree, ""):
-        if "T" not in node:
-            out[name] = _scalar_value(node)
-    return out
-
-
-def _nodes(node: Any, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every leaf node under ``node`` with its key path."""
-    if "D" in node:
-        for k, child in node["D"]:
-            yield from _nodes(child, join(name, k))
-    elif "L" in node or "U" in node:
-        for i, child in enumerate(node.get("L", node.get("U"))):
-            yield from _nodes(child, join(name, i))
-    else:
-        yield name, node
 
 
 def assign_scalars(state: Any, values: dict[str, Scalar]) -> Any:
