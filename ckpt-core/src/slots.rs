@@ -194,7 +194,8 @@ pub fn is_damage(kind: crate::ErrorKind) -> bool {
 /// on the newest committed step, then on older ones while it fails with damage (`damaged` tells
 /// which failures are; see [`is_damage`]), so that a corrupt newest step never blocks a restore.
 /// Each step passed over is logged with why and returned. With `strict`, damage is an error
-/// instead. `Ok(None)`: the job has no committed step.
+/// instead; when no committed step is sound, the newest step's own error is returned. `Ok(None)`:
+/// the job has no committed step.
 ///
 /// Each rank decides for its own shard: ranks of a multi-rank job that load `None` agree as long
 /// as a damaged step is damaged for all of them, or when they load the step the isolator names.
@@ -217,24 +218,19 @@ pub fn newest_sound<T, E: From<Error> + std::fmt::Display>(
         .map(|s| s.step)
         .collect();
     let mut skipped = Vec::new();
+    let mut newest_error = None;
     for step in committed {
         match attempt(step) {
             Ok(value) => return Ok(Some(Fallback { value, step, skipped })),
             Err(e) if !strict && damaged(&e) => {
                 tracing::warn!(job, step, error = %e, "committed step is damaged; restoring an older one");
                 skipped.push((step, e.to_string()));
+                newest_error.get_or_insert(e);
             }
             Err(e) => return Err(e),
         }
     }
-    match skipped.first() {
-        None => Ok(None),
-        Some((step, why)) => Err(Error::corrupt(
-            crate::error::Location { object: crate::store::layout::step_dir(job, *step), ..Default::default() },
-            format!("no committed step of job `{job}` is sound; the newest failed with: {why}"),
-        )
-        .into()),
-    }
+    newest_error.map_or(Ok(None), Err)
 }
 
 /// A slot's region as `Bytes` for the persist pipeline, without a copy.

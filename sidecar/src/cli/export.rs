@@ -22,7 +22,9 @@ use ckpt_core::TensorTable;
 use indicatif::HumanBytes;
 use serde_json::{Value, json};
 
-use super::{Ctx, ExportArgs, ExportFormat, progress, step_or_latest};
+use ckpt_core::slots;
+
+use super::{Ctx, ExportArgs, ExportFormat, progress};
 
 /// Largest JSON header the reference safetensors reader accepts (its `MAX_HEADER_SIZE`); a larger
 /// one would make a file nobody can open, so planning refuses it.
@@ -255,7 +257,33 @@ pub fn write_safetensors_file(
 pub(super) fn run(ctx: &mut Ctx<'_>, args: &ExportArgs) -> anyhow::Result<()> {
     // The only format today; a new one gets its own writer here.
     let ExportFormat::Safetensors = args.format;
-    let (step, _) = step_or_latest(ctx, args.step)?;
+    // Without --step, the newest committed step whose data verifies: a step whose chunks fail
+    // their checksums (or of a newer format) is passed over with a warning, as a restore would.
+    // Other failures (the output file, a store outage) are errors.
+    let damaged = |e: &anyhow::Error| {
+        e.chain()
+            .filter_map(|c| c.downcast_ref::<ckpt_core::Error>())
+            .any(|c| matches!(c.kind(), ckpt_core::ErrorKind::Corrupt | ckpt_core::ErrorKind::Unsupported))
+    };
+    let exported = {
+        let ctx = &*ctx;
+        slots::newest_sound(&ctx.engine, &ctx.job, args.step, false, damaged, |step| export_step(ctx, args, step))?
+    };
+    let Some(exported) = exported else {
+        anyhow::bail!(
+            "job `{}` has no committed step on {}: run `ckptctl ls` to see what is there",
+            ctx.job,
+            ctx.url()
+        );
+    };
+    for (step, why) in &exported.skipped {
+        writeln!(ctx.out, "skipped step {step}: {why}").context("cannot write output")?;
+    }
+    write_summary(ctx.out, &args.out, exported.step, args.rank, &exported.value).context("cannot write output")
+}
+
+/// Exports `step` of the rank into the output file; returns the file's layout.
+fn export_step(ctx: &Ctx<'_>, args: &ExportArgs, step: u64) -> anyhow::Result<SafetensorsLayout> {
     let rank = args.rank;
     let header = ctx.engine.shard_header(&ctx.job, step, rank)?;
     let metadata = BTreeMap::from([
@@ -277,7 +305,7 @@ pub(super) fn run(ctx: &mut Ctx<'_>, args: &ExportArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     written?;
-    write_summary(ctx.out, &args.out, step, rank, &layout).context("cannot write output")
+    Ok(layout)
 }
 
 fn write_summary(
