@@ -197,6 +197,14 @@ impl Rank {
 }
 
 fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
+    // Before this rank writes anything: shards a dead writer of this rank left of steps that
+    // never committed go, or a re-save of such a step could commit next to another rank's stale
+    // shard.
+    if let Some(agent) = agent.upgrade()
+        && let Err(e) = agent.engine.discard_stale_shards(&agent.cfg.job, rank.rank)
+    {
+        tracing::warn!(rank = rank.rank, error = %e, "cannot remove stale shards of uncommitted steps");
+    }
     for job in rx {
         let Some(agent) = agent.upgrade() else { break };
         let step = job.step;

@@ -38,6 +38,12 @@ impl Embedded {
             }
         };
         let engine = Engine::open(&store, cfg.engine.clone())?;
+        // Before this rank writes anything: shards a dead writer of this rank left of steps that
+        // never committed go, or a re-save of such a step could commit next to another rank's
+        // stale shard.
+        if let Err(e) = engine.discard_stale_shards(&cfg.job, cfg.rank) {
+            tracing::warn!(rank = cfg.rank, error = %e, "cannot remove stale shards of uncommitted steps");
+        }
         let dir = cfg
             .arena_dir
             .clone()
