@@ -9,6 +9,8 @@
 
 #[path = "../../ckpt-core/tests/common/reliability.rs"]
 mod reliability;
+#[path = "support/slow_clients.rs"]
+mod slow_clients;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -722,4 +724,27 @@ fn a_world_writable_arena_directory_is_a_configuration_error_with_exit_64() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("--arena-dir") && err.contains("world-writable"), "{err}");
     assert!(!dir.path().join("agent.sock").exists(), "the agent served anyway");
+}
+
+#[test]
+fn the_metrics_port_answers_healthz_while_64_slow_clients_trickle_their_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &file_store(dir.path()), &dir.path().join("arena"), &[]);
+    let addr: std::net::SocketAddr = agent.metrics.as_ref().unwrap().parse().unwrap();
+    let slow = slow_clients::SlowClients::connect(addr, 64);
+    let healthz = http_get_within(&addr, "/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    // However a client trickles, it is evicted for newcomers or closed at the head deadline.
+    slow.wait_all_given_up();
+    assert!(http_get_within(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+}
+
+/// GET with a read timeout, so a server that never answers fails the test instead of hanging it.
+fn http_get_within(addr: &std::net::SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("an answer within 30 s");
+    out
 }
