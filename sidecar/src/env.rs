@@ -29,6 +29,8 @@ pub const ENV_METRICS_ADDR: &str = "CKPTD_METRICS_ADDR";
 pub const ENV_RANKS: &str = "CKPTD_RANKS";
 /// The job's world size (`--world-size`).
 pub const ENV_WORLD_SIZE: &str = "CKPTD_WORLD_SIZE";
+/// The most ranks, and so trainer sessions, the agent serves (`--max-sessions`).
+pub const ENV_MAX_SESSIONS: &str = "CKPTD_MAX_SESSIONS";
 /// How long the agent lets persists finish after SIGTERM (`--grace-period`).
 pub const ENV_GRACE_PERIOD: &str = "CKPTD_GRACE_PERIOD";
 /// Chunk compression (`--compression`).
@@ -209,6 +211,7 @@ mod tests {
         ("ENV_SLOTS", ENV_SLOTS),
         ("ENV_METRICS_ADDR", ENV_METRICS_ADDR),
         ("ENV_RANKS", ENV_RANKS),
+        ("ENV_MAX_SESSIONS", ENV_MAX_SESSIONS),
         ("ENV_WORLD_SIZE", ENV_WORLD_SIZE),
         ("ENV_GRACE_PERIOD", ENV_GRACE_PERIOD),
         ("ENV_COMPRESSION", ENV_COMPRESSION),

@@ -12,6 +12,8 @@ pub mod gate;
 #[cfg(feature = "server")]
 pub mod health;
 #[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
 pub mod isolator;
 #[cfg(feature = "server")]
 pub mod webhook;

@@ -9,6 +9,8 @@
 
 #[path = "../../ckpt-core/tests/common/reliability.rs"]
 mod reliability;
+#[path = "support/slow_clients.rs"]
+mod slow_clients;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -722,4 +724,114 @@ fn a_world_writable_arena_directory_is_a_configuration_error_with_exit_64() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("--arena-dir") && err.contains("world-writable"), "{err}");
     assert!(!dir.path().join("agent.sock").exists(), "the agent served anyway");
+}
+
+#[test]
+fn the_metrics_port_answers_healthz_while_64_slow_clients_trickle_their_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &file_store(dir.path()), &dir.path().join("arena"), &[]);
+    let addr: std::net::SocketAddr = agent.metrics.as_ref().unwrap().parse().unwrap();
+    let slow = slow_clients::SlowClients::connect(addr, 64);
+    let healthz = http_get_within(&addr, "/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    // However a client trickles, it is evicted for newcomers or closed at the head deadline.
+    slow.wait_all_given_up();
+    assert!(http_get_within(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+}
+
+/// GET with a read timeout, so a server that never answers fails the test instead of hanging it.
+fn http_get_within(addr: &std::net::SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("an answer within 30 s");
+    out
+}
+
+#[test]
+fn idle_connections_neither_starve_agent_status_nor_trainers_and_are_closed() {
+    raise_nofile(4096);
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    // --max-sessions 2 bounds the socket at 2 + 64 connections, well under the idle ones.
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena"), &["--max-sessions", "2"]);
+    let idle: Vec<std::os::unix::net::UnixStream> =
+        (0..512).map(|_| std::os::unix::net::UnixStream::connect(&agent.socket).unwrap()).collect();
+    let status = Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .args(["agent-status", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "agent-status failed: {}", String::from_utf8_lossy(&status.stderr));
+    let trainer = sidecar(&agent.socket, 0, 1);
+    let mut s = State::of(0, 1, 1000);
+    // SAFETY: `s` outlives the save, untouched until `wait` returns.
+    unsafe { trainer.save(&s.refs(), 1, Vec::new(), None) }.unwrap().wait().unwrap();
+    assert!(engine(&store).verify(JOB, 1).unwrap().ok());
+    // Every idle connection is evicted for a newer one or closed at the deadline for a first
+    // request; the trainer's, which sent requests, stays.
+    wait_until("every idle connection closed", || {
+        idle.iter().all(|mut c| {
+            c.set_nonblocking(true).unwrap();
+            // The server's HTTP/2 preface comes first; drain it, then EOF or a reset says closed.
+            let mut buf = [0u8; 256];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+                }
+            }
+        })
+    });
+    assert_eq!(trainer.heartbeat(1, Phase::Step).unwrap(), None);
+    drop(s);
+}
+
+#[test]
+fn attaching_more_ranks_than_max_sessions_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &file_store(dir.path()), &dir.path().join("arena"), &["--max-sessions", "2"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ch = rt.block_on(ckptd::rpc::unix_channel(&agent.socket)).unwrap();
+    let mut c = pb::trainer_client::TrainerClient::new(ch);
+    let attach = |rank| pb::AttachRequest { job: JOB.into(), rank, world_size: 8, pid: 1, client_version: "t".into() };
+    let r0 = rt.block_on(c.attach(attach(0))).unwrap().into_inner();
+    let r1 = rt.block_on(c.attach(attach(1))).unwrap().into_inner();
+    let e = rt.block_on(c.attach(attach(2))).map(|_| ()).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-sessions"), "{e:?}");
+    // The client library says the same, as a Busy error.
+    let err = Checkpointer::new({
+        let mut cfg = CheckpointerConfig::new(JOB);
+        cfg.socket = Some(agent.socket.clone());
+        cfg.rank = 3;
+        cfg.world_size = 8;
+        cfg
+    })
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(err.kind(), ckptd::ErrorKind::Busy, "{err}");
+    // A rank the agent serves comes back after its trainer detached; a new one still does not.
+    drop(r0);
+    wait_until("rank 0 detached", || agent.status().ranks.iter().any(|r| r.rank == 0 && !r.attached));
+    let _r0 = rt.block_on(c.attach(attach(0))).unwrap().into_inner();
+    let e = rt.block_on(c.attach(attach(2))).map(|_| ()).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    drop(r1);
+}
+
+/// Raises this process's soft open-file limit to `want` (or the hard limit), so that a test can
+/// hold many sockets; the agent it starts inherits the raised limit.
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
 }

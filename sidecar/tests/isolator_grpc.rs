@@ -8,6 +8,8 @@ mod reliability;
 
 #[path = "support/isolator_proc.rs"]
 mod isolator_proc;
+#[path = "support/slow_clients.rs"]
+mod slow_clients;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use ckptd::ErrorKind;
 use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
 use ckptd_proto::v1::{FaultAction, FaultReport, command};
 use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
+use slow_clients::SlowClients;
 use tempfile::TempDir;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -580,4 +583,16 @@ async fn an_emergency_snapshot_that_completes_a_step_the_faulty_rank_voted_is_wh
         };
         assert_eq!((restore.step, restore.generation), (2, 1), "rank {rank}");
     }
+}
+
+#[test]
+fn the_metrics_port_answers_healthz_while_64_slow_clients_trickle_their_heads() {
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &[]);
+    let slow = SlowClients::connect(iso.metrics, 64);
+    let (code, body) = iso.http_get("/healthz");
+    assert_eq!(code, 200, "{body}");
+    // However a client trickles, it is evicted for newcomers or closed at the head deadline.
+    slow.wait_all_given_up();
+    assert_eq!(iso.http_get("/healthz").0, 200);
 }

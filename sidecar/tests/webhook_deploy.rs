@@ -279,6 +279,32 @@ fn chart_switches_render_what_they_say() {
     let cfg = ckptd::webhook::Config::from_yaml("img:1", &cm.data.unwrap()["config.yaml"]).unwrap();
     assert!(cfg.file.isolator.is_none());
 
+    assert!(!k.contains("NetworkPolicy"), "no NetworkPolicy without the API server's addresses");
+    let fenced = all(&render_chart(
+        "webhook: {networkPolicy: {apiServerPeers: [{ipBlock: {cidr: 10.0.0.10/32}}, {ipBlock: {cidr: 10.0.0.11/32}}]}}\n",
+    ));
+    let policies: Vec<&Value> = fenced.iter().filter(|d| d["kind"] == "NetworkPolicy").collect();
+    assert_eq!(policies.len(), 1);
+    let policy = policies[0];
+    let spec = &policy["spec"];
+    let webhook: Deployment =
+        typed(fenced.iter().find(|d| d["metadata"]["name"] == "ckptd-webhook" && d["kind"] == "Deployment").unwrap());
+    let pod_labels = webhook.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    let selector = spec["podSelector"]["matchLabels"].as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(pod_labels.get(k.as_str().unwrap()).map(String::as_str), v.as_str(), "selects the webhook's pods");
+    }
+    assert_eq!(spec["policyTypes"], serde_yaml_ng::from_str::<Value>("[Ingress]").unwrap());
+    let ingress = spec["ingress"].as_sequence().unwrap();
+    assert_eq!(ingress.len(), 1, "one rule: the API server to the webhook port");
+    let cidrs: Vec<&str> =
+        ingress[0]["from"].as_sequence().unwrap().iter().map(|p| p["ipBlock"]["cidr"].as_str().unwrap()).collect();
+    assert_eq!(cidrs, ["10.0.0.10/32", "10.0.0.11/32"]);
+    assert_eq!(ingress[0]["ports"], serde_yaml_ng::from_str::<Value>("[{port: 8443, protocol: TCP}]").unwrap());
+    let container_port = webhook_port(&fenced);
+    assert_eq!(container_port, 8443, "the policy's port is the webhook container's");
+
     let tuned =
         all(&render_chart("agent: {store: \"s3://b/p\", nativeSidecar: false, slots: 3}\nisolator: {dryRun: true}\n"));
     let cm: ConfigMap =
@@ -291,6 +317,13 @@ fn chart_switches_render_what_they_say() {
 }
 
 // ------------------------------------------------------------------------------- typed manifests
+
+/// The webhook container's port.
+fn webhook_port(docs: &[Value]) -> i32 {
+    let d: Deployment =
+        typed(docs.iter().find(|d| d["metadata"]["name"] == "ckptd-webhook" && d["kind"] == "Deployment").unwrap());
+    d.spec.unwrap().template.spec.unwrap().containers[0].ports.as_ref().unwrap()[0].container_port
+}
 
 fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
     serde_yaml_ng::from_value(v.clone()).unwrap_or_else(|e| {

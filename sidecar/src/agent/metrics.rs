@@ -6,7 +6,6 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -90,7 +89,8 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` and `GET /healthz` on `addr` until `shutdown`.
+/// Serves `GET /metrics` and `GET /healthz` on `addr` until `shutdown`, with the connection bound
+/// and request-head deadline of [`crate::http`].
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
@@ -100,32 +100,7 @@ pub async fn serve(
         what: "--metrics-addr".into(),
         reason: format!("cannot listen on {addr}: {e}"),
     })?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                        continue;
-                    }
-                },
-            };
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let registry = registry.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&req, &registry)) }
-                });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended");
-                }
-            });
-        }
-    }))
+    Ok(tokio::spawn(crate::http::serve(listener, move |req| respond(req, &registry), shutdown)))
 }
 
 fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {

@@ -12,6 +12,7 @@
 //! holds one rank's arena, session and persist thread, [`metrics`] the Prometheus endpoint. The
 //! protocol and the slot state machine are described in docs/PROTOCOL.md.
 
+mod incoming;
 mod metrics;
 mod rank;
 mod service;
@@ -62,6 +63,12 @@ pub struct AgentArgs {
     /// The job's world size; checked against what trainers report.
     #[arg(long, env = ENV_WORLD_SIZE)]
     pub world_size: Option<u32>,
+    /// The most ranks this agent serves, each with at most one trainer session; an attach beyond it
+    /// is refused (ResourceExhausted). A rank keeps its arena and persist thread after its trainer
+    /// detaches, so every rank served counts. Default: `--world-size`, else the number of
+    /// `--ranks`, else 256.
+    #[arg(long, env = ENV_MAX_SESSIONS)]
+    pub max_sessions: Option<usize>,
     /// How long a SIGTERM waits for in-flight persists.
     #[arg(long, env = ENV_GRACE_PERIOD, default_value = "30s")]
     pub grace_period: humantime::Duration,
@@ -186,6 +193,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     {
         return Err(config_error("--ranks", format!("rank {bad} is outside world size {w}")));
     }
+    let max_sessions = max_sessions(&args)?;
     let compression: Compression = args.compression.parse().map_err(|e| config_error("--compression", e))?;
     let mut ecfg = EngineConfig::default();
     ecfg.persist.compression = compression;
@@ -233,15 +241,36 @@ pub fn run(args: AgentArgs) -> Result<()> {
         rt: rt.handle().clone(),
     });
     rt.spawn(handle_decisions(agent.clone(), decisions));
-    let result = rt.block_on(serve(agent.clone(), args, Arc::new(registry), shutdown));
+    let result = rt.block_on(serve(agent.clone(), args, max_sessions, Arc::new(registry), shutdown));
     // Persist threads may still hold the engine; stop them before the runtime goes.
     rt.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
+/// Sessions served without `--max-sessions`, `--world-size` or `--ranks`.
+const DEFAULT_MAX_SESSIONS: usize = 256;
+/// Trainer-socket connections beyond one per session: `ckptctl`, probes, a trainer reconnecting.
+const SPARE_CONNECTIONS: usize = 64;
+
+/// `--max-sessions`, or its default; at least every rank of `--ranks`, which the agent serves from
+/// the start.
+fn max_sessions(args: &AgentArgs) -> Result<usize> {
+    let named = args.ranks.as_ref().map(|r| r.0.len());
+    match args.max_sessions {
+        Some(0) => Err(config_error("--max-sessions", "must be at least 1")),
+        Some(m) if named.is_some_and(|n| n > m) => Err(config_error(
+            "--max-sessions",
+            format!("{m} is fewer than the {} ranks of --ranks", named.unwrap_or_default()),
+        )),
+        Some(m) => Ok(m),
+        None => Ok(args.world_size.map(|w| w as usize).or(named).unwrap_or(DEFAULT_MAX_SESSIONS)),
+    }
+}
+
 async fn serve(
     agent: Arc<Agent>,
     args: AgentArgs,
+    max_sessions: usize,
     registry: Arc<prometheus_client::registry::Registry>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -273,8 +302,11 @@ async fn serve(
     };
     let stop = shutdown.clone();
     let agent_for_stop = agent.clone();
-    let server = service::router(agent.clone()).serve_with_incoming_shutdown(
-        tokio_stream::wrappers::UnixListenerStream::new(listener),
+    // One connection per session plus spares; at the bound, a connection that has sent no request
+    // yet is evicted for the newcomer, so `ckptctl agent-status` is answered while idle peers pile up.
+    let gate = crate::gate::Gate::new(max_sessions.saturating_add(SPARE_CONNECTIONS));
+    let server = service::router(agent.clone(), max_sessions).serve_with_incoming_shutdown(
+        incoming::Incoming::new(listener, gate),
         async move {
             stop.cancelled().await;
             // Sessions are endless streams: end them, or the server waits for them forever.

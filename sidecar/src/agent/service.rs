@@ -14,8 +14,10 @@ use ckptd_proto::v1::{self as pb, trainer_event::Event};
 use tokio::sync::mpsc;
 use tonic::transport::server::Router;
 use tonic::{Code, Request, Response, Status};
+use tower::layer::util::{Identity, Stack};
 
 use super::Agent;
+use super::incoming::EstablishLayer;
 use super::rank::{PersistJob, Rank, Session};
 use crate::error::ErrorKind;
 use crate::rpc::{refuse, to_status};
@@ -25,10 +27,22 @@ const SESSION_EVENTS: usize = 64;
 /// Longest `SnapshotNow` wait.
 const MAX_SNAPSHOT_WAIT: Duration = Duration::from_secs(600);
 
-/// The router serving both services.
-pub(super) fn router(agent: Arc<Agent>) -> Router {
-    let svc = Service { agent };
+/// HTTP/2 pings on an idle connection, and how long the peer has to answer one: a trainer that
+/// died without closing its socket (a frozen host, a lost mount namespace) is found this way.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+/// Requests one connection may have in flight; a trainer needs a handful (its session stream,
+/// a heartbeat, a handover, a load).
+const REQUESTS_PER_CONNECTION: usize = 64;
+
+/// The router serving both services. Its connections come from [`super::incoming::Incoming`]; the
+/// [`EstablishLayer`] tells their gate when each sends its first request.
+pub(super) fn router(agent: Arc<Agent>, max_sessions: usize) -> Router<Stack<EstablishLayer, Identity>> {
+    let svc = Service { agent, max_sessions, attaching: Arc::new(std::sync::Mutex::new(())) };
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION)
+        .layer(EstablishLayer)
         .add_service(
             TrainerServer::new(svc.clone())
                 .max_decoding_message_size(ckptd_proto::MAX_MESSAGE_BYTES)
@@ -44,6 +58,11 @@ pub(super) fn router(agent: Arc<Agent>) -> Router {
 #[derive(Debug, Clone)]
 struct Service {
     agent: Arc<Agent>,
+    /// The most ranks this agent serves (`--max-sessions`).
+    max_sessions: usize,
+    /// Held from the session-cap check until the session is recorded, so that concurrent attaches
+    /// cannot both take the last place.
+    attaching: Arc<std::sync::Mutex<()>>,
 }
 
 fn invalid(message: impl Into<String>) -> Status {
@@ -116,6 +135,23 @@ impl Trainer for Service {
         {
             return Err(invalid(format!("world size {} differs from the agent's --world-size {w}", req.world_size)));
         }
+        // A rank keeps its arena and persist thread for as long as the agent runs, so the cap
+        // counts every rank this agent holds, attached or not; at most one session per rank makes
+        // it the cap on sessions too.
+        let attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        let known = self.agent.ranks();
+        if known.len() >= self.max_sessions && !known.iter().any(|r| r.rank == req.rank) {
+            return Err(refuse(
+                Code::ResourceExhausted,
+                ErrorKind::Busy,
+                format!(
+                    "this agent already serves {} ranks, its --max-sessions; rank {} is refused: raise \
+                     --max-sessions (CKPTD_MAX_SESSIONS) or attach the rank to its own pod's agent",
+                    known.len(),
+                    req.rank
+                ),
+            ));
+        }
         let rank = self.agent.rank(req.rank).map_err(|e| to_status(&e))?;
         let (tx, rx) = mpsc::channel(SESSION_EVENTS);
         let id = loop {
@@ -150,6 +186,7 @@ impl Trainer for Service {
             inner.session = Some(Session { id, pid: req.pid, events: tx.clone() });
             inner.arena.as_ref().map(|a| a.path().display().to_string()).unwrap_or_default()
         };
+        drop(attaching);
         self.agent.metrics.attached.inc();
         let generation = self.agent.link.as_ref().map_or(0, |l| l.generation());
         let attached = pb::Attached { session: id, agent_version: crate::VERSION.into(), arena_path, generation };

@@ -5,11 +5,13 @@
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -119,64 +121,27 @@ impl Metrics {
     }
 }
 
-/// Largest request head the endpoint reads.
-const MAX_HEAD: usize = 8 << 10;
-/// Most scrapes and probes served at once; further connections wait in the accept queue.
-const MAX_CONNECTIONS: usize = 16;
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `cancel`.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `cancel`, with the connection
+/// bound and request-head deadline of [`crate::http`].
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
     leader: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let (mut sock, _) = tokio::select! {
-            () = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let leader = leader.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut buf = vec![0u8; MAX_HEAD];
-            let mut n = 0;
-            while n < buf.len() {
-                let read = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[n..])).await;
-                match read {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = match path {
-                "/metrics" => {
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
-                }
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if *leader.borrow() => ("200 OK", "text/plain", "leader\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "text/plain", "not the leader\n".to_string()),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
+    crate::http::serve(listener, move |req| respond(req.uri().path(), &metrics, *leader.borrow()), cancel).await
+}
+
+fn respond(path: &str, metrics: &Metrics, leader: bool) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match path {
+        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" if leader => (StatusCode::OK, "text/plain", "leader\n".to_string()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not the leader\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+    r
 }
