@@ -632,6 +632,9 @@ impl Agent {
             let staged = tokio::task::spawn_blocking(move || a.stage_newest(&r, false)).await;
             match staged {
                 Ok(Ok(Some((step, from_storage)))) => {
+                    if from_storage {
+                        rank.lock().prefetched = Some(step);
+                    }
                     tracing::info!(rank = rank.rank, step, from_storage, "memory tier ready")
                 }
                 Ok(Ok(None)) => tracing::info!(rank = rank.rank, "no committed step to prefetch"),

@@ -59,6 +59,9 @@ pub(super) struct RankInner {
     /// The isolator rolled the job back to this step, and the trainer has not loaded it yet:
     /// snapshots of later steps are from the abandoned timeline.
     pub rollback: Option<u64>,
+    /// A step the prefetch read from storage into the arena before any trainer asked: the first
+    /// load of it reports storage as its source, since that is where its bytes came from.
+    pub prefetched: Option<u64>,
 }
 
 /// A rank served by the agent.

@@ -315,7 +315,7 @@ impl Trainer for Service {
         let known = rank.lock().committed;
         let agent = self.agent.clone();
         let r = rank.clone();
-        let (step, from_storage) = self
+        let (step, staged_from_storage) = self
             .blocking(move || {
                 // Strict: always look at storage's newest step, even when memory holds an older one.
                 match req.step.or(if req.strict { None } else { known }) {
@@ -327,13 +327,16 @@ impl Trainer for Service {
                 }
             })
             .await?;
-        {
+        let from_storage = {
             // The trainer loads the step the job restarted from: its saves count again.
             let mut inner = rank.lock();
             if inner.rollback.is_some_and(|rb| step <= rb) {
                 inner.rollback = None;
             }
-        }
+            // A step the prefetch read from storage came from storage, whoever staged it.
+            let prefetched = inner.prefetched.take_if(|p| *p == step).is_some();
+            staged_from_storage || prefetched
+        };
         let source = if from_storage { "storage" } else { "memory" };
         self.agent.metrics.restores.get_or_create(&super::metrics::SourceLabel { source: source.into() }).inc();
         let (arena, slot) = self.agent.in_memory(&rank, step).ok_or_else(|| {
