@@ -181,8 +181,8 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 fn sidecar(socket: &Path, rank: u32, world: u32) -> Checkpointer {
     let mut cfg = CheckpointerConfig::new(JOB);
     cfg.socket = Some(socket.to_path_buf());
-    cfg.rank = rank;
-    cfg.world_size = world;
+    cfg.rank = Some(rank);
+    cfg.world_size = Some(world);
     Checkpointer::new(cfg).expect("attach to the agent")
 }
 
