@@ -16,8 +16,18 @@
 //! user metadata, checksummed) lives in the slot after the region.
 //!
 //! Host memory stays bounded by `slots × slot_stride + one page`; nothing else grows with the state.
+//!
+//! **Ownership.** One process owns an arena file (the trainer in embedded mode, the agent in
+//! sidecar mode; a sidecar trainer only maps the agent's arena): it holds an exclusive `flock` on
+//! its own open of the file ([`ArenaLock`]), which the kernel releases when the process dies or
+//! drops the lock, and it records its pid and start time in the header for messages. Only the
+//! owner replaces the file at the path (a grown arena is renamed over the one it locks); a new
+//! arena where none exists is published create-only (`link(2)`), so two processes racing to
+//! create it cannot both own one. A process that becomes the owner of an existing arena recovers
+//! what the previous owner left ([`Arena::recover`], or the agent's own adoption).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -37,6 +47,9 @@ pub const MAX_SLOTS: u32 = 32;
 const MAGIC: [u8; 8] = *b"CKPTAREN";
 const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 4096;
+/// Header offsets of the owner's pid and start time (clock ticks after boot, `/proc/<pid>/stat`).
+const OWNER_PID_AT: usize = 24;
+const OWNER_START_AT: usize = 32;
 const SLOT_RECORDS_AT: usize = 64;
 const SLOT_RECORD_LEN: usize = 64;
 const DESCRIPTOR_MAGIC: u32 = 0x4b44_5343; // "CSDK"
@@ -212,11 +225,113 @@ pub fn human_bytes(n: u64) -> String {
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
+/// The exclusive right to own an arena file: an `flock(LOCK_EX)` on an open of the file that
+/// belongs to this value alone, so that it is released when the value is dropped or the process
+/// dies, whatever other handles (mappings, `Arc<Arena>` clones on helper threads) still exist.
+#[derive(Debug)]
+pub struct ArenaLock {
+    _file: File,
+    id: (u64, u64),
+    path: PathBuf,
+}
+
+/// Outcome of a non-blocking `flock`.
+fn try_flock(file: &File) -> std::io::Result<bool> {
+    // SAFETY: the descriptor is open for the duration of the call; flock has no memory effects.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock { Ok(false) } else { Err(e) }
+}
+
+/// This process's start time in clock ticks after boot (field 22 of `/proc/self/stat`), which
+/// tells a recorded pid from a later process that reused it; 0 when unknown.
+fn own_start_time() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Who owns the arena file at `path`, as its header records it, for messages.
+fn recorded_holder(path: &Path) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; 40];
+    let read = File::open(path).and_then(|f| f.read_exact_at(&mut h, 0));
+    let pid = u64::from_le_bytes(h[OWNER_PID_AT..OWNER_PID_AT + 8].try_into().unwrap_or_default());
+    match read {
+        Ok(()) if h[0..8] == MAGIC && pid != 0 => format!("pid {pid}"),
+        _ => "another process".to_string(),
+    }
+}
+
+impl ArenaLock {
+    /// Takes the lock of the arena file at `path`. `Ok(None)`: there is no file. Fails with
+    /// [`Error::ArenaHeld`], naming the holder, when a live process owns it. The lock is checked
+    /// to still refer to the file at `path` (an owner may have replaced it by a rename meanwhile).
+    pub fn acquire(path: &Path) -> Result<Option<ArenaLock>> {
+        for _ in 0..64 {
+            let file = match OpenOptions::new().read(true).open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io("open", path, e)),
+            };
+            if !try_flock(&file).map_err(|e| Error::io("flock", path, e))? {
+                return Err(Error::ArenaHeld { path: path.to_path_buf(), holder: recorded_holder(path) });
+            }
+            let id = file_id(&file).map_err(|e| Error::io("stat", path, e))?;
+            match std::fs::metadata(path) {
+                Ok(m) if (m.dev(), m.ino()) == id => {
+                    return Ok(Some(ArenaLock { _file: file, id, path: path.to_path_buf() }));
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io("stat", path, e)),
+            }
+        }
+        Err(Error::ArenaHeld { path: path.to_path_buf(), holder: "a process that keeps replacing it".into() })
+    }
+
+    /// Whether this lock is on the file `arena` maps.
+    pub fn holds(&self, arena: &Arena) -> bool {
+        self.id == arena.file_id
+    }
+
+    /// Removes the arena file this lock holds (a clean close), then releases the lock. Mappings
+    /// that still exist stay valid until they are dropped.
+    pub fn remove(self) -> Result<()> {
+        let ours = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if ours {
+            std::fs::remove_file(&self.path).map_err(|e| Error::io("remove", &self.path, e))?;
+        }
+        Ok(())
+    }
+}
+
 impl Arena {
-    /// Creates the arena file, or reuses an existing one with the same geometry (which keeps its
-    /// durable slot: the memory tier survives a trainer restart). Checks first that the directory
-    /// has room, and says what to change when it has not.
-    pub fn create(cfg: &ArenaConfig) -> Result<Arena> {
+    /// Creates the arena file as its owner, or reuses an existing one with the same geometry
+    /// (which keeps its durable slot: the memory tier survives a trainer restart). `lock` is the
+    /// caller's lock on the file at the path (`None`: the caller holds none yet, and takes it here
+    /// when a file exists, failing with [`Error::ArenaHeld`] when a live process owns it; an
+    /// existing arena whose lock is taken here is recovered with [`Arena::recover`]). On success
+    /// `lock` holds the returned arena's file. Checks first that the directory has room, and says
+    /// what to change when it has not.
+    pub fn create(cfg: &ArenaConfig, lock: &mut Option<ArenaLock>) -> Result<Arena> {
+        for _ in 0..8 {
+            if let Some(arena) = Arena::create_once(cfg, lock)? {
+                return Ok(arena);
+            }
+        }
+        let path = cfg.dir.join(&cfg.name);
+        Err(Error::ArenaHeld { path: path.clone(), holder: recorded_holder(&path) })
+    }
+
+    /// One attempt of [`Arena::create`]; `Ok(None)`: another process created the file first.
+    fn create_once(cfg: &ArenaConfig, lock: &mut Option<ArenaLock>) -> Result<Option<Arena>> {
         if cfg.slots == 0 || cfg.slots > MAX_SLOTS {
             return Err(Error::InvalidConfig {
                 field: "slots",
@@ -237,12 +352,24 @@ impl Arena {
             .ok_or_else(|| Error::InvalidConfig { field: "slot_size", reason: "arena size overflows".into() })?;
         prepare_dir(&cfg.dir)?;
         let path = cfg.dir.join(&cfg.name);
-        if let Ok(existing) = Arena::open(&path)
+        if lock.as_ref().is_some_and(|l| l.path != path) {
+            *lock = None;
+        }
+        let fresh = lock.is_none();
+        if fresh {
+            *lock = ArenaLock::acquire(&path)?;
+        }
+        if let Some(l) = lock.as_ref()
+            && let Ok(existing) = Arena::open(&path)
+            && l.holds(&existing)
             && existing.slots == cfg.slots
             && existing.slot_size == slot_size
         {
-            existing.recover();
-            return Ok(existing);
+            if fresh {
+                existing.recover();
+            }
+            existing.record_owner();
+            return Ok(Some(existing));
         }
         let existing_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let (free, memory) = free_space(&cfg.dir)?;
@@ -275,13 +402,34 @@ impl Arena {
             let _ = std::fs::remove_file(&tmp);
             e
         };
+        // The lock lives on an open of its own: a mapping keeps the open it was made from alive,
+        // and a lock on that one would outlive the lock's owner. Nobody else knows the temporary
+        // name, so the lock is ours before the file is visible.
+        let lock_file = File::open(&tmp).map_err(|e| cleanup(Error::io("open", &tmp, e)))?;
+        if !try_flock(&lock_file).map_err(|e| cleanup(Error::io("flock", &tmp, e)))? {
+            return Err(cleanup(Error::ArenaHeld { path: tmp.clone(), holder: "another process".into() }));
+        }
         file.set_len(total).map_err(|e| cleanup(Error::io("truncate", &tmp, e)))?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(|e| cleanup(Error::io("mmap", &tmp, e)))?;
         let file_id = file_id(&file).map_err(|e| cleanup(Error::io("stat", &tmp, e)))?;
         let arena = Arena { map, path: path.clone(), file_id, slots: cfg.slots, slot_size };
         arena.write_header();
-        std::fs::rename(&tmp, &path).map_err(|e| cleanup(Error::io("rename", &path, e)))?;
-        Ok(arena)
+        arena.record_owner();
+        if lock.is_some() {
+            // We own the file at the path: replace it (its mappings stay valid for their holders).
+            std::fs::rename(&tmp, &path).map_err(|e| cleanup(Error::io("rename", &path, e)))?;
+        } else {
+            // No file was there: publish create-only, so that of two racing creators one wins.
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+                Err(e) => return Err(Error::io("link", &path, e)),
+            }
+        }
+        *lock = Some(ArenaLock { _file: lock_file, id: file_id, path });
+        Ok(Some(arena))
     }
 
     /// Maps an existing arena (the agent maps the trainer's, a restarted trainer its own).
@@ -336,9 +484,30 @@ impl Arena {
         unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), self.map.as_mut_ptr(), h.len()) };
     }
 
-    /// Slots that a crashed owner left mid-way (writing, sealed, persisting) cannot be trusted to
-    /// finish: free them. Durable slots are kept, and so are slots a dead reader held.
-    fn recover(&self) {
+    /// Records this process as the owner in the header (for the messages of processes refused).
+    fn record_owner(&self) {
+        self.header_word(OWNER_PID_AT).store(u64::from(std::process::id()), Ordering::Relaxed);
+        self.header_word(OWNER_START_AT).store(own_start_time(), Ordering::Relaxed);
+    }
+
+    /// The pid recorded by the arena's owner (0: none recorded).
+    pub fn owner_pid(&self) -> u64 {
+        self.header_word(OWNER_PID_AT).load(Ordering::Relaxed)
+    }
+
+    fn header_word(&self, at: usize) -> &AtomicU64 {
+        // SAFETY: `at` is 8-byte aligned and below SLOT_RECORDS_AT, inside the page-aligned header
+        // of a mapping that lives as long as `self`; processes access it only atomically.
+        unsafe { &*(self.map.as_mut_ptr().add(at) as *const AtomicU64) }
+    }
+
+    /// What a new embedded owner does with the slots a dead owner left: half-written (writing),
+    /// sealed and persisting slots are freed (their step may be uncommitted, or committed from
+    /// another snapshot of the same step number, so their bytes are not trusted as the memory
+    /// tier), durable slots are kept, and a slot a dead reader held is durable again. Call it only
+    /// as the owner ([`ArenaLock`]) of a file nobody else writes; the agent adopts what a dead
+    /// agent left its own way (it persists sealed slots again).
+    pub fn recover(&self) {
         for i in 0..self.slots {
             match self.state(i) {
                 Some(SlotState::Durable | SlotState::Free) => {}
@@ -663,7 +832,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = table();
         let cfg = ArenaConfig { dir: dir.path().into(), name: "a".into(), slots: 2, slot_size: slot_size_for(&t, 16) };
-        let arena = Arena::create(&cfg).unwrap();
+        let mut lock = None;
+        let arena = Arena::create(&cfg, &mut lock).unwrap();
+        assert_eq!(arena.owner_pid(), u64::from(std::process::id()));
         let s0 = arena.acquire().unwrap();
         let s1 = arena.acquire().unwrap();
         assert_ne!(s0, s1);
@@ -681,13 +852,17 @@ mod tests {
         assert_eq!((c.step, c.metadata.as_slice()), (6, b"meta-6".as_slice()));
         assert_eq!(c.table, t);
 
-        // Another process maps the same file and sees the same memory tier; a re-create with the
-        // same geometry keeps it and frees unfinished slots.
+        // Another process maps the same file and sees the same memory tier; a create by another
+        // would-be owner is refused while the lock is held, and once it is released a create with
+        // the same geometry keeps the memory tier and frees unfinished slots.
         let other = Arena::open(&dir.path().join("a")).unwrap();
         assert_eq!(other.newest_durable(), Some(s1));
         let s = other.acquire().unwrap();
         drop(other);
-        let again = Arena::create(&cfg).unwrap();
+        let e = Arena::create(&cfg, &mut None).unwrap_err();
+        assert!(matches!(e, Error::ArenaHeld { .. }), "{e}");
+        drop(lock);
+        let again = Arena::create(&cfg, &mut None).unwrap();
         assert_eq!(again.newest_durable(), Some(s1));
         assert_eq!(again.state(s), Some(SlotState::Free));
     }
@@ -698,7 +873,7 @@ mod tests {
         let dir = root.path().join("arenas");
         let t = table();
         let cfg = ArenaConfig { dir: dir.clone(), name: "p".into(), slots: 1, slot_size: slot_size_for(&t, 0) };
-        let arena = Arena::create(&cfg).unwrap();
+        let arena = Arena::create(&cfg, &mut None).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700, "a new arena directory is 0700");
         assert_eq!(mode(arena.path()), 0o600, "an arena file is 0600");
@@ -710,7 +885,7 @@ mod tests {
 
         // A world-writable one is refused with what to do.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = Arena::create(&cfg).unwrap_err();
+        let e = Arena::create(&cfg, &mut None).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("world-writable"), "{e}");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -745,7 +920,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = table();
         let cfg = ArenaConfig { dir: dir.path().into(), name: "v".into(), slots: 1, slot_size: slot_size_for(&t, 0) };
-        let arena = Arena::create(&cfg).unwrap();
+        let arena = Arena::create(&cfg, &mut None).unwrap();
         let s = arena.acquire().unwrap();
         arena.seal(s, 1, &t, &[]).unwrap();
         arena.verify_region(s).unwrap();
@@ -761,7 +936,7 @@ mod tests {
     fn too_little_space_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = ArenaConfig { dir: dir.path().into(), name: "big".into(), slots: 2, slot_size: u64::MAX / 4 };
-        let e = Arena::create(&cfg).unwrap_err().to_string();
+        let e = Arena::create(&cfg, &mut None).unwrap_err().to_string();
         assert!(e.contains("the arena needs") && e.contains("medium: Memory"), "{e}");
     }
 
@@ -770,7 +945,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = table();
         let cfg = ArenaConfig { dir: dir.path().into(), name: "s".into(), slots: 1, slot_size: 8192 };
-        let arena = Arena::create(&cfg).unwrap();
+        let arena = Arena::create(&cfg, &mut None).unwrap();
         let s = arena.acquire().unwrap();
         let big = TensorTable::packed([TensorMeta::new("w", DType::F32, vec![5000]).unwrap()], 64).unwrap();
         assert!(!arena.fits(&big, 0));

@@ -218,6 +218,18 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Another live process owns the arena of this job and rank (it holds the arena's lock): one
+    /// process writes a rank's checkpoints.
+    #[error(
+        "{} is in use by {holder}: one process writes each rank of a job; stop that process, or give this one its own rank (RANK, WORLD_SIZE) or job",
+        path.display()
+    )]
+    ArenaHeld {
+        /// The arena file.
+        path: PathBuf,
+        /// Who holds it, as recorded in the arena header (`pid 1234`).
+        holder: String,
+    },
     /// The arena cannot take the snapshot.
     #[error("arena full: {reason}")]
     ArenaFull {
@@ -243,7 +255,7 @@ impl Error {
             Error::Io { cause, .. } => io_error_kind(cause),
             Error::Corrupt { .. } | Error::Codec { .. } => ErrorKind::Corrupt,
             Error::UnsupportedVersion { .. } => ErrorKind::Unsupported,
-            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::Conflict { .. } | Error::ArenaHeld { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::StateMismatch { .. } => ErrorKind::Mismatch,
             Error::Incomplete { .. } | Error::CommitTimeout { .. } => ErrorKind::Timeout,

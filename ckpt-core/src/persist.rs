@@ -4,7 +4,9 @@
 //! crossbeam channel, computes each chunk's crc32c and compresses it when the mode asks. The calling
 //! thread puts the chunks back in order and streams them to a sink:
 //!
-//! - `file://`: pwrite into a temporary file next to the shard, fsync, rename, fsync the directory;
+//! - `file://`: pwrite into a temporary file next to the shard, fsync, link create-only (a stale
+//!   shard of a step that never committed is replaced, never one of a committed step), fsync the
+//!   directory;
 //! - object stores: a multipart upload whose parts go up in parallel, or one PUT for a small shard.
 //!
 //! Memory in flight is bounded by [`PersistConfig::inflight_bytes`] whatever the snapshot's size:
@@ -209,7 +211,7 @@ pub(crate) fn write_shard(
     let rel = layout::shard_path(id.job, id.step, id.rank);
     let path = store.path(&rel);
     let mut sink: Box<dyn Sink> = match store.local_file(&path) {
-        Some(file) => Box::new(LocalSink::create(file)?),
+        Some(file) => Box::new(LocalSink::create(file, id.job, id.step)?),
         None => Box::new(ObjectSink::new(store.clone(), rt.clone(), path, cfg)),
     };
     match encode_into(cfg, id, snap, sink.as_mut()) {
@@ -342,18 +344,21 @@ trait Sink {
     fn abort(self: Box<Self>);
 }
 
-/// `file://`: pwrite into a temporary file, then fsync + rename + directory fsync.
+/// `file://`: pwrite into a temporary file, then fsync + create-only link + directory fsync
+/// ([`durable::publish_shard`]).
 struct LocalSink {
     file: File,
     tmp: PathBuf,
     dest: PathBuf,
     offset: u64,
+    job: String,
+    step: u64,
 }
 
 impl LocalSink {
-    fn create(dest: PathBuf) -> Result<Self> {
+    fn create(dest: PathBuf, job: &str, step: u64) -> Result<Self> {
         let (file, tmp) = durable::create_tmp(&dest)?;
-        Ok(LocalSink { file, tmp, dest, offset: 0 })
+        Ok(LocalSink { file, tmp, dest, offset: 0, job: job.to_string(), step })
     }
 }
 
@@ -369,8 +374,13 @@ impl Sink for LocalSink {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(e);
         }
-        let LocalSink { file, tmp, dest, .. } = *self;
-        durable::publish_replace(file, &tmp, &dest)
+        let LocalSink { file, tmp, dest, job, step, .. } = *self;
+        // A shard already under this name may be replaced only while no MANIFEST names it.
+        let manifest = dest.with_file_name(layout::MANIFEST_NAME);
+        let may_replace = || {
+            if manifest.exists() { Err(Error::Conflict { job: job.clone(), step }) } else { Ok(()) }
+        };
+        durable::publish_shard(file, &tmp, &dest, &may_replace)
     }
 
     fn abort(self: Box<Self>) {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::arena::{self, Arena, ArenaConfig, SlotContent, SlotState};
+use crate::arena::{self, Arena, ArenaConfig, ArenaLock, SlotContent, SlotState};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::persist::{ShardInfo, Snapshot};
@@ -60,35 +60,75 @@ impl ArenaSpec {
     /// An arena whose slots hold at least `slot_size` bytes: `current` when it has the configured
     /// slot count and is big enough, else a new file that replaces it (a mapped old file stays
     /// valid for whoever still maps it). The caller must not hand out slots of the old arena
-    /// afterwards. Fails with [`Error::ArenaFull`] when the directory has no room.
-    pub fn ensure(&self, current: Option<&Arc<Arena>>, slot_size: u64) -> Result<Arc<Arena>> {
+    /// afterwards. `lock` is the caller's ownership of the file at the path ([`ArenaSpec::claim`]);
+    /// without one, it is taken here (see [`Arena::create`]) and kept in `lock`. Fails with
+    /// [`Error::ArenaFull`] when the directory has no room, and with [`Error::ArenaHeld`] when a
+    /// live process owns the arena.
+    pub fn ensure(
+        &self,
+        current: Option<&Arc<Arena>>,
+        slot_size: u64,
+        lock: &mut Option<ArenaLock>,
+    ) -> Result<Arc<Arena>> {
         if let Some(a) = current
             && a.slot_size() >= slot_size
             && a.slot_count() == self.slots
+            && lock.as_ref().is_some_and(|l| l.holds(a))
         {
             return Ok(a.clone());
         }
         let cfg = ArenaConfig { dir: self.dir.clone(), name: self.name.clone(), slots: self.slots, slot_size };
-        let created = Arc::new(Arena::create(&cfg)?);
+        let created = Arc::new(Arena::create(&cfg, lock)?);
         tracing::info!(path = %created.path().display(), slot_size = created.slot_size(), slots = created.slot_count(), "arena ready");
         Ok(created)
     }
 
-    /// Maps the arena file a predecessor left (a restarted trainer or agent on the same pod), if
-    /// there is a usable one.
-    pub fn open_existing(&self) -> Option<Arc<Arena>> {
+    /// Becomes the owner of the arena file a predecessor left (a restarted trainer or agent on
+    /// the same pod). `Ok(None)`: there is no file. Fails with [`Error::ArenaHeld`], naming the
+    /// holder, while a live process owns it. The arena is returned as found, `None` when the file
+    /// is not a usable arena ([`ArenaSpec::ensure`] replaces it): the caller recovers what the
+    /// previous owner left, as its role requires ([`Arena::recover`] for a trainer).
+    pub fn claim(&self) -> Result<Option<(ArenaLock, Option<Arc<Arena>>)>> {
         let path = self.path();
-        if !path.exists() {
-            return None;
-        }
-        match Arena::open(&path) {
-            Ok(a) => Some(Arc::new(a)),
+        let Some(lock) = ArenaLock::acquire(&path)? else { return Ok(None) };
+        let arena = match Arena::open(&path) {
+            Ok(a) if lock.holds(&a) => Some(Arc::new(a)),
+            Ok(_) => None,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring an unusable arena file");
                 None
             }
+        };
+        Ok(Some((lock, arena)))
+    }
+}
+
+/// Removes the temporary shard files (`rank-<r>.ckpt.tmp-<pid>-…`; for rank 0 also
+/// `MANIFEST.tmp-…`) that writers of `rank` killed mid-write left in the job's step directories of a `file://` store, committed or not. Call it
+/// as the owner of the rank's arena ([`ArenaSpec::claim`]): no other live process writes the
+/// rank's shards then, so every such file is debris. Object stores need nothing: an unfinished
+/// upload is invisible, and retention aborts it. Returns how many files were removed.
+pub fn remove_stale_temporaries(engine: &Engine, job: &str, rank: u32) -> usize {
+    let store = engine.store();
+    let Some(root) = store.local_file(&store.path(&crate::store::layout::job_dir(job))) else { return 0 };
+    let prefix = format!("{}{}", crate::store::layout::shard_name(rank), crate::store::layout::TMP_MARKER);
+    // Rank 0 commits through storage: a MANIFEST it was writing when killed is debris too.
+    let manifest = format!("{}{}", crate::store::layout::MANIFEST_NAME, crate::store::layout::TMP_MARKER);
+    let Ok(steps) = std::fs::read_dir(&root) else { return 0 };
+    let mut removed = 0;
+    for step_dir in steps.flatten() {
+        let Ok(files) = std::fs::read_dir(step_dir.path()) else { continue };
+        for f in files.flatten() {
+            let ours = |n: &str| n.starts_with(&prefix) || (rank == 0 && n.starts_with(&manifest));
+            if f.file_name().to_str().is_some_and(ours) && std::fs::remove_file(f.path()).is_ok() {
+                removed += 1;
+            }
         }
     }
+    if removed > 0 {
+        tracing::info!(job, rank, removed, "removed temporary shard files that killed writers left");
+    }
+    removed
 }
 
 /// Bytes per slot to create for a snapshot of `table` with `metadata_len` bytes of metadata: what
@@ -439,7 +479,7 @@ mod tests {
         let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
         let t = table();
         let spec = ArenaSpec::for_rank(dir.path(), "j", 0, 2);
-        let arena = spec.ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let arena = spec.ensure(None, slot_size_with_headroom(&t, 1), &mut None).unwrap();
         let owner = SlotOwner { job: "j", rank: 0, world_size: 1, keep: 0 };
         let never = || None;
 
@@ -505,7 +545,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
         let t = table();
-        let arena = ArenaSpec::for_rank(dir.path(), "j", 1, 1).ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let arena =
+            ArenaSpec::for_rank(dir.path(), "j", 1, 1).ensure(None, slot_size_with_headroom(&t, 1), &mut None).unwrap();
         let s = take_slot(&arena).unwrap();
         fill(&arena, s, 3, &t);
         #[derive(Debug, PartialEq)]
@@ -531,7 +572,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
         let t = table();
-        let arena = ArenaSpec::for_rank(dir.path(), "j", 1, 1).ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let arena =
+            ArenaSpec::for_rank(dir.path(), "j", 1, 1).ensure(None, slot_size_with_headroom(&t, 1), &mut None).unwrap();
         let s = take_slot(&arena).unwrap();
         fill(&arena, s, 3, &t);
         let owner = SlotOwner { job: "j", rank: 1, world_size: 2, keep: 0 };
@@ -548,7 +590,8 @@ mod tests {
         let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
         let t = table();
         let owner = SlotOwner { job: "j", rank: 0, world_size: 1, keep: 0 };
-        let first = ArenaSpec::for_rank(dir.path(), "j", 0, 1).ensure(None, slot_size_with_headroom(&t, 1)).unwrap();
+        let first =
+            ArenaSpec::for_rank(dir.path(), "j", 0, 1).ensure(None, slot_size_with_headroom(&t, 1), &mut None).unwrap();
         let s = take_slot(&first).unwrap();
         fill(&first, s, 9, &t);
         persist::<Error>(&engine, &first, s, owner, CommitPolicy::Storage, false, &|| None).unwrap();
@@ -557,8 +600,10 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let header = engine.shard_header("j", 9, 0).unwrap();
         let spec = ArenaSpec::for_rank(other.path(), "j", 0, 1);
-        let arena =
-            spec.ensure(None, slot_size_with_headroom(&header.index.table, header.index.metadata.len())).unwrap();
+        let mut lock = None;
+        let arena = spec
+            .ensure(None, slot_size_with_headroom(&header.index.table, header.index.metadata.len()), &mut lock)
+            .unwrap();
         let slot = take_slot(&arena).unwrap();
         stage(&engine, &arena, slot, "j", 0, 9, &header).unwrap();
         let hold = ReadHold::of_step(&arena, 9).unwrap().unwrap();
@@ -570,7 +615,18 @@ mod tests {
         drop(hold);
         assert_eq!(memory_tier_step(&arena), Some(9));
         assert_eq!(take_slot(&arena), Some(slot), "the memory tier yields to a new snapshot");
-        assert!(spec.open_existing().is_some());
         assert!(arena.maps(&spec.path()));
+        // While this owner holds the arena, another claim is refused naming it; once the lock is
+        // dropped, a claim maps the same file as the previous owner left it (the slot it was
+        // writing), and recovery frees that slot.
+        let e = spec.claim().unwrap_err();
+        assert!(matches!(e, Error::ArenaHeld { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(lock);
+        let (_lock, claimed) = spec.claim().unwrap().unwrap();
+        let claimed = claimed.expect("a usable arena");
+        assert_eq!(claimed.state(slot), Some(SlotState::Writing));
+        claimed.recover();
+        assert_eq!(claimed.state(slot), Some(SlotState::Free));
     }
 }

@@ -575,7 +575,7 @@ fn cuda_pinned_arena_slot() {
     let dir =
         tempfile::Builder::new().prefix("ckptd-pin").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
     let cfg = ArenaConfig { dir: dir.path().into(), name: "pin.arena".into(), slots: 2, slot_size: 8 << 20 };
-    let arena = Arena::create(&cfg).unwrap();
+    let arena = Arena::create(&cfg, &mut None).unwrap();
     let pinner = CudaPinner::new(0).unwrap();
     arena.prepare(Some(&pinner)).unwrap();
     arena.prepare(Some(&pinner)).unwrap(); // pinning again is harmless

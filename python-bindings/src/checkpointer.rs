@@ -85,7 +85,7 @@ impl PyCheckpointer {
 impl PyCheckpointer {
     #[new]
     #[pyo3(signature = (
-        job, *, store=None, rank=0, world_size=1, socket=None, slots=2, compression="none",
+        job, *, store=None, rank=None, world_size=None, socket=None, slots=2, compression="none",
         arena_dir=None, chunk_size=None, commit_timeout=None, strict_restore=false
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -93,8 +93,8 @@ impl PyCheckpointer {
         py: Python<'_>,
         job: String,
         store: Option<String>,
-        rank: u32,
-        world_size: u32,
+        rank: Option<u32>,
+        world_size: Option<u32>,
         socket: Option<PathBuf>,
         slots: u32,
         compression: &str,

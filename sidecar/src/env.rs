@@ -23,6 +23,11 @@ pub const ENV_STORE: &str = "CKPTD_STORE";
 pub const ENV_JOB: &str = "CKPTD_JOB";
 /// Arena slots per rank (`--slots`), at most [`ckpt_core::arena::MAX_SLOTS`].
 pub const ENV_SLOTS: &str = "CKPTD_SLOTS";
+/// The trainer's global rank as torchrun (and most launchers) set it: a [`crate::client::Checkpointer`]
+/// given no rank reads it.
+pub const ENV_LAUNCHER_RANK: &str = "RANK";
+/// The number of ranks as torchrun sets it: a checkpointer given no world size reads it.
+pub const ENV_LAUNCHER_WORLD_SIZE: &str = "WORLD_SIZE";
 /// The agent's metrics listen address (`ckptd agent --metrics-addr`).
 pub const ENV_METRICS_ADDR: &str = "CKPTD_METRICS_ADDR";
 /// Ranks the agent prefetches at start-up (`--ranks`).
@@ -212,6 +217,8 @@ mod tests {
         ("ENV_METRICS_ADDR", ENV_METRICS_ADDR),
         ("ENV_RANKS", ENV_RANKS),
         ("ENV_MAX_SESSIONS", ENV_MAX_SESSIONS),
+        ("ENV_LAUNCHER_RANK", ENV_LAUNCHER_RANK),
+        ("ENV_LAUNCHER_WORLD_SIZE", ENV_LAUNCHER_WORLD_SIZE),
         ("ENV_WORLD_SIZE", ENV_WORLD_SIZE),
         ("ENV_GRACE_PERIOD", ENV_GRACE_PERIOD),
         ("ENV_COMPRESSION", ENV_COMPRESSION),
@@ -296,6 +303,7 @@ mod tests {
             let expected = match var {
                 "CKPTCTL_LOG" => "ENV_CKPTCTL_LOG".to_string(),
                 "POD_NAME" => "ENV_DOWNWARD_POD_NAME".to_string(),
+                "RANK" | "WORLD_SIZE" => format!("ENV_LAUNCHER_{var}"),
                 v => format!("ENV_{}", v.strip_prefix("CKPTD_").unwrap_or(v)),
             };
             assert_eq!(constant, expected);

@@ -186,8 +186,8 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 fn sidecar(socket: &Path, rank: u32, world: u32) -> Checkpointer {
     let mut cfg = CheckpointerConfig::new(JOB);
     cfg.socket = Some(socket.to_path_buf());
-    cfg.rank = rank;
-    cfg.world_size = world;
+    cfg.rank = Some(rank);
+    cfg.world_size = Some(world);
     Checkpointer::new(cfg).expect("attach to the agent")
 }
 
@@ -421,10 +421,14 @@ fn restarted_agent_prefetches_from_storage_or_keeps_its_arena() {
     wait_until("prefetch", || {
         agent.status().ranks.first().is_some_and(|r| r.has_memory_tier && r.memory_tier_step == 7)
     });
-    // Hide the store: the load must come from what the prefetch staged.
+    // Hide the store: the load must come from what the prefetch staged. Its bytes came from
+    // storage (read by the prefetch, not at load time), and the load says so.
     std::fs::rename(dir.path().join("store"), dir.path().join("store-hidden")).unwrap();
     let (mut child, mut out) = trainer(&agent.socket, 0, 1, "load:7");
-    assert_eq!(expect_line(&mut out, "loaded"), "loaded 7 memory=true");
+    assert_eq!(expect_line(&mut out, "loaded"), "loaded 7 memory=false");
+    let text = agent.metrics_text();
+    assert_eq!(metric(&text, "ckptd_restores_total{source=\"storage\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "ckptd_restores_total{source=\"memory\"}"), None, "{text}");
     assert!(child.wait().unwrap().success());
 }
 
@@ -806,8 +810,8 @@ fn attaching_more_ranks_than_max_sessions_is_refused() {
     let err = Checkpointer::new({
         let mut cfg = CheckpointerConfig::new(JOB);
         cfg.socket = Some(agent.socket.clone());
-        cfg.rank = 3;
-        cfg.world_size = 8;
+        cfg.rank = Some(3);
+        cfg.world_size = Some(8);
         cfg
     })
     .map(|_| ())

@@ -51,8 +51,8 @@ fn config(dir: &std::path::Path, rank: u32, world: u32) -> CheckpointerConfig {
     let mut cfg = CheckpointerConfig::new("job");
     cfg.store = Some(format!("file://{}", dir.join("store").display()));
     cfg.arena_dir = Some(dir.join(format!("arena-{rank}")));
-    cfg.rank = rank;
-    cfg.world_size = world;
+    cfg.rank = Some(rank);
+    cfg.world_size = Some(world);
     cfg.engine.commit.deadline = std::time::Duration::from_secs(20);
     cfg
 }
@@ -103,6 +103,8 @@ fn restarted_trainer_restores_from_the_arena_it_left() {
             let h = unsafe { ck.save(&s.refs(), step as u64, Vec::new(), None) }.unwrap();
             h.wait().unwrap();
         }
+        // A planned restart keeps the arena (a plain close removes it).
+        ck.close_keeping_arena().unwrap();
     }
     let ck = Checkpointer::new(config(dir.path(), 0, 1)).unwrap();
     let mut t = State::new(9, 10_000);

@@ -252,8 +252,8 @@ impl Target {
     fn config(&self, rank: u32) -> CheckpointerConfig {
         let mut cfg = CheckpointerConfig::new(JOB);
         cfg.store = Some(self.store_url.clone());
-        cfg.rank = rank;
-        cfg.world_size = self.world_size;
+        cfg.rank = Some(rank);
+        cfg.world_size = Some(self.world_size);
         cfg.socket = self.socket.clone();
         cfg.arena_dir = Some(self.arena_dir.clone());
         cfg.slots = self.slots;
@@ -540,7 +540,7 @@ fn restart_loads_from_memory_without_storage(mode: Mode) {
         let ck = fx.checkpointer(0);
         let mut live = State::generate(STANDARD, 2);
         save_and_fence(&ck, &mut live, 8, b"before restart").wait().unwrap();
-        ck.close().unwrap();
+        ck.close_keeping_arena().unwrap();
     }
     assert!(fx.engine().manifest(JOB, 8).is_ok(), "step 8 was committed before the restart");
 
@@ -569,7 +569,7 @@ fn changed_memory_byte_falls_back_to_storage(mode: Mode) {
         let mut live = State::generate(STANDARD, 3);
         save_and_fence(&ck, &mut live, 9, b"flip").wait().unwrap();
         let path = ck.arena_path();
-        ck.close().unwrap();
+        ck.close_keeping_arena().unwrap();
         path
     };
     let arena = ckpt_core::arena::Arena::open(&arena_path).unwrap();

@@ -75,8 +75,8 @@ fn system_trainer() {
     let fresh = it.next() == Some("fresh");
     let mut cfg = CheckpointerConfig::new(JOB);
     cfg.socket = Some(socket);
-    cfg.rank = rank;
-    cfg.world_size = WORLD;
+    cfg.rank = Some(rank);
+    cfg.world_size = Some(WORLD);
     let ck = Checkpointer::new(cfg).unwrap();
     let mut out = std::io::stdout();
     let mut w = state(rank, 0);

@@ -517,15 +517,29 @@ impl Agent {
     }
 
     /// The rank's state, created (with its persist thread) on first use. A rank whose arena file
-    /// exists from an earlier agent adopts it: its memory tier is kept, and a snapshot sealed but
-    /// never made durable is persisted now.
+    /// exists from an earlier agent (or a dead embedded trainer) is claimed ([`slots::ArenaSpec::claim`];
+    /// refused while a live process owns it) and adopted: its memory tier is kept, and a snapshot
+    /// sealed but never made durable is persisted now.
     fn rank(self: &Arc<Self>, r: u32) -> Result<Arc<Rank>> {
         let mut ranks = self.ranks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rank) = ranks.get(&r) {
             return Ok(rank.clone());
         }
         let rank = Rank::start(self, r)?;
-        if let Some(a) = rank.spec.open_existing() {
+        let claimed = match rank.spec.claim() {
+            Ok(c) => c,
+            Err(e) => {
+                rank.stop_and_join();
+                return Err(e.into());
+            }
+        };
+        let Some((lock, existing)) = claimed else {
+            ranks.insert(r, rank.clone());
+            return Ok(rank);
+        };
+        *rank.owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        slots::remove_stale_temporaries(&self.engine, &self.cfg.job, r);
+        if let Some(a) = existing {
             let durable = slots::memory_tier_step(&a);
             {
                 let mut inner = rank.lock();
@@ -648,7 +662,10 @@ impl Agent {
     /// held and no persist in flight.
     fn ensure_arena(&self, rank: &Rank, slot_size: u64) -> Result<Arc<Arena>> {
         let current = rank.lock().arena.clone();
-        let arena = rank.spec.ensure(current.as_ref(), slot_size)?;
+        let arena = {
+            let mut owner = rank.owner.lock().unwrap_or_else(|p| p.into_inner());
+            rank.spec.ensure(current.as_ref(), slot_size, &mut owner)?
+        };
         if !current.is_some_and(|c| Arc::ptr_eq(&c, &arena)) {
             let mut inner = rank.lock();
             inner.arena = Some(arena.clone());

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ckpt_core::ShardInfo;
-use ckpt_core::arena::{Arena, SlotState};
+use ckpt_core::arena::{Arena, ArenaLock, SlotState};
 use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, SlotOwner};
 use ckptd_proto::v1::{self as pb, trainer_event::Event};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -70,6 +70,9 @@ pub(super) struct Rank {
     pub rank: u32,
     pub spec: ArenaSpec,
     pub inner: Mutex<RankInner>,
+    /// The agent's ownership of the rank's arena file ([`ArenaLock`]), held until the agent
+    /// exits; the trainers it serves only map the arena.
+    pub owner: Mutex<Option<ArenaLock>>,
     /// Serialises arena (re)creation, restores into the arena and flushes.
     pub staging: tokio::sync::Mutex<()>,
     /// (request, step) of the newest handover, for `SnapshotNow` waiters.
@@ -89,6 +92,7 @@ impl Rank {
             rank,
             spec: ArenaSpec::for_rank(&agent.cfg.arena_dir, &agent.cfg.job, rank, agent.cfg.slots),
             inner: Mutex::new(RankInner::default()),
+            owner: Mutex::new(None),
             staging: tokio::sync::Mutex::new(()),
             handovers: watch::Sender::new((0, 0)),
             in_flight: watch::Sender::new(0),

@@ -317,8 +317,16 @@ impl Trainer for Service {
         let r = rank.clone();
         let (step, staged_from_storage) = self
             .blocking(move || {
-                // Strict: always look at storage's newest step, even when memory holds an older one.
-                match req.step.or(if req.strict { None } else { known }) {
+                // The memory tier answers for the newest step unless storage holds a newer committed
+                // one (another rank's commit while this trainer was down); one listing, and when it
+                // fails memory is trusted. Strict always looks at storage's newest step.
+                let known = known.filter(|&k| {
+                    !req.strict
+                        && agent.engine.steps(&agent.cfg.job).map_or(true, |steps| {
+                            !steps.iter().any(|s| s.state == ckpt_core::StepState::Committed && s.step > k)
+                        })
+                });
+                match req.step.or(known) {
                     Some(step) => agent.stage(&r, step),
                     None => agent.stage_newest(&r, req.strict)?.ok_or_else(|| crate::Error::NoCheckpoint {
                         job: agent.cfg.job.clone(),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ckpt_core::Engine;
-use ckpt_core::arena::{self, Arena, SlotState};
+use ckpt_core::arena::{self, Arena, ArenaLock, SlotState};
 use ckpt_core::restore::ShardHeader;
 use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, ReadHold, SlotOwner};
 
@@ -38,18 +38,35 @@ impl Embedded {
             }
         };
         let engine = Engine::open(&store, cfg.engine.clone())?;
-        // Before this rank writes anything: shards a dead writer of this rank left of steps that
-        // never committed go, or a re-save of such a step could commit next to another rank's
-        // stale shard.
-        if let Err(e) = engine.discard_stale_shards(&cfg.job, cfg.rank) {
-            tracing::warn!(rank = cfg.rank, error = %e, "cannot remove stale shards of uncommitted steps");
-        }
         let dir = cfg
             .arena_dir
             .clone()
             .or_else(|| env::nonempty(env::ENV_ARENA_DIR).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(arena::DEFAULT_ARENA_DIR));
-        Ok(Embedded { engine, spec: ArenaSpec::for_rank(dir, &cfg.job, cfg.rank, cfg.slots) })
+        Ok(Embedded { engine, spec: ArenaSpec::for_rank(dir, &cfg.job, cfg.rank(), cfg.slots) })
+    }
+
+    /// Becomes the owner of the arena a predecessor of this rank left on this host, if any, and
+    /// recovers what it left (see [`Arena::recover`]): the memory tier is kept, unfinished slots
+    /// are freed, and the temporary shard files that killed writers of this rank left are removed.
+    /// Fails with [`ckpt_core::Error::ArenaHeld`], naming the holder, while a live
+    /// process owns it.
+    ///
+    /// Then, as this rank's one writer, it removes the rank's shards of uncommitted steps newer
+    /// than the newest commit that a dead writer left, before it writes anything: otherwise a
+    /// re-save of such a step could be committed next to another rank's stale shard.
+    pub(super) fn claim(&self, cfg: &CheckpointerConfig) -> Result<(Option<ArenaLock>, Option<Arc<Arena>>)> {
+        let claimed = self.spec.claim()?;
+        if let Err(e) = self.engine.discard_stale_shards(&cfg.job, cfg.rank()) {
+            tracing::warn!(rank = cfg.rank(), error = %e, "cannot remove stale shards of uncommitted steps");
+        }
+        let Some((lock, arena)) = claimed else { return Ok((None, None)) };
+        slots::remove_stale_temporaries(&self.engine, &cfg.job, cfg.rank());
+        if let Some(a) = &arena {
+            a.recover();
+            tracing::info!(path = %a.path().display(), memory_tier = ?slots::memory_tier_step(a), "took over the arena a previous process left");
+        }
+        Ok((Some(lock), arena))
     }
 
     /// Persists a sealed slot and commits its step through storage (rank 0 writes the MANIFEST).
@@ -61,7 +78,7 @@ impl Embedded {
                 reason: format!("slot {slot} was taken before persisting"),
             });
         }
-        let owner = SlotOwner { job: &cfg.job, rank: cfg.rank, world_size: cfg.world_size, keep: 0 };
+        let owner = SlotOwner { job: &cfg.job, rank: cfg.rank(), world_size: cfg.world_size(), keep: 0 };
         slots::persist::<Error>(&self.engine, arena, slot, owner, CommitPolicy::Storage, false, &|| None)?;
         Ok(())
     }
@@ -74,6 +91,21 @@ impl Embedded {
                 Some(m) => Ok(m.step),
                 None => Err(Error::NoCheckpoint { job: job.to_string(), store: self.engine.store().url().to_string() }),
             },
+        }
+    }
+
+    /// The newest committed step on the store, from a listing (no step is read); `None` when
+    /// there is none or the store cannot be listed (logged: the caller then trusts its memory
+    /// tier).
+    pub(super) fn newest_committed(&self, job: &str) -> Option<u64> {
+        match self.engine.steps(job) {
+            Ok(steps) => {
+                steps.iter().filter(|s| s.state == ckpt_core::catalog::StepState::Committed).map(|s| s.step).max()
+            }
+            Err(e) => {
+                tracing::warn!(job, error = %e, "cannot list committed steps; trusting the memory tier");
+                None
+            }
         }
     }
 

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use ckpt_core::Phase;
-use ckpt_core::arena::{self, Arena};
+use ckpt_core::arena::{self, Arena, ArenaLock};
 use ckpt_core::copy::cuda::{CudaCopy, CudaPinner, cuda_available};
 use ckpt_core::copy::host::HostCopy;
 use ckpt_core::copy::{CopyEngine, CopyTicket, Device, Direction, Region};
@@ -46,10 +46,10 @@ pub struct CheckpointerConfig {
     pub job: String,
     /// Store URL; `None` means `CKPTD_STORE` or `./ckptd-store`.
     pub store: Option<String>,
-    /// This process's global rank.
-    pub rank: u32,
-    /// Number of ranks.
-    pub world_size: u32,
+    /// This process's global rank; `None` means `RANK` (set by torchrun), else 0.
+    pub rank: Option<u32>,
+    /// Number of ranks; `None` means `WORLD_SIZE` (set by torchrun), else 1.
+    pub world_size: Option<u32>,
     /// Agent socket for sidecar mode; `None` means `CKPTD_SOCKET`, or embedded mode when unset.
     pub socket: Option<PathBuf>,
     /// Arena directory; `None` means `CKPTD_ARENA_DIR` or `/dev/shm/ckptd`.
@@ -64,19 +64,65 @@ pub struct CheckpointerConfig {
 }
 
 impl CheckpointerConfig {
-    /// Defaults for a single-process job.
+    /// Defaults: a single-process job, or the rank and world size a launcher (torchrun) put in
+    /// the environment.
     pub fn new(job: impl Into<String>) -> Self {
         CheckpointerConfig {
             job: job.into(),
             store: None,
-            rank: 0,
-            world_size: 1,
+            rank: None,
+            world_size: None,
             socket: None,
             arena_dir: None,
             slots: arena::DEFAULT_SLOTS,
             engine: EngineConfig::default(),
             strict_restore: false,
         }
+    }
+}
+
+impl CheckpointerConfig {
+    /// The rank, once [`Checkpointer::new`] resolved it.
+    pub(crate) fn rank(&self) -> u32 {
+        self.rank.unwrap_or(0)
+    }
+
+    /// The world size, once [`Checkpointer::new`] resolved it.
+    pub(crate) fn world_size(&self) -> u32 {
+        self.world_size.unwrap_or(1)
+    }
+
+    /// Fills in the rank and world size the caller left out from `lookup` (the environment:
+    /// [`env::ENV_LAUNCHER_RANK`], [`env::ENV_LAUNCHER_WORLD_SIZE`]), else 0 and 1, and checks them.
+    fn resolve_ranks(&mut self, lookup: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        let read = |var: &str| -> Result<Option<u32>> {
+            lookup(var)
+                .map(|v| {
+                    v.trim().parse::<u32>().map_err(|_| Error::Config {
+                        what: var.into(),
+                        reason: format!("`{v:.32}` in the environment is not a non-negative integer"),
+                    })
+                })
+                .transpose()
+        };
+        let rank = match self.rank {
+            Some(r) => r,
+            None => read(env::ENV_LAUNCHER_RANK)?.unwrap_or(0),
+        };
+        let world_size = match self.world_size {
+            Some(w) => w,
+            None => read(env::ENV_LAUNCHER_WORLD_SIZE)?.unwrap_or(1),
+        };
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::Config {
+                what: "rank".into(),
+                reason: format!(
+                    "rank {rank} is outside world size {world_size} (from the arguments, else RANK and WORLD_SIZE)"
+                ),
+            });
+        }
+        (self.rank, self.world_size) = (Some(rank), Some(world_size));
+        Ok(())
     }
 }
 
@@ -135,6 +181,10 @@ struct Shared {
     mode: Mode,
     /// The arena mapped now: created here (embedded) or by the agent (sidecar).
     arena: Mutex<Option<Arc<Arena>>>,
+    /// Embedded: this process's ownership of the arena file (see [`arena::ArenaLock`]), taken at
+    /// construction when the file exists, else when the arena is first created. Never in sidecar
+    /// mode, where the agent owns the arena.
+    owner: Mutex<Option<ArenaLock>>,
     /// Where the arena is (or will be) before one is mapped.
     arena_path: PathBuf,
     host: Arc<HostCopy>,
@@ -156,7 +206,7 @@ pub struct Checkpointer {
 impl std::fmt::Debug for Checkpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("Checkpointer");
-        d.field("job", &self.shared.cfg.job).field("rank", &self.shared.cfg.rank);
+        d.field("job", &self.shared.cfg.job).field("rank", &self.shared.cfg.rank());
         match &self.shared.mode {
             Mode::Embedded(m) => d.field("store", &m.engine.store().url()),
             Mode::Sidecar(m) => d.field("socket", &m.link.socket()),
@@ -168,14 +218,9 @@ impl std::fmt::Debug for Checkpointer {
 impl Checkpointer {
     /// Opens the store (embedded) or attaches to the agent (sidecar) and prepares the
     /// checkpointer. The arena is created at the first save, sized from the state.
-    pub fn new(cfg: CheckpointerConfig) -> Result<Checkpointer> {
+    pub fn new(mut cfg: CheckpointerConfig) -> Result<Checkpointer> {
         ckpt_core::store::layout::validate_job(&cfg.job)?;
-        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(Error::Config {
-                what: "rank".into(),
-                reason: format!("rank {} is outside world size {}", cfg.rank, cfg.world_size),
-            });
-        }
+        cfg.resolve_ranks(&env::nonempty)?;
         if cfg.slots == 0 || cfg.slots > arena::MAX_SLOTS {
             return Err(Error::Config {
                 what: "slots".into(),
@@ -183,21 +228,25 @@ impl Checkpointer {
             });
         }
         let socket = cfg.socket.clone().or_else(|| env::nonempty(env::ENV_SOCKET).map(PathBuf::from));
-        let (mode, arena_path) = match socket {
+        let (mode, arena_path, owner, arena) = match socket {
             Some(socket) => {
-                let m = sidecar::Sidecar::attach(&socket, &cfg.job, cfg.rank, cfg.world_size)?;
+                let m = sidecar::Sidecar::attach(&socket, &cfg.job, cfg.rank(), cfg.world_size())?;
                 let path = m.arena_path();
-                (Mode::Sidecar(m), path)
+                (Mode::Sidecar(m), path, None, None)
             }
             None => {
                 let m = embedded::Embedded::open(&cfg)?;
                 let path = m.spec.path();
-                (Mode::Embedded(m), path)
+                // A second process of this job and rank is refused here when the arena exists,
+                // else when it first creates one (create-only: one of two racing creators wins).
+                let (owner, arena) = m.claim(&cfg)?;
+                (Mode::Embedded(m), path, owner, arena)
             }
         };
         let shared = Arc::new(Shared {
             mode,
-            arena: Mutex::new(None),
+            arena: Mutex::new(arena),
+            owner: Mutex::new(owner),
             arena_path,
             host: Arc::new(HostCopy::with_default_threads()?),
             cuda: Mutex::new(HashMap::new()),
@@ -386,7 +435,7 @@ impl Checkpointer {
             }
             Mode::Embedded(m) => {
                 let step = m.resolve(&cfg.job, step)?;
-                let header = m.header(&cfg.job, step, cfg.rank)?;
+                let header = m.header(&cfg.job, step, cfg.rank())?;
                 Ok(Description { step, table: header.index.table, metadata: header.index.metadata })
             }
         }
@@ -440,6 +489,10 @@ impl Checkpointer {
                 // The memory tier first: a restarted process finds its newest committed step in
                 // the arena and reads no storage at all.
                 let tier = self.embedded_arena().and_then(|a| embedded::Embedded::memory_tier(&a, step));
+                // Asked for the newest step, the memory tier serves only when no newer step is
+                // committed: a process that died after its step was committed but before its slot
+                // became durable leaves an older memory tier.
+                let tier = tier.filter(|h| step.is_some() || m.newest_committed(&cfg.job) <= Some(h.content().step));
                 match tier {
                     Some(hold) => {
                         let c = hold.content();
@@ -451,7 +504,7 @@ impl Checkpointer {
                         let damaged = |e: &Error| matches!(e.kind(), crate::ErrorKind::Core(k) if slots::is_damage(k));
                         let restored =
                             slots::newest_sound(&m.engine, &cfg.job, step, cfg.strict_restore, damaged, |step| {
-                                let header = m.header(&cfg.job, step, cfg.rank)?;
+                                let header = m.header(&cfg.job, step, cfg.rank())?;
                                 let (table, metadata) = (header.index.table.clone(), header.index.metadata.clone());
                                 verdict(&Description { step, table, metadata })?;
                                 self.stage_embedded(m, step, &header)
@@ -473,32 +526,49 @@ impl Checkpointer {
         Ok(Loaded { step: c.step, metadata: c.metadata.clone(), from_memory })
     }
 
-    /// Embedded: the arena mapped now, else the one a predecessor left on this pod (a restarted
-    /// trainer finds its memory tier there).
+    /// Embedded: the arena mapped now: created by this process, or the one a predecessor left on
+    /// this pod, claimed at construction (a restarted trainer finds its memory tier there).
     fn embedded_arena(&self) -> Option<Arc<Arena>> {
-        let Mode::Embedded(m) = &self.shared.mode else { return None };
-        let mut guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = m.spec.open_existing();
-        }
-        guard.clone()
+        let Mode::Embedded(_) = &self.shared.mode else { return None };
+        self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Embedded: reads `step` from storage into a slot, which stays the memory tier.
     fn stage_embedded(&self, m: &embedded::Embedded, step: u64, header: &ckpt_core::ShardHeader) -> Result<ReadHold> {
         let cfg = &self.shared.cfg;
         let (arena, slot) = self.slot_for(&header.index.table, header.index.metadata.len())?;
-        slots::stage(&m.engine, &arena, slot, &cfg.job, cfg.rank, step, header)?;
+        slots::stage(&m.engine, &arena, slot, &cfg.job, cfg.rank(), step, header)?;
         ReadHold::new(&arena, slot)?.ok_or_else(|| Error::Busy {
             what: "the arena slot",
             reason: format!("slot {slot} changed before it could be read"),
         })
     }
 
-    /// Waits for every save in flight, then stops the persist thread.
+    /// Waits for every save in flight, then stops the persist thread. Embedded, the arena file
+    /// is removed: a clean close hands its memory back, and a process that restarts on purpose
+    /// calls [`Checkpointer::close_keeping_arena`] instead. A process that dies never gets here,
+    /// so its arena stays for the memory tier of the next start (which recovers what it left).
     pub fn close(&self) -> Result<()> {
+        self.shut_down(false)
+    }
+
+    /// [`Checkpointer::close`], but an embedded arena stays on this host with its memory tier, for
+    /// a planned restart of the process that should load without reading storage. The same as
+    /// `close` in sidecar mode, where the agent owns the arena.
+    pub fn close_keeping_arena(&self) -> Result<()> {
+        self.shut_down(true)
+    }
+
+    fn shut_down(&self, keep_arena: bool) -> Result<()> {
         let r = self.wait_all();
         self.persist.stop();
+        let owner = self.shared.owner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lock) = owner {
+            self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if !keep_arena && let Err(e) = lock.remove() {
+                tracing::warn!(error = %e, "cannot remove the arena at close");
+            }
+        }
         r
     }
 
@@ -536,9 +606,12 @@ impl Checkpointer {
                             self.map_agent_arena(&path)?
                         }
                         Mode::Embedded(m) => {
-                            // With nothing mapped yet, `ensure` adopts the file a predecessor left
-                            // when it has this geometry, freeing the slots it left mid-way.
-                            let arena = m.spec.ensure(current.as_ref(), slot_size)?;
+                            // With nothing mapped yet, `ensure` creates the file create-only, or
+                            // takes over one that appeared since construction (recovering it).
+                            let arena = {
+                                let mut owner = self.shared.owner.lock().unwrap_or_else(|p| p.into_inner());
+                                m.spec.ensure(current.as_ref(), slot_size, &mut owner)?
+                            };
                             let mut guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
                             if !guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, &arena)) {
                                 prepare_in_background(arena.clone());

@@ -160,6 +160,8 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
     let last_local = cfg.steps - cfg.steps % cfg.every;
     let last = base + last_local;
     let arena = ck.arena_path().to_path_buf();
+    // A crashed process never closes: its arena stays for the next start, as kept here.
+    ck.close_keeping_arena()?;
     drop(ck);
     drop(live);
     writeln!(out, "crash: dropped the trainer's state and its checkpointer; the arena and the store remain")?;
@@ -169,7 +171,12 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
     let derive = t.elapsed();
     let mut restored = State::poisoned(&specs, SEED);
     let memory = restore(cfg, &mut restored, &expected, last, true)?;
-    std::fs::remove_file(&arena).with_context(|| format!("cannot remove the arena {}", arena.display()))?;
+    // The restoring checkpointer removed its arena when it closed; make sure none is left.
+    match std::fs::remove_file(&arena) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove the arena {}", arena.display())),
+    }
     writeln!(out, "node lost: removed the arena; restoring from the store")?;
     restored.poison();
     let store = restore(cfg, &mut restored, &expected, last, false)?;
