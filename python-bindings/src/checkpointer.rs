@@ -253,12 +253,14 @@ impl PyCheckpointer {
         r
     }
 
-    /// Waits for the saves in flight and stops the checkpointer. Closing twice does nothing.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
+    /// Waits for the saves in flight and stops the checkpointer; the embedded arena is removed
+    /// unless `keep_arena`. Closing twice does nothing.
+    #[pyo3(signature = (*, keep_arena=false))]
+    fn close(&self, py: Python<'_>, keep_arena: bool) -> PyResult<()> {
         let taken = self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
         let r = match taken {
             Some(ck) => py.detach(move || {
-                let r = ck.close();
+                let r = if keep_arena { ck.close_keeping_arena() } else { ck.close() };
                 drop(ck);
                 r
             }),

@@ -236,7 +236,7 @@ def test_loads_from_the_memory_tier_and_from_storage(make_ck: Callable[..., ckpt
     state = {"w": sample(np.float32, (256,), 1)}
     ck = make_ck()
     ck.save(state, 1).wait()
-    ck.close()
+    ck.close(keep_arena=True)
     same_arena = make_ck()
     out = zeros_like(state)
     same_arena.load(out)

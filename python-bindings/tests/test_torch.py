@@ -127,6 +127,7 @@ def test_train_save_every_five_and_restore_into_fresh_objects(make_ck: Callable[
     assert {"model/0.weight", "optimizer/state/#0/exp_avg", "optimizer/state/#3/step", "rng/torch"} <= set(desc.tensors)
     assert desc.state["scheduler"]["last_epoch"] == 30
     hook.remove()
+    ck.close()  # one writer per rank: the restoring checkpointer below is this rank's next one
 
     rng_after = torch.get_rng_state()
     torch.manual_seed(123)  # the restore must bring the generator back
@@ -134,7 +135,8 @@ def test_train_save_every_five_and_restore_into_fresh_objects(make_ck: Callable[
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=7, gamma=0.5)
     extra: dict[str, Any] = {"epoch": -1}
     assert len(opt2.state) == 0
-    assert ct.restore(make_ck(), model2, opt2, sched2, extra=extra) == 30
+    with make_ck() as restoring:  # closed before the next checkpointer of this rank opens
+        assert ct.restore(restoring, model2, opt2, sched2, extra=extra) == 30
     assert extra == {"epoch": 3}
     assert_state_equal(model.state_dict(), model2.state_dict())
     assert_state_equal(opt.state_dict(), opt2.state_dict())
@@ -143,7 +145,8 @@ def test_train_save_every_five_and_restore_into_fresh_objects(make_ck: Callable[
 
     # Restoring an older step into objects that already have state loads in place.
     exp_avg = opt2.state_dict()["state"][0]["exp_avg"]
-    assert ct.restore(make_ck(), model2, opt2, sched2, step=15) == 15
+    with make_ck() as restoring:
+        assert ct.restore(restoring, model2, opt2, sched2, step=15) == 15
     assert opt2.state_dict()["state"][0]["exp_avg"] is exp_avg
     assert sched2.state_dict()["last_epoch"] == 15
 

@@ -592,9 +592,15 @@ class Checkpointer:
         """Waits for every save in flight to be durable; raises the first failure."""
         self._native.wait_all()
 
-    def close(self) -> None:
-        """Waits for the saves in flight and stops. Closing twice does nothing."""
-        self._native.close()
+    def close(self, *, keep_arena: bool = False) -> None:
+        """Waits for the saves in flight and stops. Closing twice does nothing.
+
+        The embedded arena (the shared-memory snapshots of this rank) is removed, unless
+        ``keep_arena`` keeps it, with its memory tier, for a planned restart of this process that
+        should load without reading storage. A process that crashes never closes: its arena stays
+        for the next start, which takes it over. In sidecar mode the agent owns the arena.
+        """
+        self._native.close(keep_arena=keep_arena)
 
     def __enter__(self) -> Checkpointer:
         return self
