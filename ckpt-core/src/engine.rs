@@ -266,30 +266,34 @@ impl Engine {
         Ok((header, buf))
     }
 
-    /// Deletes this rank's shards of steps newer than the newest commit that are not committed:
-    /// what a process of `rank` left when it died mid-save. A process calls it when it starts,
-    /// before it saves: otherwise, when it saves the same step number again, rank 0 could commit
-    /// that step with another rank's stale shard (from the dead attempt) next to the fresh ones.
-    /// Only the rank's own shards are touched (one writer per rank). Returns the steps cleaned.
-    pub fn discard_stale_shards(&self, job: &str, rank: u32) -> Result<Vec<u64>> {
+    /// Deletes every shard of the steps newer than the newest commit that are not committed: what
+    /// writers that died mid-save left. The storage-coordinated committer (rank 0) calls it when
+    /// it starts, before it commits anything: otherwise, when the job saves the same step number
+    /// again, it could commit that step with a dead attempt's shard of another rank next to the
+    /// fresh ones. Only the committer may call it, so that no shard disappears under a commit; a
+    /// fresh shard another rank wrote before the committer started is deleted too, and that step
+    /// then does not commit (the next one does). Returns the steps cleaned.
+    pub fn discard_stale_shards(&self, job: &str) -> Result<Vec<u64>> {
         let steps = self.steps(job)?;
         let newest_commit = steps.iter().rev().find(|s| s.state == catalog::StepState::Committed).map(|s| s.step);
-        let stale: Vec<u64> = steps
+        let stale: Vec<(u64, Vec<u32>)> = steps
             .iter()
             .filter(|s| s.state == catalog::StepState::Uncommitted && newest_commit.is_none_or(|n| s.step > n))
-            .filter(|s| s.shard_ranks.contains(&rank))
-            .map(|s| s.step)
+            .filter(|s| !s.shard_ranks.is_empty())
+            .map(|s| (s.step, s.shard_ranks.clone()))
             .collect();
         let os = self.store.object_store().clone();
-        for &step in &stale {
-            let path = self.store.path(&crate::store::layout::shard_path(job, step, rank));
-            match self.rt().block_on(os.delete(&path)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(Error::store("delete", &path, e)),
+        for (step, ranks) in &stale {
+            for &rank in ranks {
+                let path = self.store.path(&crate::store::layout::shard_path(job, *step, rank));
+                match self.rt().block_on(os.delete(&path)) {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Error::store("delete", &path, e)),
+                }
             }
-            tracing::info!(job, step, rank, "removed a shard a dead process left of an uncommitted step");
+            tracing::info!(job, step = *step, "removed the shards dead writers left of an uncommitted step");
         }
-        Ok(stale)
+        Ok(stale.into_iter().map(|(step, _)| step).collect())
     }
 
     /// Applies retention to `job`.

@@ -169,12 +169,10 @@ fn crash_child() {
     let engines: Vec<Engine> =
         (0..3).map(|s| Engine::new(store.clone(), engine_config(compression(s))).unwrap()).collect();
     let start = engines[0].latest(JOB).unwrap().map_or(1, |m| m.step + 1);
-    // What every starting process of a rank does before it saves (the trainer library does it
-    // when it opens): shards a killed predecessor left of steps that never committed go, or a
+    // What the committer (rank 0) does before it commits anything (the trainer library does it
+    // when it opens): shards killed predecessors left of steps that never committed go, or a
     // re-save of such a step could be committed with a stale shard of another rank.
-    for rank in 0..WORLD {
-        engines[0].discard_stale_shards(JOB, rank).unwrap();
-    }
+    engines[0].discard_stale_shards(JOB).unwrap();
     for step in start.. {
         // A parent that died without killing us must not leave us running forever.
         if std::os::unix::process::parent_id() != parent {

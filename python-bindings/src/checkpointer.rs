@@ -58,6 +58,15 @@ fn tensor_refs(tensors: Vec<PyTensor>) -> PyResult<Vec<TensorRef>> {
         .collect()
 }
 
+/// A step's tensor table as `describe` and the load check report it.
+fn stored_table(d: &Description) -> Vec<StoredTensor> {
+    d.table
+        .entries()
+        .iter()
+        .map(|e| (e.meta.name.clone(), e.meta.dtype.name().to_string(), e.meta.shape.clone()))
+        .collect()
+}
+
 /// Saves and loads a flattened training state (private: use `ckptd.Checkpointer`).
 #[pyclass(name = "_Checkpointer", module = "ckptd._native")]
 #[derive(Debug)]
@@ -179,12 +188,7 @@ impl PyCheckpointer {
         let run_check = |d: &Description| -> Vec<String> {
             let Some(check) = &check else { return Vec::new() };
             Python::attach(|py| {
-                let table: Vec<StoredTensor> = d
-                    .table
-                    .entries()
-                    .iter()
-                    .map(|e| (e.meta.name.clone(), e.meta.dtype.name().to_string(), e.meta.shape.clone()))
-                    .collect();
+                let table = stored_table(d);
                 let called = check
                     .call1(py, (d.step, PyBytes::new(py, &d.metadata), table))
                     .and_then(|problems| problems.extract::<Vec<String>>(py));
@@ -217,12 +221,7 @@ impl PyCheckpointer {
         let (step, table, metadata) = py
             .detach(|| {
                 let d = ck.describe(step)?;
-                let table: Vec<StoredTensor> = d
-                    .table
-                    .entries()
-                    .iter()
-                    .map(|e| (e.meta.name.clone(), e.meta.dtype.name().to_string(), e.meta.shape.clone()))
-                    .collect();
+                let table = stored_table(&d);
                 Ok::<_, ckptd::Error>((d.step, table, d.metadata))
             })
             .map_err(to_py)?;

@@ -52,13 +52,16 @@ impl Embedded {
     /// Fails with [`ckpt_core::Error::ArenaHeld`], naming the holder, while a live
     /// process owns it.
     ///
-    /// Then, as this rank's one writer, it removes the rank's shards of uncommitted steps newer
-    /// than the newest commit that a dead writer left, before it writes anything: otherwise a
-    /// re-save of such a step could be committed next to another rank's stale shard.
+    /// Rank 0, the committer, then removes the shards dead writers left of uncommitted steps newer
+    /// than the newest commit, before it commits anything: otherwise a re-save of such a step
+    /// could be committed next to another rank's stale shard
+    /// ([`ckpt_core::Engine::discard_stale_shards`]).
     pub(super) fn claim(&self, cfg: &CheckpointerConfig) -> Result<(Option<ArenaLock>, Option<Arc<Arena>>)> {
         let claimed = self.spec.claim()?;
-        if let Err(e) = self.engine.discard_stale_shards(&cfg.job, cfg.rank()) {
-            tracing::warn!(rank = cfg.rank(), error = %e, "cannot remove stale shards of uncommitted steps");
+        if cfg.rank() == 0
+            && let Err(e) = self.engine.discard_stale_shards(&cfg.job)
+        {
+            tracing::warn!(error = %e, "cannot remove stale shards of uncommitted steps");
         }
         let Some((lock, arena)) = claimed else { return Ok((None, None)) };
         slots::remove_stale_temporaries(&self.engine, &cfg.job, cfg.rank());
