@@ -204,17 +204,6 @@ impl Rank {
 }
 
 fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
-    // Rank 0 commits through storage (without an isolator): before it commits anything, shards
-    // dead writers left of steps that never committed go, or a re-save of such a step could
-    // commit next to another rank's stale shard. The isolator checks every vote against the
-    // shard instead.
-    if rank.rank == 0
-        && let Some(agent) = agent.upgrade()
-        && agent.link.is_none()
-        && let Err(e) = agent.engine.discard_stale_shards(&agent.cfg.job)
-    {
-        tracing::warn!(rank = rank.rank, error = %e, "cannot remove stale shards of uncommitted steps");
-    }
     for job in rx {
         let Some(agent) = agent.upgrade() else { break };
         let step = job.step;

@@ -51,18 +51,9 @@ impl Embedded {
     /// are freed, and the temporary shard files that killed writers of this rank left are removed.
     /// Fails with [`ckpt_core::Error::ArenaHeld`], naming the holder, while a live
     /// process owns it.
-    ///
-    /// Rank 0, the committer, then removes the shards dead writers left of uncommitted steps newer
-    /// than the newest commit, before it commits anything: otherwise a re-save of such a step
-    /// could be committed next to another rank's stale shard
-    /// ([`ckpt_core::Engine::discard_stale_shards`]).
+
     pub(super) fn claim(&self, cfg: &CheckpointerConfig) -> Result<(Option<ArenaLock>, Option<Arc<Arena>>)> {
         let claimed = self.spec.claim()?;
-        if cfg.rank() == 0
-            && let Err(e) = self.engine.discard_stale_shards(&cfg.job)
-        {
-            tracing::warn!(error = %e, "cannot remove stale shards of uncommitted steps");
-        }
         let Some((lock, arena)) = claimed else { return Ok((None, None)) };
         slots::remove_stale_temporaries(&self.engine, &cfg.job, cfg.rank());
         if let Some(a) = &arena {
