@@ -839,3 +839,31 @@ fn raise_nofile(want: u64) {
         }
     }
 }
+
+/// The agent's persist threads, by name (`ckpt-persist-r<rank>`), from /proc.
+fn persist_threads(agent: &Agent) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", agent.child.id())) else { return Vec::new() };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("ckpt-persist-r"))
+        .collect()
+}
+
+#[test]
+fn a_rank_whose_trainer_left_gives_its_persist_thread_back_and_gets_one_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena"), &[]);
+    let (mut child, mut out) = trainer(&agent.socket, 0, 1, "save:3");
+    expect_line(&mut out, "save 3");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(persist_threads(&agent), ["ckpt-persist-r0"], "the rank's thread ran the save");
+    // Detached and idle: the thread exits (after the agent's idle period).
+    wait_until("the idle persist thread exits", || persist_threads(&agent).is_empty());
+    // The next trainer of the rank saves again: a new thread persists it.
+    let (mut child, mut out) = trainer(&agent.socket, 0, 1, "save:4");
+    expect_line(&mut out, "save 4");
+    assert!(child.wait().unwrap().success());
+    assert!(engine(&store).verify(JOB, 4).unwrap().ok());
+}

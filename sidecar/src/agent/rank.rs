@@ -3,20 +3,34 @@
 //!
 //! Each rank has its own persist thread fed by a bounded channel (one entry per arena slot, the
 //! only memory a snapshot ever occupies), so that eight ranks of a pod persist in parallel and a
-//! slow rank never holds up another.
+//! slow rank never holds up another. The thread exits once the rank has no session and nothing
+//! to persist for [`IDLE_EXIT`], and starts again with the next job: a trainer that attached
+//! once holds no thread after it is gone.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use ckpt_core::ShardInfo;
 use ckpt_core::arena::{Arena, ArenaLock, SlotState};
 use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, SlotOwner};
 use ckptd_proto::v1::{self as pb, trainer_event::Event};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::{mpsc, watch};
 
 use super::Agent;
 use crate::error::{Error, Result};
+
+/// How long a rank's persist thread waits, idle and with no trainer attached, before it exits.
+pub(super) const IDLE_EXIT: Duration = Duration::from_secs(5);
+
+/// The rank's persist thread, when one runs.
+#[derive(Debug, Default)]
+struct Worker {
+    tx: Option<Sender<PersistJob>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    /// The agent is stopping: no thread starts again.
+    stopped: bool,
+}
 
 /// One slot to persist.
 #[derive(Debug)]
@@ -80,15 +94,16 @@ pub(super) struct Rank {
     /// Jobs queued or being persisted; waiters use it to let in-flight saves settle.
     pub in_flight: watch::Sender<u32>,
     metrics: Arc<super::metrics::Metrics>,
-    tx: Mutex<Option<Sender<PersistJob>>>,
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    slots: u32,
+    agent: Weak<Agent>,
+    me: Weak<Rank>,
+    worker: Mutex<Worker>,
 }
 
 impl Rank {
     /// Creates the rank and starts its persist thread.
     pub(super) fn start(agent: &Arc<Agent>, rank: u32) -> Result<Arc<Rank>> {
-        let (tx, rx) = crossbeam_channel::bounded::<PersistJob>(agent.cfg.slots as usize);
-        let r = Arc::new(Rank {
+        let r = Arc::new_cyclic(|me| Rank {
             rank,
             spec: ArenaSpec::for_rank(&agent.cfg.arena_dir, &agent.cfg.job, rank, agent.cfg.slots),
             inner: Mutex::new(RankInner::default()),
@@ -97,17 +112,47 @@ impl Rank {
             handovers: watch::Sender::new((0, 0)),
             in_flight: watch::Sender::new(0),
             metrics: agent.metrics.clone(),
-            tx: Mutex::new(Some(tx)),
-            worker: Mutex::new(None),
+            slots: agent.cfg.slots,
+            agent: Arc::downgrade(agent),
+            me: me.clone(),
+            worker: Mutex::new(Worker::default()),
         });
-        let weak = Arc::downgrade(agent);
-        let me = r.clone();
-        let worker = std::thread::Builder::new()
-            .name(format!("ckpt-persist-r{rank}"))
-            .spawn(move || persist_loop(weak, me, rx))
-            .map_err(|e| Error::Runtime { what: "start a persist thread", reason: e.to_string() })?;
-        *r.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
+        r.spawn_worker(&mut r.worker.lock().unwrap_or_else(|p| p.into_inner()))?;
         Ok(r)
+    }
+
+    /// Starts the persist thread; returns its queue.
+    fn spawn_worker(&self, w: &mut Worker) -> Result<Sender<PersistJob>> {
+        let (tx, rx) = crossbeam_channel::bounded::<PersistJob>(self.slots as usize);
+        let (agent, me) = (self.agent.clone(), self.me.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("ckpt-persist-r{}", self.rank))
+            .spawn(move || {
+                if let Some(me) = me.upgrade() {
+                    persist_loop(agent, me, rx);
+                }
+            })
+            .map_err(|e| Error::Runtime { what: "start a persist thread", reason: e.to_string() })?;
+        w.tx = Some(tx.clone());
+        w.handle = Some(handle);
+        Ok(tx)
+    }
+
+    /// The persist thread leaves when the rank has been idle, with no trainer, for
+    /// [`IDLE_EXIT`]: unless a job arrived meanwhile, its queue is dropped (the next job starts a
+    /// new thread). Returns whether it should exit.
+    fn retire_if_idle(&self, rx: &Receiver<PersistJob>) -> bool {
+        if self.lock().session.is_some() || *self.in_flight.borrow() != 0 {
+            return false;
+        }
+        let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if !rx.is_empty() {
+            return false;
+        }
+        w.tx = None;
+        // This thread is the one exiting: nobody joins it.
+        w.handle = None;
+        true
     }
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, RankInner> {
@@ -116,8 +161,20 @@ impl Rank {
 
     /// Queues a slot (already moved to `persisting`) for the persist thread.
     pub(super) fn enqueue(&self, job: PersistJob) -> std::result::Result<(), PersistJob> {
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = guard.as_ref() else { return Err(job) };
+        let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if w.stopped {
+            return Err(job);
+        }
+        let tx = match w.tx.clone() {
+            Some(tx) => tx,
+            None => match self.spawn_worker(&mut w) {
+                Ok(tx) => tx,
+                Err(e) => {
+                    tracing::error!(rank = self.rank, error = %e, "cannot start the persist thread");
+                    return Err(job);
+                }
+            },
+        };
         self.in_flight.send_modify(|n| *n += 1);
         self.metrics.queue_depth.inc();
         match tx.try_send(job) {
@@ -143,8 +200,13 @@ impl Rank {
 
     /// Stops accepting jobs and waits for the persist thread to finish the queued ones.
     pub(super) fn stop_and_join(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let handle = {
+            let mut w = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+            w.stopped = true;
+            w.tx = None;
+            w.handle.take()
+        };
+        if let Some(t) = handle {
             let _ = t.join();
         }
     }
@@ -203,8 +265,17 @@ impl Rank {
     }
 }
 
-fn persist_loop(agent: std::sync::Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
-    for job in rx {
+fn persist_loop(agent: Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
+    loop {
+        let job = match rx.recv_timeout(IDLE_EXIT) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) if rank.retire_if_idle(&rx) => {
+                tracing::debug!(rank = rank.rank, "persist thread idle without a trainer; exiting");
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let Some(agent) = agent.upgrade() else { break };
         let step = job.step;
         let started = job.handed_at;

@@ -51,7 +51,6 @@ impl Embedded {
     /// are freed, and the temporary shard files that killed writers of this rank left are removed.
     /// Fails with [`ckpt_core::Error::ArenaHeld`], naming the holder, while a live
     /// process owns it.
-
     pub(super) fn claim(&self, cfg: &CheckpointerConfig) -> Result<(Option<ArenaLock>, Option<Arc<Arena>>)> {
         let claimed = self.spec.claim()?;
         let Some((lock, arena)) = claimed else { return Ok((None, None)) };
