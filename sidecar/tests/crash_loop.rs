@@ -6,7 +6,10 @@
 //! directory holds a temporary shard file.
 //!
 //! Iterations per configuration: `CKPTD_CRASH_LOOP_ITERATIONS` (default 13, so 52 kills in all).
-//! With `CKPTD_RELIABILITY_LOG` set, one line `sigkill <n>` (the kills delivered) is appended to it.
+//! The kills delivered are recorded in the reliability tally (`CKPTD_RELIABILITY_LOG`).
+
+#[path = "../../ckpt-core/tests/common/reliability.rs"]
+mod reliability;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -339,12 +342,9 @@ fn sidecar_two_ranks() {
     run(true, 2);
 }
 
-/// Appends the kills delivered so far (and not reported yet) to `CKPTD_RELIABILITY_LOG`.
+/// Records the kills delivered so far (and not recorded yet) in the reliability tally.
 fn report() {
-    if let Ok(path) = std::env::var("CKPTD_RELIABILITY_LOG") {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-        writeln!(f, "sigkill {}", KILLS.swap(0, Ordering::Relaxed)).unwrap();
-    }
+    reliability::record("sigkill", "trainers and agents (client crash loop)", KILLS.swap(0, Ordering::Relaxed));
 }
 
 /// A second process of the same job and rank is refused, naming the holder's pid, and the first
