@@ -328,10 +328,17 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
     let persisted = match &agent.link {
         Some(link) => {
             let generation = link.generation();
-            let vote = |info: &ShardInfo| agent.rt.block_on(link.vote_durable(info, &Default::default())).map(drop);
             let abort = || {
                 let restarted = link.generation() > generation || rank.lock().rollback.is_some_and(|rb| step > rb);
                 restarted.then(|| format!("the job restarted (generation {})", link.generation()))
+            };
+            // The vote carries the generation the snapshot belongs to: a snapshot of the timeline
+            // a restart abandoned is never voted at the new generation (which would commit it).
+            let vote = |info: &ShardInfo| {
+                if let Some(reason) = abort() {
+                    return Err(Error::StepAborted { job: agent.cfg.job.clone(), step, reason });
+                }
+                agent.rt.block_on(link.vote_durable_at(info, &Default::default(), generation)).map(drop)
             };
             slots::persist(&agent.engine, &arena, slot, owner, CommitPolicy::Vote(&vote), resumed, &abort)?
         }

@@ -259,6 +259,18 @@ impl IsolatorLink {
     /// Votes that `shard` (as `Engine::write_shard` returned it) is durable. `metadata` reaches
     /// the MANIFEST when this is rank 0. Returns whether the step is now committed globally.
     pub async fn vote_durable(&self, shard: &ShardInfo, metadata: &BTreeMap<String, String>) -> Result<bool> {
+        self.vote_durable_at(shard, metadata, self.generation()).await
+    }
+
+    /// [`vote_durable`](IsolatorLink::vote_durable) for a snapshot taken at `generation`: a vote
+    /// of an older generation than the job's is refused as stale, so a shard of a timeline that a
+    /// restart abandoned is never committed.
+    pub async fn vote_durable_at(
+        &self,
+        shard: &ShardInfo,
+        metadata: &BTreeMap<String, String>,
+        generation: u64,
+    ) -> Result<bool> {
         let entry = shard.entry();
         let metadata = if metadata.is_empty() { Vec::new() } else { serde_json::to_vec(metadata).unwrap_or_default() };
         let msg = DurableVote {
@@ -266,7 +278,7 @@ impl IsolatorLink {
             step: shard.step,
             rank: shard.rank,
             world_size: shard.world_size,
-            generation: self.generation(),
+            generation,
             shard_key: entry.object,
             shard_len: entry.size,
             shard_crc32c: entry.index_crc32c,
