@@ -104,8 +104,8 @@ impl ArenaSpec {
 }
 
 /// Removes the temporary shard files (`rank-<r>.ckpt.tmp-<pid>-…`; for rank 0 also
-/// `MANIFEST.tmp-…`) that writers of `rank` killed mid-write left in the job's step directories of a `file://` store, committed or not. Call it
-/// as the owner of the rank's arena ([`ArenaSpec::claim`]): no other live process writes the
+/// `MANIFEST.tmp-…`) that writers of `rank` killed mid-write left in the job's step directories of
+/// a `file://` store, committed or not. Call it as the owner of the rank's arena ([`ArenaSpec::claim`]): no other live process writes the
 /// rank's shards then, so every such file is debris. Object stores need nothing: an unfinished
 /// upload is invisible, and retention aborts it. Returns how many files were removed.
 pub fn remove_stale_temporaries(engine: &Engine, job: &str, rank: u32) -> usize {
@@ -150,16 +150,30 @@ pub fn take_slot(arena: &Arena) -> Option<u32> {
     arena.transition(tier, SlotState::Durable, SlotState::Writing).then_some(tier)
 }
 
-/// The durable slot holding `step`, with its content, if the arena has one.
-pub fn find_durable(arena: &Arena, step: u64) -> Option<(u32, SlotContent)> {
+/// The durable slot holding `step`, if the arena has one.
+pub fn find_durable(arena: &Arena, step: u64) -> Option<u32> {
     (0..arena.slot_count())
         .filter(|&s| arena.state(s) == Some(SlotState::Durable))
-        .find_map(|s| arena.content(s).ok().filter(|c| c.step == step).map(|c| (s, c)))
+        .find(|&s| arena.content(s).is_ok_and(|c| c.step == step))
 }
 
 /// The step of the memory tier (the newest durable slot), if any.
 pub fn memory_tier_step(arena: &Arena) -> Option<u64> {
     arena.newest_durable().and_then(|s| arena.content(s).ok()).map(|c| c.step)
+}
+
+/// Whether a memory tier holding `tier_step` may answer a load of the newest step: not when
+/// storage holds a newer committed step (another rank's commit while this process was down, or a
+/// commit that landed after its slot could be made durable). One listing of the store; when it
+/// fails, the memory tier is trusted.
+pub fn memory_tier_serves(engine: &Engine, job: &str, tier_step: u64) -> bool {
+    match engine.steps(job) {
+        Ok(steps) => !steps.iter().any(|s| s.state == crate::catalog::StepState::Committed && s.step > tier_step),
+        Err(e) => {
+            tracing::warn!(job, error = %e, "cannot list committed steps; trusting the memory tier");
+            true
+        }
+    }
 }
 
 /// A durable slot held in the `reading` state, so that no save or restore reuses it while its
@@ -192,7 +206,7 @@ impl ReadHold {
 
     /// Holds the durable slot that holds `step`, if any (see [`ReadHold::new`]).
     pub fn of_step(arena: &Arc<Arena>, step: u64) -> Result<Option<ReadHold>> {
-        let Some((slot, _)) = find_durable(arena, step) else { return Ok(None) };
+        let Some(slot) = find_durable(arena, step) else { return Ok(None) };
         Ok(ReadHold::new(arena, slot)?.filter(|h| h.content.step == step))
     }
 

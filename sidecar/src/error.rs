@@ -234,6 +234,12 @@ impl Error {
         Error::Kube { op: op.to_string(), object: object.to_string(), reason: source_chain(e) }
     }
 
+    /// Whether this failure means a stored step's data is damaged, so that an older committed
+    /// step may still serve a restore ([`ckpt_core::slots::is_damage`]).
+    pub fn is_damage(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Core(k) if ckpt_core::slots::is_damage(k))
+    }
+
     /// The class of this failure.
     pub fn kind(&self) -> ErrorKind {
         match self {

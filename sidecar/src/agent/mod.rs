@@ -706,9 +706,9 @@ impl Agent {
     /// logged and counted in `ckptd_restore_damaged_steps`), unless `strict`. `Ok(None)`: the job
     /// has no committed step. Blocking; call with the staging lock held.
     fn stage_newest(&self, rank: &Rank, strict: bool) -> Result<Option<(u64, bool)>> {
-        let damaged = |e: &Error| matches!(e.kind(), crate::ErrorKind::Core(k) if slots::is_damage(k));
-        let staged =
-            slots::newest_sound(&self.engine, &self.cfg.job, None, strict, damaged, |step| self.stage(rank, step))?;
+        let staged = slots::newest_sound(&self.engine, &self.cfg.job, None, strict, Error::is_damage, |step| {
+            self.stage(rank, step)
+        })?;
         Ok(staged.map(|s| {
             self.metrics.damaged_steps.inc_by(s.skipped.len() as u64);
             s.value
@@ -718,7 +718,7 @@ impl Agent {
     /// The durable slot holding `step`, if the rank's arena has one.
     fn in_memory(&self, rank: &Rank, step: u64) -> Option<(Arc<Arena>, u32)> {
         let arena = rank.lock().arena.clone()?;
-        slots::find_durable(&arena, step).map(|(slot, _)| (arena, slot))
+        slots::find_durable(&arena, step).map(|slot| (arena, slot))
     }
 }
 

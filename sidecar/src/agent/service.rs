@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ckpt_core::arena::SlotState;
+use ckpt_core::slots;
 use ckptd_proto::v1::admin_server::{Admin, AdminServer};
 use ckptd_proto::v1::trainer_server::{Trainer, TrainerServer};
 use ckptd_proto::v1::{self as pb, trainer_event::Event};
@@ -317,15 +318,10 @@ impl Trainer for Service {
         let r = rank.clone();
         let (step, staged_from_storage) = self
             .blocking(move || {
-                // The memory tier answers for the newest step unless storage holds a newer committed
-                // one (another rank's commit while this trainer was down); one listing, and when it
-                // fails memory is trusted. Strict always looks at storage's newest step.
-                let known = known.filter(|&k| {
-                    !req.strict
-                        && agent.engine.steps(&agent.cfg.job).map_or(true, |steps| {
-                            !steps.iter().any(|s| s.state == ckpt_core::StepState::Committed && s.step > k)
-                        })
-                });
+                // The memory tier answers for the newest step unless storage holds a newer
+                // committed one; strict always looks at storage's newest step.
+                let known =
+                    known.filter(|&k| !req.strict && slots::memory_tier_serves(&agent.engine, &agent.cfg.job, k));
                 match req.step.or(known) {
                     Some(step) => agent.stage(&r, step),
                     None => agent.stage_newest(&r, req.strict)?.ok_or_else(|| crate::Error::NoCheckpoint {
@@ -440,11 +436,7 @@ impl Admin for Service {
             .map(|r| {
                 let queued = *r.in_flight.borrow();
                 let inner = r.lock();
-                let tier = inner
-                    .arena
-                    .as_ref()
-                    .and_then(|a| a.newest_durable().and_then(|s| a.content(s).ok()))
-                    .map(|c| c.step);
+                let tier = inner.arena.as_ref().and_then(|a| slots::memory_tier_step(a));
                 pb::RankStatus {
                     rank: r.rank,
                     attached: inner.session.is_some(),

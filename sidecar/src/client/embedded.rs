@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ckpt_core::Engine;
 use ckpt_core::arena::{self, Arena, ArenaLock, SlotState};
 use ckpt_core::restore::ShardHeader;
-use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, ReadHold, SlotOwner};
+use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, SlotOwner};
 
 use super::CheckpointerConfig;
 use crate::env;
@@ -87,34 +87,8 @@ impl Embedded {
         }
     }
 
-    /// The newest committed step on the store, from a listing (no step is read); `None` when
-    /// there is none or the store cannot be listed (logged: the caller then trusts its memory
-    /// tier).
-    pub(super) fn newest_committed(&self, job: &str) -> Option<u64> {
-        match self.engine.steps(job) {
-            Ok(steps) => {
-                steps.iter().filter(|s| s.state == ckpt_core::catalog::StepState::Committed).map(|s| s.step).max()
-            }
-            Err(e) => {
-                tracing::warn!(job, error = %e, "cannot list committed steps; trusting the memory tier");
-                None
-            }
-        }
-    }
-
     /// The shard header of `step` for `rank` (its tensor table and metadata).
     pub(super) fn header(&self, job: &str, step: u64, rank: u32) -> Result<ShardHeader> {
         Ok(self.engine.shard_header(job, step, rank)?)
-    }
-
-    /// The memory tier held for reading: the newest durable slot when `step` is `None` (a slot is
-    /// durable only once its step committed), else the durable slot holding `step`. A slot whose
-    /// bytes fail verification is dropped (and logged): the load then reads storage.
-    pub(super) fn memory_tier(arena: &Arc<Arena>, step: Option<u64>) -> Option<ReadHold> {
-        let held = match step {
-            Some(step) => ReadHold::of_step(arena, step),
-            None => arena.newest_durable().map_or(Ok(None), |slot| ReadHold::new(arena, slot)),
-        };
-        held.ok().flatten()
     }
 }

@@ -169,6 +169,12 @@ pub struct Description {
     pub metadata: Vec<u8>,
 }
 
+impl Description {
+    fn of_slot(c: &ckpt_core::arena::SlotContent) -> Description {
+        Description { step: c.step, table: c.table.clone(), metadata: c.metadata.clone() }
+    }
+}
+
 /// How the checkpointer reaches storage: by itself, or through the agent.
 #[derive(Debug)]
 enum Mode {
@@ -430,8 +436,7 @@ impl Checkpointer {
         match &self.shared.mode {
             Mode::Sidecar(m) => {
                 let staged = m.stage(step, cfg.strict_restore, |p| self.map_agent_arena(p))?;
-                let c = staged.hold.content();
-                Ok(Description { step: c.step, table: c.table.clone(), metadata: c.metadata.clone() })
+                Ok(Description::of_slot(staged.hold.content()))
             }
             Mode::Embedded(m) => {
                 let step = m.resolve(&cfg.job, step)?;
@@ -481,34 +486,45 @@ impl Checkpointer {
         let (hold, from_memory) = match &self.shared.mode {
             Mode::Sidecar(m) => {
                 let staged = m.stage(step, cfg.strict_restore, |p| self.map_agent_arena(p))?;
-                let c = staged.hold.content();
-                verdict(&Description { step: c.step, table: c.table.clone(), metadata: c.metadata.clone() })?;
+                verdict(&Description::of_slot(staged.hold.content()))?;
                 (staged.hold, !staged.from_storage)
             }
             Mode::Embedded(m) => {
                 // The memory tier first: a restarted process finds its newest committed step in
-                // the arena and reads no storage at all.
-                let tier = self.embedded_arena().and_then(|a| embedded::Embedded::memory_tier(&a, step));
-                // Asked for the newest step, the memory tier serves only when no newer step is
-                // committed: a process that died after its step was committed but before its slot
-                // became durable leaves an older memory tier.
-                let tier = tier.filter(|h| step.is_some() || m.newest_committed(&cfg.job) <= Some(h.content().step));
+                // the arena and reads no storage data. Asked for the newest step, it serves only
+                // when no newer step is committed (a process that died after its step was
+                // committed but before its slot became durable leaves an older memory tier); that
+                // is settled before the slot is held and its checksum verified.
+                let arena = self.embedded_arena();
+                let tier_step = match step {
+                    Some(s) => Some(s),
+                    None => arena
+                        .as_ref()
+                        .and_then(|a| slots::memory_tier_step(a))
+                        .filter(|&t| slots::memory_tier_serves(&m.engine, &cfg.job, t)),
+                };
+                // A slot that fails verification is dropped (and logged): the load reads storage.
+                let tier = arena.zip(tier_step).and_then(|(a, s)| ReadHold::of_step(&a, s).ok().flatten());
                 match tier {
                     Some(hold) => {
-                        let c = hold.content();
-                        verdict(&Description { step: c.step, table: c.table.clone(), metadata: c.metadata.clone() })?;
+                        verdict(&Description::of_slot(hold.content()))?;
                         (hold, true)
                     }
                     None => {
                         // From storage: the newest step whose data verifies, unless one was named.
-                        let damaged = |e: &Error| matches!(e.kind(), crate::ErrorKind::Core(k) if slots::is_damage(k));
-                        let restored =
-                            slots::newest_sound(&m.engine, &cfg.job, step, cfg.strict_restore, damaged, |step| {
+                        let restored = slots::newest_sound(
+                            &m.engine,
+                            &cfg.job,
+                            step,
+                            cfg.strict_restore,
+                            Error::is_damage,
+                            |step| {
                                 let header = m.header(&cfg.job, step, cfg.rank())?;
                                 let (table, metadata) = (header.index.table.clone(), header.index.metadata.clone());
                                 verdict(&Description { step, table, metadata })?;
                                 self.stage_embedded(m, step, &header)
-                            })?;
+                            },
+                        )?;
                         let restored = restored.ok_or_else(|| Error::NoCheckpoint {
                             job: cfg.job.clone(),
                             store: m.engine.store().url().to_string(),
