@@ -434,11 +434,11 @@ def materialize(value: Any, make: Callable[[str, TensorInfo], Any], name: str) -
     return value
 
 
-def described_leaves(value: Any, name: str) -> tuple[dict[str, TensorInfo], set[str]]:
-    """The tensors (by key path) and the scalar key paths of a described state ``value`` found at
-    key path ``name``."""
+def described_leaves(value: Any, name: str) -> tuple[dict[str, TensorInfo], dict[str, Scalar]]:
+    """The tensors and the scalars (by key path) of a described state ``value`` found at key path
+    ``name``."""
     tensors: dict[str, TensorInfo] = {}
-    scalars: set[str] = set()
+    scalars: dict[str, Scalar] = {}
 
     def walk(v: Any, n: str) -> None:
         if isinstance(v, TensorInfo):
@@ -450,7 +450,7 @@ def described_leaves(value: Any, name: str) -> tuple[dict[str, TensorInfo], set[
             for i, child in enumerate(v):
                 walk(child, join(n, i))
         else:
-            scalars.add(n)
+            scalars[n] = v
 
     walk(value, name)
     return tensors, scalars
@@ -458,19 +458,4 @@ def described_leaves(value: Any, name: str) -> tuple[dict[str, TensorInfo], set[
 
 def described_scalars(value: Any) -> dict[str, Scalar]:
     """The scalars of a described state (from the root), by key path."""
-    out: dict[str, Scalar] = {}
-
-    def walk(v: Any, n: str) -> None:
-        if isinstance(v, TensorInfo):
-            return
-        if isinstance(v, dict):
-            for k, child in v.items():
-                walk(child, join(n, k))
-        elif isinstance(v, (list, tuple)):
-            for i, child in enumerate(v):
-                walk(child, join(n, i))
-        else:
-            out[n] = v
-
-    walk(value, "")
-    return out
+    return described_leaves(value, "")[1]

@@ -106,7 +106,7 @@ def _same_layout(live: Any, desc: Description, key: str) -> bool:
         return False
     stored_tensors, stored_scalars = _tree.described_leaves(desc.state[key], _tree.encode_key(key))
     live_tensors = {leaf.name: TensorInfo(leaf.dtype, leaf.shape) for leaf in flat.tensors}
-    return live_tensors == stored_tensors and set(flat.scalars) == stored_scalars
+    return live_tensors == stored_tensors and set(flat.scalars) == set(stored_scalars)
 
 
 def restore(
