@@ -188,6 +188,7 @@ pub(crate) fn commit_when_complete(
     step: u64,
     world_size: u32,
     metadata: BTreeMap<String, String>,
+    abort: &dyn Fn() -> Option<String>,
 ) -> Result<Manifest> {
     let started = Instant::now();
     let mut entries: BTreeMap<u32, ShardEntry> = BTreeMap::new();
@@ -235,6 +236,9 @@ pub(crate) fn commit_when_complete(
             write_manifest(store, rt, &manifest)?;
             tracing::info!(job, step, world_size, "step committed");
             return Ok(manifest);
+        }
+        if let Some(reason) = abort() {
+            return Err(Error::Aborted { job: job.to_string(), step, reason });
         }
         let waited = started.elapsed();
         if waited >= cfg.deadline {

@@ -152,7 +152,21 @@ impl Engine {
         world_size: u32,
         metadata: BTreeMap<String, String>,
     ) -> Result<Manifest> {
-        commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, job, step, world_size, metadata)
+        self.commit_when_complete_or_abort(job, step, world_size, metadata, &|| None)
+    }
+
+    /// [`commit_when_complete`](Engine::commit_when_complete), asking `abort` whenever a look
+    /// finds shards missing: `Some(reason)` ends the wait with [`Error::Aborted`] and commits
+    /// nothing.
+    pub fn commit_when_complete_or_abort(
+        &self,
+        job: &str,
+        step: u64,
+        world_size: u32,
+        metadata: BTreeMap<String, String>,
+        abort: &dyn Fn() -> Option<String>,
+    ) -> Result<Manifest> {
+        commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, job, step, world_size, metadata, abort)
     }
 
     /// Waits until `step` is committed by another writer (rank 0 of a storage-coordinated commit,

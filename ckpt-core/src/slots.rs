@@ -405,7 +405,7 @@ fn persist_held<E: From<Error>>(
     let info = info?;
     match policy {
         CommitPolicy::Storage if rank == 0 => {
-            engine.commit_when_complete(job, step, world_size, Default::default())?;
+            engine.commit_when_complete_or_abort(job, step, world_size, Default::default(), abort)?;
         }
         CommitPolicy::Storage => {
             engine.wait_committed(job, step, abort)?;
@@ -596,6 +596,24 @@ mod tests {
         let e = persist::<Error>(&engine, &arena, s, owner, CommitPolicy::Storage, false, &abort).unwrap_err();
         assert!(matches!(e, Error::Aborted { step: 3, .. }), "{e}");
         assert!(e.to_string().contains("the job restarted"));
+    }
+
+    #[test]
+    fn the_committer_waiting_for_missing_shards_can_be_aborted_and_commits_nothing() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let t = table();
+        let arena =
+            ArenaSpec::for_rank(dir.path(), "j", 0, 1).ensure(None, slot_size_with_headroom(&t, 1), &mut None).unwrap();
+        let s = take_slot(&arena).unwrap();
+        fill(&arena, s, 4, &t);
+        // Rank 0 of two commits through storage; rank 1's shard never comes.
+        let owner = SlotOwner { job: "j", rank: 0, world_size: 2, keep: 0 };
+        let abort = || Some("its trainer restores".to_string());
+        let e = persist::<Error>(&engine, &arena, s, owner, CommitPolicy::Storage, false, &abort).unwrap_err();
+        assert!(matches!(e, Error::Aborted { step: 4, .. }), "{e}");
+        assert_eq!(engine.latest("j").unwrap(), None, "an aborted commit wrote a MANIFEST");
     }
 
     #[test]

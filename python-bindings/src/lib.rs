@@ -21,6 +21,8 @@ pub const TEST_HOOKS: bool = cfg!(feature = "test-hooks");
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", VERSION)?;
     m.add("_TEST_HOOKS", TEST_HOOKS)?;
+    m.add("EXIT_RESTART", ckptd::client::EXIT_RESTART)?;
+    m.add("EXIT_STOP", ckptd::client::EXIT_STOP)?;
     m.add_class::<checkpointer::PyCheckpointer>()?;
     m.add_class::<checkpointer::PySaveHandle>()?;
     errors::register(m)?;

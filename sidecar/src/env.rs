@@ -38,6 +38,13 @@ pub const ENV_WORLD_SIZE: &str = "CKPTD_WORLD_SIZE";
 pub const ENV_MAX_SESSIONS: &str = "CKPTD_MAX_SESSIONS";
 /// How long the agent lets persists finish after SIGTERM (`--grace-period`).
 pub const ENV_GRACE_PERIOD: &str = "CKPTD_GRACE_PERIOD";
+/// In the trainer: seconds the client library waits, after a restart or stop order, for the
+/// training script to act on it before it exits the process itself (default 3; `off` never
+/// exits). See [`crate::client::EXIT_RESTART`].
+pub const ENV_RESTART_GRACE: &str = "CKPTD_RESTART_GRACE";
+/// How long after a restart or stop order the agent sends SIGKILL to a trainer that is still
+/// attached and has not restored (`ckptd agent --restart-kill-after`; `0s` never).
+pub const ENV_RESTART_KILL_AFTER: &str = "CKPTD_RESTART_KILL_AFTER";
 /// Chunk compression (`--compression`).
 pub const ENV_COMPRESSION: &str = "CKPTD_COMPRESSION";
 /// How long a rank waits for its step's commit (`--commit-timeout`).
@@ -221,6 +228,8 @@ mod tests {
         ("ENV_LAUNCHER_WORLD_SIZE", ENV_LAUNCHER_WORLD_SIZE),
         ("ENV_WORLD_SIZE", ENV_WORLD_SIZE),
         ("ENV_GRACE_PERIOD", ENV_GRACE_PERIOD),
+        ("ENV_RESTART_GRACE", ENV_RESTART_GRACE),
+        ("ENV_RESTART_KILL_AFTER", ENV_RESTART_KILL_AFTER),
         ("ENV_COMPRESSION", ENV_COMPRESSION),
         ("ENV_COMMIT_TIMEOUT", ENV_COMMIT_TIMEOUT),
         ("ENV_KEEP", ENV_KEEP),

@@ -193,9 +193,21 @@ fn sidecar(socket: &Path, rank: u32, world: u32) -> Checkpointer {
 
 /// Starts this test binary as a trainer process running `script` (see `trainer_child`).
 fn trainer(socket: &Path, rank: u32, world: u32, script: &str) -> (Child, BufReader<std::process::ChildStdout>) {
+    trainer_with(socket, rank, world, script, &[])
+}
+
+/// [`trainer`] with extra environment variables.
+fn trainer_with(
+    socket: &Path,
+    rank: u32,
+    world: u32,
+    script: &str,
+    env: &[(&str, &str)],
+) -> (Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "trainer_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, format!("{}|{rank}|{world}|{script}", socket.display()))
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -866,4 +878,64 @@ fn a_rank_whose_trainer_left_gives_its_persist_thread_back_and_gets_one_again() 
     expect_line(&mut out, "save 4");
     assert!(child.wait().unwrap().success());
     assert!(engine(&store).verify(JOB, 4).unwrap().ok());
+}
+
+/// Waits for a child process to end by itself; its exit status.
+fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < PATIENCE, "{what}: the trainer never exited");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Issue 13, workers end on order: a trainer blocked where no Python (or Rust) code of it polls
+/// for orders — here asleep, as a rank blocked in a collective with a dead peer — is ended by its
+/// library's own thread with EXIT_RESTART when the agent orders a restart (a local fatal fault,
+/// no isolator); its restarted process is not ended again, and resumes from the memory tier at
+/// the committed step. A trainer whose library does not exit (CKPTD_RESTART_GRACE=off) and never
+/// restores is ended by the agent with SIGKILL after --restart-kill-after.
+#[test]
+fn a_restart_order_ends_a_blocked_trainer_and_its_restart_resumes_from_memory() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let kmsg = dir.path().join("kmsg");
+    std::fs::write(&kmsg, b"").unwrap();
+    let args = ["--kmsg", kmsg.to_str().unwrap(), "--kmsg-poll", "20ms", "--no-ib", "--no-nvml"];
+    let mut args = args.to_vec();
+    args.extend(["--world-size", "1", "--restart-kill-after", "1s"]);
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena"), &args);
+    let grace = [("CKPTD_RESTART_GRACE", "0.3")];
+
+    let (mut blocked, mut out) = trainer_with(&agent.socket, 0, 1, "save:1;save:2;hang", &grace);
+    expect_line(&mut out, "ready");
+    let append = |line: &str| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&kmsg).unwrap();
+        writeln!(f, "{line}").unwrap();
+    };
+    append("NVRM: Xid (PCI:0000:3b:00): 79, pid=4242, name=python, GPU has fallen off the bus.");
+    let status = wait_exit(&mut blocked, "restart order");
+    assert_eq!(status.code(), Some(ckptd::client::EXIT_RESTART), "{status:?}");
+
+    // The launcher's restart: the order is replayed to it as news, and it restores step 2 (the
+    // newest committed) from the arena. It must outlive several grace periods.
+    let (mut restarted, mut out) = trainer_with(&agent.socket, 0, 1, "load:2;hang", &grace);
+    assert_eq!(expect_line(&mut out, "loaded"), "loaded 2 memory=true");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(restarted.try_wait().unwrap().is_none(), "the restarted trainer was ended again");
+    let _ = restarted.kill();
+    let _ = restarted.wait();
+
+    // The last resort: this trainer's library does not exit, and it never restores.
+    let (mut stubborn, mut out) = trainer_with(&agent.socket, 0, 1, "save:3;hang", &[("CKPTD_RESTART_GRACE", "off")]);
+    expect_line(&mut out, "ready");
+    append("NVRM: Xid (PCI:0000:3b:00): 31, pid=4242, name=python, MMU Fault: ENGINE GRAPHICS");
+    let status = wait_exit(&mut stubborn, "last-resort signal");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("sending SIGKILL"), "{log}");
 }

@@ -1,9 +1,9 @@
 //! The trainer socket's accept loop: every connection passes the agent's [`Gate`], so idle peers
 //! cannot take every connection (or every file descriptor) from the trainers and `ckptctl`.
 //!
-//! Each accepted stream carries its gate admission. Its [`Ticket`] is the connection's tonic
-//! connect info, and [`EstablishLayer`] marks the connection established when its first request
-//! arrives. A connection that is evicted, or sends no request within [`FRESH_DEADLINE`], fails its
+//! Each accepted stream carries its gate admission. Its [`Peer`] (the gate's [`Ticket`] and the
+//! connecting process's pid from the socket's peer credentials) is the connection's tonic connect
+//! info, and [`EstablishLayer`] marks the connection established when its first request arrives. A connection that is evicted, or sends no request within [`FRESH_DEADLINE`], fails its
 //! next read, and hyper closes it.
 
 use std::future::Future;
@@ -55,9 +55,12 @@ async fn accept(listener: Arc<UnixListener>, gate: Arc<Gate>) -> GatedStream {
         match listener.accept().await {
             Ok((io, _)) => {
                 let closing = Arc::clone(&admission);
+                // SO_PEERCRED: the pid as this agent's pid namespace sees it; 0 (dropped here)
+                // when the trainer's process is not visible from it.
+                let pid = io.peer_cred().ok().and_then(|c| c.pid()).filter(|&p| p > 0);
                 return GatedStream {
                     io,
-                    ticket: admission.ticket(),
+                    peer: Peer { ticket: admission.ticket(), pid },
                     must_close: Box::pin(async move { closing.must_close(FRESH_DEADLINE).await }),
                 };
             }
@@ -73,7 +76,7 @@ async fn accept(listener: Arc<UnixListener>, gate: Arc<Gate>) -> GatedStream {
 /// An accepted connection holding its gate admission (inside `must_close`) until it is dropped.
 pub(super) struct GatedStream {
     io: UnixStream,
-    ticket: Ticket,
+    peer: Peer,
     must_close: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
@@ -89,11 +92,21 @@ impl GatedStream {
     }
 }
 
-impl Connected for GatedStream {
-    type ConnectInfo = Ticket;
+/// Who is at the other end of a trainer-socket connection.
+#[derive(Debug, Clone)]
+pub(super) struct Peer {
+    pub ticket: Ticket,
+    /// The connecting process, when it is visible in this agent's pid namespace (a pod that
+    /// shares its process namespace, or a test on one machine): the target of the last-resort
+    /// signal after a restart order (see `Agent::order_restore`).
+    pub pid: Option<i32>,
+}
 
-    fn connect_info(&self) -> Ticket {
-        self.ticket.clone()
+impl Connected for GatedStream {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
     }
 }
 
@@ -149,8 +162,8 @@ where
     }
 
     fn call(&mut self, req: hyper::Request<B>) -> S::Future {
-        if let Some(ticket) = req.extensions().get::<Ticket>() {
-            ticket.established();
+        if let Some(peer) = req.extensions().get::<Peer>() {
+            peer.ticket.established();
         }
         self.inner.call(req)
     }

@@ -106,6 +106,12 @@ pub struct AgentArgs {
     /// This pod's namespace (downward API `metadata.namespace`).
     #[arg(long, env = ENV_POD_NAMESPACE, default_value = "")]
     pub namespace: String,
+    /// After a restart or stop order, how long a trainer may stay attached without restoring
+    /// before the agent sends it SIGKILL (the last resort for a process whose own exit did not
+    /// happen: stopped, or wedged in the kernel). Needs the trainer's pid visible to the agent
+    /// (`shareProcessNamespace: true` in Kubernetes); `0s` never signals.
+    #[arg(long, env = ENV_RESTART_KILL_AFTER, default_value = "10s")]
+    pub restart_kill_after: humantime::Duration,
     /// Health monitoring (NVML, kernel log, progress, NCCL, InfiniBand) and its policy.
     #[command(flatten)]
     pub health: crate::health::HealthArgs,
@@ -153,6 +159,27 @@ pub(crate) struct AgentConfig {
     pub slots: u32,
     pub world_size: Option<u32>,
     pub keep: usize,
+    /// `--restart-kill-after`; `None` never signals.
+    pub restart_kill_after: Option<Duration>,
+}
+
+/// A restart of the job from `step` (`None`: from scratch, nothing is committed) at `generation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RestoreOrder {
+    pub step: Option<u64>,
+    pub generation: u64,
+}
+
+impl RestoreOrder {
+    /// The trainer event; `restart` when the receiving process runs the abandoned timeline.
+    pub(crate) fn to_wire(self, restart: bool) -> ckptd_proto::v1::RestoreOrder {
+        ckptd_proto::v1::RestoreOrder {
+            step: self.step.unwrap_or(0),
+            generation: self.generation,
+            restart,
+            from_scratch: self.step.is_none(),
+        }
+    }
 }
 
 /// The agent's shared state.
@@ -167,10 +194,13 @@ pub(crate) struct Agent {
     pub link: Option<crate::isolator::link::IsolatorLink>,
     /// Whether the isolator command stream runs.
     commands_started: std::sync::atomic::AtomicBool,
-    /// The newest restore order of the isolator, replayed to trainers that attach after it.
-    pub restore_order: Mutex<Option<(u64, u64)>>,
+    /// The newest restore order (the isolator's, or this agent's own without one), replayed to
+    /// trainers that attach after it.
+    pub restore_order: Mutex<Option<RestoreOrder>>,
     ranks: Mutex<BTreeMap<u32, Arc<Rank>>>,
     next_id: AtomicU64,
+    /// Generations of this agent's own restart orders (no isolator).
+    local_generation: AtomicU64,
     rt: tokio::runtime::Handle,
 }
 
@@ -229,6 +259,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             slots: args.slots,
             world_size: args.world_size,
             keep: args.keep,
+            restart_kill_after: Some(args.restart_kill_after.into()).filter(|d: &Duration| !d.is_zero()),
         },
         engine,
         metrics,
@@ -238,6 +269,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         restore_order: Mutex::new(None),
         ranks: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),
+        local_generation: AtomicU64::new(0),
         rt: rt.handle().clone(),
     });
     rt.spawn(handle_decisions(agent.clone(), decisions));
@@ -425,9 +457,11 @@ impl Agent {
                     tracing::info!(?ranks, generation = reply.generation, "registered with the isolator");
                     // A pod started after a restart (a rescheduled rank): its trainer restores the
                     // step the rest of the job restarted from.
+                    // Its trainers are new processes: the order is news to them, not a restart.
                     let known = agent.restore_order.lock().unwrap_or_else(|p| p.into_inner()).is_some();
                     if reply.generation > 0 && reply.has_committed && !known {
-                        agent.order_restore(reply.committed_step, reply.generation);
+                        let order = RestoreOrder { step: Some(reply.committed_step), generation: reply.generation };
+                        agent.order_restore(order, false);
                     }
                 }
                 Err(e) => {
@@ -465,24 +499,81 @@ impl Agent {
             Some(C::Stop(s)) => {
                 for rank in self.ranks() {
                     tracing::warn!(rank = rank.rank, reason = %crate::text::peer(&s.reason), "isolator stops the trainer");
-                    rank.notify(Event::Stop(pb::StopOrder { reason: s.reason.clone() }));
+                    rank.notify(Event::Stop(pb::StopOrder { reason: s.reason.clone(), exit: true }));
+                    let session = rank.lock().session.as_ref().map(|s| s.id);
+                    if let Some(id) = session {
+                        self.kill_if_still_attached(&rank, id, false);
+                    }
                 }
             }
-            Some(C::Restore(r)) => self.order_restore(r.step, r.generation),
+            Some(C::Restore(r)) => {
+                let step = (!r.from_scratch).then_some(r.step);
+                self.order_restore(RestoreOrder { step, generation: r.generation }, true);
+            }
             None => {}
         }
     }
 
-    /// The job restarts from `step` at `generation`: every trainer is told, and snapshots of later
-    /// steps (the abandoned timeline) are dropped until the trainer has loaded `step`.
-    fn order_restore(&self, step: u64, generation: u64) {
-        use ckptd_proto::v1::{self as pb, trainer_event::Event};
-        *self.restore_order.lock().unwrap_or_else(|p| p.into_inner()) = Some((step, generation));
+    /// The job restarts from `order.step` at its generation: every trainer is told, and snapshots
+    /// of later steps (the abandoned timeline) are dropped until the trainer has loaded a step.
+    /// With `restart`, the attached trainers run the abandoned timeline: their library ends them
+    /// ([`crate::client::EXIT_RESTART`]) for their launcher to restart, and a trainer still
+    /// attached without having restored after `--restart-kill-after` gets SIGKILL.
+    fn order_restore(self: &Arc<Self>, order: RestoreOrder, restart: bool) {
+        use ckptd_proto::v1::trainer_event::Event;
+        *self.restore_order.lock().unwrap_or_else(|p| p.into_inner()) = Some(order);
         for rank in self.ranks() {
-            rank.lock().rollback = Some(step);
-            tracing::warn!(rank = rank.rank, step, generation, "isolator orders a restore");
-            rank.notify(Event::Restore(pb::RestoreOrder { step, generation }));
+            let session = {
+                let mut inner = rank.lock();
+                inner.rollback = order.step;
+                let session = inner.session.as_ref().map(|s| s.id).filter(|_| restart);
+                inner.awaiting_restart = session;
+                session
+            };
+            tracing::warn!(rank = rank.rank, step = ?order.step, generation = order.generation, restart, "restore ordered");
+            rank.notify(Event::Restore(order.to_wire(restart)));
+            if let Some(id) = session {
+                self.kill_if_still_attached(&rank, id, true);
+            }
         }
+    }
+
+    /// The last resort after an order to end: when session `id` of `rank` is still attached after
+    /// `--restart-kill-after` (and, for a restart, has not restored meanwhile), its process gets
+    /// SIGKILL. Its library should have ended it after its own, shorter grace; a process that did
+    /// not is stopped (SIGSTOP), or wedged where its threads cannot run. The pid comes from the
+    /// socket's peer credentials: while the session's connection is open, that process is alive,
+    /// so the pid names it and no other.
+    fn kill_if_still_attached(self: &Arc<Self>, rank: &Arc<Rank>, id: u64, restart: bool) {
+        let Some(after) = self.cfg.restart_kill_after else { return };
+        let rank = rank.clone();
+        self.rt.spawn(async move {
+            tokio::time::sleep(after).await;
+            let target = {
+                let inner = rank.lock();
+                let attached = inner.session.as_ref().filter(|s| s.id == id);
+                let pending = !restart || inner.awaiting_restart == Some(id);
+                attached.filter(|_| pending).map(|s| (s.peer_pid, s.pid))
+            };
+            match target {
+                None => {}
+                Some((Some(pid), _)) if pid != std::process::id() as i32 => {
+                    tracing::error!(rank = rank.rank, pid, after = ?after, "the trainer did not end on its order: sending SIGKILL");
+                    // SAFETY: `kill` takes plain integers; `pid` is positive (never a process
+                    // group or every process) and is the live peer of this session's connection.
+                    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                        let e = std::io::Error::last_os_error();
+                        tracing::error!(rank = rank.rank, pid, error = %e, "cannot signal the trainer");
+                    }
+                }
+                Some((_, reported)) => tracing::error!(
+                    rank = rank.rank,
+                    reported_pid = reported,
+                    "the trainer did not end on its order, and its process is not visible to this agent \
+                     (share the pod's process namespace to let the agent end it)"
+                ),
+            }
+        });
     }
 
     /// A trainer heartbeat: feeds the health controller and, rate-limited to step changes, the
@@ -577,7 +668,7 @@ impl Agent {
             };
             if let Some(s) = session {
                 self.metrics.attached.dec();
-                let stop = ckptd_proto::v1::StopOrder { reason: "the agent is shutting down".into() };
+                let stop = ckptd_proto::v1::StopOrder { reason: "the agent is shutting down".into(), exit: false };
                 let _ = s.events.try_send(Ok(ckptd_proto::v1::TrainerEvent {
                     event: Some(ckptd_proto::v1::trainer_event::Event::Stop(stop)),
                 }));
@@ -768,7 +859,7 @@ async fn connect_isolator(url: &str, args: &AgentArgs) -> Result<crate::isolator
 }
 
 /// Acts on the health controller's decisions: reports each to the isolator (which isolates and
-/// restarts), or logs it when there is none.
+/// restarts), or, without one, restarts this pod's trainers from the newest committed step.
 async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver<crate::health::Decision>) {
     while let Some(d) = rx.recv().await {
         let ranks: Vec<u32> = agent.ranks().iter().map(|r| r.rank).collect();
@@ -779,7 +870,10 @@ async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver
             evidence = %d.finding.evidence,
             "health fault"
         );
-        let Some(link) = &agent.link else { continue };
+        let Some(link) = &agent.link else {
+            agent.restart_locally(&d).await;
+            continue;
+        };
         let report = d.to_report(&agent.cfg.job, ranks, link.generation(), &agent.cfg.pod);
         match link.report_fault(report).await {
             Ok(ack) => {
@@ -787,6 +881,37 @@ async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver
             }
             Err(e) => tracing::error!(error = %e, "cannot report the fault to the isolator"),
         }
+    }
+}
+
+impl Agent {
+    /// A fault without an isolator: every trainer of this pod restarts from the newest committed
+    /// step (its memory tier, when it holds it). Nothing can be isolated from here; the node stays
+    /// as it is, and a decision beyond restart-job is logged as such.
+    async fn restart_locally(self: &Arc<Self>, d: &crate::health::Decision) {
+        use crate::health::Action;
+        if d.action == Action::Ignore {
+            return;
+        }
+        if d.action != Action::RestartJob {
+            tracing::error!(action = ?d.action, "no isolator to act on the node: restarting this pod's trainers only");
+        }
+        let agent = self.clone();
+        let latest = tokio::task::spawn_blocking(move || agent.engine.latest(&agent.cfg.job)).await;
+        let step = match latest {
+            Ok(Ok(m)) => m.map(|m| m.step),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot list the committed steps: no restart ordered");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the committed steps: no restart ordered");
+                return;
+            }
+        };
+        let generation = self.local_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::warn!(step = ?step, generation, kind = %d.finding.kind, "restarting this pod's trainers (no isolator)");
+        self.order_restore(RestoreOrder { step, generation }, true);
     }
 }
 

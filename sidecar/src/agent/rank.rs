@@ -47,11 +47,18 @@ pub(super) struct PersistJob {
     pub resumed: bool,
 }
 
+/// How long a restarted trainer's load lets this rank's pending commits wait for the other
+/// ranks' shards before they are given up (see [`RankInner::restoring_since`]).
+pub(super) const RESTORE_PATIENCE: Duration = Duration::from_secs(2);
+
 /// The open session of the rank's trainer.
 #[derive(Debug)]
 pub(super) struct Session {
     pub id: u64,
+    /// The pid the trainer reported (in its own pid namespace; diagnostics only).
     pub pid: u32,
+    /// The trainer's pid from the socket's peer credentials, when visible from the agent.
+    pub peer_pid: Option<i32>,
     pub events: mpsc::Sender<Result<pb::TrainerEvent, tonic::Status>>,
 }
 
@@ -73,6 +80,12 @@ pub(super) struct RankInner {
     /// The isolator rolled the job back to this step, and the trainer has not loaded it yet:
     /// snapshots of later steps are from the abandoned timeline.
     pub rollback: Option<u64>,
+    /// The session that was ordered to restart and has neither restored nor detached yet.
+    pub awaiting_restart: Option<u64>,
+    /// Since when a trainer has been waiting to restore (its load waits for this rank's persists
+    /// to settle). A commit still waiting for other ranks' shards [`RESTORE_PATIENCE`] later is
+    /// given up: after a restart those shards may never come.
+    pub restoring_since: Option<Instant>,
     /// A step the prefetch read from storage into the arena before any trainer asked: the first
     /// load of it reports storage as its source, since that is where its bytes came from.
     pub prefetched: Option<u64>,
@@ -325,12 +338,27 @@ fn persist_loop(agent: Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
 fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
     let PersistJob { arena, slot, step, world_size, resumed, .. } = job;
     let owner = SlotOwner { job: &agent.cfg.job, rank: rank.rank, world_size, keep: agent.cfg.keep };
+    // A restarted trainer waiting to restore, or a restart order below this step: the wait for
+    // this step's commit ends (the step stays uncommitted unless every shard is already there).
+    let restoring = || {
+        let inner = rank.lock();
+        if inner.rollback.is_some_and(|rb| step > rb) {
+            return Some(format!("the job restarts from step {}", inner.rollback.unwrap_or_default()));
+        }
+        inner.restoring_since.filter(|t| t.elapsed() >= RESTORE_PATIENCE).map(|_| {
+            format!(
+                "this rank's trainer restarted and restores; other ranks' shards did not arrive within {RESTORE_PATIENCE:?}"
+            )
+        })
+    };
     let persisted = match &agent.link {
         Some(link) => {
             let generation = link.generation();
             let abort = || {
-                let restarted = link.generation() > generation || rank.lock().rollback.is_some_and(|rb| step > rb);
-                restarted.then(|| format!("the job restarted (generation {})", link.generation()))
+                if link.generation() > generation {
+                    return Some(format!("the job restarted (generation {})", link.generation()));
+                }
+                restoring()
             };
             // The vote carries the generation the snapshot belongs to: a snapshot of the timeline
             // a restart abandoned is never voted at the new generation (which would commit it).
@@ -342,7 +370,9 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
             };
             slots::persist(&agent.engine, &arena, slot, owner, CommitPolicy::Vote(&vote), resumed, &abort)?
         }
-        None => slots::persist::<Error>(&agent.engine, &arena, slot, owner, CommitPolicy::Storage, resumed, &|| None)?,
+        None => {
+            slots::persist::<Error>(&agent.engine, &arena, slot, owner, CommitPolicy::Storage, resumed, &restoring)?
+        }
     };
     Ok(persisted.bytes)
 }

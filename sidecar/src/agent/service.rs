@@ -123,6 +123,7 @@ impl Trainer for Service {
     type AttachStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TrainerEvent, Status>> + Send>>;
 
     async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Response<Self::AttachStream>, Status> {
+        let peer_pid = req.extensions().get::<super::incoming::Peer>().and_then(|p| p.pid);
         let req = req.into_inner();
         let cfg = &self.agent.cfg;
         if req.job != cfg.job {
@@ -184,7 +185,8 @@ impl Trainer for Service {
             }
             inner.world_size = Some(req.world_size);
             inner.pending_request = None;
-            inner.session = Some(Session { id, pid: req.pid, events: tx.clone() });
+            inner.session = Some(Session { id, pid: req.pid, peer_pid, events: tx.clone() });
+            inner.awaiting_restart = None;
             inner.arena.as_ref().map(|a| a.path().display().to_string()).unwrap_or_default()
         };
         drop(attaching);
@@ -198,11 +200,11 @@ impl Trainer for Service {
         if self.agent.link.is_some() {
             self.agent.register_with_isolator(req.world_size);
         }
-        // A trainer that starts after the job's restart order (a rescheduled rank) gets it too.
+        // A trainer that starts after the job's restart order (a rescheduled rank, or one its
+        // launcher restarted) gets it too, as news: it is restarted already.
         let order = *self.agent.restore_order.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((step, generation)) = order {
-            let _ = tx
-                .try_send(Ok(pb::TrainerEvent { event: Some(Event::Restore(pb::RestoreOrder { step, generation })) }));
+        if let Some(o) = order {
+            let _ = tx.try_send(Ok(pb::TrainerEvent { event: Some(Event::Restore(o.to_wire(false))) }));
         }
         tracing::info!(rank = req.rank, pid = req.pid, session = id, client = %crate::text::peer(&req.client_version), "trainer attached");
         if rank.lock().committed.is_none() {
@@ -311,18 +313,50 @@ impl Trainer for Service {
     async fn locate(&self, req: Request<pb::LocateRequest>) -> Result<Response<pb::LocateReply>, Status> {
         let req = req.into_inner();
         let rank = self.session(req.session)?;
-        let _staging = rank.staging.lock().await;
-        self.agent.settle(&rank).await.map_err(|e| to_status(&e))?;
-        let known = rank.lock().committed;
+        rank.lock().restoring_since.get_or_insert_with(Instant::now);
+        let settled = async {
+            let _staging = rank.staging.lock().await;
+            self.agent.settle(&rank).await.map_err(|e| to_status(&e))?;
+            self.locate_settled(&rank, req).await
+        }
+        .await;
+        rank.lock().restoring_since = None;
+        settled
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let req = req.into_inner();
+        let rank = self.session(req.session)?;
+        let phase = ckptd_proto::phase_from_wire(req.phase).ok();
+        self.agent.on_heartbeat(&rank, req.step, phase);
+        let mut inner = rank.lock();
+        inner.last_heartbeat = Some((req.step, phase));
+        Ok(Response::new(pb::HeartbeatReply { snapshot_request: inner.pending_request.unwrap_or(0) }))
+    }
+}
+
+impl Service {
+    /// `Locate`, once the rank's persists have settled (staging lock held by the caller).
+    async fn locate_settled(
+        &self,
+        rank: &Arc<Rank>,
+        req: pb::LocateRequest,
+    ) -> Result<Response<pb::LocateReply>, Status> {
+        let (known, rollback) = {
+            let inner = rank.lock();
+            (inner.committed, inner.rollback)
+        };
         let agent = self.agent.clone();
         let r = rank.clone();
         let (step, staged_from_storage) = self
             .blocking(move || {
-                // The memory tier answers for the newest step unless storage holds a newer
-                // committed one; strict always looks at storage's newest step.
+                // After a restart order, the newest step is the one the job restarts from, the
+                // same for every rank, even if a later step commits meanwhile. Otherwise the
+                // memory tier answers for the newest step unless storage holds a newer committed
+                // one; strict always looks at storage's newest step.
                 let known =
                     known.filter(|&k| !req.strict && slots::memory_tier_serves(&agent.engine, &agent.cfg.job, k));
-                match req.step.or(known) {
+                match req.step.or(rollback).or(known) {
                     Some(step) => agent.stage(&r, step),
                     None => agent.stage_newest(&r, req.strict)?.ok_or_else(|| crate::Error::NoCheckpoint {
                         job: agent.cfg.job.clone(),
@@ -332,11 +366,11 @@ impl Trainer for Service {
             })
             .await?;
         let from_storage = {
-            // The trainer loads the step the job restarted from: its saves count again.
+            // The trainer loaded a committed step: it runs the new timeline, its saves count
+            // again, and it needs no restart.
             let mut inner = rank.lock();
-            if inner.rollback.is_some_and(|rb| step <= rb) {
-                inner.rollback = None;
-            }
+            inner.rollback = None;
+            inner.awaiting_restart = None;
             // A step the prefetch read from storage came from storage, whoever staged it.
             let prefetched = inner.prefetched.take_if(|p| *p == step).is_some();
             staged_from_storage || prefetched
@@ -352,16 +386,6 @@ impl Trainer for Service {
         })?;
         tracing::info!(rank = rank.rank, step, source, "restore staged");
         Ok(Response::new(pb::LocateReply { step, slot, arena_path: arena.path().display().to_string(), from_storage }))
-    }
-
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let req = req.into_inner();
-        let rank = self.session(req.session)?;
-        let phase = ckptd_proto::phase_from_wire(req.phase).ok();
-        self.agent.on_heartbeat(&rank, req.step, phase);
-        let mut inner = rank.lock();
-        inner.last_heartbeat = Some((req.step, phase));
-        Ok(Response::new(pb::HeartbeatReply { snapshot_request: inner.pending_request.unwrap_or(0) }))
     }
 }
 

@@ -40,6 +40,11 @@ struct Routing {
     restore: Option<(u64, u64)>,
     /// Why the agent asked the trainer to stop, if it did.
     stop: Option<String>,
+    /// An order this process ends on (see [`Order`]), until the script takes it.
+    standing: Option<Order>,
+    /// The script took a restore order at least once: it acts on orders itself, so the library
+    /// ends the process only when the grace period runs out, never at its next call.
+    polls: bool,
 }
 
 #[derive(Debug)]
@@ -47,6 +52,8 @@ struct Shared {
     routing: Mutex<Routing>,
     cv: Condvar,
     socket: PathBuf,
+    /// How long an order waits for the script before this process exits (`None`: never).
+    grace: Option<Duration>,
 }
 
 /// The session with the agent.
@@ -66,7 +73,15 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// Connects and attaches `rank`; fails with [`Error::AgentUnavailable`] when nothing answers.
-    pub(crate) fn attach(socket: &Path, job: &str, rank: u32, world_size: u32) -> Result<Link> {
+    /// `grace`: how long a restart or stop order waits for the script before the event task ends
+    /// the process ([`super::orders`]); `None` never ends it.
+    pub(crate) fn attach(
+        socket: &Path,
+        job: &str,
+        rank: u32,
+        world_size: u32,
+        grace: Option<Duration>,
+    ) -> Result<Link> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ckpt-agent-link")
@@ -99,7 +114,8 @@ impl Link {
             session: attached.session,
             arena_path: (!attached.arena_path.is_empty()).then(|| PathBuf::from(attached.arena_path)),
         };
-        let shared = Arc::new(Shared { routing: Mutex::default(), cv: Condvar::new(), socket: socket.to_path_buf() });
+        let shared =
+            Arc::new(Shared { routing: Mutex::default(), cv: Condvar::new(), socket: socket.to_path_buf(), grace });
         rt.spawn(route_events(stream, shared.clone()));
         Ok(Link { rt, socket: socket.to_path_buf(), client, attached, shared })
     }
@@ -198,9 +214,34 @@ impl Link {
         Ok(r.request)
     }
 
-    /// Takes the newest restore order, if one arrived.
+    /// Takes the newest restore order, if one arrived. From then on this script is known to act
+    /// on orders itself.
     pub(crate) fn take_restore_order(&self) -> Option<(u64, u64)> {
-        self.shared.routing.lock().unwrap_or_else(|p| p.into_inner()).restore.take()
+        let mut r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+        r.polls = true;
+        if matches!(r.standing, Some(Order::Restart { .. })) {
+            r.standing = None;
+        }
+        r.restore.take()
+    }
+
+    /// Called from the script's own calls into the library (fence, save, heartbeat): a script
+    /// that never takes orders and is still running (not blocked) ends here at once on a standing
+    /// order, instead of at the end of the grace period.
+    pub(crate) fn act_on_standing_order(&self) {
+        if self.shared.grace.is_none() {
+            return;
+        }
+        let order = {
+            let r = self.shared.routing.lock().unwrap_or_else(|p| p.into_inner());
+            if r.polls {
+                return;
+            }
+            r.standing.clone()
+        };
+        if let Some(order) = order {
+            exit_on(&order, "at its next call into ckptd");
+        }
     }
 
     /// Why the agent asked this trainer to stop, if it did.
@@ -244,7 +285,11 @@ impl Drop for Link {
 async fn route_events(mut stream: tonic::Streaming<pb::TrainerEvent>, shared: Arc<Shared>) {
     let reason = loop {
         match stream.message().await {
-            Ok(Some(pb::TrainerEvent { event: Some(ev) })) => route(&shared, ev),
+            Ok(Some(pb::TrainerEvent { event: Some(ev) })) => {
+                if let Some(order) = route(&shared, ev) {
+                    tokio::spawn(act_on(order, shared.clone()));
+                }
+            }
             Ok(Some(_)) => {}
             Ok(None) => break "the agent ended the session".to_string(),
             Err(s) => break format!("the session with the agent broke: {}", s.message()),
@@ -254,7 +299,42 @@ async fn route_events(mut stream: tonic::Streaming<pb::TrainerEvent>, shared: Ar
     fail_all(&shared, reason);
 }
 
-fn route(shared: &Shared, ev: Event) {
+/// An order this process ends on unless the script acts on it first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Order {
+    /// Restart: exit unless the script took the restore order `(step, generation)` meanwhile.
+    Restart { step: u64, generation: u64 },
+    /// Stop: exit.
+    Stop { reason: String },
+}
+
+/// Waits out the grace period, then ends the process if the order still stands. Runs on the
+/// link's own runtime thread, so it acts while the script's threads are blocked (in a collective,
+/// holding the GIL); closing the checkpointer drops the runtime and cancels it.
+async fn act_on(order: Order, shared: Arc<Shared>) {
+    let Some(grace) = shared.grace else { return };
+    tokio::time::sleep(grace).await;
+    let standing = shared.routing.lock().unwrap_or_else(|p| p.into_inner()).standing.clone();
+    if standing.as_ref() == Some(&order) {
+        exit_on(&order, &format!("after waiting {grace:?} for the script to act"));
+    }
+}
+
+/// Ends the process for `order`; `when` says at which point.
+fn exit_on(order: &Order, when: &str) -> ! {
+    match order {
+        Order::Restart { step, generation } => super::orders::exit_process(
+            super::orders::EXIT_RESTART,
+            &format!("the job restarts from step {step} (generation {generation}); this worker ends {when}"),
+        ),
+        Order::Stop { reason } => super::orders::exit_process(
+            super::orders::EXIT_STOP,
+            &format!("the agent stopped this worker ({}); it ends {when}", crate::text::peer(reason)),
+        ),
+    }
+}
+
+fn route(shared: &Shared, ev: Event) -> Option<Order> {
     let mut r = shared.routing.lock().unwrap_or_else(|p| p.into_inner());
     match ev {
         Event::Attached(_) => {}
@@ -276,16 +356,26 @@ fn route(shared: &Shared, ev: Event) {
             }
         }
         Event::Restore(o) => {
-            tracing::warn!(step = o.step, generation = o.generation, "the agent orders a restore");
+            tracing::warn!(step = o.step, generation = o.generation, restart = o.restart, "the agent orders a restore");
             r.restore = Some((o.step, o.generation));
             shared.cv.notify_all();
+            let order = o.restart.then_some(Order::Restart { step: o.step, generation: o.generation })?;
+            // A stop stands over a restart: the process ends either way, with the stop's code.
+            if !matches!(r.standing, Some(Order::Stop { .. })) {
+                r.standing = Some(order.clone());
+            }
+            return Some(order);
         }
         Event::Stop(s) => {
-            tracing::warn!(reason = %s.reason, "the agent asks this trainer to stop");
-            r.stop = Some(s.reason);
+            tracing::warn!(reason = %s.reason, exit = s.exit, "the agent asks this trainer to stop");
+            r.stop = Some(s.reason.clone());
             shared.cv.notify_all();
+            let order = s.exit.then_some(Order::Stop { reason: s.reason })?;
+            r.standing = Some(order.clone());
+            return Some(order);
         }
     }
+    None
 }
 
 fn fail_all(shared: &Shared, reason: String) {

@@ -18,6 +18,7 @@
 mod embedded;
 mod handle;
 mod link;
+mod orders;
 mod persist;
 mod sidecar;
 
@@ -36,6 +37,7 @@ use ckpt_core::{DType, Engine, EngineConfig, TensorMeta, TensorTable};
 
 pub use self::embedded::DEFAULT_LOCAL_STORE;
 pub use self::handle::SaveHandle;
+pub use self::orders::{DEFAULT_RESTART_GRACE, EXIT_RESTART, EXIT_STOP, OrderExit};
 use crate::env;
 use crate::error::{Error, Result};
 
@@ -61,6 +63,10 @@ pub struct CheckpointerConfig {
     /// A load of the newest step fails when that step's data is damaged, instead of falling back
     /// to the newest sound step (the default, logged as a warning).
     pub strict_restore: bool,
+    /// Sidecar mode: whether this library ends the process ([`EXIT_RESTART`], [`EXIT_STOP`]) when
+    /// the agent orders a restart or a stop and the script has not acted on it in time (see
+    /// [`OrderExit`]; default: `CKPTD_RESTART_GRACE`, else after 3 s).
+    pub order_exit: OrderExit,
 }
 
 impl CheckpointerConfig {
@@ -77,6 +83,7 @@ impl CheckpointerConfig {
             slots: arena::DEFAULT_SLOTS,
             engine: EngineConfig::default(),
             strict_restore: false,
+            order_exit: OrderExit::default(),
         }
     }
 }
@@ -236,7 +243,8 @@ impl Checkpointer {
         let socket = cfg.socket.clone().or_else(|| env::nonempty(env::ENV_SOCKET).map(PathBuf::from));
         let (mode, arena_path, owner, arena) = match socket {
             Some(socket) => {
-                let m = sidecar::Sidecar::attach(&socket, &cfg.job, cfg.rank(), cfg.world_size())?;
+                let grace = cfg.order_exit.resolve(&env::nonempty)?;
+                let m = sidecar::Sidecar::attach(&socket, &cfg.job, cfg.rank(), cfg.world_size(), grace)?;
                 let path = m.arena_path();
                 (Mode::Sidecar(m), path, None, None)
             }
@@ -289,6 +297,7 @@ impl Checkpointer {
     /// Reports training progress (sidecar mode; a no-op embedded). Returns the id of a snapshot
     /// the agent requested, if one is pending: the next `save` answers it.
     pub fn heartbeat(&self, step: u64, phase: Phase) -> Result<Option<u64>> {
+        self.act_on_standing_order();
         self.link().map_or(Ok(None), |l| l.heartbeat(step, phase))
     }
 
@@ -349,6 +358,7 @@ impl Checkpointer {
                 reason: format!("{} bytes exceed the cap of {}", metadata.len(), ckpt_core::format::MAX_METADATA_LEN),
             });
         }
+        self.act_on_standing_order();
         let started = Instant::now();
         let (arena, slot) = self.slot_for(&table, metadata.len())?;
         let tickets = match self.copy(tensors, &table, arena.slot_addr(slot), Direction::ToHost, stream) {
@@ -379,9 +389,20 @@ impl Checkpointer {
         Ok(handle)
     }
 
+    /// Sidecar mode: a restart or stop order the script has not taken ends the process here (see
+    /// [`OrderExit`]); a script that takes restore orders itself is left alone.
+    fn act_on_standing_order(&self) {
+        if let Some(l) = self.link() {
+            l.act_on_standing_order();
+        }
+    }
+
     /// Waits until the copies of the newest save have finished reading the tensors. With `stream`,
-    /// GPU copies are fenced on that stream instead (the host does not block).
+    /// GPU copies are fenced on that stream instead (the host does not block). A restart or stop
+    /// order the script does not take itself ends the process here (sidecar mode, see
+    /// [`OrderExit`]): the optimizer-step hook calls this every step.
     pub fn fence(&self, stream: Option<u64>) -> Result<()> {
+        self.act_on_standing_order();
         let tickets = self.shared.last_copies.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for t in tickets {
             match stream {

@@ -27,8 +27,16 @@ pub(super) struct Staged {
 }
 
 impl Sidecar {
-    pub(super) fn attach(socket: &Path, job: &str, rank: u32, world_size: u32) -> Result<Sidecar> {
-        Ok(Sidecar { link: Link::attach(socket, job, rank, world_size)? })
+    /// Attaches `rank`; `grace` is how long an order may wait for the script before the process
+    /// exits (`None`: never; see [`super::orders`]).
+    pub(super) fn attach(
+        socket: &Path,
+        job: &str,
+        rank: u32,
+        world_size: u32,
+        grace: Option<Duration>,
+    ) -> Result<Sidecar> {
+        Ok(Sidecar { link: Link::attach(socket, job, rank, world_size, grace)? })
     }
 
     /// The arena the agent reported at attach (empty before the agent made one).
