@@ -124,7 +124,18 @@ fn plain_pod_gets_native_sidecar_volumes_and_env() {
     assert_eq!(value(t, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE").as_deref(), Some("/var/run/ckptd/nccl/nccl_trace_rank_"));
 
     let vols: BTreeMap<String, _> =
-        spec.volumes.iter().flatten().map(|v| (v.name.clone(), v.empty_dir.clone().expect("emptyDir"))).collect();
+        spec.volumes.iter().flatten().filter_map(|v| Some((v.name.clone(), v.empty_dir.clone()?))).collect();
+    assert_eq!(vols.len(), 3, "arena, socket and NCCL volumes are emptyDirs");
+    let kmsg = spec.volumes.iter().flatten().find(|v| v.name == "ckptd-kmsg").and_then(|v| v.host_path.clone());
+    assert_eq!(kmsg.map(|h| (h.path, h.type_)), Some(("/dev/kmsg".into(), Some("CharDevice".into()))));
+    assert_eq!(mounts(&a)["ckptd-kmsg"], "/dev/kmsg");
+    assert!(!mounts(t).contains_key("ckptd-kmsg"), "the trainer does not get the kernel log");
+    let caps = a.security_context.as_ref().and_then(|s| s.capabilities.clone()).and_then(|c| c.add);
+    assert_eq!(caps, Some(vec!["SYSLOG".to_string()]));
+    assert_eq!(value(&a, "CKPTD_NCCL_LOG_GLOB"), value(t, "NCCL_DEBUG_FILE"), "one name per setting");
+    assert_eq!(value(&a, "CKPTD_FLIGHT_RECORDER_DIR").as_deref(), Some("/var/run/ckptd/nccl"));
+    assert_eq!(value(&a, "NVIDIA_VISIBLE_DEVICES").as_deref(), Some("all"));
+    assert_eq!(value(&a, "NVIDIA_DRIVER_CAPABILITIES").as_deref(), Some("utility"));
     assert_eq!(vols["ckptd-arena"].medium.as_deref(), Some("Memory"));
     assert_eq!(vols["ckptd-arena"].size_limit.as_ref().map(|q| q.0.as_str()), Some("16Gi"));
     assert!(vols["ckptd-socket"].medium.is_none());

@@ -86,12 +86,43 @@ pub struct FaultRecord {
     pub count: u64,
 }
 
+/// Whether a reporter watches anything, and if not, whose doing that is.
+///
+/// An operator reading `ckptctl health` must tell a reporter someone switched off (a flag, an
+/// annotation) from one that cannot work on this node (no driver, no device, a permission the
+/// pod lacks): the first is fixed in configuration, the second on the node or in the pod spec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReporterState {
+    /// It runs and watches its source.
+    #[default]
+    Enabled,
+    /// Switched off by configuration (`--no-kmsg`, `--no-nvml`, `--no-ib`, no NCCL paths given).
+    Disabled,
+    /// Configured to run, but its source is missing or unreadable here (no NVML driver, no
+    /// InfiniBand device, no permission for the kernel log); the detail says which.
+    Unavailable,
+}
+
+impl ReporterState {
+    /// The word `ckptctl health` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReporterState::Enabled => "enabled",
+            ReporterState::Disabled => "disabled",
+            ReporterState::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// One reporter's live state for `ckptctl health`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ReporterStatus {
-    /// Whether it runs.
+    /// Whether it runs and watches its source (`state` is `enabled`).
     pub enabled: bool,
-    /// Why it is disabled, or what it watches when enabled.
+    /// Enabled, disabled by configuration, or unavailable on this node.
+    pub state: ReporterState,
+    /// What it watches when enabled; why it is disabled or unavailable otherwise.
     pub detail: String,
     /// A short description of its last sample (counters read, lines seen).
     pub last_sample: Option<String>,
@@ -117,8 +148,7 @@ impl std::fmt::Display for HealthStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "node {}{}", self.node, if self.inject_allowed { " (drills allowed)" } else { "" })?;
         for (name, r) in &self.reporters {
-            let state = if r.enabled { "enabled" } else { "disabled" };
-            write!(f, "  {name:<8} {state:<8} {}", r.detail)?;
+            write!(f, "  {name:<8} {:<11} {}", r.state.as_str(), r.detail)?;
             if let Some(s) = &r.last_sample {
                 write!(f, "; last sample: {s}")?;
             }
@@ -162,10 +192,11 @@ impl StatusBoard {
         self.inner.lock().ok().map(|mut g| f(&mut g))
     }
 
-    pub(crate) fn set(&self, reporter: &str, enabled: bool, detail: String) {
+    pub(crate) fn set(&self, reporter: &str, state: ReporterState, detail: String) {
         self.with(|s| {
             let r = s.reporters.entry(reporter.to_owned()).or_default();
-            r.enabled = enabled;
+            r.enabled = state == ReporterState::Enabled;
+            r.state = state;
             r.detail = detail;
         });
     }
@@ -238,7 +269,7 @@ impl Metrics {
         r.register("active_faults", "Faults decided and seen within the dedupe window", m.active.clone());
         r.register(
             "reporter_enabled",
-            "1 when the reporter runs, 0 when it is disabled (ckptctl health says why)",
+            "1 when the reporter watches its source, 0 when it is disabled or unavailable (ckptctl health says why)",
             m.reporter_enabled.clone(),
         );
         r.register("dropped", "Inputs dropped because a bounded queue was full, by queue", m.dropped.clone());

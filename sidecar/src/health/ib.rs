@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::controller::{Metrics, StatusBoard};
+use super::controller::{Metrics, ReporterState, StatusBoard};
 use super::finding::{Finding, Source};
 
 /// The reporter's name in status and metrics.
@@ -213,6 +213,21 @@ fn summary(snap: &Snapshot) -> String {
         .join("; ")
 }
 
+/// Enabled while the root has ports; unavailable (not disabled: nothing in the configuration
+/// switched it off) while it has none, which is what a node without InfiniBand or RoCE shows.
+fn show_state(board: &StatusBoard, metrics: &Metrics, root: &Path, poll: Duration, has_ports: bool) {
+    if has_ports {
+        board.set(NAME, ReporterState::Enabled, format!("polling {} every {poll:?}", root.display()));
+    } else {
+        board.set(
+            NAME,
+            ReporterState::Unavailable,
+            format!("no InfiniBand or RoCE devices under {}; polling every {poll:?} for one to appear", root.display()),
+        );
+    }
+    metrics.set_enabled(NAME, has_ports);
+}
+
 /// Takes the baseline and returns the reporter task; it runs even when the root has no ports yet
 /// (RoCE drivers load late), and status shows what it sees.
 pub(crate) fn start(
@@ -224,12 +239,12 @@ pub(crate) fn start(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    board.set(NAME, true, format!("polling {} every {poll:?}", root.display()));
-    metrics.set_enabled(NAME, true);
     // The baseline is taken now, so changes after `Health::start` returns are all reported.
     let mut monitor = Monitor::new(th);
     let first = read_snapshot(&root);
     monitor.observe(&first, Instant::now());
+    let mut has_ports = !first.is_empty();
+    show_state(&board, &metrics, &root, poll, has_ports);
     board.sample(NAME, summary(&first));
     async move {
         let mut tick = tokio::time::interval(poll);
@@ -243,6 +258,10 @@ pub(crate) fn start(
             }
             let r = root.clone();
             let Ok(snap) = tokio::task::spawn_blocking(move || read_snapshot(&r)).await else { break };
+            if has_ports == snap.is_empty() {
+                has_ports = !snap.is_empty();
+                show_state(&board, &metrics, &root, poll, has_ports);
+            }
             board.sample(NAME, summary(&snap));
             for f in monitor.observe(&snap, Instant::now()) {
                 if tx.send(f).await.is_err() {

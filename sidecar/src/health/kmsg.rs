@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::controller::{Metrics, StatusBoard};
+use super::controller::{Metrics, ReporterState, StatusBoard};
 use super::finding::{Finding, Source};
 use super::pci::PciMap;
 use super::tail::{Start, Tail};
@@ -161,7 +161,11 @@ impl Input {
 pub(crate) fn open_error_detail(path: &Path, e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EACCES) | Some(libc::EPERM) => format!(
-            "cannot read {}: permission denied; the kernel-log reporter needs CAP_SYSLOG (add it to the agent container's securityContext.capabilities.add) or kernel.dmesg_restrict=0",
+            "cannot read {}: permission denied; the kernel-log reporter needs CAP_SYSLOG (add it to the agent container's securityContext.capabilities.add) or kernel.dmesg_restrict=0, and a device cgroup that lets the container open the device (a device plugin that hands out /dev/kmsg, or the runtime's allowed devices; see docs/HEALTH.md)",
+            path.display()
+        ),
+        Some(libc::ENOENT) => format!(
+            "cannot read {}: no such device in this container; mount the host's /dev/kmsg read-only (the webhook does unless the pod sets ckptd.io/kmsg: \"false\")",
             path.display()
         ),
         _ => format!("cannot read {}: {e}", path.display()),
@@ -189,12 +193,12 @@ pub(crate) fn spawn(
         Err(e) => {
             let detail = open_error_detail(&path, &e);
             tracing::warn!(reporter = NAME, "{detail}; kernel-log XIDs are not watched");
-            board.set(NAME, false, detail);
+            board.set(NAME, ReporterState::Unavailable, detail);
             metrics.set_enabled(NAME, false);
             return Ok(None);
         }
     };
-    board.set(NAME, true, format!("reading {}", path.display()));
+    board.set(NAME, ReporterState::Enabled, format!("reading {}", path.display()));
     metrics.set_enabled(NAME, true);
     let handle = std::thread::Builder::new().name("ckptd-health-kmsg".into()).spawn(move || {
         let _span = tracing::info_span!("health", task = "health-kmsg").entered();
@@ -213,7 +217,7 @@ pub(crate) fn spawn(
                 Err(e) => {
                     let detail = open_error_detail(&path, &e);
                     tracing::warn!(reporter = NAME, "{detail}; the kernel-log reporter stops");
-                    board.set(NAME, false, detail);
+                    board.set(NAME, ReporterState::Unavailable, detail);
                     metrics.set_enabled(NAME, false);
                     return;
                 }

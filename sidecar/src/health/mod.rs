@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use controller::{Decision, FaultRecord, HealthStatus, ReporterStatus};
+pub use controller::{Decision, FaultRecord, HealthStatus, ReporterState, ReporterStatus};
 pub use finding::{Finding, Source};
 pub use pci::normalize as normalize_pci;
 pub use policy::{Action, KINDS, Policy, Rule, XID_CATALOGUE, XID_DEFAULT};
@@ -281,7 +281,7 @@ impl Health {
         let ctl = Controller::new(node, policy, metrics.clone(), attached.clone());
         tasks.push(named(rt, "health-controller", controller::run(ctl, frx, dtx, board.clone(), shutdown.clone())));
 
-        board.set(progress::NAME, true, format!("budgets {:?}", args.budgets()));
+        board.set(progress::NAME, ReporterState::Enabled, format!("budgets {:?}", args.budgets()));
         metrics.set_enabled(progress::NAME, true);
         tasks.push(named(
             rt,
@@ -297,7 +297,11 @@ impl Health {
         ));
 
         if args.no_kmsg {
-            board.set(kmsg::NAME, false, "disabled by --no-kmsg".into());
+            board.set(
+                kmsg::NAME,
+                ReporterState::Disabled,
+                "disabled by configuration (--no-kmsg, CKPTD_NO_KMSG)".into(),
+            );
             metrics.set_enabled(kmsg::NAME, false);
         } else if let Some(t) = kmsg::spawn(
             args.kmsg.clone(),
@@ -330,7 +334,7 @@ impl Health {
         }
 
         if args.no_ib {
-            board.set(ib::NAME, false, "disabled by --no-ib".into());
+            board.set(ib::NAME, ReporterState::Disabled, "disabled by configuration (--no-ib, CKPTD_NO_IB)".into());
             metrics.set_enabled(ib::NAME, false);
         } else {
             let th = ib::Thresholds {

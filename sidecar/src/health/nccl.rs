@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::controller::{Metrics, StatusBoard};
+use super::controller::{Metrics, ReporterState, StatusBoard};
 use super::finding::{Finding, Source};
 use super::tail::{Start, Tail};
 
@@ -144,6 +144,9 @@ struct Dump {
 #[derive(Debug)]
 pub(crate) struct Watch {
     patterns: Vec<String>,
+    /// The same patterns compiled: a log in the flight-recorder directory (the webhook puts both
+    /// in one volume) is a log, never a dump.
+    logs: Vec<glob::Pattern>,
     flight_dir: Option<PathBuf>,
     tails: HashMap<PathBuf, Tail>,
     /// Logs followed before and evicted to make room: if they match again they resume at
@@ -157,8 +160,10 @@ impl Watch {
     /// Sets up the watch, taking the current end of existing logs and the existing dumps as
     /// already seen: a restarted agent must not re-report yesterday's timeout.
     pub(crate) fn new(patterns: Vec<String>, flight_dir: Option<PathBuf>) -> Watch {
+        let logs = patterns.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect();
         let mut w = Watch {
             patterns,
+            logs,
             flight_dir,
             tails: HashMap::new(),
             retired: HashSet::new(),
@@ -213,7 +218,7 @@ impl Watch {
         for e in entries.filter_map(Result::ok).take(MAX_FILES) {
             let path = e.path();
             let Ok(meta) = e.metadata() else { continue };
-            if !meta.is_file() {
+            if !meta.is_file() || self.logs.iter().any(|p| p.matches_path(&path)) {
                 continue;
             }
             present.insert(path.clone());
@@ -289,7 +294,11 @@ pub(crate) fn start(
     shutdown: CancellationToken,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     if patterns.is_empty() && flight_dir.is_none() {
-        board.set(NAME, false, "no --nccl-log-glob, --nccl-dir or --flight-recorder-dir given".into());
+        board.set(
+            NAME,
+            ReporterState::Disabled,
+            "disabled by configuration: no --nccl-log-glob, --nccl-dir or --flight-recorder-dir given".into(),
+        );
         metrics.set_enabled(NAME, false);
         return None;
     }
@@ -299,7 +308,7 @@ pub(crate) fn start(
         flight_dir.as_ref().map_or("none".into(), |d| d.display().to_string())
     );
     let watch = Watch::new(patterns, flight_dir);
-    board.set(NAME, true, detail);
+    board.set(NAME, ReporterState::Enabled, detail);
     metrics.set_enabled(NAME, true);
     Some(run(watch, poll, tx, board, shutdown))
 }
@@ -380,6 +389,25 @@ mod tests {
         for _ in 0..3 {
             assert!(w.poll().is_empty(), "evicted logs resume at their end");
         }
+    }
+
+    #[test]
+    fn logs_in_the_flight_recorder_directory_are_logs_not_dumps() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("nccl.node-a.42.log");
+        std::fs::write(&log, "node-a:42:42 [0] NCCL INFO Bootstrap\n").unwrap();
+        let pattern = glob_of(&format!("{}/nccl.%h.%p.log", dir.path().display()));
+        let mut w = Watch::new(vec![pattern], Some(dir.path().to_path_buf()));
+        let line = "node-a:42:99 [0] NCCL WARN NET/IB : Got completion from peer 10.0.0.5<45123> with error 12, opcode 0, len 0, vendor err 129 (Recv)\n";
+        std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(&log).unwrap(), line.as_bytes())
+            .unwrap();
+        std::fs::write(dir.path().join("nccl_trace_rank_3"), "nccl:all_reduce started").unwrap();
+        let mut kinds: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            kinds.extend(w.poll().into_iter().map(|f| f.kind));
+        }
+        kinds.sort();
+        assert_eq!(kinds, ["nccl-flight-recorder", "nccl-net-error"], "the log is never read as a dump");
     }
 
     #[test]

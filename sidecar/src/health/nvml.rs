@@ -4,7 +4,7 @@
 //! The decisions are pure functions over recorded values ([`GpuSample`], [`diff`],
 //! [`xid_finding`]) so they are tested without a GPU; the nvml-wrapper glue only fills samples.
 //! NVML is loaded at run time: without libnvidia-ml the reporter logs one line, shows
-//! "disabled" in status, and everything else runs. Its event wait blocks, so the whole loop lives
+//! "unavailable" in status, and everything else runs. Its event wait blocks, so the whole loop lives
 //! on its own thread and waits at most one second at a time to see shutdown.
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::controller::{Metrics, StatusBoard};
+use super::controller::{Metrics, ReporterState, StatusBoard};
 use super::finding::{Finding, Source};
 use super::pci::PciMap;
 
@@ -220,8 +220,8 @@ mod glue {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// Starts the NVML thread, or marks the reporter disabled (one log line) when NVML cannot be
-/// initialised or `--no-nvml` was given.
+/// Starts the NVML thread; or marks the reporter disabled when `--no-nvml` was given, or
+/// unavailable (one log line) when NVML cannot be initialised or shows no GPU.
 pub(crate) fn spawn(
     enabled: bool,
     poll: Duration,
@@ -233,7 +233,7 @@ pub(crate) fn spawn(
     shutdown: CancellationToken,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     if !enabled {
-        board.set(NAME, false, "disabled by --no-nvml".into());
+        board.set(NAME, ReporterState::Disabled, "disabled by configuration (--no-nvml, CKPTD_NO_NVML)".into());
         metrics.set_enabled(NAME, false);
         return Ok(None);
     }
@@ -244,12 +244,19 @@ pub(crate) fn spawn(
                 "NVML unavailable ({e}): no libnvidia-ml or no driver; GPU counters and XID events come only from the kernel log"
             );
             tracing::warn!(reporter = NAME, "{detail}");
-            board.set(NAME, false, detail);
+            board.set(NAME, ReporterState::Unavailable, detail);
             metrics.set_enabled(NAME, false);
             return Ok(None);
         }
     };
-    board.set(NAME, true, "starting".into());
+    if let Ok(0) = nvml.device_count() {
+        let detail = "NVML loaded but shows no GPUs: the container was given none (the webhook sets NVIDIA_VISIBLE_DEVICES=all and NVIDIA_DRIVER_CAPABILITIES=utility on the agent; a runtime that ignores those variables for unprivileged containers shows none)".to_string();
+        tracing::warn!(reporter = NAME, "{detail}");
+        board.set(NAME, ReporterState::Unavailable, detail);
+        metrics.set_enabled(NAME, false);
+        return Ok(None);
+    }
+    board.set(NAME, ReporterState::Enabled, "starting".into());
     metrics.set_enabled(NAME, true);
     let handle = std::thread::Builder::new().name("ckptd-health-nvml".into()).spawn(move || {
         let _span = tracing::info_span!("health", task = "health-nvml").entered();
@@ -324,7 +331,7 @@ fn run(
     }
     pci.replace(map);
     let (set, armed) = arm_events(nvml, count);
-    board.set(NAME, true, format!("{count} GPUs, XID events on {armed}"));
+    board.set(NAME, ReporterState::Enabled, format!("{count} GPUs, XID events on {armed}"));
     let mut next_poll = std::time::Instant::now() + poll;
     while !shutdown.is_cancelled() {
         let wait = next_poll.saturating_duration_since(std::time::Instant::now()).min(Duration::from_secs(1));

@@ -37,9 +37,18 @@ pub const AGENT_MEMORY_REQUEST: &str = "ckptd.io/agent-memory-request";
 /// Annotation: the agent's memory limit.
 pub const AGENT_MEMORY_LIMIT: &str = "ckptd.io/agent-memory-limit";
 
+/// Annotation: `"false"` leaves the kernel-log reporter out: no hostPath `/dev/kmsg`, no
+/// `CAP_SYSLOG` (for namespaces whose policy forbids either, such as Pod Security `baseline`).
+pub const KMSG: &str = "ckptd.io/kmsg";
+/// Annotation: `"false"` leaves the NVML reporter out: the agent gets no `NVIDIA_*` variables and
+/// so no GPU from the NVIDIA container runtime.
+pub const NVML: &str = "ckptd.io/nvml";
+
 /// Every annotation the webhook reads. Any other `ckptd.io/` annotation is a typo and is denied.
-pub const KNOWN: [&str; 10] = [
+pub const KNOWN: [&str; 12] = [
     JOB,
+    KMSG,
+    NVML,
     STORE,
     ARENA_SIZE,
     SLOTS,
@@ -78,6 +87,10 @@ pub struct PodSettings {
     pub requests: BTreeMap<String, String>,
     /// The agent's `resources.limits`.
     pub limits: BTreeMap<String, String>,
+    /// Whether the agent reads the node's kernel log (hostPath `/dev/kmsg` and `CAP_SYSLOG`).
+    pub kmsg: bool,
+    /// Whether the agent gets the node's GPUs through the NVIDIA container runtime for NVML.
+    pub nvml: bool,
 }
 
 /// Reads and validates the pod's settings; `Err` holds one message per problem.
@@ -197,9 +210,21 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
         }
     }
 
+    let mut switch = |key: &str, default: bool, what: &str| match ann.get(key).map(String::as_str) {
+        None => default,
+        Some("true") => true,
+        Some("false") => false,
+        Some(v) => {
+            problems.push(format!("{key}: `{}` is not \"true\" or \"false\" (\"false\" leaves out {what})", shown(v)));
+            default
+        }
+    };
+    let kmsg = switch(KMSG, cfg.file.kmsg, "the kernel-log reporter, its hostPath /dev/kmsg and CAP_SYSLOG");
+    let nvml = switch(NVML, cfg.file.nvml, "the NVML reporter and the agent's NVIDIA_* variables");
+
     match (job, store, problems.is_empty()) {
         (Some(job), Some(store), true) => {
-            Ok(PodSettings { job, store, arena_size, slots, isolator, containers, requests, limits })
+            Ok(PodSettings { job, store, arena_size, slots, isolator, containers, requests, limits, kmsg, nvml })
         }
         _ => Err(problems),
     }

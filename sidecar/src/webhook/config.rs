@@ -111,7 +111,16 @@ fn check_resource(name: &str, q: &str) -> std::result::Result<(), String> {
     match name {
         "cpu" => Cpu::parse(q).map(|_| ()),
         "memory" | "ephemeral-storage" => Memory::parse(q).map(|_| ()),
-        other => Err(format!("unknown resource `{other}`: use cpu, memory or ephemeral-storage")),
+        // An extended resource from a device plugin (e.g. one that hands out /dev/kmsg): whole units.
+        other if other.split_once('/').is_some_and(|(d, n)| is_dns_subdomain(d) && !n.is_empty()) => {
+            match q.parse::<u32>() {
+                Ok(n) if n >= 1 && !q.starts_with('+') => Ok(()),
+                _ => Err(format!("`{q}` for `{other}` is not a whole number of at least 1")),
+            }
+        }
+        other => Err(format!(
+            "unknown resource `{other}`: use cpu, memory, ephemeral-storage or a device plugin's domain/name"
+        )),
     }
 }
 
@@ -147,6 +156,12 @@ pub struct FileConfig {
     pub agent_resources: Resources,
     /// The largest AdmissionReview body accepted, in bytes. The API server caps requests at 3 MiB.
     pub max_body_bytes: usize,
+    /// Give the agent the node's kernel log (read-only hostPath `/dev/kmsg` and `CAP_SYSLOG`)
+    /// unless a pod sets `ckptd.io/kmsg: "false"`. `false` for clusters that forbid either.
+    pub kmsg: bool,
+    /// Give the agent the node's GPUs for NVML (`NVIDIA_VISIBLE_DEVICES=all`,
+    /// `NVIDIA_DRIVER_CAPABILITIES=utility`) unless a pod sets `ckptd.io/nvml: "false"`.
+    pub nvml: bool,
 }
 
 impl Default for FileConfig {
@@ -165,6 +180,8 @@ impl Default for FileConfig {
             image_pull_policy: "IfNotPresent".into(),
             agent_resources: Resources::default(),
             max_body_bytes: 4 << 20,
+            kmsg: true,
+            nvml: true,
         }
     }
 }

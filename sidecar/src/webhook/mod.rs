@@ -2,8 +2,10 @@
 //!
 //! Users label a pod template, or a PyTorchJob, JobSet or Job ([`templates`]), `ckptd.io/inject: "true"`
 //! instead of editing their pods; the webhook adds
-//! the agent as a native sidecar, the arena, socket and NCCL-log volumes, and the environment trainers
-//! and NCCL need. The decision is the pure [`mutate()`] (tested on captured AdmissionReviews); the rest of
+//! the agent as a native sidecar, the arena, socket and NCCL-log volumes, the environment trainers
+//! and NCCL need, and what the agent's health reporters read (the node's kernel log with
+//! `CAP_SYSLOG`, the GPUs through the NVIDIA container runtime, the trainers' NCCL paths), each
+//! reporter that needs a grant switchable per pod (`ckptd.io/kmsg`, `ckptd.io/nvml`). The decision is the pure [`mutate()`] (tested on captured AdmissionReviews); the rest of
 //! this module is a thin HTTPS shell around it, as in kube-rs's admission controller example.
 //!
 //! It never touches a pod that did not opt in, never replaces a value the user set (the patch only

@@ -9,8 +9,8 @@ use std::fmt;
 
 use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    ResourceRequirements, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
+    ObjectFieldSelector, Pod, ResourceRequirements, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
@@ -30,6 +30,13 @@ pub const VOLUME_SOCKET: &str = "ckptd-socket";
 pub const VOLUME_SHARED: &str = "ckptd-nccl";
 /// The volume holding the isolator token (only with `isolatorTokenSecret`).
 pub const VOLUME_TOKEN: &str = "ckptd-isolator-token";
+/// The node's kernel log, a read-only hostPath volume in the agent (unless `ckptd.io/kmsg: "false"`).
+pub const VOLUME_KMSG: &str = "ckptd-kmsg";
+/// The kernel log, at the same path on the node and in the agent.
+pub const KMSG_PATH: &str = "/dev/kmsg";
+/// The capability that lets the agent read the kernel log when `kernel.dmesg_restrict=1`, as
+/// Kubernetes spells it (without `CAP_`).
+pub const CAP_SYSLOG: &str = "SYSLOG";
 /// Where the arena is mounted, the same in the agent and every trainer: the agent hands trainers
 /// absolute paths inside it.
 pub const ARENA_DIR: &str = "/var/run/ckptd/arena";
@@ -41,14 +48,32 @@ pub const SOCKET_PATH: &str = "/var/run/ckptd/sock/agent.sock";
 pub const SHARED_DIR: &str = "/var/run/ckptd/nccl";
 /// Where the isolator token is mounted in the agent.
 pub const TOKEN_DIR: &str = "/var/run/ckptd/isolator";
-/// `NCCL_DEBUG_FILE`: one file per host and process (`%h`, `%p` are expanded by NCCL).
+/// `NCCL_DEBUG_FILE`: one file per host and process (`%h`, `%p` are expanded by NCCL). The trainer
+/// gets it as `NCCL_DEBUG_FILE` and the agent the same string as `CKPTD_NCCL_LOG_GLOB`, which reads
+/// `%h` and `%p` as wildcards.
 pub const NCCL_DEBUG_FILE: &str = "/var/run/ckptd/nccl/nccl.%h.%p.log";
-/// `TORCH_NCCL_DEBUG_INFO_TEMP_FILE`: the flight-recorder dump prefix (torch appends the rank).
+/// `TORCH_NCCL_DEBUG_INFO_TEMP_FILE`: the flight-recorder dump prefix (torch appends the rank). The
+/// agent gets its directory, [`flight_recorder_dir`], as `CKPTD_FLIGHT_RECORDER_DIR`.
 pub const FLIGHT_RECORDER_PREFIX: &str = "/var/run/ckptd/nccl/nccl_trace_rank_";
+/// The trainer's variable for [`NCCL_DEBUG_FILE`], read by NCCL.
+pub const TRAINER_NCCL_DEBUG_FILE: &str = "NCCL_DEBUG_FILE";
+/// The trainer's variable for [`FLIGHT_RECORDER_PREFIX`], read by torch.
+pub const TRAINER_FLIGHT_RECORDER_PREFIX: &str = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE";
+/// Which GPUs the NVIDIA container runtime gives the agent: all of the node's, because the device
+/// plugin hands the pod's GPUs to the trainer container alone and which ones is decided after
+/// admission. docs/HEALTH.md says why and what the alternative is.
+pub const NVIDIA_VISIBLE_DEVICES: (&str, &str) = ("NVIDIA_VISIBLE_DEVICES", "all");
+/// The driver parts the runtime mounts into the agent: `utility` is NVML and nvidia-smi, no CUDA.
+pub const NVIDIA_DRIVER_CAPABILITIES: (&str, &str) = ("NVIDIA_DRIVER_CAPABILITIES", "utility");
 /// The agent's metrics port in the pod.
 pub const METRICS_PORT: i32 = 9101;
 /// The name of the agent's metrics port, which the chart's PodMonitor scrapes.
 pub const METRICS_PORT_NAME: &str = "ckptd-metrics";
+
+/// The directory torch writes flight-recorder dumps into: that of [`FLIGHT_RECORDER_PREFIX`].
+pub fn flight_recorder_dir() -> &'static str {
+    FLIGHT_RECORDER_PREFIX.rsplit_once('/').map_or("/", |(dir, _)| dir)
+}
 
 /// Why a pod is refused. The message goes back to whoever created the pod, so it names each offending
 /// annotation and the accepted form.
@@ -139,7 +164,7 @@ fn append<T: serde::Serialize>(ops: &mut Vec<PatchOperation>, path: &[&str], exi
 fn check_conflicts(pod: &Pod, s: &PodSettings) -> Result<(), Denial> {
     let Some(spec) = &pod.spec else { return Ok(()) };
     let mut problems = Vec::new();
-    let ours = [VOLUME_ARENA, VOLUME_SOCKET, VOLUME_SHARED, VOLUME_TOKEN];
+    let ours = [VOLUME_ARENA, VOLUME_SOCKET, VOLUME_SHARED, VOLUME_TOKEN, VOLUME_KMSG];
     for v in spec.volumes.iter().flatten().filter(|v| ours.contains(&v.name.as_str())) {
         problems.push(format!(
             "the pod already has a volume named {} but no {AGENT_CONTAINER} container: rename the volume, it is reserved for ckptd",
@@ -211,10 +236,10 @@ fn trainer_env(s: &PodSettings, cfg: &Config) -> Vec<EnvVar> {
         literal(env::ENV_JOB, &s.job),
         literal(env::ENV_ARENA_DIR, ARENA_DIR),
         literal("NCCL_DEBUG", "WARN"),
-        literal("NCCL_DEBUG_FILE", NCCL_DEBUG_FILE),
+        literal(TRAINER_NCCL_DEBUG_FILE, NCCL_DEBUG_FILE),
         literal("TORCH_NCCL_TRACE_BUFFER_SIZE", cfg.file.flight_recorder_entries.to_string()),
         literal("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
-        literal("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", FLIGHT_RECORDER_PREFIX),
+        literal(TRAINER_FLIGHT_RECORDER_PREFIX, FLIGHT_RECORDER_PREFIX),
     ]
 }
 
@@ -244,6 +269,13 @@ fn volumes(s: &PodSettings, cfg: &Config) -> Vec<Volume> {
             ..Default::default()
         },
     ];
+    if s.kmsg {
+        v.push(Volume {
+            name: VOLUME_KMSG.into(),
+            host_path: Some(HostPathVolumeSource { path: KMSG_PATH.into(), type_: Some("CharDevice".into()) }),
+            ..Default::default()
+        });
+    }
     if let (Some(_), Some(secret)) = (&s.isolator, &cfg.file.isolator_token_secret) {
         v.push(Volume {
             name: VOLUME_TOKEN.into(),
@@ -343,9 +375,32 @@ fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64)>)
         env.push(literal(env::ENV_RANKS, ranks));
         env.push(literal(env::ENV_WORLD_SIZE, world.to_string()));
     }
+    // What each health reporter reads: the trainer's NCCL paths (the same constants), the kernel
+    // log and the GPUs, or the switch that says the pod left a reporter out. InfiniBand needs
+    // nothing: the container's read-only /sys shows the RDMA devices of the pod's network namespace.
     env.extend([
-        literal("NCCL_DEBUG_FILE", NCCL_DEBUG_FILE),
-        literal("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", FLIGHT_RECORDER_PREFIX),
+        literal(env::ENV_NCCL_LOG_GLOB, NCCL_DEBUG_FILE),
+        literal(env::ENV_FLIGHT_RECORDER_DIR, flight_recorder_dir()),
+    ]);
+    let mut capabilities = None;
+    if s.kmsg {
+        env.push(literal(env::ENV_KMSG, KMSG_PATH));
+        mounts.push(VolumeMount {
+            name: VOLUME_KMSG.into(),
+            mount_path: KMSG_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        capabilities = Some(Capabilities { add: Some(vec![CAP_SYSLOG.into()]), drop: None });
+    } else {
+        env.push(literal(env::ENV_NO_KMSG, "true"));
+    }
+    if s.nvml {
+        env.extend([NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES].map(|(k, v)| literal(k, v)));
+    } else {
+        env.push(literal(env::ENV_NO_NVML, "true"));
+    }
+    env.extend([
         field(env::ENV_NODE_NAME, "spec.nodeName"),
         field(env::ENV_POD_NAME, "metadata.name"),
         field(env::ENV_POD_NAMESPACE, "metadata.namespace"),
@@ -376,8 +431,133 @@ fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64)>)
         }),
         volume_mounts: Some(mounts),
         restart_policy: cfg.file.native_sidecar.then(|| "Always".into()),
-        security_context: Some(SecurityContext { allow_privilege_escalation: Some(false), ..Default::default() }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities,
+            ..Default::default()
+        }),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The injected pod as JSON, the patch applied.
+    fn injected(annotations: Value) -> Value {
+        let mut pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "train-0", "labels": {"ckptd.io/inject": "true"}, "annotations": annotations},
+            "spec": {"containers": [{"name": "trainer", "image": "pytorch"}]}
+        });
+        let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
+        let patch = mutate(&typed, &Config::new("img:1")).unwrap();
+        json_patch::patch(&mut pod, &patch).unwrap();
+        pod
+    }
+
+    fn var<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+        container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+    }
+
+    #[test]
+    fn the_agent_reads_the_nccl_files_the_trainer_writes() {
+        let pod = injected(serde_json::json!({"ckptd.io/store": "s3://b/p"}));
+        let (trainer, agent) = (&pod["spec"]["containers"][0], &pod["spec"]["initContainers"][0]);
+        let debug_file = var(trainer, TRAINER_NCCL_DEBUG_FILE).unwrap();
+        let glob = var(agent, env::ENV_NCCL_LOG_GLOB).unwrap();
+        assert_eq!(glob, debug_file, "one constant, two names");
+        // NCCL expands %h to the host name and %p to the process id.
+        let pattern = glob::Pattern::new(&crate::health::nccl::glob_of(glob)).unwrap();
+        for written in [
+            debug_file.replace("%h", "train-0").replace("%p", "4242"),
+            debug_file.replace("%h", "n.x-1").replace("%p", "1"),
+        ] {
+            assert!(pattern.matches_path(Path::new(&written)), "{written} is missed by {pattern}");
+        }
+        assert!(!pattern.matches_path(Path::new("/var/run/ckptd/nccl/nccl_trace_rank_0")), "a dump is not a log");
+
+        // torch appends the rank to the prefix: the dump lands in the agent's directory.
+        let prefix = var(trainer, TRAINER_FLIGHT_RECORDER_PREFIX).unwrap();
+        let dump = format!("{prefix}7");
+        let dir = var(agent, env::ENV_FLIGHT_RECORDER_DIR).unwrap();
+        assert_eq!(Path::new(&dump).parent(), Some(Path::new(dir)));
+        // Both live on the volume the two containers share.
+        let shared = |c: &Value| {
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == VOLUME_SHARED && m["mountPath"] == SHARED_DIR)
+        };
+        assert!(shared(trainer) && shared(agent));
+        assert!(Path::new(dir).starts_with(SHARED_DIR) && Path::new(debug_file).starts_with(SHARED_DIR));
+        assert!(var(agent, TRAINER_NCCL_DEBUG_FILE).is_none(), "the agent runs no NCCL");
+    }
+
+    #[test]
+    fn the_agent_gets_the_kernel_log_and_the_gpus_unless_the_pod_opts_out() {
+        let pod = injected(serde_json::json!({"ckptd.io/store": "s3://b/p"}));
+        let agent = &pod["spec"]["initContainers"][0];
+        assert_eq!(agent["securityContext"]["capabilities"], serde_json::json!({"add": ["SYSLOG"]}));
+        assert_eq!(agent["securityContext"]["allowPrivilegeEscalation"], false);
+        assert!(agent["securityContext"]["privileged"].is_null());
+        let kmsg = agent["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == VOLUME_KMSG).unwrap();
+        assert_eq!((kmsg["mountPath"].as_str(), kmsg["readOnly"].as_bool()), (Some(KMSG_PATH), Some(true)));
+        let vol = pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == VOLUME_KMSG).unwrap();
+        assert_eq!(vol["hostPath"], serde_json::json!({"path": "/dev/kmsg", "type": "CharDevice"}));
+        assert_eq!(var(agent, env::ENV_KMSG), Some(KMSG_PATH));
+        assert_eq!(var(agent, "NVIDIA_VISIBLE_DEVICES"), Some("all"));
+        assert_eq!(var(agent, "NVIDIA_DRIVER_CAPABILITIES"), Some("utility"));
+        let trainer = &pod["spec"]["containers"][0];
+        assert!(var(trainer, "NVIDIA_VISIBLE_DEVICES").is_none(), "the trainer's GPUs are the device plugin's");
+        assert!(trainer["volumeMounts"].as_array().unwrap().iter().all(|m| m["name"] != VOLUME_KMSG));
+
+        let pod = injected(
+            serde_json::json!({"ckptd.io/store": "s3://b/p", "ckptd.io/kmsg": "false", "ckptd.io/nvml": "false"}),
+        );
+        let agent = &pod["spec"]["initContainers"][0];
+        assert!(agent["securityContext"]["capabilities"].is_null());
+        assert!(agent["volumeMounts"].as_array().unwrap().iter().all(|m| m["name"] != VOLUME_KMSG));
+        assert!(pod["spec"]["volumes"].as_array().unwrap().iter().all(|v| v["name"] != VOLUME_KMSG));
+        assert_eq!((var(agent, env::ENV_NO_KMSG), var(agent, env::ENV_NO_NVML)), (Some("true"), Some("true")));
+        assert!(var(agent, "NVIDIA_VISIBLE_DEVICES").is_none() && var(agent, env::ENV_KMSG).is_none());
+    }
+
+    #[test]
+    fn a_bad_switch_is_a_denial_naming_the_annotation() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "t", "labels": {"ckptd.io/inject": "true"},
+                         "annotations": {"ckptd.io/store": "s3://b/p", "ckptd.io/kmsg": "no", "ckptd.io/nvml": "True"}},
+            "spec": {"containers": [{"name": "trainer"}]}
+        }))
+        .unwrap();
+        let d = mutate(&pod, &Config::new("img:1")).unwrap_err();
+        assert_eq!(d.problems.len(), 2, "{d}");
+        assert!(d.problems[0].starts_with("ckptd.io/kmsg: `no` is not \"true\" or \"false\""), "{d}");
+        assert!(d.problems[1].starts_with("ckptd.io/nvml: `True` is not"), "{d}");
+        let cfg = Config::from_yaml("img:1", "kmsg: false\n").unwrap();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "t", "labels": {"ckptd.io/inject": "true"}, "annotations": {"ckptd.io/store": "s3://b/p"}},
+            "spec": {"containers": [{"name": "trainer"}]}
+        }))
+        .unwrap();
+        let text = serde_json::to_string(&mutate(&pod, &cfg).unwrap()).unwrap();
+        assert!(!text.contains("/dev/kmsg") && text.contains(env::ENV_NO_KMSG), "the cluster default: {text}");
+
+        // A device plugin's resource for /dev/kmsg goes into the agent's limits from the configuration.
+        let cfg = Config::from_yaml("img:1", "agentResources: {limits: {example.com/kmsg: \"1\"}}\n").unwrap();
+        let text = serde_json::to_string(&mutate(&pod, &cfg).unwrap()).unwrap();
+        assert!(text.contains(r#""limits":{"example.com/kmsg":"1"}"#), "{text}");
+        for bad in
+            ["{limits: {example.com/kmsg: \"0\"}}", "{limits: {kmsg: \"1\"}}", "{limits: {example.com/kmsg: 1Gi}}"]
+        {
+            assert!(Config::from_yaml("img:1", &format!("agentResources: {bad}\n")).is_err(), "{bad}");
+        }
     }
 }
