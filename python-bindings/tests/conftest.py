@@ -72,14 +72,15 @@ def s3_store_url() -> str:
 
 
 class Child:
-    """A helper script running in its own process, speaking one JSON object per stdout line."""
+    """A helper script running in its own process, speaking one JSON object per stdout line
+    (with ``stdin=True``, :meth:`send` writes lines to it)."""
 
-    def __init__(self, script: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, script: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / script), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             text=True,
             env={**os.environ, **(env or {})},
         )
@@ -94,6 +95,11 @@ class Child:
         event: dict[str, Any] = json.loads(line)
         self.events.append(event)
         return event
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def until(self, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         while (event := self.next_event()) is not None:

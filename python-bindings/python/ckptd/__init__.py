@@ -28,12 +28,14 @@ torch is optional and never imported here; see :mod:`ckptd.torch` for model/opti
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import operator
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, NamedTuple
@@ -73,6 +75,11 @@ __all__ = [
 __version__: Final[str] = _native.__version__
 
 _ADVANCED: Final = frozenset({"arena_dir", "chunk_size", "commit_timeout", "strict_restore"})
+
+#: The least time (seconds) between two progress reports in the same phase. A report is a round
+#: trip to the agent; hang budgets are seconds to minutes, so a step waits at most this long to be
+#: seen, a small fraction of any budget.
+_REPORT_INTERVAL: Final = 0.1
 
 
 class SaveHandle:
@@ -353,9 +360,18 @@ class Checkpointer:
         self._job = job
         self._fence_device: int | None = None
         # Snapshot-now: where a requested snapshot's state comes from, the step it is taken at,
-        # and the optimizer-step guard that lets a background thread take it safely.
+        # and the optimizer-step guard that lets a background thread take it safely. The step is
+        # also the one progress reports carry: the newest of the steps saved, loaded or passed
+        # to heartbeat(), counted on by each optimizer step (see _optimizer_stepped).
         self._snapshot_fn: Callable[[], Any] | None = None
         self._last_step: int | None = None
+        # Progress reports to the agent (sidecar mode): the phase it was last told, when, and
+        # whether a report already failed (logged once).
+        self._sidecar = self._native.mode == "sidecar"
+        self._progress = threading.Lock()
+        self._phase_now = "init"
+        self._reported_at = -_REPORT_INTERVAL
+        self._report_failed = False
         self._guard = threading.Condition()
         self._in_optimizer_step = False
         self._snapshotting = False
@@ -370,6 +386,7 @@ class Checkpointer:
         #: The keys the last :meth:`load` left alone (always empty lists with ``strict=True``);
         #: ``None`` before the first load.
         self.last_load_keys: IncompatibleKeys | None = None
+        self._report(force=True)  # phase init: the agent's hang detector starts its init budget
 
     @property
     def job(self) -> str:
@@ -398,19 +415,24 @@ class Checkpointer:
         after all copies are done (and, in sidecar mode, after the agent owns the snapshot, so it
         is persisted even if this process dies right after). A pending snapshot request from the
         agent is answered by this save. ``step`` is any integral type (int, numpy integer, 0-d
-        integer tensor).
+        integer tensor). In sidecar mode the agent is told that the rank is in phase
+        ``checkpoint-save`` while this runs, so its hang detector applies the save budget.
         """
-        handle = self._save(state, step, copy_unfenced=not blocking)
-        if blocking:
-            # The host waits (even for CUDA tensors), so that the copies are done and, in sidecar
-            # mode, the agent owns the snapshot when this returns.
-            self._native.fence(None)
+        value = _check_step(step)
+        assert value is not None
+        self._advance(value)
+        with self._phase("checkpoint-save"):
+            handle = self._save(state, value, copy_unfenced=not blocking)
+            if blocking:
+                # The host waits (even for CUDA tensors), so that the copies are done and, in
+                # sidecar mode, the agent owns the snapshot when this returns.
+                self._native.fence(None)
         return handle
 
     def _save(self, state: Any, step: int, *, copy_unfenced: bool = True) -> SaveHandle:
         value = _check_step(step)
         assert value is not None
-        self._last_step = value
+        self._advance(value)
         flat = _tree.flatten(state, writable=False)
         if copy_unfenced and self._fenced:
             fenced = {key for source in self._fenced for key in source()}
@@ -437,8 +459,13 @@ class Checkpointer:
         self._native.fence(_cuda_stream(self._fence_device))
 
     def heartbeat(self, step: int, phase: str = "step") -> bool:
-        """Reports progress to the agent; call it once per training step. ``phase`` is ``init``,
-        ``step``, ``checkpoint-save`` or ``checkpoint-load`` (a long load is then not a hang).
+        """Reports progress to the agent. ``phase`` is ``init``, ``step``, ``checkpoint-save`` or
+        ``checkpoint-load`` (a long load is then not a hang).
+
+        Scripts with :func:`ckptd.torch.fence_before_step` hooks need not call it: the hooks
+        report every optimizer step, and :meth:`save`, :meth:`load` and
+        :func:`ckptd.torch.restore` report their phases. Without the hooks, call it once per
+        training step, or the agent reports the rank as hung once its step budget passes.
 
         Returns ``True`` when the agent requested a snapshot. With a source registered by
         :meth:`register_snapshot`, the snapshot is taken here (this is a safe point); otherwise
@@ -446,12 +473,77 @@ class Checkpointer:
         """
         value = _check_step(step)
         assert value is not None
-        self._last_step = value
-        if self._native.heartbeat(value, phase) is None:
+        request = self._native.heartbeat(value, phase)
+        with self._progress:
+            self._last_step = value
+            self._phase_now = phase
+            self._reported_at = time.monotonic()
+        if request is None:
             return False
         if self._snapshot_fn is not None:
             self._save(self._snapshot_fn(), value)
         return True
+
+    def _advance(self, step: int) -> None:
+        """The trainer is at least at ``step`` (a step saved or loaded)."""
+        with self._progress:
+            self._last_step = step if self._last_step is None else max(self._last_step, step)
+
+    def _resumed_at(self, step: int) -> None:
+        """The training state was restored to ``step``: optimizer steps count on from it (even
+        when it is older than the step reported last, as after a rollback), so that every rank
+        reports the step it really is at."""
+        with self._progress:
+            self._last_step = step
+
+    def _optimizer_stepped(self, counts: bool) -> None:
+        """An optimizer step finished: one more step when it ``counts`` (the step of the first
+        hooked optimizer, so that two optimizers stepped per iteration count one step), and a
+        progress report."""
+        if counts:
+            with self._progress:
+                self._last_step = (self._last_step or 0) + 1
+        self._report("step")
+
+    def _report(self, phase: str | None = None, *, force: bool = False) -> None:
+        """Tells the agent this rank's step and phase, for its hang detector (sidecar mode only).
+
+        A new phase is reported at once; the same phase at most every ``_REPORT_INTERVAL``
+        seconds, so that a fast training loop makes few round trips. Never raises: progress
+        reports must not stop training when the agent is gone (the failure is printed once, and
+        saves report the agent's loss themselves)."""
+        if not self._sidecar:
+            return
+        with self._progress:
+            if phase is not None and phase != self._phase_now:
+                self._phase_now = phase
+                force = True
+            now = time.monotonic()
+            if not force and now - self._reported_at < _REPORT_INTERVAL:
+                return
+            self._reported_at = now
+            if self.closed:
+                return
+            try:
+                self._native.heartbeat(self._last_step or 0, self._phase_now)
+            except CkptError as e:
+                if not self._report_failed:
+                    self._report_failed = True
+                    print(f"ckptd: cannot report progress to the agent, training goes on: {e}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def _phase(self, phase: str) -> Iterator[None]:
+        """Reports ``phase`` for the duration of the block, then the phase before it again."""
+        if not self._sidecar:
+            yield
+            return
+        with self._progress:
+            before = self._phase_now
+        self._report(phase)
+        try:
+            yield
+        finally:
+            self._report(before)
 
     def restore_order(self) -> tuple[int, int] | None:
         """The isolator's newest restore order ``(step, generation)``, taken (so returned once):
@@ -470,7 +562,9 @@ class Checkpointer:
 
         Requests are then answered at the next :meth:`heartbeat`, or at once from a background
         thread when :func:`ckptd.torch.fence_before_step` hooks tell that the trainer is outside
-        the optimizer step (the only code that writes the saved tensors).
+        the optimizer step (the only code that writes the saved tensors). A snapshot is saved as
+        the trainer's current step: the step of the last :meth:`heartbeat`, save or load, plus
+        the optimizer steps the hooks counted since (none are taken before a step is known).
         """
         self._snapshot_fn = state_fn
         self._maybe_start_worker()
@@ -495,6 +589,11 @@ class Checkpointer:
     def _hooks_removed(self, fenced: Callable[[], Iterable[tuple[int, int]]]) -> None:
         if fenced in self._fenced:
             self._fenced.remove(fenced)
+
+    def _counts_steps(self, fenced: Callable[[], Iterable[tuple[int, int]]]) -> bool:
+        """Whether the optimizer whose hooks registered ``fenced`` counts steps: the first one
+        hooked that is still hooked."""
+        return bool(self._fenced) and self._fenced[0] is fenced
 
     def _maybe_start_worker(self) -> None:
         if self._worker is not None or not self._hooks or self._snapshot_fn is None or self.mode != "sidecar":
@@ -528,15 +627,18 @@ class Checkpointer:
 
     def describe(self, step: int | None = None) -> Description:
         """What ``step`` (default: the newest committed step) holds, without reading tensor data."""
-        got, table, metadata = self._native.describe(_check_step(step, optional=True))
+        value = _check_step(step, optional=True)
+        with self._phase("checkpoint-load"):
+            got, table, metadata = self._native.describe(value)
         return _description(got, table, metadata)
 
     def read(self, step: int | None = None, *, make: Callable[[str, TensorInfo], Any] | None = None) -> Any:
         """A new state holding ``step`` (default: the newest committed step), like
         ``torch.load``: built with :meth:`Description.allocate` (``make`` as there) and loaded."""
-        desc = self.describe(step)
-        state = desc.allocate(make)
-        self.load(state, desc.step)
+        with self._phase("checkpoint-load"):
+            desc = self.describe(step)
+            state = desc.allocate(make)
+            self.load(state, desc.step)
         return state
 
     def load(self, state: Any, step: int | None = None, *, strict: bool = True, cast: bool = False) -> int:
@@ -551,7 +653,14 @@ class Checkpointer:
         With ``cast=True``, a tensor stored with another dtype (same shape) is read into a
         temporary and converted into the state's tensor (an fp32 checkpoint into a bf16 model).
         ``strict`` is about keys; the constructor's ``strict_restore`` is about damaged steps.
+        In sidecar mode the agent is told that the rank is in phase ``checkpoint-load`` meanwhile.
         """
+        with self._phase("checkpoint-load"):
+            loaded = self._load(state, step, strict=strict, cast=cast)
+            self._advance(loaded)
+        return loaded
+
+    def _load(self, state: Any, step: int | None, *, strict: bool, cast: bool) -> int:
         value = _check_step(step, optional=True)
         flat = _tree.flatten(state, writable=True)
         device = _cuda_device(flat.tensors)
@@ -586,7 +695,8 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest committed step that validates, or ``None``."""
-        return self._native.latest_step()
+        with self._phase("checkpoint-load"):
+            return self._native.latest_step()
 
     def wait_all(self) -> None:
         """Waits for every save in flight to be durable; raises the first failure."""

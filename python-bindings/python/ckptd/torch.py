@@ -1,16 +1,19 @@
 """torch helpers: capture and restore a whole training state, and fence the optimizer step.
 
 >>> ck = ckptd.Checkpointer("job")
+>>> step = ckptd.torch.restore(ck, model, optimizer, scheduler)   # every rank, or NoCheckpoint
 >>> ckptd.torch.fence_before_step(optimizer, ck)
 >>> ck.save(ckptd.torch.capture(model, optimizer, scheduler), step)
-...
->>> step = ckptd.torch.restore(ck, model, optimizer, scheduler)
 
 The captured state is a dict with the keys ``model``, ``optimizer``, ``scheduler``, ``extra``
 (each present when given) and ``rng``: the torch CPU generator, every CUDA generator (when CUDA
 is initialised), numpy's global generator (when numpy is installed) and Python's ``random``.
 ``restore`` loads in place and re-applies them all, so a resumed run continues bitwise
 identically.
+
+In sidecar mode these helpers also keep the agent's hang detector informed: the hooks of
+:func:`fence_before_step` report every optimizer step, and :func:`restore` reports phase
+``checkpoint-load`` throughout, so a script needs no :meth:`ckptd.Checkpointer.heartbeat` calls.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import Checkpointer, CkptError, Description, TensorInfo, _tree
+from . import Checkpointer, CkptError, Description, NoCheckpoint, TensorInfo, _tree
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -109,6 +112,56 @@ def _same_layout(live: Any, desc: Description, key: str) -> bool:
     return live_tensors == stored_tensors and set(flat.scalars) == set(stored_scalars)
 
 
+def _collective_device() -> torch.device:
+    """Where the default process group's collectives take tensors: the CPU for gloo (and any
+    backend list with a ``cpu:`` entry, e.g. ``cpu:gloo,cuda:nccl``), the current CUDA device for
+    nccl."""
+    backend = str(torch.distributed.get_backend())
+    if ":" in backend:
+        devices = {part.split(":", 1)[0].strip() for part in backend.split(",")}
+        on_cuda = "cpu" not in devices
+    else:
+        on_cuda = backend == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+
+
+def _agreed_description(ck: Checkpointer) -> Description | None:
+    """The description of the newest committed step of any rank, the same on every rank of the
+    default process group; ``None`` when there is no group of more than one rank to agree with.
+
+    Ranks restart at different times, and a step may be committed in between: a rank that looked
+    earlier sees an older newest step. A committed step is whole (every rank's shard is durable),
+    so the newest one any rank sees is loadable by all: one all_reduce(MAX) settles it. A rank
+    that cannot look (a store error) makes every rank raise, rather than leave the others waiting
+    for it in a later collective."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    mine: Description | None = None
+    error: CkptError | None = None
+    try:
+        mine = ck.describe()
+    except CkptError as e:
+        error = e
+    failed = 0 if error is None or isinstance(error, NoCheckpoint) else dist.get_rank() + 1
+    # [newest step seen or -1, 1 + the highest rank that failed or 0]
+    t = torch.tensor([-1 if mine is None else mine.step, failed], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    agreed, failed_rank = (int(v) for v in t.tolist())
+    if failed_rank:
+        if error is not None and not isinstance(error, NoCheckpoint):
+            raise error
+        raise CkptError(
+            f"rank {failed_rank - 1} could not find its newest checkpoint (see its error): no rank restores"
+        )
+    if agreed < 0:
+        assert error is not None  # every rank saw no checkpoint
+        raise error
+    if mine is not None and mine.step == agreed:
+        return mine
+    return ck.describe(agreed)
+
+
 def restore(
     ck: Checkpointer,
     model: torch.nn.Module | None = None,
@@ -119,38 +172,54 @@ def restore(
     extra: Any = None,
     strict: bool = True,
     cast: bool = False,
+    agree: bool = True,
 ) -> int:
     """Loads ``step`` (default: the newest committed step) into ``model`` and ``optimizer`` in
     place, re-applies the optimizer's and the scheduler's state dicts and the RNG states, fills
     ``extra`` (a dict or list) in place, and returns the step loaded.
+
+    With ``step=None`` under ``torch.distributed`` (a default process group of more than one
+    rank) and ``agree=True`` (the default), every rank returns the same step: each finds its
+    newest committed step, and the ranks take the newest of them with one ``all_reduce`` (on the
+    CPU for gloo, on the current CUDA device for nccl). Every rank must then call ``restore``,
+    also when there may be no checkpoint: every rank raises :class:`ckptd.NoCheckpoint` when no
+    rank finds one. ``agree=False`` loads each rank's own newest step, with no collective.
 
     An optimizer whose state does not exist yet (a fresh optimizer before its first step) gets
     it from the checkpoint. Parts of the checkpoint that are not asked for are read and dropped.
     ``strict`` and ``cast`` are those of :meth:`ckptd.Checkpointer.load` (``strict=False`` loads
     the keys present in both and reports the others in ``ck.last_load_keys``; ``cast=True``
     converts stored dtypes, e.g. an fp32 checkpoint into a bf16 model).
+
+    In sidecar mode the agent is told that the rank is in phase ``checkpoint-load`` until this
+    returns, and the optimizer steps that :func:`fence_before_step` reports count on from the
+    step loaded.
     """
-    desc = ck.describe(step)
-    if desc.state is None or not isinstance(desc.state, dict):
-        raise CkptError(f"step {desc.step} was not saved by ckptd.torch.capture")
-    target: dict[str, Any] = {}
-    for key in desc.state:
-        if key == "model" and model is not None:
-            target[key] = model.state_dict()
-        elif key == "optimizer" and optimizer is not None:
-            live = optimizer.state_dict()
-            target[key] = live if _same_layout(live, desc, key) else desc.allocate(_empty, key=key)
-        elif key == "extra" and extra is not None:
-            target[key] = extra
-        else:
-            target[key] = desc.allocate(_empty, key=key)
-    loaded = ck.load(target, desc.step, strict=strict, cast=cast)
-    if optimizer is not None and "optimizer" in target:
-        optimizer.load_state_dict(target["optimizer"])
-    if scheduler is not None and "scheduler" in target:
-        scheduler.load_state_dict(target["scheduler"])
-    if "rng" in target:
-        _set_rng_state(target["rng"])
+    with ck._phase("checkpoint-load"):
+        desc = _agreed_description(ck) if step is None and agree else None
+        if desc is None:
+            desc = ck.describe(step)
+        if desc.state is None or not isinstance(desc.state, dict):
+            raise CkptError(f"step {desc.step} was not saved by ckptd.torch.capture")
+        target: dict[str, Any] = {}
+        for key in desc.state:
+            if key == "model" and model is not None:
+                target[key] = model.state_dict()
+            elif key == "optimizer" and optimizer is not None:
+                live = optimizer.state_dict()
+                target[key] = live if _same_layout(live, desc, key) else desc.allocate(_empty, key=key)
+            elif key == "extra" and extra is not None:
+                target[key] = extra
+            else:
+                target[key] = desc.allocate(_empty, key=key)
+        loaded = ck.load(target, desc.step, strict=strict, cast=cast)
+        if optimizer is not None and "optimizer" in target:
+            optimizer.load_state_dict(target["optimizer"])
+        if scheduler is not None and "scheduler" in target:
+            scheduler.load_state_dict(target["scheduler"])
+        if "rng" in target:
+            _set_rng_state(target["rng"])
+        ck._resumed_at(loaded)
     return loaded
 
 
@@ -197,6 +266,12 @@ def fence_before_step(
     the snapshot. With ``model``, a forward pre-hook on it fences too, and the model's buffers are
     copied in the background instead: no extra memory, but the next forward waits for the copy.
 
+    In sidecar mode the post-hook also reports each optimizer step to the agent (at most one
+    round trip per ~100 ms), so its hang detector sees progress without
+    :meth:`ckptd.Checkpointer.heartbeat` calls. The step reported counts optimizer steps from the
+    newest step saved or restored (with several hooked optimizers, the first one's steps); a
+    failed report is printed once and never raised into the training loop.
+
     Returns the hooks' handles (``.remove()`` unregisters them). The hooks do nothing once ``ck``
     is closed."""
 
@@ -209,6 +284,8 @@ def fence_before_step(
     def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         del opt, args, kwargs
         ck._leave_optimizer_step()
+        if not ck.closed:
+            ck._optimizer_stepped(counts=ck._counts_steps(fenced))
 
     def before_forward(module: torch.nn.Module, args: Any) -> None:
         del module, args
