@@ -14,7 +14,9 @@
 #
 # At the end it prints one reliability line per class (SIGKILLs survived, corruptions detected,
 # store faults survived, hostile inputs refused), summed from what the tests themselves recorded
-# in CKPTD_RELIABILITY_LOG.
+# in CKPTD_RELIABILITY_LOG, and one line per recovery drill (python-bindings/tests/test_drill.py:
+# a torch.distributed job recovering from an XID, a hang and a local fault) with its time from
+# fault to first resumed step.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,6 +35,8 @@ SCRIPT_START=$SECONDS
 STAGES_RUN=()
 RELIABILITY_LOG="$(mktemp -t ckptd-reliability.XXXXXX)"
 export CKPTD_RELIABILITY_LOG="$RELIABILITY_LOG"
+DRILL_LOG="$(mktemp -t ckptd-drill.XXXXXX)"
+export CKPTD_DRILL_RESULTS="$DRILL_LOG"
 
 section() {
     printf '\n==> %s\n' "$*"
@@ -123,7 +127,7 @@ cleanup() {
         fi
         rm -f "$S3_LOG"
     fi
-    rm -f "$RELIABILITY_LOG"
+    rm -f "$RELIABILITY_LOG" "$DRILL_LOG"
     if [[ $rc -ne 0 ]]; then
         printf '\ntest.sh: FAILED (exit %d) after %ds\n' "$rc" "$((SECONDS - SCRIPT_START))" >&2
     fi
@@ -260,7 +264,7 @@ run_python_tests() {
     (cd python-bindings && VIRTUAL_ENV="$VENV" "$VENV/bin/maturin" develop --quiet --features test-hooks)
     section "python: pytest"
     local rc=0
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider python-bindings/tests || rc=$?
+    CKPTD_REQUIRE_KMOCK=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider python-bindings/tests || rc=$?
     # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
     [[ $rc -ne 5 ]] || die "pytest collected no tests"
     [[ $rc -eq 0 ]] || die "pytest failed (exit $rc)"
@@ -289,6 +293,20 @@ reliability_summary() {
     done
 }
 
+# One line per recovery drill the suite ran: where the job resumed and how long each phase took.
+drill_summary() {
+    section "recovery drills (seconds after the fault)"
+    [[ -s "$DRILL_LOG" ]] || { echo "drill: none ran"; return; }
+    "$VENV/bin/python" - "$DRILL_LOG" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    p = r["since_fault_s"]
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in p.items() if k not in ("fault", "done"))
+    print(f"drill: {r['scenario']}: resumed step {r['resumed_step']} bitwise; first step {r['mttr_s']:.1f} s ({phases})")
+PY
+}
+
 # ------------------------------------------------------------------------ main
 
 main() {
@@ -308,6 +326,7 @@ main() {
         stage fuzz run_fuzz
     fi
     reliability_summary
+    drill_summary
     section "summary"
     local IFS=,
     echo "test.sh: all stages ok in $((SECONDS - SCRIPT_START))s (${STAGES_RUN[*]})"

@@ -513,13 +513,17 @@ def _run(d: Drill, reference: Path) -> dict[str, Any]:
     ordered = [x for log in logs for x in log_times(log, "restore ordered") if x >= fault]
     if ordered:
         t["ordered"] = min(ordered)
+    # A worker of the old attempt is gone when its agent saw its session end; the replaced pod's
+    # agent was ended with it, so its workers were gone when the harness replaced the pod.
     exited: dict[int, float] = {}
     for log in logs:
         for x, r in log_ranks(log, "trainer detached"):
-            if x >= fault and r not in exited:
-                exited[r] = x
-    if len(exited) == 4:
-        t["workers_exited"] = max(exited.values())
+            if fault <= x <= by_rank[r]["t"]:
+                exited[r] = min(x, exited.get(r, x))
+    for r in range(4):
+        if r not in exited and "replaced" in t:
+            exited[r] = t["replaced"]
+    t["workers_exited"] = max(exited.values())
     restarted, rendezvous, first = [], [], []
     for r, res in by_rank.items():
         mine = [e for e in after if e["rank"] == r and e["t"] <= res["t"]]

@@ -68,10 +68,12 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 # The README's pattern, followed literally.
 with ckptd.Checkpointer("drill") as ck:
     start, extra = 0, {"epoch": 0}
-    if ck.latest_step() is not None:
-        t0 = time.time()
+    t0 = time.time()
+    try:  # every rank calls restore: under torch.distributed the ranks agree on one step
         start = ckptd.torch.restore(ck, model, optimizer, extra=extra)
         event("restored", step=start, memory=ck.last_load_from_memory, load_s=time.time() - t0)
+    except ckptd.NoCheckpoint:
+        pass
     ckptd.torch.fence_before_step(optimizer, ck)
     for step in range(start + 1, steps + 1):
         x, y = batch(step)

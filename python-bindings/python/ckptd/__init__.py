@@ -23,6 +23,13 @@ Errors are subclasses of :class:`CkptError`: :class:`StoreError`, :class:`Corrup
 :class:`StateMismatch`, :class:`ArenaFull`, :class:`AgentUnavailable`, :class:`NoCheckpoint`,
 :class:`ConfigError` (also a ``ValueError``) and :class:`CheckpointerClosed`.
 
+In sidecar mode the agent may order this process to end (the job restarts from an earlier step, or
+its node is being isolated). A script that does not take orders itself (:meth:`Checkpointer.restore_order`)
+is ended by the library at its next ``save``/``fence``/``heartbeat``, or after
+``CKPTD_RESTART_GRACE`` seconds (default 3; ``off``) when it is blocked (in a collective, say),
+with exit code :data:`EXIT_RESTART` or :data:`EXIT_STOP`, for its launcher (torchrun
+``--max-restarts``, the container's restart policy) to start it again.
+
 torch is optional and never imported here; see :mod:`ckptd.torch` for model/optimizer helpers.
 """
 
@@ -63,6 +70,8 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpoint",
     "Description",
+    "EXIT_RESTART",
+    "EXIT_STOP",
     "IncompatibleKeys",
     "NoCheckpoint",
     "SaveHandle",
@@ -73,6 +82,10 @@ __all__ = [
 ]
 
 __version__: Final[str] = _native.__version__
+#: Exit code of a worker the library ended on a restart order: its launcher restarts it.
+EXIT_RESTART: Final[int] = _native.EXIT_RESTART
+#: Exit code of a worker the library ended on a stop order (its node is being isolated).
+EXIT_STOP: Final[int] = _native.EXIT_STOP
 
 _ADVANCED: Final = frozenset({"arena_dir", "chunk_size", "commit_timeout", "strict_restore"})
 

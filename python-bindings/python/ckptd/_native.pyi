@@ -8,6 +8,8 @@ from typing import Final, final
 __all__ = [
     "__version__",
     "_TEST_HOOKS",
+    "EXIT_RESTART",
+    "EXIT_STOP",
     "_Checkpointer",
     "_SaveHandle",
     "CkptError",
@@ -23,6 +25,8 @@ __all__ = [
 
 __version__: Final[str]
 _TEST_HOOKS: Final[bool]
+EXIT_RESTART: Final[int]
+EXIT_STOP: Final[int]
 
 #: `(name, dtype, shape, addr, device)`; device -1 is host memory, n is cuda:n.
 _Tensor = tuple[str, str, tuple[int, ...], int, int]

@@ -86,8 +86,9 @@ pub(super) struct RankInner {
     /// to settle). A commit still waiting for other ranks' shards [`RESTORE_PATIENCE`] later is
     /// given up: after a restart those shards may never come.
     pub restoring_since: Option<Instant>,
-    /// A step the prefetch read from storage into the arena before any trainer asked: the first
-    /// load of it reports storage as its source, since that is where its bytes came from.
+    /// A step the prefetch read from storage into the arena before any trainer asked: loads of it
+    /// report storage as their source, since that is where its bytes came from, until the
+    /// trainer's first save.
     pub prefetched: Option<u64>,
 }
 

@@ -306,6 +306,7 @@ impl Trainer for Service {
             }
         }
         rank.handovers.send_replace((req.request, req.step));
+        rank.lock().prefetched = None;
         tracing::debug!(rank = rank.rank, step = req.step, slot = req.slot, "snapshot handed over");
         Ok(Response::new(pb::HandoverReply {}))
     }
@@ -372,7 +373,8 @@ impl Service {
             inner.rollback = None;
             inner.awaiting_restart = None;
             // A step the prefetch read from storage came from storage, whoever staged it.
-            let prefetched = inner.prefetched.take_if(|p| *p == step).is_some();
+            // Every load of it until the trainer saves (a restore describes, then loads).
+            let prefetched = inner.prefetched == Some(step);
             staged_from_storage || prefetched
         };
         let source = if from_storage { "storage" } else { "memory" };
