@@ -178,18 +178,25 @@ pub(crate) fn wait_committed(
     }
 }
 
+/// The step a commit is for: `job`'s `step`, written by `world_size` ranks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepTarget<'a> {
+    pub job: &'a str,
+    pub step: u64,
+    pub world_size: u32,
+}
+
 /// Waits until every rank's shard of `step` is present and its header validates, then writes the
 /// MANIFEST. Blocking.
 pub(crate) fn commit_when_complete(
     store: &Store,
     rt: &Handle,
     cfg: &CommitConfig,
-    job: &str,
-    step: u64,
-    world_size: u32,
+    target: StepTarget<'_>,
     metadata: BTreeMap<String, String>,
     abort: &dyn Fn() -> Option<String>,
 ) -> Result<Manifest> {
+    let StepTarget { job, step, world_size } = target;
     let started = Instant::now();
     let mut entries: BTreeMap<u32, ShardEntry> = BTreeMap::new();
     let mut poll = cfg.poll;

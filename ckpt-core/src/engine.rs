@@ -166,7 +166,8 @@ impl Engine {
         metadata: BTreeMap<String, String>,
         abort: &dyn Fn() -> Option<String>,
     ) -> Result<Manifest> {
-        commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, job, step, world_size, metadata, abort)
+        let target = commit::StepTarget { job, step, world_size };
+        commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, target, metadata, abort)
     }
 
     /// Waits until `step` is committed by another writer (rank 0 of a storage-coordinated commit,

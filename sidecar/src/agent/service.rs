@@ -379,7 +379,7 @@ impl Service {
         };
         let source = if from_storage { "storage" } else { "memory" };
         self.agent.metrics.restores.get_or_create(&super::metrics::SourceLabel { source: source.into() }).inc();
-        let (arena, slot) = self.agent.in_memory(&rank, step).ok_or_else(|| {
+        let (arena, slot) = self.agent.in_memory(rank, step).ok_or_else(|| {
             refuse(
                 Code::Aborted,
                 ErrorKind::Core(ckpt_core::ErrorKind::Transient),
