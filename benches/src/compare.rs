@@ -4,8 +4,10 @@
 //! The limits (memcpy, sequential write+fsync, warm and cold sequential read) are timed here in
 //! Rust, on the same directory. Everything that needs torch (ckptd embedded and sidecar, torch.save,
 //! DCP, safetensors, pinned CUDA copies, multi-rank commits) is timed by `benches/python/compare.py`
-//! under `--python`, each system in its own process. This module merges both into
-//! `OUT/results.json`, writes `OUT/results.md`, draws the PNGs and runs the goodput model.
+//! under `--python`, each system in its own process. With `--drill`, the recovery drill (see
+//! [`crate::drill`]) times a real job's recovery from a fault, phase by phase. This module merges
+//! everything into `OUT/results.json`, writes `OUT/results.md`, draws the PNGs and runs the goodput
+//! model, with the drill's measured restart time when there is one.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +17,7 @@ use std::process::Command;
 use anyhow::Context;
 use serde_json::{Value, json};
 
+use crate::drill::{self, Recovery};
 use crate::engine::{Failure, evict, noise, parallel_copy, prefault, read_file, spread, timed, timed_io, write_file};
 use crate::goodput::{self, Costs, FaultRate};
 use crate::machine;
@@ -36,6 +39,8 @@ pub struct Config {
     pub fault: FaultRate,
     /// `pip install` missing peers into `python`'s environment first.
     pub install_peers: bool,
+    /// Run the recovery drill too (minutes).
+    pub drill: bool,
 }
 
 /// The order systems are shown in, and their labels.
@@ -101,6 +106,17 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
         return Err(Failure::Config("--sizes is empty".into()));
     }
     let dir = cfg.dir.canonicalize().map_err(|e| Failure::Config(format!("--dir {}: {e}", cfg.dir.display())))?;
+    let bin_dir = ckptd_bin_dir();
+    if cfg.drill {
+        for name in ["ckptd", "ckptctl"] {
+            if !bin_dir.join(name).exists() {
+                return Err(Failure::Config(format!(
+                    "--drill needs {}: build it with `cargo build -p ckptd --features server --bins` or point CKPTD_BIN_DIR at it",
+                    bin_dir.join(name).display()
+                )));
+            }
+        }
+    }
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("create {}", cfg.out.display()))?;
     let mount = machine::mount_of(&dir);
     let facts = machine_facts(&dir, mount.as_ref());
@@ -141,15 +157,31 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
         Ok((version, cuda)) => {
             writeln!(out, "  python {} with torch {version} (CUDA: {cuda}) ...", cfg.python.display())?;
             out.flush()?;
-            let (r, m, s) = python_systems(cfg, &dir)?;
+            let (r, m, s) = python_systems(cfg, &dir, &bin_dir)?;
             recs.extend(r);
             py_machine = m;
             skipped.extend(s);
         }
     }
+    let mut drill_results = Value::Null;
+    if cfg.drill {
+        if torch.is_ok() {
+            writeln!(out, "  recovery drill (xid, hang, local) with {} ...", bin_dir.display())?;
+            out.flush()?;
+            match drill::run(&cfg.python, &bin_dir, &cfg.out.join("drill.json")) {
+                Ok(v) => drill_results = v,
+                Err(e) => {
+                    writeln!(out, "  the drill failed: {e:#}")?;
+                    skipped.insert("drill".into(), format!("{e:#}"));
+                }
+            }
+        } else {
+            skipped.insert("drill".into(), "needs --python with torch and ckptd".into());
+        }
+    }
 
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    report(cfg, &recs, &facts, &py_machine, &skipped, &command, out)
+    report(cfg, &recs, &drill_results, &facts, &py_machine, &skipped, &command, out)
 }
 
 /// Redraws the tables, the goodput model and the plots from an earlier `results.json`, with this
@@ -182,22 +214,31 @@ pub fn redraw(cfg: &Config, from: &Path, out: &mut dyn Write) -> Result<(), Fail
     let command = v["command"].as_str().unwrap_or_default().to_string();
     let cfg = Config { sizes, reps, ranks, shard, ..cfg.clone() };
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("create {}", cfg.out.display()))?;
-    report(&cfg, &recs, &v["machine"], &v["python"], &skipped, &command, out)
+    report(&cfg, &recs, &v["drill"], &v["machine"], &v["python"], &skipped, &command, out)
 }
 
-/// Writes results.json, results.md and the plots, and prints the tables.
+/// Writes results.json, results.md and the plots, and prints the tables. `drill` is drill.py's
+/// JSON list, or null when the drill did not run.
+#[allow(clippy::too_many_arguments)]
 fn report(
     cfg: &Config,
     recs: &[Rec],
+    drill: &Value,
     facts: &Value,
     py_machine: &Value,
     skipped: &BTreeMap<String, String>,
     command: &str,
     out: &mut dyn Write,
 ) -> Result<(), Failure> {
+    let runs = if drill.is_null() {
+        Vec::new()
+    } else {
+        drill::parse(drill).map_err(|e| Failure::Run(anyhow::anyhow!("the drill's results: {e}")))?
+    };
+    let recovery = Recovery::of(&runs);
     let fault = cfg.fault;
     let mtbf = fault.job_mtbf_s();
-    let good = goodput_rows(recs, &cfg.sizes, mtbf);
+    let good = goodput_rows(recs, &cfg.sizes, mtbf, recovery.as_ref());
     let json = json!({
         "benchmark": "compare",
         "command": command,
@@ -210,16 +251,22 @@ fn report(
         },
         "skipped": skipped,
         "records": recs.iter().map(Rec::to_json).collect::<Vec<_>>(),
+        "drill": drill,
+        "recovery": recovery.as_ref().map(|r| json!({
+            "scenario": r.scenario, "fault_to_first_step_s": r.fault_to_first_step, "load_s": r.load,
+            "restart_overhead_s": r.overhead,
+        })),
         "goodput": good.iter().map(|g| json!({
             "system": g.system, "size_bytes": g.size, "stall_s": g.costs.stall, "persist_s": g.costs.persist,
-            "restore_s": g.costs.restore, "interval_s": g.out.interval_s, "effective": g.out.effective,
+            "restore_s": g.costs.restore, "restore_storage_s": g.restore_storage, "restart_s": g.restart,
+            "interval_s": g.out.interval_s, "effective": g.out.effective,
         })).collect::<Vec<_>>(),
     });
     let path = cfg.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).context("encode results")? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
 
-    let md = markdown(cfg, recs, &good, skipped, facts, mtbf);
+    let md = markdown(cfg, recs, &runs, &good, skipped, facts, mtbf);
     let md_path = cfg.out.join("results.md");
     std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
     writeln!(out, "\n{md}")?;
@@ -324,8 +371,22 @@ fn install_peers(python: &Path, out: &mut dyn Write) -> Result<(), Failure> {
 
 type PyOut = (Vec<Rec>, Value, BTreeMap<String, String>);
 
+/// Where the `ckptd` and `ckptctl` binaries are (the sidecar system and the drill start them):
+/// `$CKPTD_BIN_DIR`, else this executable's directory when `ckptd` was built next to it, else the
+/// workspace's `target/debug` (the drill's own default).
+fn ckptd_bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CKPTD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .filter(|d| d.join("ckptd").exists())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
 /// Runs `benches/python/compare.py` and reads its records back.
-fn python_systems(cfg: &Config, dir: &Path) -> Result<PyOut, Failure> {
+fn python_systems(cfg: &Config, dir: &Path, bin_dir: &Path) -> Result<PyOut, Failure> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/compare.py");
     let json_path = cfg.out.join("python.json");
     let sizes: Vec<String> = cfg.sizes.iter().map(u64::to_string).collect();
@@ -341,12 +402,8 @@ fn python_systems(cfg: &Config, dir: &Path) -> Result<PyOut, Failure> {
     if let Some(s) = &cfg.systems {
         cmd.args(["--systems", s]);
     }
-    // The sidecar child starts `ckptd agent` from the same target directory as this binary.
-    if let Some(bin_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
-        if std::env::var_os("CKPTD_BIN_DIR").is_none() && bin_dir.join("ckptd").exists() {
-            cmd.env("CKPTD_BIN_DIR", bin_dir);
-        }
-    }
+    // The sidecar child starts `ckptd agent` from there.
+    cmd.env("CKPTD_BIN_DIR", bin_dir);
     let status = cmd.status().with_context(|| format!("run {}", cfg.python.display()))?;
     if !status.success() {
         return Err(Failure::Run(anyhow::anyhow!("{} failed ({status})", script.display())));
@@ -376,22 +433,37 @@ struct GoodRow {
     system: String,
     size: u64,
     costs: Costs,
+    /// The system's own measured restore from storage, part of `costs.restore`.
+    restore_storage: f64,
+    /// The drill's restart time, the rest of `costs.restore` (`None` without a drill).
+    restart: Option<f64>,
     out: goodput::Goodput,
 }
 
 /// Goodput for every system with a stall, a persist and a restore time at a size. Synchronous
-/// systems (torch.save, safetensors) stall until durable.
-fn goodput_rows(recs: &[Rec], sizes: &[u64], mtbf: f64) -> Vec<GoodRow> {
+/// systems (torch.save, safetensors) stall until durable. A failure costs the system's restore
+/// from storage, plus, when the drill ran, its measured restart time (detection, the workers'
+/// exit and restart, the rendezvous): measured with ckptd, and charged to every system alike.
+fn goodput_rows(recs: &[Rec], sizes: &[u64], mtbf: f64, recovery: Option<&Recovery>) -> Vec<GoodRow> {
+    let restart = recovery.map(|r| r.overhead);
     let mut rows = Vec::new();
     for &size in sizes {
         for (sys, _) in SYSTEMS {
             let m = |metric| find(recs, sizes, sys, size, metric).map(|r| r.median);
-            let (Some(stall), Some(persist), Some(restore)) = (m("save_stall"), m("durable"), m("restore_storage"))
+            let (Some(stall), Some(persist), Some(restore_storage)) =
+                (m("save_stall"), m("durable"), m("restore_storage"))
             else {
                 continue;
             };
-            let costs = Costs { stall, persist, restore };
-            rows.push(GoodRow { system: sys.into(), size, costs, out: goodput::model(costs, mtbf) });
+            let costs = Costs { stall, persist, restore: restore_storage + restart.unwrap_or(0.0) };
+            rows.push(GoodRow {
+                system: sys.into(),
+                size,
+                costs,
+                restore_storage,
+                restart,
+                out: goodput::model(costs, mtbf),
+            });
         }
     }
     rows
@@ -405,6 +477,10 @@ fn secs(s: f64) -> String {
     } else {
         format!("{s:.2} s")
     }
+}
+
+fn fmt2(s: f64) -> String {
+    format!("{s:.2}")
 }
 
 fn cell(r: Option<&Rec>) -> String {
@@ -422,6 +498,7 @@ fn label(sys: &str) -> &str {
 fn markdown(
     cfg: &Config,
     recs: &[Rec],
+    runs: &[drill::Run],
     good: &[GoodRow],
     skipped: &BTreeMap<String, String>,
     facts: &Value,
@@ -538,12 +615,17 @@ fn markdown(
             ));
         }
     }
+    if !runs.is_empty() {
+        line(String::new());
+        line(drill::markdown(runs).trim_end().to_string());
+    }
     line(String::new());
     let f = cfg.fault;
+    let recovery = Recovery::of(runs);
     line(format!(
         "Goodput model: {} interruptions in {} days on {} GPUs = {:.3e} per GPU-hour; a job of {} GPUs fails every {:.2} h (MTBF). \
          Interval: Daly's optimum for the stall, at least the persist time; effective = interval/(interval+stall) × \
-         (1 − ((interval+stall)/2 + persist + restore from storage)/MTBF). Each GPU is assumed to hold one state of the size shown, all saved in parallel.",
+         (1 − ((interval+stall)/2 + persist + restore)/MTBF). Each GPU is assumed to hold one state of the size shown, all saved in parallel.",
         f.interruptions,
         f.days,
         f.fleet_gpus,
@@ -552,15 +634,35 @@ fn markdown(
         mtbf / 3600.0
     ));
     line(String::new());
-    line("| size | system | stall | persist | restore | best interval | effective training time |".into());
-    line("|---|---|---|---|---|---|---|".into());
+    match &recovery {
+        Some(r) => line(format!(
+            "Restore = restart + the system's restore from storage. Restart = {} s, measured by the recovery drill for ckptd only \
+             (scenario `{}`, the slowest: fault → first step {:.2} s minus its slowest rank's load {:.2} s; detection, the order, \
+             the workers' exit and restart, torch's start-up and the rendezvous) and charged to every system alike: the other systems \
+             have no automatic detection or restart of their own, and their recovery time was not measured.",
+            fmt2(r.overhead),
+            r.scenario,
+            r.fault_to_first_step,
+            r.load
+        )),
+        None => line(
+            "Restore = the system's restore from storage only: detection, restart and rescheduling are left out \
+             (run with `--drill` to measure them)."
+                .into(),
+        ),
+    }
+    line(String::new());
+    line("| size | system | stall | persist | restore from storage | restart (drill) | restore | best interval | effective training time |".into());
+    line("|---|---|---|---|---|---|---|---|---|".into());
     for g in good {
         line(format!(
-            "| {} | {} | {} | {} | {} | {} | {:.4} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.4} |",
             human(g.size),
             label(&g.system),
             secs(g.costs.stall),
             secs(g.costs.persist),
+            secs(g.restore_storage),
+            g.restart.map_or_else(|| "–".into(), secs),
             secs(g.costs.restore),
             secs(g.out.interval_s),
             g.out.effective
@@ -707,11 +809,59 @@ mod tests {
             rec("torch.save", 1 << 20, "save_stall", 0.5),
             rec("torch.save", 1 << 20, "durable", 0.5),
         ];
-        assert!(goodput_rows(&recs, &sizes, 10_000.0).is_empty());
+        assert!(goodput_rows(&recs, &sizes, 10_000.0, None).is_empty());
         recs.push(rec("ckptd", 1 << 20, "restore_storage", 0.2));
         recs.push(rec("torch.save", 1 << 20, "restore_storage", 0.2));
-        let rows = goodput_rows(&recs, &sizes, 10_000.0);
+        let rows = goodput_rows(&recs, &sizes, 10_000.0, None);
         assert_eq!(rows.len(), 2);
         assert!(rows[0].out.effective > rows[1].out.effective, "ckptd stalls less");
+        assert_eq!((rows[0].costs.restore, rows[0].restart), (0.2, None), "without a drill, the load alone");
+    }
+
+    #[test]
+    fn goodput_charges_the_drills_measured_restart_to_every_system() {
+        let sizes = [1u64 << 20];
+        let recs = vec![
+            rec("ckptd", 1 << 20, "save_stall", 0.01),
+            rec("ckptd", 1 << 20, "durable", 0.5),
+            rec("ckptd", 1 << 20, "restore_storage", 0.25),
+            rec("torch.save", 1 << 20, "save_stall", 0.5),
+            rec("torch.save", 1 << 20, "durable", 0.5),
+            rec("torch.save", 1 << 20, "restore_storage", 0.5),
+        ];
+        let runs = drill::parse(&serde_json::from_str(include_str!("../fixtures/drill.json")).unwrap()).unwrap();
+        let recovery = Recovery::of(&runs).unwrap();
+        let slowest = runs.iter().map(drill::Run::restart_overhead).fold(0.0, f64::max);
+        assert_eq!(recovery.overhead, slowest);
+        let without = goodput_rows(&recs, &sizes, 10_000.0, None);
+        let with = goodput_rows(&recs, &sizes, 10_000.0, Some(&recovery));
+        for (w, o) in with.iter().zip(&without) {
+            assert_eq!(w.restart, Some(slowest));
+            assert_eq!(w.costs.restore, w.restore_storage + slowest, "{}", w.system);
+            assert_eq!(w.restore_storage, o.costs.restore, "{}", w.system);
+            assert!(w.out.effective < o.out.effective, "a restart costs goodput: {}", w.system);
+        }
+        let md = markdown(&cfg_for(&sizes), &recs, &runs, &with, &BTreeMap::new(), &json!({}), 10_000.0);
+        assert!(md.contains("measured by the recovery drill for ckptd only"), "{md}");
+        assert!(md.contains("| fault → first step |"), "{md}");
+        let md = markdown(&cfg_for(&sizes), &recs, &[], &without, &BTreeMap::new(), &json!({}), 10_000.0);
+        assert!(md.contains("restore from storage only"), "{md}");
+    }
+
+    fn cfg_for(sizes: &[u64]) -> Config {
+        Config {
+            sizes: sizes.to_vec(),
+            reps: 1,
+            out: PathBuf::new(),
+            dir: PathBuf::new(),
+            python: PathBuf::new(),
+            device: "cpu".into(),
+            systems: None,
+            ranks: Vec::new(),
+            shard: 1 << 20,
+            fault: FaultRate::LLAMA3,
+            install_peers: false,
+            drill: false,
+        }
     }
 }

@@ -3,12 +3,14 @@
 //! `engine` times the engine's save and restore on a `file://` store next to the plain file
 //! system calls and memcpy on the same bytes, so every ckptd number comes with the ceiling it
 //! should be compared to. `compare` puts ckptd (embedded and sidecar) next to torch.save, DCP and
-//! safetensors and the machine's limits in one run, adds multi-rank scaling and the goodput model,
-//! and writes `results.json`, a markdown table and PNG plots.
+//! safetensors and the machine's limits in one run, adds multi-rank scaling, the recovery drill's
+//! timeline (`--drill`) and the goodput model, and writes `results.json`, a markdown table and PNG
+//! plots.
 //!
 //! Exit codes: 0 on success, 64 for a bad configuration (one line on stderr), 1 when a run fails.
 
 mod compare;
+mod drill;
 mod engine;
 mod goodput;
 mod machine;
@@ -81,6 +83,13 @@ struct CompareArgs {
     /// flags) from an earlier results.json.
     #[arg(long, value_name = "RESULTS_JSON")]
     from_json: Option<PathBuf>,
+    /// Also run the recovery drill (python-bindings/tests/drill.py: a torch.distributed job under
+    /// two ckptd agents recovers from an XID, a hung worker and a local fault; about 2 minutes),
+    /// print its timeline and charge its measured restart time to every failure in the goodput
+    /// model. Needs `ckptd` and `ckptctl` (server feature) in $CKPTD_BIN_DIR, else next to this
+    /// binary, else in target/debug.
+    #[arg(long)]
+    drill: bool,
     /// Goodput: interruptions observed on the reference fleet (default: Llama 3, 419 in 54 days on 16,384 GPUs).
     #[arg(long, default_value_t = goodput::FaultRate::LLAMA3.interruptions)]
     fault_interruptions: f64,
@@ -175,6 +184,7 @@ fn main() -> ExitCode {
                 shard: a.shard,
                 fault,
                 install_peers: a.install_peers,
+                drill: a.drill,
             };
             let stdout = std::io::stdout();
             let done = match &a.from_json {
