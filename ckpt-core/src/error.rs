@@ -113,6 +113,17 @@ pub enum Error {
         /// printer of the cause chain says it once.
         cause: object_store::Error,
     },
+    /// Temporary cloud credentials could not be obtained (a token file that cannot be read, a
+    /// refusal or an unusable answer from the token service). It reaches callers as the source of
+    /// the store error of the request that needed the credentials. The reason never holds a
+    /// token or a key.
+    #[error("cannot get {provider} credentials: {reason}")]
+    Credentials {
+        /// The credential source, e.g. `RRSA (STS AssumeRoleWithOIDC)`.
+        provider: &'static str,
+        /// What failed and what to fix.
+        reason: String,
+    },
     /// A local file-system call failed.
     #[error("{op} `{}` failed: {cause}", path.display())]
     Io {
@@ -262,6 +273,7 @@ impl Error {
             Error::Cancelled { .. } | Error::Aborted { .. } => ErrorKind::Cancelled,
             Error::ArenaFull { .. } => ErrorKind::ArenaFull,
             Error::Device { .. } => ErrorKind::Device,
+            Error::Credentials { .. } => ErrorKind::Storage,
         }
     }
 

@@ -6,11 +6,17 @@
 //! multipart janitor needs.
 //!
 //! Endpoint and credentials come from the standard environment variables (`AWS_*`, `OSS_*`,
-//! `ALIBABA_CLOUD_*`, `GOOGLE_*`, `AZURE_*`) and web-identity token files
-//! (`AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`, the IRSA style). They never appear in a log line
-//! or an error: [`Store::url`] is the URL with user-info and query values removed.
+//! `ALIBABA_CLOUD_*`, `GOOGLE_*`, `AZURE_*`) and web-identity token files: for `s3://`,
+//! `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` (IRSA, handled by `object_store`); for `oss://`,
+//! the RRSA variables of ACK's pod-identity webhook ([`rrsa`]), used when no static OSS key is set.
+//! They never appear in a log line or an error: [`Store::url`] is the URL with user-info and query
+//! values removed.
 
 pub mod layout;
+#[cfg(feature = "cloud")]
+pub mod oss;
+#[cfg(feature = "cloud")]
+pub mod rrsa;
 #[cfg(feature = "cloud")]
 pub mod s3_uploads;
 
@@ -460,6 +466,12 @@ pub fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
     }
 }
 
+/// A configuration problem found while building a store, as `object_store` reports it.
+#[cfg(feature = "cloud")]
+fn config_error(reason: String) -> object_store::Error {
+    object_store::Error::Generic { store: "OSS", source: reason.into() }
+}
+
 #[cfg(feature = "cloud")]
 fn build_s3(
     target: &S3Target,
@@ -489,6 +501,11 @@ fn build_s3(
         if let Some(token) = first_env(env, &ENV_OSS_SESSION_TOKEN) {
             b = b.with_token(token);
         }
+        let static_keys = first_env(env, &ENV_OSS_ACCESS_KEY_ID).is_some();
+        if !static_keys && let Some(rrsa) = rrsa::RrsaConfig::from_env(env).map_err(config_error)? {
+            b = b.with_credentials(Arc::new(rrsa::OidcCredentialProvider::new(rrsa, options)?));
+        }
+        b = b.with_http_connector(oss::ForbidOverwriteConnector);
     }
     // A plain-HTTP endpoint is used only when the operator wrote one, and by default only on
     // loopback: a remote http:// endpoint would send data unencrypted.

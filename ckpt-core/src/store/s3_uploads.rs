@@ -430,7 +430,7 @@ fn malformed(op: &'static str, path: &str, reason: String) -> Error {
 
 /// Parses an ISO 8601 / RFC 3339 UTC timestamp as S3 writes it (`2010-11-10T20:48:33.000Z`), also
 /// accepting a `±HH:MM` offset. `None` for anything else.
-fn parse_timestamp(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_timestamp(s: &str) -> Option<SystemTime> {
     let b = s.trim().as_bytes();
     let num = |from: usize, to: usize| -> Option<i64> {
         let digits = b.get(from..to)?;
@@ -487,6 +487,24 @@ fn parse_timestamp(s: &str) -> Option<SystemTime> {
             .checked_sub(Duration::from_secs(secs.unsigned_abs()))?
             .checked_add(Duration::from_nanos(u64::from(nanos)))
     }
+}
+
+/// `t` as `YYYY-MM-DDTHH:MM:SSZ` (whole seconds, UTC), the form cloud APIs take; the inverse of
+/// [`parse_timestamp`] for times after 1970.
+pub(crate) fn format_timestamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's `civil_from_days`, the inverse of `days_from_civil`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 fn is_leap(year: i64) -> bool {
@@ -735,6 +753,7 @@ mod tests {
             let text = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60);
             let expected = UNIX_EPOCH + Duration::from_secs((days * 86_400 + secs) as u64);
             prop_assert_eq!(parse_timestamp(&text), Some(expected));
+            prop_assert_eq!(format_timestamp(expected), text);
         }
     }
 

@@ -1,0 +1,368 @@
+//! RRSA credentials for `oss://`: temporary keys from Alibaba Cloud STS `AssumeRoleWithOIDC`.
+//!
+//! On ACK, the pod-identity webhook gives a pod a projected ServiceAccount token and three
+//! variables: the RAM role to assume ([`ENV_ROLE_ARN`]), the cluster's OIDC provider
+//! ([`ENV_OIDC_PROVIDER_ARN`]) and the token file ([`ENV_OIDC_TOKEN_FILE`]). The token is traded
+//! at STS for an AccessKey pair and a security token that expire, so [`OidcCredentialProvider`]
+//! plugs into `object_store`'s credential seam: it caches the credential, fetches a new one a
+//! margin before expiry, and reads the token file again for every fetch because the kubelet
+//! rotates it. The S3 client then signs with the temporary keys and sends the security token
+//! (`x-amz-security-token`) with each request; signing stays `object_store`'s.
+//!
+//! `AssumeRoleWithOIDC` is an anonymous call: the OIDC token is the proof, so the request carries
+//! no signature. The token goes in the POST body, never in the URL, and neither it nor the keys
+//! STS returns appear in a log line, an error or a `Debug` output.
+//!
+//! `s3://` needs none of this: `object_store` reads `AWS_WEB_IDENTITY_TOKEN_FILE` and
+//! `AWS_ROLE_ARN` itself and calls AWS STS `AssumeRoleWithWebIdentity`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use object_store::CredentialProvider;
+use object_store::aws::AwsCredential;
+use object_store::client::{HttpClient, HttpConnector, ReqwestConnector};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::s3_uploads::{format_timestamp, parse_timestamp};
+use super::{Env, StoreOptions, is_loopback_endpoint};
+use crate::error::Error;
+
+/// Environment variable: the RAM role to assume (`acs:ram::<account>:role/<name>`); set by ACK's
+/// pod-identity webhook.
+pub const ENV_ROLE_ARN: &str = "ALIBABA_CLOUD_ROLE_ARN";
+/// Environment variable: the cluster's RAM OIDC provider (`acs:ram::<account>:oidc-provider/<name>`).
+pub const ENV_OIDC_PROVIDER_ARN: &str = "ALIBABA_CLOUD_OIDC_PROVIDER_ARN";
+/// Environment variable: the file holding the projected ServiceAccount token (it rotates).
+pub const ENV_OIDC_TOKEN_FILE: &str = "ALIBABA_CLOUD_OIDC_TOKEN_FILE";
+/// Environment variable: the STS endpoint, a host (`sts-vpc.cn-hangzhou.aliyuncs.com`) or a URL.
+pub const ENV_STS_ENDPOINT: &str = "ALIBABA_CLOUD_STS_ENDPOINT";
+/// Environment variable: the STS region, used when [`ENV_STS_ENDPOINT`] is unset.
+pub const ENV_STS_REGION: &str = "ALIBABA_CLOUD_STS_REGION";
+/// Environment variable: `true` to use the VPC STS endpoint of [`ENV_STS_REGION`].
+pub const ENV_VPC_ENDPOINT_ENABLED: &str = "ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED";
+/// Environment variable: the session name STS records (default [`DEFAULT_SESSION_NAME`]).
+pub const ENV_ROLE_SESSION_NAME: &str = "ALIBABA_CLOUD_ROLE_SESSION_NAME";
+
+/// The STS endpoint when neither [`ENV_STS_ENDPOINT`] nor [`ENV_STS_REGION`] is set.
+pub const DEFAULT_STS_ENDPOINT: &str = "https://sts.aliyuncs.com";
+/// The session name when [`ENV_ROLE_SESSION_NAME`] is unset.
+pub const DEFAULT_SESSION_NAME: &str = "ckptd";
+/// Credentials are fetched again this long before they expire, or at three quarters of their
+/// lifetime when that comes first.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(180);
+/// Attempts per fetch; connection failures and 5xx answers are tried again.
+const FETCH_ATTEMPTS: u32 = 3;
+/// Longest STS error message kept in an error.
+const MAX_MESSAGE: usize = 300;
+/// What the errors name this credential source.
+const PROVIDER: &str = "RRSA (STS AssumeRoleWithOIDC)";
+
+/// Where RRSA credentials come from: the role, the OIDC provider, the token file and STS.
+///
+/// It holds no secret (the token is read from its file at each fetch), so `Debug` shows it all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RrsaConfig {
+    /// The RAM role to assume.
+    pub role_arn: String,
+    /// The RAM OIDC provider that vouches for the token.
+    pub oidc_provider_arn: String,
+    /// The projected ServiceAccount token.
+    pub token_file: std::path::PathBuf,
+    /// The STS endpoint URL.
+    pub sts_endpoint: String,
+    /// The session name STS records in the audit trail.
+    pub session_name: String,
+}
+
+impl RrsaConfig {
+    /// Reads the RRSA variables. `Ok(None)` when none of the three that ACK injects is set; an
+    /// error that names the missing ones when only some are.
+    pub fn from_env(env: &dyn Env) -> Result<Option<RrsaConfig>, String> {
+        let vars = [ENV_ROLE_ARN, ENV_OIDC_PROVIDER_ARN, ENV_OIDC_TOKEN_FILE].map(|k| (k, env.get(k)));
+        if vars.iter().all(|(_, v)| v.is_none()) {
+            return Ok(None);
+        }
+        let missing: Vec<&str> = vars.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "RRSA needs {ENV_ROLE_ARN}, {ENV_OIDC_PROVIDER_ARN} and {ENV_OIDC_TOKEN_FILE}, but {} unset: \
+                 annotate the pod's ServiceAccount with pod-identity.alibabacloud.com/role-name and let \
+                 ACK's pod-identity webhook set them, or set them all",
+                missing.join(" and ")
+            ));
+        }
+        let [(_, Some(role_arn)), (_, Some(oidc_provider_arn)), (_, Some(token_file))] = vars else {
+            return Ok(None);
+        };
+        let sts_endpoint = match (env.get(ENV_STS_ENDPOINT), env.get(ENV_STS_REGION)) {
+            (Some(e), _) if e.contains("://") => e.trim_end_matches('/').to_string(),
+            (Some(host), _) => format!("https://{}", host.trim_end_matches('/')),
+            (None, Some(region)) => {
+                let vpc = env.get(ENV_VPC_ENDPOINT_ENABLED).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                format!("https://sts{}.{region}.aliyuncs.com", if vpc { "-vpc" } else { "" })
+            }
+            (None, None) => DEFAULT_STS_ENDPOINT.to_string(),
+        };
+        if sts_endpoint.starts_with("http://") && !is_loopback_endpoint(&sts_endpoint) {
+            return Err(format!(
+                "{ENV_STS_ENDPOINT} `{sts_endpoint}` is plain HTTP: the OIDC token and the keys STS returns \
+                 would cross the network unencrypted; use https://"
+            ));
+        }
+        let session_name = env.get(ENV_ROLE_SESSION_NAME).unwrap_or_else(|| DEFAULT_SESSION_NAME.to_string());
+        Ok(Some(RrsaConfig { role_arn, oidc_provider_arn, token_file: token_file.into(), sts_endpoint, session_name }))
+    }
+}
+
+/// A credential and when to fetch the next one.
+struct Cached {
+    credential: Arc<AwsCredential>,
+    refresh_at: Instant,
+}
+
+/// An `object_store` credential provider that trades the pod's OIDC token for temporary OSS keys
+/// at Alibaba Cloud STS (see the module documentation).
+pub struct OidcCredentialProvider {
+    config: RrsaConfig,
+    client: HttpClient,
+    backoff: Duration,
+    cache: Mutex<Option<Cached>>,
+}
+
+impl std::fmt::Debug for OidcCredentialProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcCredentialProvider").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl OidcCredentialProvider {
+    /// A provider for `config`, calling STS with the timeouts of `options`. Nothing is fetched
+    /// until the first request needs a credential.
+    pub fn new(config: RrsaConfig, options: &StoreOptions) -> object_store::Result<Self> {
+        let allow_http = is_loopback_endpoint(&config.sts_endpoint);
+        let client = ReqwestConnector::default().connect(&options.client_options(allow_http))?;
+        Ok(OidcCredentialProvider { config, client, backoff: options.initial_backoff, cache: Mutex::new(None) })
+    }
+
+    /// Fetches a credential, trying connection failures and 5xx answers again.
+    async fn fetch(&self) -> Result<Cached, FetchError> {
+        let token = tokio::fs::read_to_string(&self.config.token_file).await.map_err(|e| {
+            FetchError::Refused(format!(
+                "cannot read the OIDC token file `{}` ({ENV_OIDC_TOKEN_FILE}): {e}; check that the pod's \
+                 ServiceAccount token is projected there",
+                self.config.token_file.display()
+            ))
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(FetchError::Refused(format!(
+                "the OIDC token file `{}` ({ENV_OIDC_TOKEN_FILE}) is empty",
+                self.config.token_file.display()
+            )));
+        }
+        let mut delay = self.backoff;
+        let mut attempt = 1;
+        loop {
+            match self.call_sts(token).await {
+                Err(FetchError::Transient(_)) if attempt < FETCH_ATTEMPTS => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_sts(&self, token: &str) -> Result<Cached, FetchError> {
+        let c = &self.config;
+        let timestamp = format_timestamp(SystemTime::now());
+        let query = form(&[
+            ("Action", "AssumeRoleWithOIDC"),
+            ("Format", "JSON"),
+            ("Version", "2015-04-01"),
+            ("Timestamp", &timestamp),
+        ]);
+        let body = form(&[
+            ("RoleArn", &c.role_arn),
+            ("OIDCProviderArn", &c.oidc_provider_arn),
+            ("OIDCToken", token),
+            ("RoleSessionName", &c.session_name),
+        ]);
+        let request = http::Request::post(format!("{}/?{query}", c.sts_endpoint))
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Bytes::from(body).into())
+            .map_err(|e| FetchError::Refused(format!("bad STS endpoint `{}`: {e}", c.sts_endpoint)))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| FetchError::Transient(format!("STS at {} did not answer: {e}", c.sts_endpoint)))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transient(format!("reading the STS answer failed: {e}")))?;
+        if !status.is_success() {
+            let detail = match serde_json::from_slice::<StsError>(&bytes) {
+                Ok(e) => format!("{}: {}", e.code, redact(&e.message, token)),
+                Err(_) => "no error code in the answer".to_string(),
+            };
+            let msg = format!(
+                "STS refused to let role `{}` be assumed with the token of `{}` (HTTP {status}, {detail}); check \
+                 the role's trust policy names OIDC provider `{}` and this ServiceAccount",
+                c.role_arn,
+                c.token_file.display(),
+                c.oidc_provider_arn
+            );
+            return Err(if status.is_server_error() || status.as_u16() == 429 {
+                FetchError::Transient(msg)
+            } else {
+                FetchError::Refused(msg)
+            });
+        }
+        let answer: StsAnswer = serde_json::from_slice(&bytes)
+            .map_err(|e| FetchError::Refused(format!("STS answered HTTP {status} without usable Credentials: {e}")))?;
+        let creds = answer.credentials;
+        let expires = parse_timestamp(&creds.expiration).ok_or_else(|| {
+            FetchError::Refused(format!("STS answered an Expiration `{:.40}` that is not a UTC time", creds.expiration))
+        })?;
+        let lifetime = expires.duration_since(SystemTime::now()).unwrap_or_default();
+        let margin = REFRESH_MARGIN.min(lifetime / 4);
+        tracing::info!(
+            role = %c.role_arn,
+            expires_in_s = lifetime.as_secs(),
+            "obtained temporary OSS credentials through RRSA"
+        );
+        Ok(Cached {
+            credential: Arc::new(AwsCredential {
+                key_id: creds.access_key_id,
+                secret_key: creds.access_key_secret,
+                token: Some(creds.security_token),
+            }),
+            refresh_at: Instant::now() + (lifetime - margin),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl CredentialProvider for OidcCredentialProvider {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.as_ref().filter(|c| Instant::now() < c.refresh_at) {
+            return Ok(c.credential.clone());
+        }
+        match self.fetch().await {
+            Ok(fresh) => {
+                let credential = fresh.credential.clone();
+                *cache = Some(fresh);
+                Ok(credential)
+            }
+            Err(e) => {
+                let permanent = matches!(e, FetchError::Refused(_));
+                let (FetchError::Refused(reason) | FetchError::Transient(reason)) = e;
+                let source = Box::new(Error::Credentials { provider: PROVIDER, reason });
+                Err(if permanent {
+                    object_store::Error::Unauthenticated { path: self.config.role_arn.clone(), source }
+                } else {
+                    object_store::Error::Generic { store: "OSS", source }
+                })
+            }
+        }
+    }
+}
+
+/// Why a fetch failed: worth trying again (network, 5xx), or not until someone fixes something.
+enum FetchError {
+    Transient(String),
+    Refused(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsAnswer {
+    credentials: StsCredentials,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsCredentials {
+    access_key_id: String,
+    access_key_secret: String,
+    security_token: String,
+    expiration: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsError {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// An STS message cut to [`MAX_MESSAGE`] characters, with the token taken out should STS ever
+/// quote it.
+fn redact(message: &str, token: &str) -> String {
+    let shown: String = message.chars().take(MAX_MESSAGE).collect();
+    if token.len() >= 8 { shown.replace(token, "<token>") } else { shown }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MapEnv;
+
+    fn env(pairs: &[(&str, &str)]) -> MapEnv {
+        MapEnv(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    const ROLE: &str = "acs:ram::123:role/ckpt";
+    const PROVIDER_ARN: &str = "acs:ram::123:oidc-provider/ack-rrsa-c1";
+
+    #[test]
+    fn config_needs_all_three_variables() {
+        assert_eq!(RrsaConfig::from_env(&env(&[])), Ok(None));
+        let err = RrsaConfig::from_env(&env(&[(ENV_ROLE_ARN, ROLE)])).unwrap_err();
+        assert!(err.contains(ENV_OIDC_PROVIDER_ARN) && err.contains(ENV_OIDC_TOKEN_FILE), "{err}");
+        assert!(!err.contains(&format!("{ENV_ROLE_ARN} and")), "only the missing ones are named: {err}");
+
+        let full = [(ENV_ROLE_ARN, ROLE), (ENV_OIDC_PROVIDER_ARN, PROVIDER_ARN), (ENV_OIDC_TOKEN_FILE, "/var/run/t")];
+        let c = RrsaConfig::from_env(&env(&full)).unwrap().unwrap();
+        assert_eq!(c.sts_endpoint, DEFAULT_STS_ENDPOINT);
+        assert_eq!(c.session_name, DEFAULT_SESSION_NAME);
+        assert_eq!(c.token_file, std::path::Path::new("/var/run/t"));
+
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut e = env(&full);
+            e.0.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            RrsaConfig::from_env(&e)
+        };
+        let vpc = with(&[(ENV_STS_REGION, "cn-wulanchabu"), (ENV_VPC_ENDPOINT_ENABLED, "true")]).unwrap().unwrap();
+        assert_eq!(vpc.sts_endpoint, "https://sts-vpc.cn-wulanchabu.aliyuncs.com");
+        let host = with(&[(ENV_STS_ENDPOINT, "sts-vpc.cn-beijing.aliyuncs.com")]).unwrap().unwrap();
+        assert_eq!(host.sts_endpoint, "https://sts-vpc.cn-beijing.aliyuncs.com");
+        let local = with(&[(ENV_STS_ENDPOINT, "http://127.0.0.1:9/")]).unwrap().unwrap();
+        assert_eq!(local.sts_endpoint, "http://127.0.0.1:9");
+        let err = with(&[(ENV_STS_ENDPOINT, "http://sts.example.com")]).unwrap_err();
+        assert!(err.contains("https://"), "{err}");
+    }
+
+    #[test]
+    fn sts_messages_never_quote_the_token() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.secret-part";
+        let shown = redact(&format!("token {token} is expired"), token);
+        assert!(!shown.contains("secret-part"), "{shown}");
+        assert!(redact(&"x".repeat(5000), token).len() <= MAX_MESSAGE);
+    }
+}
