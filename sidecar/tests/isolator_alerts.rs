@@ -225,3 +225,102 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
     let (_, body) = iso.http_get("/metrics");
     assert!(body.contains("ckptd_isolator_isolated_nodes 2"), "{body}");
 }
+
+/// POSTs over HTTPS, trusting `ca` and presenting `client` (certificate and key PEM) if given.
+async fn post_tls(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    client: Option<(&str, &str)>,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, Value) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    ckptd::isolator::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let mut s = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("TLS handshake");
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "POST /v1/alerts/alertmanager HTTP/1.1\r\nhost: localhost\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    // The server may close without close_notify; what arrived is the answer.
+    let _ = s.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out).to_string();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_intake_takes_the_grpc_sides_tls_token_and_client_certificates() {
+    let dir = TempDir::new().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params.clone(), ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server =
+        rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["alertmanager".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &issuer)
+        .unwrap();
+    let p = |n: &str, s: String| {
+        let path = dir.path().join(n);
+        std::fs::write(&path, s).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (cert, key, ca_path) =
+        (p("server.pem", server.pem()), p("server.key", server_key.serialize_pem()), p("ca.pem", ca.pem()));
+    let token = token_file(dir.path());
+    let iso = IsolatorProc::spawn(
+        dir.path(),
+        "isolator",
+        &[
+            "--dry-run",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &ca_path,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--alerts-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = iso.alerts.expect("alerts address");
+    let xid = fixture("alertmanager-dcgm-xid79.json");
+    let (client_pem, client_key_pem) = (client.pem(), client_key.serialize_pem());
+
+    // No job runs on node-2 here: a served alert answers `no-job`.
+    let (code, v) = post_tls(addr, &ca.pem(), None, Some(TOKEN), &xid).await;
+    assert_eq!((code, v["results"][0]["outcome"].as_str()), (200, Some("no-job")), "token: {v}");
+    let (code, v) = post_tls(addr, &ca.pem(), Some((&client_pem, &client_key_pem)), None, &xid).await;
+    assert_eq!((code, v["results"][0]["outcome"].as_str()), (200, Some("no-job")), "client certificate: {v}");
+    let (code, v) = post_tls(addr, &ca.pem(), None, None, &xid).await;
+    assert_eq!(code, 401, "neither: {v}");
+    // Plain HTTP on the TLS port gets no answer.
+    let (code, _) = post(&iso, "/v1/alerts/alertmanager", Some(TOKEN), &xid).await;
+    assert_ne!(code, 200);
+}
