@@ -185,6 +185,12 @@ pub const ENV_ISOLATOR_STRAGGLER_WINDOWS: &str = "CKPTD_ISOLATOR_STRAGGLER_WINDO
 pub const ENV_ISOLATOR_STRAGGLER_WINDOW: &str = "CKPTD_ISOLATOR_STRAGGLER_WINDOW";
 /// `--store`: the store URL for every job, instead of the one each agent registers with.
 pub const ENV_ISOLATOR_STORE: &str = "CKPTD_ISOLATOR_STORE";
+/// `--alerts-addr`: address of the isolator's alert intake (off unless set).
+pub const ENV_ISOLATOR_ALERTS_ADDR: &str = "CKPTD_ISOLATOR_ALERTS_ADDR";
+/// `--alert-mapping`: the alert mapping file of the isolator.
+pub const ENV_ISOLATOR_ALERT_MAPPING: &str = "CKPTD_ISOLATOR_ALERT_MAPPING";
+/// `--health-policy` of the isolator: the policy file that gives alerts their actions.
+pub const ENV_ISOLATOR_HEALTH_POLICY: &str = "CKPTD_ISOLATOR_HEALTH_POLICY";
 /// The isolator pod's name from the downward API (no `CKPTD_` prefix, as the chart sets it): the
 /// default `--identity`.
 pub const ENV_DOWNWARD_POD_NAME: &str = "POD_NAME";
@@ -295,6 +301,9 @@ mod tests {
         ("ENV_ISOLATOR_STRAGGLER_WINDOWS", ENV_ISOLATOR_STRAGGLER_WINDOWS),
         ("ENV_ISOLATOR_STRAGGLER_WINDOW", ENV_ISOLATOR_STRAGGLER_WINDOW),
         ("ENV_ISOLATOR_STORE", ENV_ISOLATOR_STORE),
+        ("ENV_ISOLATOR_ALERTS_ADDR", ENV_ISOLATOR_ALERTS_ADDR),
+        ("ENV_ISOLATOR_ALERT_MAPPING", ENV_ISOLATOR_ALERT_MAPPING),
+        ("ENV_ISOLATOR_HEALTH_POLICY", ENV_ISOLATOR_HEALTH_POLICY),
         ("ENV_DOWNWARD_POD_NAME", ENV_DOWNWARD_POD_NAME),
         ("ENV_WEBHOOK_CONFIG", ENV_WEBHOOK_CONFIG),
         ("ENV_AGENT_IMAGE", ENV_AGENT_IMAGE),

@@ -55,6 +55,72 @@ pub struct Settings {
     pub store_override: Option<String>,
     /// Circuit breaker limits.
     pub breaker: BreakerConfig,
+    /// An alert for a fault already reported on the same node (same kind) within this window is
+    /// not acted on again, and neither is an agent's report of a fault an alert already reported.
+    pub dedupe_window: Duration,
+}
+
+/// Most recent faults remembered for deduplication.
+const RECENT_FAULTS: usize = 4096;
+
+/// A fault acted on recently, by (node, kind).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    at: Instant,
+    action: Action,
+    from_alert: bool,
+}
+
+/// An alert mapped to a finding on a known node, for [`Coordinator::report_alert`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertFault {
+    /// The node.
+    pub node: String,
+    /// The finding kind.
+    pub kind: String,
+    /// The policy's action.
+    pub action: Action,
+    /// `alertmanager` or `aliyun`.
+    pub source: String,
+    /// The evidence line.
+    pub evidence: String,
+}
+
+/// What became of an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertOutcome {
+    /// It went to every job with ranks on the node, as an agent's report would.
+    Acted,
+    /// The same fault on the node was reported within the dedupe window: nothing done.
+    Duplicate,
+    /// The policy says `ignore`.
+    Ignored,
+    /// No registered job has a rank on the node: recorded, nothing done.
+    NoJob,
+}
+
+impl AlertOutcome {
+    /// The name in the intake's answer.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertOutcome::Acted => "acted",
+            AlertOutcome::Duplicate => "duplicate",
+            AlertOutcome::Ignored => "ignored",
+            AlertOutcome::NoJob => "no-job",
+        }
+    }
+}
+
+/// The coordinator's answer to one alert: the outcome, and for each job it went to, the job and
+/// the ack an agent would have got.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertReply {
+    /// What happened.
+    pub outcome: AlertOutcome,
+    /// (job, ack) per job with ranks on the node.
+    pub jobs: Vec<(String, FaultAck)>,
+    /// Why, in words.
+    pub note: String,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +300,7 @@ pub struct Coordinator {
     engines: Mutex<HashMap<String, Engine>>,
     isolated: Mutex<BTreeMap<String, String>>,
     breaker: Mutex<Breaker>,
+    recent: Mutex<HashMap<(String, String), Seen>>,
     fencer: Arc<dyn NodeFencer>,
     metrics: Arc<Metrics>,
     settings: Settings,
@@ -262,6 +329,7 @@ impl Coordinator {
             engines: Mutex::new(HashMap::new()),
             isolated: Mutex::new(BTreeMap::new()),
             breaker: Mutex::new(Breaker::new(settings.breaker)),
+            recent: Mutex::new(HashMap::new()),
             fencer,
             metrics,
             settings,
@@ -405,9 +473,124 @@ impl Coordinator {
     }
 
     /// Takes a fault report: isolates the node when the action asks for it (within the circuit
-    /// breaker), and starts a coordinated restore when the job was running.
+    /// breaker), and starts a coordinated restore when the job was running. A report of a fault
+    /// that an alert already reported on the node (same kind, within the dedupe window, no
+    /// stronger action) is acknowledged without acting again.
     pub async fn report_fault(self: &Arc<Self>, f: Fault) -> Result<FaultAck> {
         self.ensure_leader()?;
+        self.with_job(&f.job, |job| {
+            for &r in &f.ranks {
+                job.check_rank(r)?;
+            }
+            job.check_generation(&f.job, f.generation)
+        })?;
+        if !f.node.is_empty()
+            && let Err(seen) = self.claim(&f.node, &f.kind, f.action, false)
+        {
+            let note = format!(
+                "already acted on: an alert reported {} on node {} {} s ago",
+                crate::text::peer(&f.kind),
+                f.node,
+                seen.at.elapsed().as_secs()
+            );
+            tracing::info!(job = %f.job, node = %f.node, kind = %crate::text::peer(&f.kind), "fault report deduplicated against an alert");
+            return Ok(FaultAck { action: FaultAction::from(seen.action) as i32, note });
+        }
+        self.act(f).await
+    }
+
+    /// Records that `kind` on `node` is being acted on, unless a fault it duplicates was: within
+    /// the dedupe window, an alert is a duplicate of any earlier report of the fault, an agent's
+    /// report only of an earlier alert, and a stronger action is never a duplicate.
+    fn claim(&self, node: &str, kind: &str, action: Action, from_alert: bool) -> std::result::Result<(), Seen> {
+        let now = Instant::now();
+        let window = self.settings.dedupe_window;
+        let mut recent = lock(&self.recent);
+        let key = (node.to_string(), kind.to_string());
+        if let Some(seen) = recent.get(&key)
+            && now.duration_since(seen.at) < window
+            && seen.action >= action
+            && (from_alert || seen.from_alert)
+        {
+            return Err(*seen);
+        }
+        if recent.len() >= RECENT_FAULTS {
+            recent.retain(|_, s| now.duration_since(s.at) < window);
+            if recent.len() >= RECENT_FAULTS
+                && let Some(oldest) = recent.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| k.clone())
+            {
+                recent.remove(&oldest);
+            }
+        }
+        recent.insert(key, Seen { at: now, action, from_alert });
+        Ok(())
+    }
+
+    /// The node whose provider id names the cloud instance `instance`, if any.
+    pub async fn node_of_instance(&self, instance: &str) -> Result<Option<String>> {
+        self.fencer.node_of_instance(instance).await
+    }
+
+    /// Takes a firing alert already mapped to a node and a finding: it goes, as an agent's report
+    /// of the same finding would, to every job with ranks on the node, unless it duplicates a
+    /// fault reported on the node within the dedupe window.
+    pub async fn report_alert(self: &Arc<Self>, a: AlertFault) -> Result<AlertReply> {
+        self.ensure_leader()?;
+        let reply = |outcome, note: String| AlertReply { outcome, jobs: Vec::new(), note };
+        if a.action == Action::Ignore {
+            return Ok(reply(AlertOutcome::Ignored, format!("the policy ignores {}", a.kind)));
+        }
+        let faults: Vec<Fault> = {
+            let jobs = lock(&self.jobs);
+            let mut names: Vec<&String> = jobs.keys().collect();
+            names.sort();
+            names
+                .into_iter()
+                .filter_map(|name| {
+                    let job = &jobs[name];
+                    let on_node: Vec<(&u32, &Rank)> = job.ranks.iter().filter(|(_, r)| r.node == a.node).collect();
+                    let first = on_node.first()?.1;
+                    Some(Fault {
+                        job: name.clone(),
+                        ranks: on_node.iter().map(|(r, _)| **r).collect(),
+                        generation: job.generation,
+                        node: a.node.clone(),
+                        pod: first.pod.clone(),
+                        source: a.source.clone(),
+                        kind: a.kind.clone(),
+                        action: a.action,
+                        evidence: a.evidence.clone(),
+                    })
+                })
+                .collect()
+        };
+        if faults.is_empty() {
+            tracing::warn!(node = %a.node, kind = %a.kind, source = %a.source, "alert for a node without registered ranks: recorded, not acted on");
+            return Ok(reply(AlertOutcome::NoJob, format!("no registered job has a rank on node {}", a.node)));
+        }
+        if let Err(seen) = self.claim(&a.node, &a.kind, a.action, true) {
+            let by = if seen.from_alert { "an alert" } else { "an agent" };
+            tracing::info!(node = %a.node, kind = %a.kind, source = %a.source, "alert deduplicated");
+            return Ok(reply(
+                AlertOutcome::Duplicate,
+                format!("{by} reported {} on node {} {} s ago", a.kind, a.node, seen.at.elapsed().as_secs()),
+            ));
+        }
+        tracing::warn!(node = %a.node, kind = %a.kind, action = %a.action, source = %a.source, jobs = faults.len(), "alert acted on");
+        let mut jobs = Vec::with_capacity(faults.len());
+        for f in faults {
+            let job = f.job.clone();
+            let ack = match self.act(f).await {
+                Ok(ack) => ack,
+                Err(e) => FaultAck { action: FaultAction::Unspecified as i32, note: format!("not acted on: {e}") },
+            };
+            jobs.push((job, ack));
+        }
+        Ok(AlertReply { outcome: AlertOutcome::Acted, jobs, note: String::new() })
+    }
+
+    /// Acts on a validated fault of a registered job (see [`report_fault`](Self::report_fault)).
+    async fn act(self: &Arc<Self>, f: Fault) -> Result<FaultAck> {
         let action = f.action;
         let (start_cycle, pod) = self.with_job(&f.job, |job| {
             for &r in &f.ranks {
@@ -801,6 +984,7 @@ mod tests {
             straggler_window: Duration::from_secs(30),
             store_override: Some(store.into()),
             breaker: BreakerConfig { max_isolated, max_fraction: 1.0, window: Duration::from_secs(3600) },
+            dedupe_window: Duration::from_secs(300),
         }
     }
 
@@ -949,5 +1133,104 @@ mod tests {
         assert_eq!(c.sweep_deadlines(), 1);
         let err = c.vote(vote).await.unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Stale);
+    }
+
+    fn alert(node: &str, kind: &str, action: Action) -> AlertFault {
+        AlertFault {
+            node: node.into(),
+            kind: kind.into(),
+            action,
+            source: "alertmanager".into(),
+            evidence: "alertmanager firing: alertname=GpuXidError err_code=79".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_alert_acts_once_and_dedupes_against_agent_reports() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer.clone(), 4);
+        register(&c, "a", 0, 2, "n1").await;
+        register(&c, "a", 1, 2, "n2").await;
+        let r = c.report_alert(alert("n2", "xid-79", Action::DrainNode)).await.unwrap();
+        assert_eq!(r.outcome, AlertOutcome::Acted);
+        assert_eq!(r.jobs.len(), 1);
+        assert_eq!(r.jobs[0].0, "a");
+        assert_eq!(r.jobs[0].1.action, FaultAction::DrainNode as i32, "{}", r.jobs[0].1.note);
+        let rec = fencer.record();
+        assert_eq!(rec.isolations, 1);
+        assert_eq!(rec.isolated["n2"].source, "alertmanager");
+        assert!(rec.deleted_pods.contains(&PodRef { namespace: "ns".into(), name: "a-1".into() }));
+        assert_eq!(c.list()[0].state, "Degraded");
+
+        // The same alert again, and the agent's report of the same fault: nothing more.
+        let again = c.report_alert(alert("n2", "xid-79", Action::DrainNode)).await.unwrap();
+        assert_eq!(again.outcome, AlertOutcome::Duplicate, "{}", again.note);
+        let f = FaultReport {
+            job: "a".into(),
+            ranks: vec![1],
+            node: "n2".into(),
+            kind: "xid-79".into(),
+            action: FaultAction::DrainNode as i32,
+            ..Default::default()
+        };
+        let ack = c.report_fault(Fault::try_from(&f).unwrap()).await.unwrap();
+        assert!(ack.note.contains("already acted on"), "{}", ack.note);
+        assert_eq!(fencer.record().isolations, 1);
+        assert_eq!(fencer.record().deleted_pods.len(), 1);
+
+        // Another kind on the node is another fault; past the window the same one counts again.
+        let other = c.report_alert(alert("n2", "ecc-dbe", Action::ResetGpu)).await.unwrap();
+        assert_eq!(other.outcome, AlertOutcome::Acted);
+        tokio::time::advance(Duration::from_secs(301)).await;
+        let later = c.report_alert(alert("n2", "xid-79", Action::DrainNode)).await.unwrap();
+        assert_eq!(later.outcome, AlertOutcome::Acted);
+    }
+
+    #[tokio::test]
+    async fn an_alert_after_the_agents_report_is_a_duplicate_unless_stronger() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer.clone(), 4);
+        register(&c, "a", 0, 1, "n1").await;
+        c.report_fault(drain("a", "n1")).await.unwrap();
+        let r = c.report_alert(alert("n1", "xid-79", Action::DrainNode)).await.unwrap();
+        assert_eq!(r.outcome, AlertOutcome::Duplicate);
+        assert!(r.note.contains("an agent"), "{}", r.note);
+        let r = c.report_alert(alert("n1", "xid-79", Action::RebootNode)).await.unwrap();
+        assert_eq!(r.outcome, AlertOutcome::Acted, "a stronger action is not a duplicate");
+        assert_eq!(fencer.record().isolations, 1, "the node was isolated once");
+        // An agent repeating its own report is not deduplicated here (agents dedupe themselves).
+        let f = FaultReport {
+            job: "a".into(),
+            ranks: vec![0],
+            kind: "hang".into(),
+            action: FaultAction::RestartJob as i32,
+            node: "n1".into(),
+            ..Default::default()
+        };
+        let first = c.report_fault(Fault::try_from(&f).unwrap()).await.unwrap();
+        let second = c.report_fault(Fault::try_from(&f).unwrap()).await.unwrap();
+        assert!(
+            !first.note.contains("already") && !second.note.contains("already"),
+            "{} / {}",
+            first.note,
+            second.note
+        );
+    }
+
+    #[tokio::test]
+    async fn alerts_without_a_job_on_the_node_or_ignored_by_the_policy_do_nothing() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let c = coordinator(true, fencer.clone(), 4);
+        register(&c, "a", 0, 1, "n1").await;
+        let r = c.report_alert(alert("n9", "xid-79", Action::DrainNode)).await.unwrap();
+        assert_eq!(r.outcome, AlertOutcome::NoJob);
+        assert!(r.note.contains("n9"));
+        let r = c.report_alert(alert("n1", "xid-45", Action::Ignore)).await.unwrap();
+        assert_eq!(r.outcome, AlertOutcome::Ignored);
+        assert_eq!(fencer.record().isolations, 0);
+        assert_eq!(c.list()[0].state, "Running");
+        let follower = coordinator(false, fencer, 4);
+        let e = follower.report_alert(alert("n1", "xid-79", Action::DrainNode)).await.unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotLeader);
     }
 }

@@ -80,6 +80,15 @@ pub trait NodeFencer: Send + Sync + std::fmt::Debug {
     fn release<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<bool>>;
     /// Records a warning Event.
     fn notice<'a>(&'a self, notice: &'a Notice) -> BoxFuture<'a, Result<()>>;
+    /// The node whose `spec.providerID` names the cloud instance `instance` (see
+    /// [`provider_id_names`]), or `None` when no node does.
+    fn node_of_instance<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<Option<String>>>;
+}
+
+/// Whether a node's `spec.providerID` names the cloud instance `instance`: its last segment after
+/// `/` or `.` is the id (`cn-hangzhou.i-bp1...` on ACK, `aws:///us-east-1a/i-0ab...` on EKS).
+pub fn provider_id_names(provider_id: &str, instance: &str) -> bool {
+    !instance.is_empty() && provider_id.rsplit(['/', '.']).next() == Some(instance)
 }
 
 /// What a [`MemoryFencer`] was asked to do.
@@ -100,13 +109,20 @@ pub struct MemoryRecord {
 #[derive(Debug)]
 pub struct MemoryFencer {
     nodes: usize,
+    instances: BTreeMap<String, String>,
     record: Mutex<MemoryRecord>,
 }
 
 impl MemoryFencer {
     /// A fencer for a cluster of `nodes` nodes.
     pub fn new(nodes: usize) -> MemoryFencer {
-        MemoryFencer { nodes, record: Mutex::new(MemoryRecord::default()) }
+        MemoryFencer { nodes, instances: BTreeMap::new(), record: Mutex::new(MemoryRecord::default()) }
+    }
+
+    /// The same fencer, knowing that cloud instance `instance` is node `node`.
+    pub fn with_instance(mut self, instance: &str, node: &str) -> MemoryFencer {
+        self.instances.insert(instance.to_string(), node.to_string());
+        self
     }
 
     /// A copy of what was recorded.
@@ -151,6 +167,10 @@ impl NodeFencer for MemoryFencer {
             Ok(())
         })
     }
+
+    fn node_of_instance<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move { Ok(self.instances.get(instance).cloned()) })
+    }
 }
 
 /// Turns a fault kind into a valid taint value: at most 63 characters of `[A-Za-z0-9._-]`,
@@ -175,6 +195,14 @@ mod tests {
         assert_eq!(taint_value("nccl timeout!"), "nccl-timeout");
         assert_eq!(taint_value("--"), "unknown");
         assert_eq!(taint_value(&"a".repeat(100)).len(), 63);
+    }
+
+    #[test]
+    fn provider_ids_name_their_instance() {
+        assert!(provider_id_names("cn-hangzhou.i-bp1abc", "i-bp1abc"));
+        assert!(provider_id_names("aws:///us-east-1a/i-0ab", "i-0ab"));
+        assert!(!provider_id_names("cn-hangzhou.i-bp1abcd", "i-bp1abc"));
+        assert!(!provider_id_names("", ""));
     }
 
     #[tokio::test]

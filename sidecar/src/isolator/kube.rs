@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::fencer::{
     BoxFuture, CORDONED_ANNOTATION, EVIDENCE_ANNOTATION, Isolation, NodeFencer, Notice, PodRef, Subject, TAINT_KEY,
+    provider_id_names,
 };
 use crate::{Error, Result};
 
@@ -227,5 +228,18 @@ impl NodeFencer for KubeFencer {
 
     fn notice<'a>(&'a self, notice: &'a Notice) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.event(&notice.subject, "Warning", &notice.reason, &notice.message))
+    }
+
+    fn node_of_instance<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            let list = Api::<Node>::all(self.client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| kube_err("list", "nodes", e))?;
+            Ok(list.items.into_iter().find_map(|n| {
+                let pid = n.spec.as_ref().and_then(|s| s.provider_id.as_deref()).unwrap_or_default();
+                if provider_id_names(pid, instance) { n.metadata.name } else { None }
+            }))
+        })
     }
 }

@@ -10,15 +10,20 @@
 //! send; [`state`], [`ballot`], [`breaker`] and [`straggler`] are its pure parts; [`fencer`] is
 //! the cluster seam with [`kube`] as the real implementation; [`lease`] elects the leader;
 //! [`service`] is the gRPC shell (errors become statuses in [`crate::rpc`]); [`metrics`] serves
-//! Prometheus; [`link`] is the agent's client.
+//! Prometheus; [`link`] is the agent's client. Alerts from outside the agents (Alertmanager,
+//! Alibaba Cloud system events) come in through [`intake`], parsed by [`alert`] and mapped to
+//! findings by [`mapping`].
 
+pub mod alert;
 pub mod ballot;
 pub mod breaker;
 pub mod coordinator;
 pub mod fencer;
+pub mod intake;
 pub mod kube;
 pub mod lease;
 pub mod link;
+pub mod mapping;
 pub mod metrics;
 pub mod request;
 pub mod service;
@@ -44,8 +49,10 @@ use self::breaker::BreakerConfig;
 use self::coordinator::{Coordinator, Settings};
 use self::fencer::{MemoryFencer, NodeFencer};
 use self::kube::{KubeFencer, TaintEffect};
+use self::mapping::AlertMapping;
 use self::metrics::Metrics;
 use self::service::{Auth, Service};
+use crate::health::Policy;
 use crate::{Error, Result, env};
 
 /// Command-line flags of `ckptd isolator`. Each is also an environment variable
@@ -122,6 +129,17 @@ pub struct IsolatorArgs {
     /// Store URL for every job, instead of the one each agent registers with.
     #[arg(long, env = env::ENV_ISOLATOR_STORE, hide_env_values = true)]
     pub store: Option<String>,
+    /// Address of the alert intake (`POST /v1/alerts/alertmanager`, `/v1/alerts/aliyun`), with the
+    /// gRPC side's TLS and authentication; off unless given (port 0 picks a free one).
+    #[arg(long, env = env::ENV_ISOLATOR_ALERTS_ADDR)]
+    pub alerts_addr: Option<SocketAddr>,
+    /// File (TOML, or YAML by extension) with alert mapping rules tried before the built-in ones.
+    #[arg(long, env = env::ENV_ISOLATOR_ALERT_MAPPING, requires = "alerts_addr")]
+    pub alert_mapping: Option<PathBuf>,
+    /// Health policy file (the agents' format) that gives alerts their actions and the dedupe
+    /// window [default: the built-in table].
+    #[arg(long, env = env::ENV_ISOLATOR_HEALTH_POLICY)]
+    pub health_policy: Option<PathBuf>,
 }
 
 fn config(what: &str, reason: impl Into<String>) -> Error {
@@ -194,13 +212,32 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
         }
         _ => None,
     };
+    let policy = match &args.health_policy {
+        Some(p) => Policy::load(p)?,
+        None => Policy::builtin(),
+    };
+    let alerts = match args.alerts_addr {
+        Some(addr) => {
+            let mapping = match &args.alert_mapping {
+                Some(p) => AlertMapping::load(p, &policy)?,
+                None => AlertMapping::builtin(),
+            };
+            mapping.check(&policy).map_err(|reason| config("--health-policy", reason))?;
+            let tls = match (&args.tls_cert, &args.tls_key) {
+                (Some(c), Some(k)) => Some(intake::tls_config(c, k, args.client_ca.as_deref(), token.is_some())?),
+                _ => None,
+            };
+            Some(Alerts { addr, mapping, tls })
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("isolator")
         .enable_all()
         .build()
         .map_err(|e| Error::Runtime { what: "start the isolator runtime", reason: e.to_string() })?;
-    rt.block_on(serve(args, token, tls))
+    rt.block_on(serve(args, token, tls, policy, alerts))
 }
 
 async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
@@ -219,7 +256,20 @@ async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
     ::kube::Client::try_from(cfg).map_err(|e| config("kubernetes", format!("cannot build the client: {e}")))
 }
 
-async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTlsConfig>) -> Result<()> {
+/// The alert intake's settings, checked before the runtime starts.
+struct Alerts {
+    addr: SocketAddr,
+    mapping: AlertMapping,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+async fn serve(
+    args: IsolatorArgs,
+    token: Option<Vec<u8>>,
+    tls: Option<ServerTlsConfig>,
+    policy: Policy,
+    alerts: Option<Alerts>,
+) -> Result<()> {
     let cancel = CancellationToken::new();
     let client = if !args.dry_run || args.lease_name.is_some() { Some(kube_client(&args).await?) } else { None };
     let fencer: Arc<dyn NodeFencer> = match (&client, args.dry_run) {
@@ -253,6 +303,7 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
             max_fraction: args.max_isolated_fraction,
             window: args.isolation_window,
         },
+        dedupe_window: policy.dedupe_window,
     };
     let coord = Coordinator::new(settings, fencer, metrics.clone(), leader_rx.clone(), holder_rx, cancel.clone());
     tasks.spawn(coord.clone().run_background());
@@ -268,6 +319,15 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
     let metrics_addr =
         metrics_listener.local_addr().map_err(listen("the isolator's metrics (--metrics-addr)", args.metrics_addr))?;
     tasks.spawn(metrics::serve(metrics_listener, metrics, leader_rx, cancel.clone()));
+    let mut alerts_shown = String::new();
+    if let Some(a) = alerts {
+        let what = "the isolator's alert intake (--alerts-addr)";
+        let l = TcpListener::bind(a.addr).await.map_err(listen(what, a.addr))?;
+        let bound = l.local_addr().map_err(listen(what, a.addr))?;
+        alerts_shown = format!(" alerts={bound}");
+        let intake = Arc::new(intake::Intake::new(coord.clone(), a.mapping, policy, token.clone()));
+        tasks.spawn(intake::serve(l, a.tls, intake, cancel.clone()));
+    }
 
     let auth = Auth::new(token, args.client_ca.is_some());
     let svc = Service::new(coord);
@@ -291,7 +351,8 @@ async fn serve(args: IsolatorArgs, token: Option<Vec<u8>>, tls: Option<ServerTls
         tracing::info!("shutting down");
         sig.cancel();
     });
-    let _ = writeln!(std::io::stdout(), "ckptd isolator listening grpc={grpc_addr} metrics={metrics_addr}");
+    let _ =
+        writeln!(std::io::stdout(), "ckptd isolator listening grpc={grpc_addr} metrics={metrics_addr}{alerts_shown}");
     let _ = std::io::stdout().flush();
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, dry_run = args.dry_run, "isolator serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);

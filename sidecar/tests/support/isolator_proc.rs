@@ -18,6 +18,8 @@ pub struct IsolatorProc {
     pub grpc: SocketAddr,
     /// Metrics address.
     pub metrics: SocketAddr,
+    /// Alert intake address, when started with `--alerts-addr`.
+    pub alerts: Option<SocketAddr>,
     /// Its stderr log.
     pub log: PathBuf,
 }
@@ -71,7 +73,8 @@ impl IsolatorProc {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("no {k} in `{line}`"))
         };
-        IsolatorProc { grpc: field("grpc="), metrics: field("metrics="), child, log }
+        let alerts = line.split_whitespace().find_map(|w| w.strip_prefix("alerts=")).and_then(|a| a.parse().ok());
+        IsolatorProc { grpc: field("grpc="), metrics: field("metrics="), alerts, child, log }
     }
 
     /// `http://127.0.0.1:<port>`.
