@@ -34,6 +34,10 @@ pub const ENV_METRICS_ADDR: &str = "CKPTD_METRICS_ADDR";
 pub const ENV_RANKS: &str = "CKPTD_RANKS";
 /// The job's world size (`--world-size`).
 pub const ENV_WORLD_SIZE: &str = "CKPTD_WORLD_SIZE";
+/// The job's parallel layout (`ckptd agent --parallel`), e.g. `dp=8,tp=4,pp=2`: the webhook sets
+/// it from the `ckptd.io/parallel` annotation; the agent checks it against the world size and
+/// reports it to the isolator.
+pub const ENV_PARALLEL: &str = "CKPTD_PARALLEL";
 /// The most ranks, and so trainer sessions, the agent serves (`--max-sessions`).
 pub const ENV_MAX_SESSIONS: &str = "CKPTD_MAX_SESSIONS";
 /// How long the agent lets persists finish after SIGTERM (`--grace-period`).
@@ -233,6 +237,7 @@ mod tests {
         ("ENV_LAUNCHER_RANK", ENV_LAUNCHER_RANK),
         ("ENV_LAUNCHER_WORLD_SIZE", ENV_LAUNCHER_WORLD_SIZE),
         ("ENV_WORLD_SIZE", ENV_WORLD_SIZE),
+        ("ENV_PARALLEL", ENV_PARALLEL),
         ("ENV_GRACE_PERIOD", ENV_GRACE_PERIOD),
         ("ENV_RESTART_GRACE", ENV_RESTART_GRACE),
         ("ENV_RESTART_KILL_AFTER", ENV_RESTART_KILL_AFTER),

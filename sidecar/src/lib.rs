@@ -15,6 +15,7 @@ pub mod health;
 pub mod http;
 #[cfg(feature = "server")]
 pub mod isolator;
+pub mod layout;
 #[cfg(feature = "server")]
 pub mod webhook;
 

@@ -463,6 +463,10 @@ fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
         ("ckptd.io/agent-memory-limit", "4GB", "e.g. 64Gi"),
         ("ckptd.io/agent-memory-request", "16Gi", "above its limit 4Gi"),
         ("ckptd.io/job", "Bad_Job", "not a job name"),
+        ("ckptd.io/parallel", "dp=0,tp=4", "`dp=0` is not a whole number of at least 1"),
+        ("ckptd.io/parallel", "dp=8,cp=2", "unknown factor `cp`"),
+        ("ckptd.io/parallel", "8x4x2", "dp=8,tp=4,pp=2"),
+        ("ckptd.io/parallel", "dp=8,data=8", "sets a factor given before"),
         ("ckptd.io/slot", "2", "unknown annotation ckptd.io/slot"),
     ];
     let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
@@ -721,5 +725,287 @@ mod job_templates {
         // Without the label on the job, nothing is touched.
         raw["request"]["object"]["metadata"]["labels"] = serde_json::json!({"team": "llm"});
         assert!(review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap().patch.is_none());
+    }
+}
+
+/// The workload identity that ACK's and EKS's pod-identity webhooks put into training containers.
+mod identity {
+    use super::*;
+    use ckptd::webhook::mutate::{IDENTITY_ENV, has_agent};
+
+    /// Every variable of the agent that ckptd did not define itself.
+    fn foreign(c: &Container) -> BTreeMap<String, EnvVar> {
+        env(c).into_iter().filter(|(k, _)| !k.starts_with("CKPTD_") && !k.starts_with("NVIDIA_")).collect()
+    }
+
+    fn mount<'a>(c: &'a Container, name: &str) -> Option<&'a k8s_openapi::api::core::v1::VolumeMount> {
+        c.volume_mounts.iter().flatten().find(|m| m.name == name)
+    }
+
+    /// Runs `mutate` on a pod (as the API server would on a reinvocation) and applies the patch.
+    fn remutate(obj: &Value, cfg: &Config) -> (usize, Value) {
+        let patch = mutate(&pod(obj), cfg).expect("no denial");
+        let mut out = obj.clone();
+        json_patch::patch(&mut out, &patch).expect("patch applies");
+        (patch.0.len(), out)
+    }
+
+    fn review_object(name: &str) -> Value {
+        let raw: Value = serde_json::from_slice(&fixture(name)).unwrap();
+        raw["request"]["object"].clone()
+    }
+
+    #[test]
+    fn ack_rrsa_variables_and_token_reach_the_agent_and_nothing_else_does() {
+        let (resp, obj) = admit(&fixture("ack-rrsa-pod.json"), &config());
+        assert!(resp.allowed, "{:?}", resp.result);
+        let p = pod(&obj);
+        let a = agent(&p);
+        let trainer = &p.spec.as_ref().unwrap().containers[0];
+        let copied = foreign(&a);
+        assert_eq!(
+            copied.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+                "ALIBABA_CLOUD_OIDC_TOKEN_FILE",
+                "ALIBABA_CLOUD_ROLE_ARN",
+                "ALIBABA_CLOUD_STS_REGION",
+                "ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED",
+            ],
+            "the trainer's identity, and no secret (WANDB_API_KEY, HF_TOKEN, OSS_ACCESS_KEY_SECRET)"
+        );
+        for (name, var) in &copied {
+            assert_eq!(Some(var), env(trainer).get(name), "{name} as the trainer has it");
+        }
+        let token = mount(&a, "rrsa-oidc-token").expect("the token volume in the agent");
+        assert_eq!(token.mount_path, "/var/run/secrets/ack.alibabacloud.com/rrsa-tokens");
+        assert_eq!(token.read_only, Some(true));
+        let file = value(&a, "ALIBABA_CLOUD_OIDC_TOKEN_FILE").unwrap();
+        assert!(file.starts_with(&format!("{}/", token.mount_path)), "{file} is on the mounted volume");
+        assert!(mount(&a, "kube-api-access-7xk2p").is_none(), "the API token is not the store's identity");
+        // A second pass has nothing left to add.
+        assert_eq!(mutate(&p, &config()).map(|patch| patch.0.len()), Ok(0));
+    }
+
+    #[test]
+    fn eks_irsa_variables_and_token_reach_the_agent_with_the_declared_layout() {
+        let (resp, obj) = admit(&fixture("eks-irsa-pod.json"), &config());
+        assert!(resp.allowed, "{:?}", resp.result);
+        let p = pod(&obj);
+        let a = agent(&p);
+        let copied: Vec<String> = foreign(&a).into_keys().collect();
+        assert_eq!(
+            copied,
+            ["AWS_REGION", "AWS_ROLE_ARN", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_WEB_IDENTITY_TOKEN_FILE"],
+            "the allow-list only: no AWS_ACCESS_KEY_ID, HF_TOKEN or AWS_DEFAULT_REGION"
+        );
+        assert_eq!(value(&a, "AWS_ROLE_ARN").as_deref(), Some("arn:aws:iam::111122223333:role/ckptd-checkpoints"));
+        let token = mount(&a, "aws-iam-token").expect("the token volume in the agent");
+        assert_eq!(
+            (token.mount_path.as_str(), token.read_only),
+            ("/var/run/secrets/eks.amazonaws.com/serviceaccount", Some(true))
+        );
+        assert_eq!(value(&a, "CKPTD_PARALLEL").as_deref(), Some("dp=4,tp=2,pp=1"));
+        assert_eq!(value(&a, "CKPTD_WORLD_SIZE").as_deref(), Some("8"));
+        assert_eq!(value(&a, "CKPTD_RANKS").as_deref(), Some("4-7"));
+        assert!(value(&p.spec.as_ref().unwrap().containers[0], "CKPTD_PARALLEL").is_none(), "the agent's alone");
+    }
+
+    #[test]
+    fn only_allow_listed_names_are_ever_copied() {
+        // Every variable a trainer could carry that is not on the list stays with the trainer, whatever
+        // its name looks like.
+        let mut obj = review_object("ack-rrsa-pod.json");
+        let env = obj["spec"]["containers"][0]["env"].as_array_mut().unwrap();
+        for name in [
+            "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+            "ALIBABA_CLOUD_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "ALIBABA_CLOUD_ROLE_SESSION_NAME",
+            "alibaba_cloud_role_arn",
+        ] {
+            env.push(serde_json::json!({"name": name, "value": "x"}));
+        }
+        let (_, out) = remutate(&obj, &config());
+        let a = agent(&pod(&out));
+        for name in foreign(&a).keys() {
+            assert!(IDENTITY_ENV.contains(&name.as_str()), "{name} was copied");
+        }
+        assert_eq!(foreign(&a).len(), 5);
+    }
+
+    /// The ACK fixture as it was before ACK's webhook ran: no identity anywhere.
+    fn before_identity_webhook() -> Value {
+        let mut obj = review_object("ack-rrsa-pod.json");
+        let c = &mut obj["spec"]["containers"][0];
+        c["env"].as_array_mut().unwrap().retain(|e| !e["name"].as_str().unwrap().starts_with("ALIBABA_CLOUD_"));
+        c["volumeMounts"].as_array_mut().unwrap().retain(|m| m["name"] != "rrsa-oidc-token");
+        obj["spec"]["volumes"].as_array_mut().unwrap().retain(|v| v["name"] != "rrsa-oidc-token");
+        obj
+    }
+
+    /// What ACK's webhook adds to the containers named `names` (in either list), and the volume, as
+    /// the fixture shows it.
+    fn identity_webhook(obj: &mut Value, names: &[&str]) {
+        let original = review_object("ack-rrsa-pod.json");
+        let t = &original["spec"]["containers"][0];
+        let vars: Vec<Value> = t["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().starts_with("ALIBABA_CLOUD_"))
+            .cloned()
+            .collect();
+        let m = t["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "rrsa-oidc-token").unwrap().clone();
+        for list in ["containers", "initContainers"] {
+            for c in obj["spec"][list].as_array_mut().into_iter().flatten() {
+                if names.contains(&c["name"].as_str().unwrap()) {
+                    c["env"].as_array_mut().unwrap().extend(vars.iter().cloned());
+                    c["volumeMounts"].as_array_mut().unwrap().push(m.clone());
+                }
+            }
+        }
+        let v =
+            original["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "rrsa-oidc-token").unwrap();
+        obj["spec"]["volumes"].as_array_mut().unwrap().push(v.clone());
+    }
+
+    #[test]
+    fn a_reinvocation_after_the_identity_webhook_gives_the_agent_what_it_lacks_once() {
+        for native in [true, false] {
+            let cfg = Config::from_yaml("img:1", &format!("nativeSidecar: {native}\n")).unwrap();
+            let (ops, mut obj) = remutate(&before_identity_webhook(), &cfg);
+            assert!(ops > 0);
+            assert!(foreign(&agent(&pod(&obj))).is_empty(), "no identity yet");
+            let volumes = obj["spec"]["volumes"].as_array().unwrap().len();
+
+            // ACK's webhook runs after ours and changes only the training container.
+            identity_webhook(&mut obj, &["pytorch"]);
+            let p = pod(&obj);
+            assert!(has_agent(&p));
+            let patch = mutate(&p, &cfg).unwrap();
+            let list = if native { "initContainers" } else { "containers" };
+            let agent_index = if native { 0 } else { 1 };
+            for op in &patch.0 {
+                let json_patch::PatchOperation::Add(add) = op else { panic!("only adds: {op:?}") };
+                let path = add.path.to_string();
+                assert!(path.starts_with(&format!("/spec/{list}/{agent_index}/")), "only the agent changes: {path}");
+            }
+            let (_, again) = remutate(&obj, &cfg);
+            let p = pod(&again);
+            let a = agent(&p);
+            assert_eq!(foreign(&a).len(), 5, "native={native}");
+            assert_eq!(mount(&a, "rrsa-oidc-token").map(|m| m.read_only), Some(Some(true)));
+            // Nothing was injected twice.
+            let spec = p.spec.as_ref().unwrap();
+            assert_eq!(spec.volumes.as_ref().unwrap().len(), volumes + 1, "only ACK's volume was added");
+            let t = &spec.containers[0];
+            assert_eq!(t.env.iter().flatten().filter(|e| e.name == "CKPTD_SOCKET").count(), 1);
+            assert_eq!(mounts(t).len(), t.volume_mounts.as_ref().unwrap().len(), "no mount twice in the trainer");
+            // A third pass is a no-op: the passes converge.
+            assert_eq!(mutate(&p, &cfg).map(|patch| patch.0.len()), Ok(0), "native={native}");
+        }
+    }
+
+    #[test]
+    fn an_identity_webhook_that_also_changed_the_agent_leaves_nothing_to_add() {
+        let (_, mut obj) = remutate(&before_identity_webhook(), &config());
+        identity_webhook(&mut obj, &["pytorch", "ckptd-agent"]);
+        assert_eq!(mutate(&pod(&obj), &config()).map(|patch| patch.0.len()), Ok(0));
+    }
+
+    #[test]
+    fn what_the_agent_already_has_is_kept() {
+        let (_, mut obj) = remutate(&before_identity_webhook(), &config());
+        identity_webhook(&mut obj, &["pytorch"]);
+        let a = &mut obj["spec"]["initContainers"][0];
+        a["env"].as_array_mut().unwrap().push(
+            serde_json::json!({"name": "ALIBABA_CLOUD_ROLE_ARN", "value": "acs:ram::1234567890123456:role/agent-only"}),
+        );
+        a["volumeMounts"].as_array_mut().unwrap().push(serde_json::json!(
+            {"name": "my-token", "mountPath": "/var/run/secrets/ack.alibabacloud.com/rrsa-tokens/"}
+        ));
+        obj["spec"]["volumes"].as_array_mut().unwrap().push(serde_json::json!({"name": "my-token", "emptyDir": {}}));
+        let (_, out) = remutate(&obj, &config());
+        let a = agent(&pod(&out));
+        assert_eq!(
+            value(&a, "ALIBABA_CLOUD_ROLE_ARN").as_deref(),
+            Some("acs:ram::1234567890123456:role/agent-only"),
+            "the agent's own value wins"
+        );
+        assert_eq!(a.env.iter().flatten().filter(|e| e.name == "ALIBABA_CLOUD_ROLE_ARN").count(), 1);
+        assert_eq!(foreign(&a).len(), 5, "the others are added");
+        assert!(mount(&a, "rrsa-oidc-token").is_none(), "the agent mounts something there already");
+    }
+
+    #[test]
+    fn a_token_on_no_mounted_volume_copies_the_variables_only() {
+        let mut obj = review_object("eks-irsa-pod.json");
+        obj["spec"]["containers"][0]["volumeMounts"].as_array_mut().unwrap().retain(|m| m["name"] != "aws-iam-token");
+        // A mount whose path is a prefix of the token's as a string, but not a parent directory.
+        obj["spec"]["containers"][0]["volumeMounts"].as_array_mut().unwrap().push(
+            serde_json::json!({"name": "aws-iam-token", "mountPath": "/var/run/secrets/eks.amazonaws.com/service"}),
+        );
+        let (_, out) = remutate(&obj, &config());
+        let a = agent(&pod(&out));
+        assert_eq!(
+            value(&a, "AWS_WEB_IDENTITY_TOKEN_FILE").as_deref(),
+            Some("/var/run/secrets/eks.amazonaws.com/serviceaccount/token")
+        );
+        assert!(mount(&a, "aws-iam-token").is_none(), "{:?}", a.volume_mounts);
+    }
+}
+
+mod parallel {
+    use super::*;
+
+    fn eks_with(parallel: &str) -> kube::core::admission::AdmissionResponse {
+        let mut raw: Value = serde_json::from_slice(&fixture("eks-irsa-pod.json")).unwrap();
+        raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/parallel"] = parallel.into();
+        review(&serde_json::to_vec(&raw).unwrap(), &config()).unwrap()
+    }
+
+    #[test]
+    fn a_layout_that_does_not_multiply_to_the_world_size_is_denied() {
+        for ok in ["dp=8", "data=2,tensor=2,pipeline=2", "pp=8", "tp=2,dp=4"] {
+            assert!(eks_with(ok).allowed, "{ok}: {:?}", eks_with(ok).result);
+        }
+        let resp = eks_with("dp=8,tp=2,pp=1");
+        assert!(!resp.allowed && resp.patch.is_none());
+        let msg = resp.result.message;
+        assert!(
+            msg.starts_with("ckptd: ckptd.io/parallel: dp=8,tp=2,pp=1 describes 16 ranks, but the job has 8"),
+            "{msg}"
+        );
+        assert!(msg.contains("PET_NPROC_PER_NODE=4, PET_NNODES=2"), "says where the world size came from: {msg}");
+    }
+
+    #[test]
+    fn without_a_world_size_the_layout_is_passed_on_in_canonical_form() {
+        let (resp, obj) = admit(
+            &{
+                let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+                raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/parallel"] = " tensor=5 , data=3".into();
+                serde_json::to_vec(&raw).unwrap()
+            },
+            &config(),
+        );
+        assert!(resp.allowed, "{:?}", resp.result);
+        let a = agent(&pod(&obj));
+        assert_eq!(value(&a, "CKPTD_PARALLEL").as_deref(), Some("dp=3,tp=5,pp=1"), "the agent checks it");
+        assert!(value(&a, "CKPTD_WORLD_SIZE").is_none());
+        let text: ckptd::layout::Layout = value(&a, "CKPTD_PARALLEL").unwrap().parse().unwrap();
+        assert_eq!(text.world_size(), 15);
+    }
+
+    #[test]
+    fn a_layout_on_the_job_reaches_its_pod_templates() {
+        let mut raw: Value = serde_json::from_slice(&fixture("pytorchjob.json")).unwrap();
+        raw["request"]["object"]["metadata"]["annotations"]["ckptd.io/parallel"] = "dp=2,tp=4".into();
+        let (resp, obj) = admit(&serde_json::to_vec(&raw).unwrap(), &config());
+        assert!(resp.allowed);
+        let worker = &obj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["annotations"];
+        assert_eq!(worker["ckptd.io/parallel"], "dp=2,tp=4");
     }
 }

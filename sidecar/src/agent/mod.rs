@@ -63,6 +63,10 @@ pub struct AgentArgs {
     /// The job's world size; checked against what trainers report.
     #[arg(long, env = ENV_WORLD_SIZE)]
     pub world_size: Option<u32>,
+    /// The job's parallel layout, e.g. `dp=8,tp=4,pp=2` (also `data=`, `tensor=`, `pipeline=`; an
+    /// omitted factor is 1). Its product must be `--world-size`; it is reported to the isolator.
+    #[arg(long, env = ENV_PARALLEL)]
+    pub parallel: Option<crate::layout::Layout>,
     /// The most ranks this agent serves, each with at most one trainer session; an attach beyond it
     /// is refused (ResourceExhausted). A rank keeps its arena and persist thread after its trainer
     /// detaches, so every rank served counts. Default: `--world-size`, else the number of
@@ -222,6 +226,14 @@ pub fn run(args: AgentArgs) -> Result<()> {
         && let Some(bad) = r.0.iter().find(|&&r| r >= w)
     {
         return Err(config_error("--ranks", format!("rank {bad} is outside world size {w}")));
+    }
+    if let (Some(w), Some(layout)) = (args.world_size, &args.parallel)
+        && let Some(why) = layout.mismatch(u64::from(w))
+    {
+        return Err(config_error(
+            "--parallel",
+            format!("{why} (--world-size): fix the ckptd.io/parallel annotation or the job's size"),
+        ));
     }
     let max_sessions = max_sessions(&args)?;
     let compression: Compression = args.compression.parse().map_err(|e| config_error("--compression", e))?;
@@ -855,7 +867,7 @@ async fn connect_isolator(url: &str, args: &AgentArgs) -> Result<crate::isolator
     if let Some(ca) = ca {
         creds = creds.with_ca(ca);
     }
-    crate::isolator::link::IsolatorLink::connect(url, creds).await
+    Ok(crate::isolator::link::IsolatorLink::connect(url, creds).await?.with_parallel(args.parallel))
 }
 
 /// Acts on the health controller's decisions: reports each to the isolator (which isolates and
@@ -926,5 +938,28 @@ mod tests {
         for bad in ["", "a", "3-1", "0-99999", "1-", "-"] {
             assert!(parse_ranks(bad).is_err(), "`{bad}` should be refused");
         }
+    }
+
+    #[test]
+    fn a_layout_is_parsed_by_the_flag_and_checked_against_the_world_size() {
+        use clap::{Args, Command, FromArgMatches};
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["--socket", "/nonexistent/agent.sock", "--store", "memory://", "--job", "j"];
+            argv.extend_from_slice(extra);
+            AgentArgs::augment_args(Command::new("agent").no_binary_name(true))
+                .try_get_matches_from(argv)
+                .map_err(|e| e.to_string())
+                .map(|m| AgentArgs::from_arg_matches(&m).unwrap())
+        };
+        let e = parse(&["--parallel", "dp=0"]).unwrap_err();
+        assert!(e.contains("--parallel") && e.contains("at least 1"), "{e}");
+        let args = parse(&["--parallel", "data=2,tensor=4"]).unwrap();
+        assert_eq!(args.parallel, Some(crate::layout::Layout { dp: 2, tp: 4, pp: 1 }));
+
+        // Refused before anything is opened or bound: the daemon exits 64 with this line.
+        let e = run(parse(&["--world-size", "16", "--parallel", "dp=2,tp=4"]).unwrap()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        let msg = e.to_string();
+        assert!(msg.contains("--parallel") && msg.contains("describes 8 ranks, but the job has 16"), "{msg}");
     }
 }

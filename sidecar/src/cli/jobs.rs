@@ -1,5 +1,5 @@
 //! `ckptctl jobs [--json]`: the isolator's view of every job (state, generation, newest global
-//! step, isolated nodes, stragglers), through `IsolatorAdmin.ListJobs`.
+//! step, declared parallel layout, isolated nodes, stragglers), through `IsolatorAdmin.ListJobs`.
 
 use std::io::Write;
 
@@ -26,6 +26,8 @@ struct Row {
     latest_global_step: Option<u64>,
     world_size: u32,
     registered: u32,
+    /// `dp=8,tp=4,pp=2`, as the job declared it (`ckptd.io/parallel`).
+    parallel: Option<String>,
     isolated_nodes: Vec<String>,
     stragglers: Vec<u32>,
 }
@@ -45,6 +47,7 @@ pub fn run(args: &JobsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
             generation: j.generation,
             world_size: j.world_size,
             registered: j.registered,
+            parallel: j.parallel.as_ref().and_then(|p| crate::layout::Layout::try_from(p).ok()).map(|l| l.to_string()),
             isolated_nodes: j.isolated_nodes,
             stragglers: j.stragglers,
         })
@@ -56,8 +59,8 @@ pub fn run(args: &JobsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
     }
     writeln!(
         out,
-        "{:<24} {:<11} {:>4} {:>10} {:>7} {:<20} STRAGGLERS",
-        "JOB", "STATE", "GEN", "GLOBAL", "RANKS", "ISOLATED"
+        "{:<24} {:<11} {:>4} {:>10} {:>7} {:<18} {:<20} STRAGGLERS",
+        "JOB", "STATE", "GEN", "GLOBAL", "RANKS", "PARALLEL", "ISOLATED"
     )?;
     for r in &rows {
         let step = r.latest_global_step.map_or("-".to_string(), |s| s.to_string());
@@ -69,12 +72,13 @@ pub fn run(args: &JobsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
         };
         writeln!(
             out,
-            "{:<24} {:<11} {:>4} {:>10} {:>7} {:<20} {strag}",
+            "{:<24} {:<11} {:>4} {:>10} {:>7} {:<18} {:<20} {strag}",
             r.job,
             r.state,
             r.generation,
             step,
             format!("{}/{}", r.registered, r.world_size),
+            r.parallel.as_deref().unwrap_or("-"),
             isolated
         )?;
     }

@@ -154,6 +154,8 @@ struct Job {
     faulty: BTreeSet<u32>,
     restored: BTreeSet<u32>,
     detector: Detector,
+    /// The layout the job's agents last registered with (`ckptd.io/parallel`), shown by `ckptctl jobs`.
+    parallel: Option<crate::layout::Layout>,
 }
 
 impl Job {
@@ -410,6 +412,7 @@ impl Coordinator {
             faulty: BTreeSet::new(),
             restored: BTreeSet::new(),
             detector: Detector::new(self.settings.straggler_k, self.settings.straggler_windows),
+            parallel: None,
         });
         if job.world_size != r.world_size {
             return Err(Error::InvalidRequest {
@@ -427,6 +430,9 @@ impl Coordinator {
             // A new leader learns the generation from the agents that re-register.
             tracing::warn!(job = %r.job, rank = r.rank, generation = r.generation, "adopting the generation an agent reports");
             job.generation = r.generation;
+        }
+        if r.parallel.is_some() {
+            job.parallel = r.parallel;
         }
         job.ranks.insert(r.rank, Rank { node: r.node, pod: r.pod, namespace: r.namespace, step_ms: 0 });
         tracing::info!(job = %r.job, rank = r.rank, world_size = r.world_size, generation = job.generation, "rank registered");
@@ -879,6 +885,7 @@ impl Coordinator {
                 isolated_nodes: isolated.iter().filter(|(_, job)| *job == name).map(|(n, _)| n.clone()).collect(),
                 stragglers: j.detector.stragglers(),
                 connected_agents: j.subscribers.iter().filter(|s| !s.tx.is_closed()).count() as u32,
+                parallel: j.parallel.map(Into::into),
             })
             .collect();
         out.sort_by(|a, b| a.job.cmp(&b.job));
@@ -1067,6 +1074,28 @@ mod tests {
         assert!(err.to_string().contains("other"), "{err}");
         assert_eq!(c.release("n").await.unwrap_err().kind(), crate::ErrorKind::NotLeader);
         assert_eq!(fencer.record().isolations, 0);
+    }
+
+    #[tokio::test]
+    async fn the_declared_layout_is_kept_and_listed() {
+        let c = coordinator(true, Arc::new(MemoryFencer::new(8)), 4);
+        let r = |rank, parallel| {
+            let r = RegisterRequest {
+                job: "a".into(),
+                rank,
+                world_size: 4,
+                node: "n".into(),
+                parallel,
+                ..Default::default()
+            };
+            Registration::try_from(&r).unwrap()
+        };
+        c.register(r(0, None)).await.unwrap();
+        assert_eq!(c.list()[0].parallel, None, "nothing declared");
+        let declared = crate::layout::Layout { dp: 2, tp: 2, pp: 1 };
+        c.register(r(1, Some(declared.into()))).await.unwrap();
+        c.register(r(2, None)).await.unwrap();
+        assert_eq!(c.list()[0].parallel, Some(declared.into()), "kept when a later rank declares none");
     }
 
     #[tokio::test]

@@ -40,6 +40,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument as _;
 
+use crate::layout::Layout;
 use crate::rpc::from_isolator_status;
 use crate::{Error, Result};
 
@@ -115,6 +116,7 @@ pub struct IsolatorLink {
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     generation: Arc<AtomicU64>,
     registration: Arc<Mutex<Registration>>,
+    parallel: Option<Layout>,
 }
 
 impl IsolatorLink {
@@ -156,7 +158,15 @@ impl IsolatorLink {
             token,
             generation: Arc::new(AtomicU64::new(0)),
             registration: Arc::new(Mutex::new(Registration::default())),
+            parallel: None,
         })
+    }
+
+    /// Sends `layout` (the job's declared `ckptd.io/parallel`) with every registration whose world
+    /// size it matches; the isolator keeps it for `ckptctl jobs`.
+    pub fn with_parallel(mut self, layout: Option<Layout>) -> IsolatorLink {
+        self.parallel = layout;
+        self
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
@@ -183,7 +193,9 @@ impl IsolatorLink {
     }
 
     /// Registers the agent's `ranks` of `job`. The reply carries the generation (kept by the
-    /// link) and the newest globally committed step, which a fresh pod restores.
+    /// link) and the newest globally committed step, which a fresh pod restores. The layout of
+    /// [`IsolatorLink::with_parallel`] goes along when its product is `world_size`; otherwise it is
+    /// left out with an error in the log, and the ranks still register.
     #[allow(clippy::too_many_arguments)]
     pub async fn register(
         &self,
@@ -195,6 +207,14 @@ impl IsolatorLink {
         namespace: &str,
         store: &str,
     ) -> Result<RegisterReply> {
+        let parallel = match self.parallel {
+            Some(l) if l.mismatch(u64::from(world_size)).is_none() => Some(l),
+            Some(l) => {
+                tracing::error!(parallel = %l, world_size, "the declared parallel layout does not match the world size the trainers report: registering without it");
+                None
+            }
+            None => None,
+        };
         let mut last = None;
         for &rank in ranks {
             let msg = RegisterRequest {
@@ -207,6 +227,7 @@ impl IsolatorLink {
                 agent_version: crate::VERSION.to_string(),
                 store: store.to_string(),
                 generation: self.generation(),
+                parallel: parallel.map(Into::into),
             };
             let reply = self
                 .client()

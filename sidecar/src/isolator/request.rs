@@ -9,6 +9,7 @@ use ckptd_proto::v1::{CommandsRequest, DurableVote, FaultAction, FaultReport, Ra
 
 use super::ballot::Vote;
 use crate::health::Action;
+use crate::layout::Layout;
 use crate::{Error, Result};
 
 /// Longest job, node, pod or namespace name accepted.
@@ -57,6 +58,8 @@ pub struct Registration {
     pub store: String,
     /// The restart generation the agent last learned (0 for a fresh pod).
     pub generation: u64,
+    /// The job's parallel layout, when the pod declared one; its product is `world_size`.
+    pub parallel: Option<Layout>,
 }
 
 impl TryFrom<&RegisterRequest> for Registration {
@@ -74,6 +77,16 @@ impl TryFrom<&RegisterRequest> for Registration {
         check_name("node", &r.node, true)?;
         check_name("pod", &r.pod, false)?;
         check_name("namespace", &r.namespace, false)?;
+        let parallel = match &r.parallel {
+            None => None,
+            Some(p) => {
+                let l = Layout::try_from(p).map_err(|e| invalid("parallel", e))?;
+                if let Some(why) = l.mismatch(u64::from(r.world_size)) {
+                    return Err(invalid("parallel", why));
+                }
+                Some(l)
+            }
+        };
         Ok(Registration {
             job: r.job.clone(),
             rank: r.rank,
@@ -84,6 +97,7 @@ impl TryFrom<&RegisterRequest> for Registration {
             agent_version: r.agent_version.chars().take(MAX_NAME).collect(),
             store: r.store.clone(),
             generation: r.generation,
+            parallel,
         })
     }
 }
@@ -220,6 +234,8 @@ impl TryFrom<&CommandsRequest> for Subscription {
 
 #[cfg(test)]
 mod tests {
+    use ckptd_proto::v1::ParallelLayout;
+
     use super::*;
 
     fn registration() -> RegisterRequest {
@@ -229,6 +245,9 @@ mod tests {
     #[test]
     fn a_registration_is_checked_field_by_field() {
         assert_eq!(Registration::try_from(&registration()).unwrap().rank, 1);
+        assert_eq!(Registration::try_from(&registration()).unwrap().parallel, None);
+        let declared = RegisterRequest { parallel: Some(ParallelLayout { dp: 1, tp: 2, pp: 1 }), ..registration() };
+        assert_eq!(Registration::try_from(&declared).unwrap().parallel, Some(Layout { dp: 1, tp: 2, pp: 1 }));
         let bad = [
             RegisterRequest { job: "../etc".into(), ..registration() },
             RegisterRequest { job: String::new(), ..registration() },
@@ -238,6 +257,8 @@ mod tests {
             RegisterRequest { node: String::new(), ..registration() },
             RegisterRequest { pod: "a\nb".into(), ..registration() },
             RegisterRequest { namespace: "x".repeat(MAX_NAME + 1), ..registration() },
+            RegisterRequest { parallel: Some(ParallelLayout { dp: 2, tp: 2, pp: 1 }), ..registration() },
+            RegisterRequest { parallel: Some(ParallelLayout { dp: 0, tp: 2, pp: 1 }), ..registration() },
         ];
         for r in bad {
             let e = Registration::try_from(&r).unwrap_err();

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::config::Config;
 use super::quantity::{CPU_FORM, Cpu, MEMORY_FORM, Memory};
 use super::value::{is_dns_subdomain, parse_isolator, parse_store, shown};
+use crate::layout::Layout;
 
 /// The opt-in label: only pods with `ckptd.io/inject: "true"` are changed.
 pub const LABEL_INJECT: &str = "ckptd.io/inject";
@@ -44,9 +45,14 @@ pub const KMSG: &str = "ckptd.io/kmsg";
 /// so no GPU from the NVIDIA container runtime.
 pub const NVML: &str = "ckptd.io/nvml";
 
+/// Annotation: the job's parallel layout, e.g. `dp=8,tp=4,pp=2` ([`Layout`]), passed to the agent
+/// as `CKPTD_PARALLEL`. Its product must be the job's world size.
+pub const PARALLEL: &str = "ckptd.io/parallel";
+
 /// Every annotation the webhook reads. Any other `ckptd.io/` annotation is a typo and is denied.
-pub const KNOWN: [&str; 12] = [
+pub const KNOWN: [&str; 13] = [
     JOB,
+    PARALLEL,
     KMSG,
     NVML,
     STORE,
@@ -91,6 +97,8 @@ pub struct PodSettings {
     pub kmsg: bool,
     /// Whether the agent gets the node's GPUs through the NVIDIA container runtime for NVML.
     pub nvml: bool,
+    /// The declared parallel layout (`CKPTD_PARALLEL`), if any.
+    pub parallel: Option<Layout>,
 }
 
 /// Reads and validates the pod's settings; `Err` holds one message per problem.
@@ -222,10 +230,23 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
     let kmsg = switch(KMSG, cfg.file.kmsg, "the kernel-log reporter, its hostPath /dev/kmsg and CAP_SYSLOG");
     let nvml = switch(NVML, cfg.file.nvml, "the NVML reporter and the agent's NVIDIA_* variables");
 
+    let parallel =
+        ann.get(PARALLEL).and_then(|v| v.parse::<Layout>().map_err(|r| problems.push(format!("{PARALLEL}: {r}"))).ok());
+
     match (job, store, problems.is_empty()) {
-        (Some(job), Some(store), true) => {
-            Ok(PodSettings { job, store, arena_size, slots, isolator, containers, requests, limits, kmsg, nvml })
-        }
+        (Some(job), Some(store), true) => Ok(PodSettings {
+            job,
+            store,
+            arena_size,
+            slots,
+            isolator,
+            containers,
+            requests,
+            limits,
+            kmsg,
+            nvml,
+            parallel,
+        }),
         _ => Err(problems),
     }
 }
@@ -242,7 +263,7 @@ fn default_job(pod: &Pod) -> Option<String> {
 }
 
 /// Indexes of the training containers: those named in `ckptd.io/containers`, else all of them.
-fn containers(pod: &Pod, named: Option<&String>) -> Result<Vec<usize>, String> {
+pub(crate) fn containers(pod: &Pod, named: Option<&String>) -> Result<Vec<usize>, String> {
     let all: Vec<&str> =
         pod.spec.as_ref().map(|s| s.containers.iter().map(|c| c.name.as_str()).collect()).unwrap_or_default();
     let Some(list) = named else {

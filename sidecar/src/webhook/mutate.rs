@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use ckpt_core::store::rrsa;
 use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
@@ -70,6 +71,30 @@ pub const METRICS_PORT: i32 = 9101;
 /// The name of the agent's metrics port, which the chart's PodMonitor scrapes.
 pub const METRICS_PORT_NAME: &str = "ckptd-metrics";
 
+/// The workload-identity variables that ACK's pod-identity webhook (RRSA) and EKS's (IRSA) set in a
+/// pod's containers and the store reads to trade the projected ServiceAccount token for temporary
+/// keys. They are the only variables copied from a training container into the agent: an explicit
+/// list, so that nothing else of the trainer's (a secret among it) reaches the agent by accident.
+pub const IDENTITY_ENV: [&str; 10] = [
+    rrsa::ENV_ROLE_ARN,
+    rrsa::ENV_OIDC_PROVIDER_ARN,
+    rrsa::ENV_OIDC_TOKEN_FILE,
+    rrsa::ENV_STS_ENDPOINT,
+    rrsa::ENV_STS_REGION,
+    rrsa::ENV_VPC_ENDPOINT_ENABLED,
+    AWS_ROLE_ARN,
+    AWS_WEB_IDENTITY_TOKEN_FILE,
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "AWS_REGION",
+];
+/// IRSA's role, read by `object_store` for `s3://`.
+pub const AWS_ROLE_ARN: &str = "AWS_ROLE_ARN";
+/// IRSA's projected token file, read by `object_store` for `s3://`.
+pub const AWS_WEB_IDENTITY_TOKEN_FILE: &str = "AWS_WEB_IDENTITY_TOKEN_FILE";
+/// The variables of [`IDENTITY_ENV`] that name a token file: the volume that holds it is mounted in
+/// the agent too, read-only at the trainer's path.
+pub const IDENTITY_TOKEN_FILES: [&str; 2] = [rrsa::ENV_OIDC_TOKEN_FILE, AWS_WEB_IDENTITY_TOKEN_FILE];
+
 /// The directory torch writes flight-recorder dumps into: that of [`FLIGHT_RECORDER_PREFIX`].
 pub fn flight_recorder_dir() -> &'static str {
     FLIGHT_RECORDER_PREFIX.rsplit_once('/').map_or("/", |(dir, _)| dir)
@@ -100,11 +125,18 @@ pub fn has_agent(pod: &Pod) -> bool {
     spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == AGENT_CONTAINER)
 }
 
-/// The patch that injects the agent into `pod`: empty for a pod that did not opt in or already has the
-/// agent, a [`Denial`] for invalid annotations or a pod the injection would conflict with.
+/// The patch that injects the agent into `pod`: empty for a pod that did not opt in, a [`Denial`] for
+/// invalid annotations or a pod the injection would conflict with.
+///
+/// A pod that already has the agent (a reinvocation after another webhook changed the pod, or a
+/// pod written by hand) is not injected again: its patch only gives the agent the workload identity
+/// it lacks ([`identity`]), and is empty once it has it, so any number of passes converge.
 pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
-    if !opted_in(pod) || has_agent(pod) {
+    if !opted_in(pod) {
         return Ok(Patch(Vec::new()));
+    }
+    if has_agent(pod) {
+        return Ok(reinvoked(pod));
     }
     let Some(spec) = &pod.spec else {
         return Err(Denial { problems: vec!["the pod has no spec".into()] });
@@ -112,6 +144,16 @@ pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
     let settings = annotations::settings(pod, cfg).map_err(|problems| Denial { problems })?;
     check_conflicts(pod, &settings)?;
     let ranks = ranks(pod, &settings).map_err(|problem| Denial { problems: vec![problem] })?;
+    if let (Some(layout), Some((_, world, from))) = (settings.parallel, &ranks)
+        && let Some(why) = layout.mismatch(*world)
+    {
+        return Err(Denial {
+            problems: vec![format!(
+                "{}: {why} ({from}): make dp × tp × pp equal the world size",
+                annotations::PARALLEL
+            )],
+        });
+    }
 
     let mut ops = Vec::new();
     let trainer_env = trainer_env(&settings, cfg);
@@ -132,13 +174,89 @@ pub fn mutate(pod: &Pod, cfg: &Config) -> Result<Patch, Denial> {
         append(&mut ops, &["spec", "containers", &index, "volumeMounts"], c.volume_mounts.is_some(), shared_mounts());
     }
     append(&mut ops, &["spec", "volumes"], spec.volumes.is_some(), volumes(&settings, cfg));
-    let agent = agent(pod, &settings, cfg, ranks);
+    let mut agent = agent(pod, &settings, cfg, ranks);
+    let (identity_env, identity_mounts) = identity(pod, &settings.containers, &agent);
+    agent.env.get_or_insert_default().extend(identity_env);
+    agent.volume_mounts.get_or_insert_default().extend(identity_mounts);
     if cfg.file.native_sidecar {
         append(&mut ops, &["spec", "initContainers"], spec.init_containers.is_some(), vec![agent]);
     } else {
         append(&mut ops, &["spec", "containers"], true, vec![agent]);
     }
     Ok(Patch(ops))
+}
+
+/// The patch for a pod that already has the agent: the workload identity the agent lacks, appended
+/// to its `env` and `volumeMounts`; nothing else is looked at again (the first pass validated the
+/// annotations). Empty when the agent has it all, or the training containers cannot be told.
+fn reinvoked(pod: &Pod) -> Patch {
+    let Some(spec) = &pod.spec else { return Patch(Vec::new()) };
+    let named = pod.metadata.annotations.as_ref().and_then(|a| a.get(annotations::CONTAINERS));
+    let Ok(trainers) = annotations::containers(pod, named) else { return Patch(Vec::new()) };
+    // Without native sidecars the agent is one of `spec.containers`, which is no training container.
+    let trainers: Vec<usize> =
+        trainers.into_iter().filter(|&i| spec.containers.get(i).is_some_and(|c| c.name != AGENT_CONTAINER)).collect();
+    let position = |cs: &[Container]| cs.iter().position(|c| c.name == AGENT_CONTAINER);
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    let (list, i, agent) = match (position(init), position(&spec.containers)) {
+        (Some(i), _) => ("initContainers", i, &init[i]),
+        (None, Some(i)) => ("containers", i, &spec.containers[i]),
+        (None, None) => return Patch(Vec::new()),
+    };
+    let (env, mounts) = identity(pod, &trainers, agent);
+    let index = i.to_string();
+    let mut ops = Vec::new();
+    append(&mut ops, &["spec", list, &index, "env"], agent.env.is_some(), env);
+    append(&mut ops, &["spec", list, &index, "volumeMounts"], agent.volume_mounts.is_some(), mounts);
+    Patch(ops)
+}
+
+/// What `agent` lacks of the workload identity of the first training container that has one: the
+/// [`IDENTITY_ENV`] variables it sets (as it sets them) that the agent does not, and for each token
+/// file ([`IDENTITY_TOKEN_FILES`]) the trainer's mount that holds it (the deepest whose path is a
+/// parent of the file), read-only at the same path, unless the agent mounts something there already.
+fn identity(pod: &Pod, trainers: &[usize], agent: &Container) -> (Vec<EnvVar>, Vec<VolumeMount>) {
+    let Some(spec) = &pod.spec else { return (Vec::new(), Vec::new()) };
+    let is_identity = |e: &&EnvVar| IDENTITY_ENV.contains(&e.name.as_str());
+    let Some(source) = trainers
+        .iter()
+        .filter_map(|&i| spec.containers.get(i))
+        .find(|c| c.env.iter().flatten().any(|e| is_identity(&e)))
+    else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut have: BTreeSet<&str> = agent.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    let env: Vec<EnvVar> =
+        source.env.iter().flatten().filter(is_identity).filter(|e| have.insert(e.name.as_str())).cloned().collect();
+
+    let mut mounted: BTreeSet<&str> =
+        agent.volume_mounts.iter().flatten().map(|m| m.mount_path.trim_end_matches('/')).collect();
+    let mut mounts = Vec::new();
+    for var in IDENTITY_TOKEN_FILES {
+        // The path the agent will read: its own value when it has one, else the one copied above.
+        let Some(file) = literal_value(agent, var).or_else(|| literal_value(source, var)) else { continue };
+        let holds = |m: &&VolumeMount| {
+            let root = m.mount_path.trim_end_matches('/');
+            !root.is_empty() && file.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+        };
+        let Some(m) = source.volume_mounts.iter().flatten().filter(holds).max_by_key(|m| m.mount_path.len()) else {
+            continue;
+        };
+        if mounted.insert(m.mount_path.trim_end_matches('/')) {
+            mounts.push(VolumeMount {
+                read_only: Some(true),
+                recursive_read_only: None,
+                mount_propagation: None,
+                ..m.clone()
+            });
+        }
+    }
+    (env, mounts)
+}
+
+/// The literal value of the container's variable `name`, if it sets one.
+fn literal_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.as_deref())
 }
 
 /// Adds `items` to the list at `path`: one `add` of the whole list when the pod has none, else one
@@ -290,7 +408,8 @@ fn volumes(s: &PodSettings, cfg: &Config) -> Vec<Volume> {
     v
 }
 
-/// Global ranks and world size from the first training container's literal PyTorch variables:
+/// Global ranks, world size and where they came from (quoted in denials) from the first training
+/// container's literal PyTorch variables:
 /// torchrun's `PET_NODE_RANK`/`PET_NPROC_PER_NODE`/`PET_NNODES` (set by the PyTorchJob operator), else
 /// one process per pod with `RANK`/`WORLD_SIZE`. Anything else (elastic `min:max`, `valueFrom`) is left
 /// to the agent, which learns ranks from the trainers that attach (`Ok(None)`).
@@ -298,7 +417,7 @@ fn volumes(s: &PodSettings, cfg: &Config) -> Vec<Volume> {
 /// Values the agent would refuse at start-up (no ranks, more ranks than one agent serves, a rank
 /// outside the world, a world size beyond `u32`) are an `Err`: the pod is denied here instead of
 /// crash-looping on the agent's configuration error.
-fn ranks(pod: &Pod, s: &PodSettings) -> Result<Option<(String, u64)>, String> {
+fn ranks(pod: &Pod, s: &PodSettings) -> Result<Option<(String, u64, String)>, String> {
     let Some(c) = pod.spec.as_ref().zip(s.containers.first()).and_then(|(spec, &i)| spec.containers.get(i)) else {
         return Ok(None);
     };
@@ -346,10 +465,11 @@ fn ranks(pod: &Pod, s: &PodSettings) -> Result<Option<(String, u64)>, String> {
             crate::agent::MAX_RANKS_PER_AGENT
         )
     })?;
-    Ok(Some((ranks, world)))
+    Ok(Some((ranks, world, from)))
 }
 
-fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64)>) -> Container {
+/// The agent container; `ranks` is [`ranks`]'s answer (ranks, world size, where they came from).
+fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64, String)>) -> Container {
     let mut env = vec![
         literal(env::ENV_SOCKET, SOCKET_PATH),
         literal(env::ENV_ARENA_DIR, ARENA_DIR),
@@ -371,9 +491,12 @@ fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64)>)
             });
         }
     }
-    if let Some((ranks, world)) = ranks {
+    if let Some((ranks, world, _)) = ranks {
         env.push(literal(env::ENV_RANKS, ranks));
         env.push(literal(env::ENV_WORLD_SIZE, world.to_string()));
+    }
+    if let Some(layout) = s.parallel {
+        env.push(literal(env::ENV_PARALLEL, layout.to_string()));
     }
     // What each health reporter reads: the trainer's NCCL paths (the same constants), the kernel
     // log and the GPUs, or the switch that says the pod left a reporter out. InfiniBand needs

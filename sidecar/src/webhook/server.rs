@@ -234,7 +234,11 @@ pub fn review(body: &[u8], cfg: &Config) -> std::result::Result<AdmissionRespons
     match mutate(&pod, cfg) {
         Ok(patch) if patch.0.is_empty() => Ok(resp),
         Ok(patch) => {
-            tracing::info!(pod = %pod_name, %namespace, ops = patch.0.len(), "injecting the agent");
+            if super::mutate::has_agent(&pod) {
+                tracing::info!(pod = %pod_name, %namespace, ops = patch.0.len(), "giving the agent the pod's workload identity");
+            } else {
+                tracing::info!(pod = %pod_name, %namespace, ops = patch.0.len(), "injecting the agent");
+            }
             resp.with_patch(patch).map_err(|e| e.to_string())
         }
         Err(denial) => {
