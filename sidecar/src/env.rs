@@ -195,6 +195,12 @@ pub const ENV_ISOLATOR_ALERTS_ADDR: &str = "CKPTD_ISOLATOR_ALERTS_ADDR";
 pub const ENV_ISOLATOR_ALERT_MAPPING: &str = "CKPTD_ISOLATOR_ALERT_MAPPING";
 /// `--health-policy` of the isolator: the policy file that gives alerts their actions.
 pub const ENV_ISOLATOR_HEALTH_POLICY: &str = "CKPTD_ISOLATOR_HEALTH_POLICY";
+/// `--fault-records`: fault records kept per job.
+pub const ENV_ISOLATOR_FAULT_RECORDS: &str = "CKPTD_ISOLATOR_FAULT_RECORDS";
+/// `--fault-notify-url`: endpoint that receives each fault record as JSON.
+pub const ENV_ISOLATOR_FAULT_NOTIFY_URL: &str = "CKPTD_ISOLATOR_FAULT_NOTIFY_URL";
+/// `--hook-ca`: CA certificates trusted for https hooks.
+pub const ENV_ISOLATOR_HOOK_CA: &str = "CKPTD_ISOLATOR_HOOK_CA";
 /// The isolator pod's name from the downward API (no `CKPTD_` prefix, as the chart sets it): the
 /// default `--identity`.
 pub const ENV_DOWNWARD_POD_NAME: &str = "POD_NAME";
@@ -309,6 +315,9 @@ mod tests {
         ("ENV_ISOLATOR_ALERTS_ADDR", ENV_ISOLATOR_ALERTS_ADDR),
         ("ENV_ISOLATOR_ALERT_MAPPING", ENV_ISOLATOR_ALERT_MAPPING),
         ("ENV_ISOLATOR_HEALTH_POLICY", ENV_ISOLATOR_HEALTH_POLICY),
+        ("ENV_ISOLATOR_FAULT_RECORDS", ENV_ISOLATOR_FAULT_RECORDS),
+        ("ENV_ISOLATOR_FAULT_NOTIFY_URL", ENV_ISOLATOR_FAULT_NOTIFY_URL),
+        ("ENV_ISOLATOR_HOOK_CA", ENV_ISOLATOR_HOOK_CA),
         ("ENV_DOWNWARD_POD_NAME", ENV_DOWNWARD_POD_NAME),
         ("ENV_WEBHOOK_CONFIG", ENV_WEBHOOK_CONFIG),
         ("ENV_AGENT_IMAGE", ENV_AGENT_IMAGE),

@@ -642,6 +642,7 @@ fn isolator_has_exactly_its_rbac_and_its_ports() {
         s("", "pods", "get"),
         s("", "pods", "list"),
         s("", "pods", "delete"),
+        s("batch", "jobs", "get"),
         s("", "events", "create"),
         s("events.k8s.io", "events", "create"),
     ]
@@ -652,6 +653,9 @@ fn isolator_has_exactly_its_rbac_and_its_ports() {
         s("coordination.k8s.io", "leases", "get"),
         s("coordination.k8s.io", "leases", "create"),
         s("coordination.k8s.io", "leases", "update"),
+        s("", "configmaps", "get"),
+        s("", "configmaps", "create"),
+        s("", "configmaps", "patch"),
     ]
     .into();
     assert_eq!(o.roles.len(), 1);

@@ -16,6 +16,8 @@
 //!   name, `--keep 0`), as `sysexits.h`'s `EX_USAGE`.
 
 mod export;
+#[cfg(feature = "server")]
+mod faults;
 mod gc;
 mod inspect;
 #[cfg(feature = "server")]
@@ -76,6 +78,10 @@ pub enum Command {
     /// Undo the isolation of a node (uncordon, remove the taint and the evidence).
     #[cfg(feature = "server")]
     Release(release::ReleaseArgs),
+    /// The isolator's fault records of a job: what failed, what was decided, and when the job was
+    /// isolated, restarted and resumed.
+    #[cfg(feature = "server")]
+    Faults(faults::FaultsArgs),
     /// Ask the trainers of a running agent for an immediate snapshot and wait for it.
     Snapshot(SnapshotArgs),
     /// Show what a running agent holds for each rank (memory tier, durable step, queue).
@@ -280,6 +286,8 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Jobs(a) => return jobs::run(a, out).map(ExitCode::from),
         #[cfg(feature = "server")]
         Command::Release(a) => return release::run(a, out).map(ExitCode::from),
+        #[cfg(feature = "server")]
+        Command::Faults(a) => return faults::run(a, out).map(ExitCode::from),
     };
     ckpt_core::store::layout::validate_job(&target.job)?;
     // The URL may hold credentials: only the engine's redacted form appears in messages. No
@@ -299,7 +307,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, progress: bool) -> anyhow::Result<Exit
         Command::Inject(a) => snapshot::inject(&a, ctx.out)?,
         Command::AgentStatus(a) => snapshot::status(&a, ctx.out)?,
         #[cfg(feature = "server")]
-        Command::Jobs(_) | Command::Release(_) => EXIT_OK,
+        Command::Jobs(_) | Command::Release(_) | Command::Faults(_) => EXIT_OK,
     };
     ctx.out.flush().context("cannot write output")?;
     Ok(ExitCode::from(code))

@@ -6,6 +6,7 @@
 //! never held across an `.await`; store and cluster calls happen outside it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tracing::Instrument as _;
 
 use super::ballot::{Ballot, Tally};
 use super::breaker::{Breaker, BreakerConfig};
+use super::faults::{FaultRecord, FaultSink, Stage, now_ms};
 use super::fencer::{Isolation, NodeFencer, Notice, PodRef, Subject, taint_value};
 use super::metrics::Metrics;
 use super::request::{Fault, Heartbeat, Registration, ShardVote, Subscription, check_name};
@@ -37,6 +39,9 @@ pub const MAX_OPEN_BALLOTS: usize = 16;
 const ABORTED_MEMORY: usize = 64;
 /// Capacity of each agent's command queue.
 pub const COMMAND_QUEUE: usize = 32;
+/// Most fault records of one job's recovery in progress kept in memory (older ones are already
+/// written with their detection).
+const OPEN_RECORDS: usize = 256;
 
 /// Timing and policy of the coordinator.
 #[derive(Debug, Clone)]
@@ -156,6 +161,10 @@ struct Job {
     detector: Detector,
     /// The layout the job's agents last registered with (`ckptd.io/parallel`), shown by `ckptctl jobs`.
     parallel: Option<crate::layout::Layout>,
+    /// Records of the faults in the recovery in progress, stamped at restart and resume.
+    records: Vec<FaultRecord>,
+    /// Whether the lookup of the job's owner (PyTorchJob, JobSet, Job) was queued.
+    owner_asked: bool,
 }
 
 impl Job {
@@ -304,6 +313,8 @@ pub struct Coordinator {
     breaker: Mutex<Breaker>,
     recent: Mutex<HashMap<(String, String), Seen>>,
     fencer: Arc<dyn NodeFencer>,
+    faults: FaultSink,
+    fault_seq: AtomicU64,
     metrics: Arc<Metrics>,
     settings: Settings,
     leader: watch::Receiver<bool>,
@@ -317,10 +328,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    /// A coordinator acting through `fencer` while `leader` says this replica leads.
+    /// A coordinator acting through `fencer`, recording faults through `faults`, while `leader`
+    /// says this replica leads.
     pub fn new(
         settings: Settings,
         fencer: Arc<dyn NodeFencer>,
+        faults: FaultSink,
         metrics: Arc<Metrics>,
         leader: watch::Receiver<bool>,
         holder: watch::Receiver<String>,
@@ -333,6 +346,8 @@ impl Coordinator {
             breaker: Mutex::new(Breaker::new(settings.breaker)),
             recent: Mutex::new(HashMap::new()),
             fencer,
+            faults,
+            fault_seq: AtomicU64::new(0),
             metrics,
             settings,
             leader,
@@ -413,6 +428,8 @@ impl Coordinator {
             restored: BTreeSet::new(),
             detector: Detector::new(self.settings.straggler_k, self.settings.straggler_windows),
             parallel: None,
+            records: Vec::new(),
+            owner_asked: false,
         });
         if job.world_size != r.world_size {
             return Err(Error::InvalidRequest {
@@ -433,6 +450,9 @@ impl Coordinator {
         }
         if r.parallel.is_some() {
             job.parallel = r.parallel;
+        }
+        if !job.owner_asked && !r.pod.is_empty() && !r.namespace.is_empty() {
+            job.owner_asked = self.faults.pod(&r.job, PodRef { namespace: r.namespace.clone(), name: r.pod.clone() });
         }
         job.ranks.insert(r.rank, Rank { node: r.node, pod: r.pod, namespace: r.namespace, step_ms: 0 });
         tracing::info!(job = %r.job, rank = r.rank, world_size = r.world_size, generation = job.generation, "rank registered");
@@ -457,7 +477,8 @@ impl Coordinator {
     /// that rank being back.
     pub fn heartbeat(&self, h: Heartbeat) -> Result<HeartbeatAck> {
         self.ensure_leader()?;
-        self.with_job(&h.job, |job| {
+        let mut resumed = Vec::new();
+        let ack = self.with_job(&h.job, |job| {
             job.check_rank(h.rank)?;
             job.check_generation(&h.job, h.generation)?;
             if let Some(r) = job.ranks.get_mut(&h.rank) {
@@ -471,11 +492,18 @@ impl Coordinator {
                     job.state = next;
                     job.pending_restore = None;
                     job.restored.clear();
+                    resumed = std::mem::take(&mut job.records);
                     tracing::warn!(job = %h.job, generation = job.generation, "every rank restored: running");
                 }
             }
             Ok(HeartbeatAck { generation: job.generation })
-        })
+        })?;
+        let at = now_ms();
+        for mut rec in resumed {
+            rec.resumed_at = Some(at);
+            self.faults.send(&rec, Stage::Resumed);
+        }
+        Ok(ack)
     }
 
     /// Takes a fault report: isolates the node when the action asks for it (within the circuit
@@ -598,7 +626,8 @@ impl Coordinator {
     /// Acts on a validated fault of a registered job (see [`report_fault`](Self::report_fault)).
     async fn act(self: &Arc<Self>, f: Fault) -> Result<FaultAck> {
         let action = f.action;
-        let (start_cycle, pod) = self.with_job(&f.job, |job| {
+        let detected = now_ms();
+        let (start_cycle, joined, phase, pod) = self.with_job(&f.job, |job| {
             for &r in &f.ranks {
                 job.check_rank(r)?;
             }
@@ -610,16 +639,25 @@ impl Coordinator {
                 .or_else(|| f.ranks.first().and_then(|r| job.ranks.get(r)))
                 .filter(|r| !r.pod.is_empty() && !r.namespace.is_empty())
                 .map(|r| PodRef { namespace: r.namespace.clone(), name: r.pod.clone() });
+            let phase = job.state.name();
             let next = job.state.on(Event::Fault(action));
-            if next.is_some() || job.state != JobState::Running {
+            let joined = next.is_some() || job.state != JobState::Running;
+            if joined {
                 job.faulty.extend(f.ranks.iter().copied());
             }
             if let Some(next) = next {
                 tracing::warn!(job = %crate::text::peer(&f.job), kind = %crate::text::peer(&f.kind), node = %f.node, action = ?action, "fault: {} -> {}", job.state.name(), next.name());
                 job.state = next;
             }
-            Ok((next.is_some(), pod))
+            Ok((next.is_some(), joined, phase, pod))
         })?;
+        let seq = self.fault_seq.fetch_add(1, Ordering::Relaxed);
+        let mut rec =
+            FaultRecord::new(seq, detected, &f.job, &f.ranks, &f.node, &f.source, &f.kind, &f.evidence, phase, action);
+        if let Some(p) = &pod {
+            rec.pod.clone_from(&p.name);
+            rec.namespace.clone_from(&p.namespace);
+        }
         let mut taken = action;
         let mut note = String::new();
         if needs_isolation(action) {
@@ -632,7 +670,10 @@ impl Coordinator {
                 pod,
             };
             match self.isolate(&iso).await {
-                Ok(true) => note = format!("node {} isolated", f.node),
+                Ok(true) => {
+                    rec.isolated_at = Some(now_ms());
+                    note = format!("node {} isolated", f.node);
+                }
                 Ok(false) => {
                     taken = Action::RestartJob;
                     note = format!("circuit breaker open: node {} not isolated, alert only", f.node);
@@ -646,6 +687,18 @@ impl Coordinator {
         } else if !start_cycle && action != Action::Ignore {
             note = "folded into the restore in progress".into();
         }
+        rec.decision = taken;
+        rec.note.clone_from(&note);
+        if joined {
+            let _ = self.with_job(&f.job, |job| {
+                if job.records.len() >= OPEN_RECORDS {
+                    job.records.remove(0);
+                }
+                job.records.push(rec.clone());
+                Ok(())
+            });
+        }
+        self.faults.send(&rec, Stage::Detected);
         if start_cycle {
             let span = tracing::info_span!("isolator-restore", job = %f.job);
             tokio::spawn(self.clone().recover(f.job.clone()).instrument(span));
@@ -743,8 +796,8 @@ impl Coordinator {
                 () = self.cancel.cancelled() => return,
             }
         }
-        let _ = self.with_job(&name, |job| {
-            let Some(next) = job.state.on(Event::SnapshotsSettled) else { return Ok(()) };
+        let restarted = self.with_job(&name, |job| {
+            let Some(next) = job.state.on(Event::SnapshotsSettled) else { return Ok(Vec::new()) };
             job.state = next;
             let generation = job.generation.saturating_add(1);
             // Aborted at the old generation: the restarted job may save these step numbers again.
@@ -764,9 +817,17 @@ impl Coordinator {
             job.pending_restore = Some(restore);
             let cmd = Command { command: Some(command::Command::Restore(restore)) };
             job.send(&cmd, |_| true);
-            Ok(())
+            let at = now_ms();
+            for r in job.records.iter_mut().filter(|r| r.restart_at.is_none()) {
+                r.restart_at = Some(at);
+                r.generation = Some(generation);
+            }
+            Ok(job.records.clone())
         });
         self.settled.notify_waiters();
+        for rec in restarted.unwrap_or_default() {
+            self.faults.send(&rec, Stage::Restarted);
+        }
     }
 
     /// Counts a durable vote; the vote that completes the step writes its MANIFEST. Returns
@@ -866,6 +927,14 @@ impl Coordinator {
             job.subscribers.push(Subscriber { ranks: req.ranks.clone(), tx });
             Ok(rx)
         })
+    }
+
+    /// The stored fault records of `job`, oldest first (`ckptctl faults`). Read from the log, not
+    /// from this replica's memory, so any replica answers and a new leader sees its
+    /// predecessors' records.
+    pub async fn faults(&self, job: &str) -> Result<Vec<FaultRecord>> {
+        check_name("job", job, true)?;
+        self.faults.log().list(job).await
     }
 
     /// Every job's status, for `ckptctl jobs`.
@@ -980,6 +1049,7 @@ mod tests {
     use ckptd_proto::v1::{DurableVote, FaultReport, RegisterRequest};
 
     use super::*;
+    use crate::isolator::faults::MemoryFaultLog;
     use crate::isolator::fencer::MemoryFencer;
 
     fn settings(max_isolated: u32, store: &str) -> Settings {
@@ -1002,9 +1072,11 @@ mod tests {
     fn coordinator_on(leads: bool, fencer: Arc<MemoryFencer>, max_isolated: u32, store: &str) -> Arc<Coordinator> {
         let (_l, leader) = watch::channel(leads);
         let (_h, holder) = watch::channel("other".to_string());
+        let faults = FaultSink::spawn(Arc::new(MemoryFaultLog::new()), 50, None, CancellationToken::new());
         Coordinator::new(
             settings(max_isolated, store),
             fencer,
+            faults,
             Arc::new(Metrics::new()),
             leader,
             holder,
@@ -1062,6 +1134,57 @@ mod tests {
         assert_eq!(fencer.record().isolations, 1);
         assert!(c.release("n1").await.unwrap());
         assert!(c.list().iter().all(|j| j.isolated_nodes.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_fault_is_recorded_from_detection_to_resume() {
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let log = Arc::new(MemoryFaultLog::new());
+        let (_l, leader) = watch::channel(true);
+        let (_h, holder) = watch::channel(String::new());
+        let sink = FaultSink::spawn(log.clone(), 50, None, CancellationToken::new());
+        let c = Coordinator::new(
+            settings(4, "memory://"),
+            fencer,
+            sink,
+            Arc::new(Metrics::new()),
+            leader,
+            holder,
+            CancellationToken::new(),
+        );
+        register(&c, "a", 0, 2, "n1").await;
+        register(&c, "a", 1, 2, "n2").await;
+        let ack = c.report_fault(drain("a", "n1")).await.unwrap();
+        assert_eq!(ack.action, FaultAction::DrainNode as i32);
+        let stored = |want: fn(&FaultRecord) -> bool| {
+            let c = c.clone();
+            async move {
+                for _ in 0..10_000 {
+                    let r = c.faults("a").await.unwrap();
+                    if r.first().is_some_and(want) {
+                        return r;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                panic!("the record never reached that stage: {:?}", c.faults("a").await.unwrap())
+            }
+        };
+        let r = stored(|r| r.restart_at.is_some()).await;
+        assert_eq!(r.len(), 1);
+        let r = &r[0];
+        assert_eq!((r.job.as_str(), r.node.as_str(), r.kind.as_str()), ("a", "n1", "xid-79"));
+        assert_eq!((r.pod.as_str(), r.namespace.as_str(), r.phase.as_str()), ("a-0", "ns", "Running"));
+        assert_eq!((r.requested, r.decision, r.generation), (Action::DrainNode, Action::DrainNode, Some(1)));
+        assert!(r.isolated_at >= r.detected_at && r.restart_at >= r.isolated_at, "{r:?}");
+        assert!(r.resumed_at.is_none());
+        for rank in [0, 1] {
+            let hb = Heartbeat { job: "a".into(), rank, generation: 1, step: 1, step_time: Duration::from_millis(5) };
+            c.heartbeat(hb).unwrap();
+        }
+        let r = stored(|r| r.resumed_at.is_some()).await;
+        assert!(r[0].resumed_at >= r[0].restart_at);
+        assert_eq!(c.list()[0].state, "Running");
+        assert_eq!(c.faults("").await.unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
     }
 
     #[tokio::test]

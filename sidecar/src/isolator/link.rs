@@ -389,6 +389,16 @@ impl IsolatorLink {
         Ok(r.into_inner().jobs)
     }
 
+    /// The fault records of `job`, oldest first (`ckptctl faults`).
+    pub async fn list_faults(&self, job: &str) -> Result<Vec<ckptd_proto::v1::FaultRecord>> {
+        let r = self
+            .admin()
+            .list_faults(self.req(ckptd_proto::v1::ListFaultsRequest { job: job.to_string() }))
+            .await
+            .map_err(|s| from_isolator_status(&self.url, "list-faults", &s))?;
+        Ok(r.into_inner().records)
+    }
+
     /// Releases an isolated node (`ckptctl release`). Returns whether it was isolated.
     pub async fn release(&self, node: &str) -> Result<bool> {
         let r = self

@@ -12,13 +12,16 @@
 //! [`service`] is the gRPC shell (errors become statuses in [`crate::rpc`]); [`metrics`] serves
 //! Prometheus; [`link`] is the agent's client. Alerts from outside the agents (Alertmanager,
 //! Alibaba Cloud system events) come in through [`intake`], parsed by [`alert`] and mapped to
-//! findings by [`mapping`].
+//! findings by [`mapping`]. Every fault acted on becomes a record ([`faults`]), kept in a ConfigMap
+//! per job and POSTed to a notify endpoint through [`hook`].
 
 pub mod alert;
 pub mod ballot;
 pub mod breaker;
 pub mod coordinator;
+pub mod faults;
 pub mod fencer;
+pub mod hook;
 pub mod intake;
 pub mod kube;
 pub mod lease;
@@ -47,8 +50,9 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use self::breaker::BreakerConfig;
 use self::coordinator::{Coordinator, Settings};
+use self::faults::{FaultLog, FaultSink, MemoryFaultLog};
 use self::fencer::{MemoryFencer, NodeFencer};
-use self::kube::{KubeFencer, TaintEffect};
+use self::kube::{KubeFaultLog, KubeFencer, TaintEffect};
 use self::mapping::AlertMapping;
 use self::metrics::Metrics;
 use self::service::{Auth, Service};
@@ -140,6 +144,17 @@ pub struct IsolatorArgs {
     /// window [default: the built-in table].
     #[arg(long, env = env::ENV_ISOLATOR_HEALTH_POLICY)]
     pub health_policy: Option<PathBuf>,
+    /// Fault records kept per job, in the ConfigMap `ckptd-faults-<job>` of --lease-namespace
+    /// (1-500).
+    #[arg(long, env = env::ENV_ISOLATOR_FAULT_RECORDS, default_value_t = faults::DEFAULT_KEEP)]
+    pub fault_records: usize,
+    /// Endpoint that receives every fault record as JSON (POST), at each stage: https, or http on
+    /// a loopback address only.
+    #[arg(long, env = env::ENV_ISOLATOR_FAULT_NOTIFY_URL)]
+    pub fault_notify_url: Option<String>,
+    /// CA certificates (PEM) trusted for an https --fault-notify-url [default: the system bundle].
+    #[arg(long, env = env::ENV_ISOLATOR_HOOK_CA)]
+    pub hook_ca: Option<PathBuf>,
 }
 
 fn config(what: &str, reason: impl Into<String>) -> Error {
@@ -181,6 +196,13 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
     if !(args.straggler_factor.is_finite() && args.straggler_factor > 1.0) {
         return Err(config("--straggler-factor", format!("{} must be above 1", args.straggler_factor)));
     }
+    if !(1..=500).contains(&args.fault_records) {
+        return Err(config("--fault-records", format!("{} is not in 1..=500", args.fault_records)));
+    }
+    let notify = match &args.fault_notify_url {
+        Some(u) => Some(hook::Hook::new("--fault-notify-url", u, args.hook_ca.as_deref())?),
+        None => None,
+    };
     if args.client_ca.is_some() && args.tls_cert.is_none() {
         return Err(config("--client-ca", "mTLS needs --tls-cert and --tls-key too"));
     }
@@ -237,7 +259,7 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::Runtime { what: "start the isolator runtime", reason: e.to_string() })?;
-    rt.block_on(serve(args, token, tls, policy, alerts))
+    rt.block_on(serve(args, token, tls, policy, alerts, notify))
 }
 
 async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
@@ -269,6 +291,7 @@ async fn serve(
     tls: Option<ServerTlsConfig>,
     policy: Policy,
     alerts: Option<Alerts>,
+    notify: Option<hook::Hook>,
 ) -> Result<()> {
     let cancel = CancellationToken::new();
     let client = if !args.dry_run || args.lease_name.is_some() { Some(kube_client(&args).await?) } else { None };
@@ -276,6 +299,11 @@ async fn serve(
         (Some(c), false) => Arc::new(KubeFencer::new(c.clone(), args.taint_effect)),
         _ => Arc::new(MemoryFencer::new(usize::MAX)),
     };
+    let fault_log: Arc<dyn FaultLog> = match (&client, args.dry_run) {
+        (Some(c), false) => Arc::new(KubeFaultLog::new(c.clone(), &args.lease_namespace)),
+        _ => Arc::new(MemoryFaultLog::new()),
+    };
+    let faults = FaultSink::spawn(fault_log, args.fault_records, notify, cancel.clone());
     let (leader_tx, leader_rx) = watch::channel(args.lease_name.is_none());
     let (holder_tx, holder_rx) = watch::channel(String::new());
     let mut tasks = tokio::task::JoinSet::new();
@@ -305,7 +333,8 @@ async fn serve(
         },
         dedupe_window: policy.dedupe_window,
     };
-    let coord = Coordinator::new(settings, fencer, metrics.clone(), leader_rx.clone(), holder_rx, cancel.clone());
+    let coord =
+        Coordinator::new(settings, fencer, faults, metrics.clone(), leader_rx.clone(), holder_rx, cancel.clone());
     tasks.spawn(coord.clone().run_background());
 
     let listen =
@@ -411,6 +440,13 @@ mod tests {
         a.max_isolated_fraction = 1.5;
         assert_eq!(run(a.clone()).unwrap_err().kind(), crate::ErrorKind::Config);
         a.max_isolated_fraction = 0.5;
+        a.fault_records = 0;
+        assert_eq!(run(a.clone()).unwrap_err().kind(), crate::ErrorKind::Config);
+        a.fault_records = 50;
+        a.fault_notify_url = Some("http://192.0.2.1/faults".into());
+        let e = run(a.clone()).unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+        a.fault_notify_url = None;
         a.token_file = None;
         assert_eq!(run(a).unwrap_err().kind(), crate::ErrorKind::Config);
     }

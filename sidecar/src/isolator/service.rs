@@ -7,8 +7,9 @@ use std::sync::Arc;
 use ckptd_proto::v1::isolator_admin_server::IsolatorAdmin;
 use ckptd_proto::v1::isolator_server::Isolator;
 use ckptd_proto::v1::{
-    Command, CommandsRequest, DurableVote, FaultAck, FaultReport, HeartbeatAck, ListJobsReply, ListJobsRequest,
-    RankHeartbeat, RegisterReply, RegisterRequest, ReleaseReply, ReleaseRequest, VoteAck,
+    Command, CommandsRequest, DurableVote, FaultAck, FaultReport, HeartbeatAck, ListFaultsReply, ListFaultsRequest,
+    ListJobsReply, ListJobsRequest, RankHeartbeat, RegisterReply, RegisterRequest, ReleaseReply, ReleaseRequest,
+    VoteAck,
 };
 use subtle::ConstantTimeEq;
 use tokio_stream::Stream;
@@ -124,6 +125,11 @@ impl Isolator for Service {
 impl IsolatorAdmin for Service {
     async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsReply>, Status> {
         Ok(Response::new(ListJobsReply { jobs: self.coord.list() }))
+    }
+
+    async fn list_faults(&self, req: Request<ListFaultsRequest>) -> Result<Response<ListFaultsReply>, Status> {
+        let records = self.coord.faults(&req.get_ref().job).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListFaultsReply { records: records.iter().map(Into::into).collect() }))
     }
 
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseReply>, Status> {

@@ -39,6 +39,12 @@ impl Kmock {
     /// Starts kmock with `nodes` nodes `node-<i>` and pods `train/train-<i>` on them. `None`:
     /// kmock is not installed and the test should return (skip).
     pub fn start(nodes: usize) -> Option<Kmock> {
+        Kmock::start_with(nodes, &[])
+    }
+
+    /// [`start`](Kmock::start) with more options of `kmock_server.py` (`--owner-job NAME`: the
+    /// pods belong to a batch/v1 Job NAME).
+    pub fn start_with(nodes: usize, extra: &[&str]) -> Option<Kmock> {
         let py = python();
         let importable =
             Command::new(&py).args(["-c", "import kmock"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
@@ -55,6 +61,7 @@ impl Kmock {
         let mut child = Command::new(&py)
             .arg(script())
             .args(["--nodes", &nodes.to_string(), "--pods-namespace", POD_NAMESPACE])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
