@@ -201,6 +201,8 @@ pub const ENV_ISOLATOR_FAULT_RECORDS: &str = "CKPTD_ISOLATOR_FAULT_RECORDS";
 pub const ENV_ISOLATOR_FAULT_NOTIFY_URL: &str = "CKPTD_ISOLATOR_FAULT_NOTIFY_URL";
 /// `--hook-ca`: CA certificates trusted for https hooks.
 pub const ENV_ISOLATOR_HOOK_CA: &str = "CKPTD_ISOLATOR_HOOK_CA";
+/// `--repair-url`: endpoint that repairs nodes isolated for hardware faults.
+pub const ENV_ISOLATOR_REPAIR_URL: &str = "CKPTD_ISOLATOR_REPAIR_URL";
 /// The isolator pod's name from the downward API (no `CKPTD_` prefix, as the chart sets it): the
 /// default `--identity`.
 pub const ENV_DOWNWARD_POD_NAME: &str = "POD_NAME";
@@ -318,6 +320,7 @@ mod tests {
         ("ENV_ISOLATOR_FAULT_RECORDS", ENV_ISOLATOR_FAULT_RECORDS),
         ("ENV_ISOLATOR_FAULT_NOTIFY_URL", ENV_ISOLATOR_FAULT_NOTIFY_URL),
         ("ENV_ISOLATOR_HOOK_CA", ENV_ISOLATOR_HOOK_CA),
+        ("ENV_ISOLATOR_REPAIR_URL", ENV_ISOLATOR_REPAIR_URL),
         ("ENV_DOWNWARD_POD_NAME", ENV_DOWNWARD_POD_NAME),
         ("ENV_WEBHOOK_CONFIG", ENV_WEBHOOK_CONFIG),
         ("ENV_AGENT_IMAGE", ENV_AGENT_IMAGE),

@@ -47,13 +47,13 @@ pub fn run(args: &FaultsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
     }
     writeln!(
         out,
-        "{:<20} {:<16} {:<14} {:<12} {:<20} {:<20} {:<20} {:<20} NOTE",
-        "DETECTED", "NODE", "KIND", "DECISION", "ISOLATED", "RESTARTED", "RESUMED", "OWNER"
+        "{:<20} {:<16} {:<14} {:<12} {:<20} {:<20} {:<20} {:<20} {:<20} {:<20} NOTE",
+        "DETECTED", "NODE", "KIND", "DECISION", "ISOLATED", "RESTARTED", "RESUMED", "OWNER", "REPAIR", "REPAIRED"
     )?;
     for r in &records {
         writeln!(
             out,
-            "{:<20} {:<16} {:<14} {:<12} {:<20} {:<20} {:<20} {:<20} {}",
+            "{:<20} {:<16} {:<14} {:<12} {:<20} {:<20} {:<20} {:<20} {:<20} {:<20} {}",
             at(r.detected_at),
             r.node,
             r.kind,
@@ -62,6 +62,8 @@ pub fn run(args: &FaultsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
             at(r.restart_at),
             at(r.resumed_at),
             if r.owner.is_empty() { "-" } else { &r.owner },
+            r.repair.as_ref().map_or("-".to_string(), |r| r.summary()),
+            at(r.repaired_at),
             r.note
         )?;
     }

@@ -2,6 +2,9 @@
 //! nodes within a sliding window. Past the limit the isolator only alerts (metric, Event, log), so
 //! a false alarm that fires on every node cannot cordon the cluster (NVSentinel's rule).
 //!
+//! Repair requests (`--repair-url`) are counted the same way, against the same limit: no more
+//! repair requests in the window than isolations it allows.
+//!
 //! Pure: time is passed in, so the tests drive it without sleeping.
 
 use std::collections::VecDeque;
@@ -19,18 +22,19 @@ pub struct BreakerConfig {
     pub window: Duration,
 }
 
-/// Counts isolations in the window and says whether one more is allowed.
+/// Counts isolations and repair requests in the window and says whether one more is allowed.
 #[derive(Debug)]
 pub struct Breaker {
     cfg: BreakerConfig,
     recent: VecDeque<Instant>,
+    repairs: VecDeque<Instant>,
     open: bool,
 }
 
 impl Breaker {
     /// A closed breaker.
     pub fn new(cfg: BreakerConfig) -> Breaker {
-        Breaker { cfg, recent: VecDeque::new(), open: false }
+        Breaker { cfg, recent: VecDeque::new(), repairs: VecDeque::new(), open: false }
     }
 
     /// The limit for a cluster of `nodes` nodes.
@@ -53,6 +57,18 @@ impl Breaker {
         }
     }
 
+    /// Asks for one repair request at `now` in a cluster of `nodes` nodes, within the same limit
+    /// as isolations (counted apart from them). On `true` the request is counted.
+    pub fn try_acquire_repair(&mut self, now: Instant, nodes: usize) -> bool {
+        self.expire(now);
+        if (self.repairs.len() as u64) < u64::from(self.limit(nodes)) {
+            self.repairs.push_back(now);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Whether the last request was refused and the window has not yet moved past it.
     pub fn is_open(&mut self, now: Instant) -> bool {
         self.expire(now);
@@ -63,11 +79,13 @@ impl Breaker {
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some(&t) = self.recent.front() {
-            if now.saturating_duration_since(t) >= self.cfg.window {
-                self.recent.pop_front();
-            } else {
-                break;
+        for q in [&mut self.recent, &mut self.repairs] {
+            while let Some(&t) = q.front() {
+                if now.saturating_duration_since(t) >= self.cfg.window {
+                    q.pop_front();
+                } else {
+                    break;
+                }
             }
         }
     }
@@ -103,6 +121,24 @@ mod tests {
         assert_eq!(b.limit(1), 1);
         let b = breaker(0, 0.5);
         assert_eq!(b.limit(10), 0);
+    }
+
+    #[test]
+    fn repair_requests_are_limited_like_isolations_and_counted_apart() {
+        let mut b = breaker(2, 0.5);
+        let t0 = Instant::now();
+        // 6 nodes: floor(0.5 x 6) = 3, capped by --max-isolated at 2.
+        assert!(b.try_acquire_repair(t0, 6));
+        assert!(b.try_acquire_repair(t0 + Duration::from_secs(1), 6));
+        assert!(!b.try_acquire_repair(t0 + Duration::from_secs(2), 6), "the third repair in the window");
+        assert!(!b.is_open(t0 + Duration::from_secs(2)), "refused repairs do not open the isolation breaker");
+        assert!(b.try_acquire(t0 + Duration::from_secs(2), 6), "repairs do not use up isolations");
+        assert!(b.try_acquire(t0 + Duration::from_secs(3), 6));
+        assert!(!b.try_acquire(t0 + Duration::from_secs(4), 6));
+        assert!(b.try_acquire_repair(t0 + Duration::from_secs(60), 6), "the first repair left the window");
+        let mut small = breaker(5, 0.1);
+        assert!(small.try_acquire_repair(t0, 3), "a small cluster still gets one");
+        assert!(!small.try_acquire_repair(t0, 3));
     }
 
     #[test]

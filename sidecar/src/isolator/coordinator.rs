@@ -25,6 +25,7 @@ use super::breaker::{Breaker, BreakerConfig};
 use super::faults::{FaultRecord, FaultSink, Stage, now_ms};
 use super::fencer::{Isolation, NodeFencer, Notice, PodRef, Subject, taint_value};
 use super::metrics::Metrics;
+use super::repair::{self, Repair, RepairRequest, Repairer};
 use super::request::{Fault, Heartbeat, Registration, ShardVote, Subscription, check_name};
 use super::state::{Event, JobState, needs_isolation};
 use super::straggler::Detector;
@@ -43,7 +44,7 @@ pub const COMMAND_QUEUE: usize = 32;
 /// written with their detection).
 const OPEN_RECORDS: usize = 256;
 
-/// Timing and policy of the coordinator.
+/// Timing and policy of the coordinator, and its repair hook.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// A step whose ballot stays incomplete this long after its first vote is aborted.
@@ -63,6 +64,19 @@ pub struct Settings {
     /// An alert for a fault already reported on the same node (same kind) within this window is
     /// not acted on again, and neither is an agent's report of a fault an alert already reported.
     pub dedupe_window: Duration,
+    /// Where repairs of nodes isolated for hardware faults are requested (`--repair-url`).
+    pub repair: Option<Repairer>,
+}
+
+/// A node reported repaired and released ([`Coordinator::repaired`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairDone {
+    /// The fault record of the repair, when this isolator requested it.
+    pub record: Option<String>,
+    /// That record's job.
+    pub job: Option<String>,
+    /// When the node was released (Unix milliseconds).
+    pub at: u64,
 }
 
 /// Most recent faults remembered for deduplication.
@@ -660,6 +674,7 @@ impl Coordinator {
         }
         let mut taken = action;
         let mut note = String::new();
+        let mut repair_request = None;
         if needs_isolation(action) {
             let iso = Isolation {
                 node: f.node.clone(),
@@ -673,6 +688,7 @@ impl Coordinator {
                 Ok(true) => {
                     rec.isolated_at = Some(now_ms());
                     note = format!("node {} isolated", f.node);
+                    repair_request = self.repair_request(&mut rec, action).await;
                 }
                 Ok(false) => {
                     taken = Action::RestartJob;
@@ -699,11 +715,44 @@ impl Coordinator {
             });
         }
         self.faults.send(&rec, Stage::Detected);
+        if let (Some(req), Some(r)) = (repair_request, &self.settings.repair)
+            && !r.submit(req, rec.repair.as_ref().and_then(|r| r.requested_at).unwrap_or(detected))
+        {
+            let mut failed = Repair::requested(action, detected);
+            failed.outcome = repair::RepairOutcome::Unreachable;
+            failed.note = "the repair request queue was full".into();
+            self.faults.repair(&rec.job, &rec.id, failed);
+        }
         if start_cycle {
             let span = tracing::info_span!("isolator-restore", job = %f.job);
             tokio::spawn(self.clone().recover(f.job.clone()).instrument(span));
         }
         Ok(FaultAck { action: FaultAction::from(taken) as i32, note })
+    }
+
+    /// Decides on a repair request for `rec`'s node, just isolated for a fault that asked for
+    /// `action`: only for hardware classes ([`repair::is_hardware`]), with `--repair-url`, when no
+    /// repair of the node is in flight, and within the breaker. Notes the decision in the record
+    /// and returns the request to send once the record is queued.
+    async fn repair_request(&self, rec: &mut FaultRecord, action: Action) -> Option<RepairRequest> {
+        let repairer = self.settings.repair.as_ref()?;
+        if !repair::is_hardware(&rec.kind, action) || repairer.is_pending(&rec.node) {
+            return None;
+        }
+        let nodes = match self.fencer.node_count().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the nodes: the repair limit counts one");
+                1
+            }
+        };
+        if !lock(&self.breaker).try_acquire_repair(Instant::now().into_std(), nodes) {
+            tracing::error!(node = %rec.node, record = %rec.id, "circuit breaker: repair request refused");
+            rec.repair = Some(Repair::rate_limited(action));
+            return None;
+        }
+        rec.repair = Some(Repair::requested(action, now_ms()));
+        Some(RepairRequest::new(rec, action))
     }
 
     /// Isolates a node through the fencer, within the breaker. `Ok(false)`: the breaker refused.
@@ -740,10 +789,47 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// Undoes an isolation (operator's `ckptctl release`).
+    /// Undoes an isolation (operator's `ckptctl release`); a repair of the node in flight is
+    /// forgotten, so the node's next hardware fault requests a new one.
     pub async fn release(&self, node: &str) -> Result<bool> {
         self.ensure_leader()?;
         check_name("node", node, true)?;
+        let released = self.release_node(node).await?;
+        if let Some(r) = &self.settings.repair {
+            r.forget(node);
+        }
+        Ok(released)
+    }
+
+    /// The repair system reports `node` fixed: releases it as [`release`](Self::release) does
+    /// and stamps the repair time on the fault record of the repair this isolator requested.
+    /// `Ok(None)` when the node is not isolated by ckptd. A `ticket` other than the one the repair
+    /// system answered with is refused.
+    pub async fn repaired(&self, node: &str, ticket: Option<&str>) -> Result<Option<RepairDone>> {
+        self.ensure_leader()?;
+        check_name("node", node, true)?;
+        let pending = self.settings.repair.as_ref().and_then(|r| r.pending(node));
+        if let (Some(got), Some(want)) = (ticket, pending.as_ref().and_then(|p| p.ticket.as_deref()))
+            && got != want
+        {
+            return Err(Error::InvalidRequest {
+                what: "ticket".into(),
+                reason: format!("`{}` is not the ticket of node {node}'s repair", crate::text::capped(got, 128)),
+            });
+        }
+        if !self.release_node(node).await? {
+            return Ok(None);
+        }
+        let at = now_ms();
+        let pending = self.settings.repair.as_ref().and_then(|r| r.forget(node));
+        if let Some(p) = &pending {
+            self.faults.repaired(&p.job, &p.record, at);
+        }
+        tracing::warn!(node, record = ?pending.as_ref().map(|p| &p.record), "node repaired and released");
+        Ok(Some(RepairDone { record: pending.as_ref().map(|p| p.record.clone()), job: pending.map(|p| p.job), at }))
+    }
+
+    async fn release_node(&self, node: &str) -> Result<bool> {
         let on_node = self.fencer.release(node).await?;
         let n = {
             let mut isolated = lock(&self.isolated);
@@ -1062,6 +1148,7 @@ mod tests {
             store_override: Some(store.into()),
             breaker: BreakerConfig { max_isolated, max_fraction: 1.0, window: Duration::from_secs(3600) },
             dedupe_window: Duration::from_secs(300),
+            repair: None,
         }
     }
 
@@ -1185,6 +1272,117 @@ mod tests {
         assert!(r[0].resumed_at >= r[0].restart_at);
         assert_eq!(c.list()[0].state, "Running");
         assert_eq!(c.faults("").await.unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
+    }
+
+    /// A repair endpoint on 127.0.0.1 that answers every request with a ticket `T-<n>` and passes
+    /// each body on.
+    async fn repair_endpoint() -> (String, mpsc::Receiver<serde_json::Value>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/repair", l.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = l.accept().await {
+                n += 1;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.ends_with(b"}") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let answer = format!("{{\"ticket\": \"T-{n}\"}}");
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", answer.len());
+                let _ = s.write_all(format!("{head}{answer}").as_bytes()).await;
+                let text = String::from_utf8_lossy(&got).to_string();
+                let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+                let _ = tx.send(serde_json::from_str(&body).unwrap_or_default()).await;
+            }
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn hardware_isolations_request_a_repair_and_the_done_report_releases_the_node() {
+        let (url, mut requests) = repair_endpoint().await;
+        let fencer = Arc::new(MemoryFencer::new(8));
+        let log = Arc::new(MemoryFaultLog::new());
+        let cancel = CancellationToken::new();
+        let sink = FaultSink::spawn(log.clone(), 50, None, cancel.clone());
+        let hook = crate::isolator::hook::Hook::new("--repair-url", &url, None).unwrap();
+        let repairer = Repairer::spawn(hook, sink.clone(), cancel.clone());
+        let mut s = settings(4, "memory://");
+        s.repair = Some(repairer.clone());
+        let (_l, leader) = watch::channel(true);
+        let (_h, holder) = watch::channel(String::new());
+        let c = Coordinator::new(s, fencer.clone(), sink, Arc::new(Metrics::new()), leader, holder, cancel.clone());
+        register(&c, "a", 0, 1, "n1").await;
+        register(&c, "b", 0, 1, "n2").await;
+        // A hang isolates nothing and requests no repair.
+        let hang = FaultReport {
+            job: "b".into(),
+            ranks: vec![0],
+            node: "n2".into(),
+            kind: "hang".into(),
+            action: FaultAction::RestartJob as i32,
+            ..Default::default()
+        };
+        c.report_fault(Fault::try_from(&hang).unwrap()).await.unwrap();
+        c.report_fault(drain("a", "n1")).await.unwrap();
+        let sent = requests.recv().await.unwrap();
+        assert_eq!(
+            (&sent["node"], &sent["class"], &sent["action"]),
+            (&"n1".into(), &"xid-79".into(), &"drain-node".into())
+        );
+        let id = sent["record"].as_str().unwrap().to_string();
+        let mut stored = None;
+        for _ in 0..10_000 {
+            stored =
+                c.faults("a").await.unwrap().into_iter().find(|r| r.repair.as_ref().is_some_and(Repair::is_settled));
+            if stored.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let rec = stored.expect("the repair answer reaches the record");
+        assert_eq!(rec.id, id);
+        assert_eq!(rec.repair.as_ref().and_then(|r| r.ticket.as_deref()), Some("T-1"));
+        let hang_rec = c.faults("b").await.unwrap();
+        assert!(hang_rec.iter().all(|r| r.repair.is_none()), "{hang_rec:?}");
+        // While the repair is in flight, another hardware fault on the node asks for none.
+        let mut again = drain("a", "n1");
+        again.kind = "ecc-dbe".into();
+        again.generation = c.list()[0].generation;
+        let _ = c.report_fault(again).await;
+        // The done report: a wrong ticket is refused, an unknown node is not ours, the right one
+        // releases the node and stamps the record.
+        for _ in 0..10_000 {
+            if repairer.pending("n1").and_then(|p| p.ticket).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let e = c.repaired("n1", Some("T-2")).await.unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidRequest);
+        assert!(fencer.record().isolated.contains_key("n1"), "a refused report releases nothing");
+        assert_eq!(c.repaired("n9", None).await.unwrap(), None);
+        let done = c.repaired("n1", Some("T-1")).await.unwrap().expect("n1 was isolated");
+        assert_eq!((done.record.as_deref(), done.job.as_deref()), (Some(id.as_str()), Some("a")));
+        assert!(!fencer.record().isolated.contains_key("n1"));
+        let mut repaired = None;
+        for _ in 0..10_000 {
+            repaired = c.faults("a").await.unwrap().into_iter().find(|r| r.id == id && r.repaired_at.is_some());
+            if repaired.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(repaired.expect("the repair time is stamped").repaired_at, Some(done.at));
+        assert!(requests.try_recv().is_err(), "one repair request in all");
+        assert_eq!(c.repaired("n1", None).await.unwrap(), None, "released already");
+        cancel.cancel();
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fencer::{BoxFuture, PodRef};
 use super::hook::Hook;
+use super::repair::Repair;
 use crate::Result;
 use crate::health::Action;
 
@@ -89,10 +90,17 @@ pub struct FaultRecord {
     /// The generation the job restarted at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The repair requested for the node (a hardware fault with `--repair-url`) and its answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<Repair>,
+    /// When the repair system reported the node fixed (`POST /v1/repairs/<node>/done`) and the
+    /// node was released.
+    #[serde(default, with = "rfc3339", skip_serializing_if = "Option::is_none")]
+    pub repaired_at: Option<u64>,
 }
 
 /// Unix milliseconds as RFC 3339 with milliseconds (`2024-05-01T12:00:00.123Z`).
-mod rfc3339 {
+pub(super) mod rfc3339 {
     use std::time::{Duration, UNIX_EPOCH};
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -152,6 +160,8 @@ impl FaultRecord {
             restart_at: None,
             resumed_at: None,
             generation: None,
+            repair: None,
+            repaired_at: None,
         }
     }
 
@@ -192,6 +202,8 @@ impl From<&FaultRecord> for pb::FaultRecord {
             restart_unix_ms: r.restart_at.unwrap_or(0),
             resumed_unix_ms: r.resumed_at.unwrap_or(0),
             generation: r.generation.unwrap_or(0),
+            repair: r.repair.as_ref().map(Into::into),
+            repaired_unix_ms: r.repaired_at.unwrap_or(0),
         }
     }
 }
@@ -221,17 +233,26 @@ impl From<&pb::FaultRecord> for FaultRecord {
             restart_at: at(r.restart_unix_ms),
             resumed_at: at(r.resumed_unix_ms),
             generation: r.restart_unix_ms.ne(&0).then_some(r.generation),
+            repair: r.repair.as_ref().map(Into::into),
+            repaired_at: at(r.repaired_unix_ms),
         }
     }
 }
 
 /// Puts `rec` into a job's stored records (replacing the one with its id), oldest first, keeping
-/// the newest `keep` and at most [`MAX_STORED_BYTES`] of JSON. The owner found earlier is kept
-/// when the update does not know it.
+/// the newest `keep` and at most [`MAX_STORED_BYTES`] of JSON. What the update does not know is
+/// kept from the stored record: the owner found earlier, the repair system's answer (an update
+/// made before it arrived says at most "requested") and the repair time.
 pub fn merge(mut records: Vec<FaultRecord>, mut rec: FaultRecord, keep: usize) -> Vec<FaultRecord> {
     if let Some(old) = records.iter_mut().find(|r| r.id == rec.id) {
         if rec.owner.is_empty() {
             rec.owner = std::mem::take(&mut old.owner);
+        }
+        if !rec.repair.as_ref().is_some_and(Repair::is_settled) && old.repair.is_some() {
+            rec.repair = old.repair.take();
+        }
+        if rec.repaired_at.is_none() {
+            rec.repaired_at = old.repaired_at;
         }
         *old = rec;
     } else {
@@ -359,6 +380,8 @@ pub enum Stage {
     Restarted,
     /// Every rank is back: a `FaultRecovered` Event.
     Resumed,
+    /// The repair system answered, or the node was repaired: no Event.
+    Repaired,
 }
 
 #[derive(Debug)]
@@ -367,6 +390,8 @@ enum Update {
     Pod { job: String, pod: PodRef },
     /// A record changed.
     Record { record: Box<FaultRecord>, stage: Stage },
+    /// The repair answer or the repair time of a stored record.
+    Repair { job: String, id: String, repair: Option<Box<Repair>>, repaired_at: Option<u64> },
 }
 
 /// The coordinator's end of the record writer: a bounded queue that never blocks, and the log
@@ -404,6 +429,23 @@ impl FaultSink {
         let update = Update::Record { record: Box::new(record.clone()), stage };
         if let Err(e) = self.tx.try_send(update) {
             tracing::warn!(id = %record.id, job = %record.job, error = %e, "fault record queue full: this change is not written");
+        }
+    }
+
+    /// Queues the repair system's answer for the stored record `id` of `job`.
+    pub fn repair(&self, job: &str, id: &str, repair: Repair) {
+        self.patch(job, id, Some(Box::new(repair)), None);
+    }
+
+    /// Queues the time the stored record `id` of `job` was repaired (its node released).
+    pub fn repaired(&self, job: &str, id: &str, at: u64) {
+        self.patch(job, id, None, Some(at));
+    }
+
+    fn patch(&self, job: &str, id: &str, repair: Option<Box<Repair>>, repaired_at: Option<u64>) {
+        let update = Update::Repair { job: job.to_string(), id: id.to_string(), repair, repaired_at };
+        if let Err(e) = self.tx.try_send(update) {
+            tracing::warn!(id, job, error = %e, "fault record queue full: the repair is not written");
         }
     }
 
@@ -453,6 +495,26 @@ async fn write_records(
                 continue;
             }
             Some(Update::Record { record, stage }) => (*record, stage),
+            Some(Update::Repair { job, id, repair, repaired_at }) => {
+                let found = match log.list(&job).await {
+                    Ok(records) => records.into_iter().find(|r| r.id == id),
+                    Err(e) => {
+                        tracing::warn!(id = %id, job = %job, error = %e, "cannot read the fault record to add its repair");
+                        continue;
+                    }
+                };
+                let Some(mut record) = found else {
+                    tracing::warn!(id = %id, job = %job, "the fault record is no longer stored: its repair is not written");
+                    continue;
+                };
+                if let Some(r) = repair {
+                    record.repair = Some(*r);
+                }
+                if repaired_at.is_some() {
+                    record.repaired_at = repaired_at;
+                }
+                (record, Stage::Repaired)
+            }
         };
         let owner = owners.get(&record.job);
         if let Some(o) = owner {
@@ -460,7 +522,7 @@ async fn write_records(
         }
         let reason = match stage {
             Stage::Detected => Some("FaultDetected"),
-            Stage::Restarted => None,
+            Stage::Restarted | Stage::Repaired => None,
             Stage::Resumed => Some("FaultRecovered"),
         };
         if let (Some(reason), Some(owner)) = (reason, owner)
@@ -581,6 +643,31 @@ mod tests {
         big.evidence = "e".repeat(MAX_STORED_BYTES);
         let records = merge(records, big, 10);
         assert_eq!(records.len(), 1, "the size bound drops the oldest records");
+    }
+
+    #[test]
+    fn merge_keeps_the_repair_answer_and_time_from_older_updates() {
+        use super::super::repair::{RepairOutcome, parse_answer};
+        let mut requested = rec(1, 10);
+        requested.repair = Some(Repair::requested(Action::DrainNode, 10));
+        let mut answered = requested.clone();
+        answered.repair = Some(parse_answer(Action::DrainNode, 10, 200, br#"{"ticket": "T-1"}"#));
+        answered.repaired_at = Some(50);
+        let records = merge(Vec::new(), answered, 10);
+        // The restart stamp comes from the coordinator's copy, made before the answer arrived.
+        let mut restarted = requested;
+        restarted.restart_at = Some(30);
+        restarted.generation = Some(1);
+        let records = merge(records, restarted, 10);
+        let r = &records[0];
+        assert_eq!(r.restart_at, Some(30));
+        assert_eq!(
+            r.repair.as_ref().map(|r| (r.outcome, r.ticket.as_deref())),
+            Some((RepairOutcome::Accepted, Some("T-1")))
+        );
+        assert_eq!(r.repaired_at, Some(50));
+        let via_proto = FaultRecord::from(&pb::FaultRecord::from(r));
+        assert_eq!(&via_proto, r);
     }
 
     #[tokio::test]

@@ -76,7 +76,8 @@ pub trait NodeFencer: Send + Sync + std::fmt::Debug {
     /// the node; a pod that is still there is deleted all the same).
     fn isolate<'a>(&'a self, iso: &'a Isolation) -> BoxFuture<'a, Result<bool>>;
     /// Undoes [`isolate`](NodeFencer::isolate) on the node: removes the taint and the evidence and
-    /// uncordons it if the isolator cordoned it. Returns whether it was isolated.
+    /// uncordons it if the isolator cordoned it. Returns whether it was isolated (a node that does
+    /// not exist was not).
     fn release<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<bool>>;
     /// Records a warning Event.
     fn notice<'a>(&'a self, notice: &'a Notice) -> BoxFuture<'a, Result<()>>;

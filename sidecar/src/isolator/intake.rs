@@ -3,6 +3,10 @@
 //! (`POST /v1/alerts/aliyun`), maps each alert through [`AlertMapping`] and the health policy, and
 //! hands the findings to the [`Coordinator`] as if an agent had reported them.
 //!
+//! The repair system reports a node it fixed on the same listener (`POST
+//! /v1/repairs/<node>/done`, optionally `{"ticket": "..."}`), which releases the node through the
+//! coordinator as `ckptctl release` does and stamps the repair on the fault record.
+//!
 //! Authentication is the gRPC side's: a client certificate verified against `--client-ca`, or
 //! `authorization: Bearer <token>` equal to `--token-file`. TLS is served when `--tls-cert` is
 //! given. A payload is checked whole before anything is done: one alert that does not parse or
@@ -88,6 +92,46 @@ impl Intake {
             .collect()
     }
 
+    /// Releases `node`, reported fixed with the optional body `{"ticket": "..."}`: 200 with the
+    /// record stamped, 404 when ckptd did not isolate the node, 400 for a bad body or ticket.
+    async fn repaired(&self, node: &str, body: &[u8]) -> Response<Body> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Done {
+            ticket: Option<String>,
+        }
+        let done = if body.iter().all(u8::is_ascii_whitespace) {
+            Done { ticket: None }
+        } else {
+            match serde_json::from_slice::<Done>(body) {
+                Ok(d) => d,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("the body must be empty or {{\"ticket\": \"...\"}}: {e}"),
+                    );
+                }
+            }
+        };
+        match self.coord.repaired(node, done.ticket.as_deref()).await {
+            Ok(Some(d)) => respond(
+                StatusCode::OK,
+                &json!({
+                    "node": node,
+                    "released": true,
+                    "record": d.record,
+                    "job": d.job,
+                    "repaired_at": humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(d.at)).to_string(),
+                }),
+            ),
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                &format!("node {} is not isolated by ckptd", crate::text::capped(node, 64)),
+            ),
+            Err(e) => error(status_of(&e), &e.to_string()),
+        }
+    }
+
     /// Acts on the findings of one payload and says what became of each.
     async fn process(&self, origin: Origin, body: &[u8]) -> Response<Body> {
         let findings = match self.findings(origin, body) {
@@ -101,15 +145,7 @@ impl Intake {
         for f in findings {
             match self.one(&f).await {
                 Ok(v) => results.push(v),
-                Err(e) => {
-                    let status = match e.kind() {
-                        ErrorKind::NotLeader | ErrorKind::Cluster | ErrorKind::IsolatorUnavailable => {
-                            StatusCode::SERVICE_UNAVAILABLE
-                        }
-                        _ => StatusCode::INTERNAL_SERVER_ERROR,
-                    };
-                    return error(status, &e.to_string());
-                }
+                Err(e) => return error(status_of(&e), &e.to_string()),
             }
         }
         respond(StatusCode::OK, &json!({ "results": results }))
@@ -166,6 +202,24 @@ impl Intake {
     }
 }
 
+/// The status of a coordinator error: 503 when the sender should retry (not the leader, the
+/// cluster unreachable), 400 for a bad request, 500 otherwise.
+fn status_of(e: &Error) -> StatusCode {
+    match e.kind() {
+        ErrorKind::NotLeader | ErrorKind::Cluster | ErrorKind::IsolatorUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// What a request asks for.
+enum Route {
+    /// An alert payload.
+    Alerts(Origin),
+    /// `POST /v1/repairs/<node>/done`.
+    RepairDone(String),
+}
+
 fn respond(status: StatusCode, v: &Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
     *resp.status_mut() = status;
@@ -179,19 +233,22 @@ fn error(status: StatusCode, reason: &str) -> Response<Body> {
 
 /// Routes one request. Never fails: every problem is a status with a JSON `{"error": ...}`.
 pub async fn handle(req: Request<Incoming>, intake: Arc<Intake>, verified_cert: bool) -> Response<Body> {
-    let origin = match req.uri().path() {
-        "/v1/alerts/alertmanager" => Origin::Alertmanager,
-        "/v1/alerts/aliyun" => Origin::Aliyun,
+    let route = match req.uri().path() {
+        "/v1/alerts/alertmanager" => Route::Alerts(Origin::Alertmanager),
+        "/v1/alerts/aliyun" => Route::Alerts(Origin::Aliyun),
         "/healthz" if req.method() == Method::GET => return respond(StatusCode::OK, &json!({ "ok": true })),
-        p => {
-            return error(
-                StatusCode::NOT_FOUND,
-                &format!(
-                    "no endpoint {}: POST to /v1/alerts/alertmanager or /v1/alerts/aliyun",
-                    crate::text::capped(p, 64)
-                ),
-            );
-        }
+        p => match p.strip_prefix("/v1/repairs/").and_then(|rest| rest.strip_suffix("/done")) {
+            Some(node) if !node.is_empty() && !node.contains('/') => Route::RepairDone(node.to_string()),
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "no endpoint {}: POST to /v1/alerts/alertmanager, /v1/alerts/aliyun or /v1/repairs/<node>/done",
+                        crate::text::capped(p, 64)
+                    ),
+                );
+            }
+        },
     };
     if req.method() != Method::POST {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
@@ -222,7 +279,10 @@ pub async fn handle(req: Request<Incoming>, intake: Arc<Intake>, verified_cert: 
         }
         Err(_) => return error(StatusCode::BAD_REQUEST, "the body did not arrive within 10 s"),
     };
-    intake.process(origin, &body).await
+    match route {
+        Route::Alerts(origin) => intake.process(origin, &body).await,
+        Route::RepairDone(node) => intake.repaired(&node, &body).await,
+    }
 }
 
 /// A TLS configuration for the intake: the certificate pair, and with `client_ca` client

@@ -165,7 +165,12 @@ impl KubeFencer {
     async fn do_release(&self, node: &str) -> Result<bool> {
         let nodes = Api::<Node>::all(self.client.clone());
         let object = format!("node/{node}");
-        let n = nodes.get(node).await.map_err(|e| kube_err("get", &object, e))?;
+        let n = match nodes.get(node).await {
+            Ok(n) => n,
+            // A node that does not exist is not isolated.
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(kube_err("get", &object, e)),
+        };
         let spec = n.spec.unwrap_or_default();
         let annotations = n.metadata.annotations.unwrap_or_default();
         let taints = spec.taints.unwrap_or_default();

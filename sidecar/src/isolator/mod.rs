@@ -13,7 +13,8 @@
 //! Prometheus; [`link`] is the agent's client. Alerts from outside the agents (Alertmanager,
 //! Alibaba Cloud system events) come in through [`intake`], parsed by [`alert`] and mapped to
 //! findings by [`mapping`]. Every fault acted on becomes a record ([`faults`]), kept in a ConfigMap
-//! per job and POSTed to a notify endpoint through [`hook`].
+//! per job and POSTed to a notify endpoint through [`hook`]. Nodes isolated for hardware faults are
+//! sent to a repair system through [`repair`]; its "fixed" report comes back through [`intake`].
 
 pub mod alert;
 pub mod ballot;
@@ -28,6 +29,7 @@ pub mod lease;
 pub mod link;
 pub mod mapping;
 pub mod metrics;
+pub mod repair;
 pub mod request;
 pub mod service;
 pub mod state;
@@ -152,7 +154,12 @@ pub struct IsolatorArgs {
     /// a loopback address only.
     #[arg(long, env = env::ENV_ISOLATOR_FAULT_NOTIFY_URL)]
     pub fault_notify_url: Option<String>,
-    /// CA certificates (PEM) trusted for an https --fault-notify-url [default: the system bundle].
+    /// Endpoint that repairs nodes isolated for hardware faults: receives a JSON request (POST)
+    /// per isolation; https, or http on a loopback address only.
+    #[arg(long, env = env::ENV_ISOLATOR_REPAIR_URL)]
+    pub repair_url: Option<String>,
+    /// CA certificates (PEM) trusted for an https --fault-notify-url or --repair-url [default: the
+    /// system bundle].
     #[arg(long, env = env::ENV_ISOLATOR_HOOK_CA)]
     pub hook_ca: Option<PathBuf>,
 }
@@ -201,6 +208,10 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
     }
     let notify = match &args.fault_notify_url {
         Some(u) => Some(hook::Hook::new("--fault-notify-url", u, args.hook_ca.as_deref())?),
+        None => None,
+    };
+    let repair = match &args.repair_url {
+        Some(u) => Some(hook::Hook::new("--repair-url", u, args.hook_ca.as_deref())?),
         None => None,
     };
     if args.client_ca.is_some() && args.tls_cert.is_none() {
@@ -259,7 +270,7 @@ pub fn run(args: IsolatorArgs) -> crate::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::Runtime { what: "start the isolator runtime", reason: e.to_string() })?;
-    rt.block_on(serve(args, token, tls, policy, alerts, notify))
+    rt.block_on(serve(args, token, tls, policy, alerts, Hooks { notify, repair }))
 }
 
 async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
@@ -278,6 +289,12 @@ async fn kube_client(args: &IsolatorArgs) -> Result<::kube::Client> {
     ::kube::Client::try_from(cfg).map_err(|e| config("kubernetes", format!("cannot build the client: {e}")))
 }
 
+/// The endpoints the isolator POSTs to, checked before the runtime starts.
+struct Hooks {
+    notify: Option<hook::Hook>,
+    repair: Option<hook::Hook>,
+}
+
 /// The alert intake's settings, checked before the runtime starts.
 struct Alerts {
     addr: SocketAddr,
@@ -291,7 +308,7 @@ async fn serve(
     tls: Option<ServerTlsConfig>,
     policy: Policy,
     alerts: Option<Alerts>,
-    notify: Option<hook::Hook>,
+    hooks: Hooks,
 ) -> Result<()> {
     let cancel = CancellationToken::new();
     let client = if !args.dry_run || args.lease_name.is_some() { Some(kube_client(&args).await?) } else { None };
@@ -303,7 +320,8 @@ async fn serve(
         (Some(c), false) => Arc::new(KubeFaultLog::new(c.clone(), &args.lease_namespace)),
         _ => Arc::new(MemoryFaultLog::new()),
     };
-    let faults = FaultSink::spawn(fault_log, args.fault_records, notify, cancel.clone());
+    let faults = FaultSink::spawn(fault_log, args.fault_records, hooks.notify, cancel.clone());
+    let repair = hooks.repair.map(|h| repair::Repairer::spawn(h, faults.clone(), cancel.clone()));
     let (leader_tx, leader_rx) = watch::channel(args.lease_name.is_none());
     let (holder_tx, holder_rx) = watch::channel(String::new());
     let mut tasks = tokio::task::JoinSet::new();
@@ -332,6 +350,7 @@ async fn serve(
             window: args.isolation_window,
         },
         dedupe_window: policy.dedupe_window,
+        repair,
     };
     let coord =
         Coordinator::new(settings, fencer, faults, metrics.clone(), leader_rx.clone(), holder_rx, cancel.clone());
@@ -447,6 +466,10 @@ mod tests {
         let e = run(a.clone()).unwrap_err();
         assert!(e.to_string().contains("loopback"), "{e}");
         a.fault_notify_url = None;
+        a.repair_url = Some("http://repairs.example/v1".into());
+        let e = run(a.clone()).unwrap_err();
+        assert!(e.to_string().contains("--repair-url") && e.to_string().contains("loopback"), "{e}");
+        a.repair_url = None;
         a.token_file = None;
         assert_eq!(run(a).unwrap_err().kind(), crate::ErrorKind::Config);
     }

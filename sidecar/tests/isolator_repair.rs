@@ -1,0 +1,244 @@
+//! Node repair with a real `ckptd isolator` process against kmock and a fake repair endpoint on
+//! 127.0.0.1: an agent's XID 79 report isolates node-2 and POSTs a repair request (node, class,
+//! action, record id) to `--repair-url`; the endpoint's ticket shows in `ckptctl faults --json`; a
+//! hang requests no repair; `POST /v1/repairs/node-2/done` with the token releases node-2 (taint
+//! gone, uncordoned) and stamps `repaired_at` on the record, while no token gets 401, a node ckptd
+//! did not isolate 404, and a bad body or a wrong ticket 400.
+//!
+//! Needs `pip install kmock` (see tests/support/kmock.rs for the skip rule).
+#![cfg(feature = "server")]
+
+#[path = "support/isolator_proc.rs"]
+mod isolator_proc;
+#[path = "support/kmock.rs"]
+mod kmock;
+
+use std::time::Duration;
+
+use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
+use ckptd_proto::v1::{FaultAction, FaultReport};
+use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
+use k8s_openapi::api::core::v1::Node;
+use kmock::{Kmock, POD_NAMESPACE};
+use kube::Api;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Reads one HTTP/1.1 request with a content-length: (head, body).
+async fn read_request(s: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let len = head
+            .lines()
+            .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if body.len() >= len {
+            return Some((head.to_string(), body[..len].to_string()));
+        }
+    }
+}
+
+/// A repair endpoint on 127.0.0.1: answers every POST with `{"ticket": "T-<n>"}` and passes each
+/// body on.
+async fn repair_endpoint() -> (String, mpsc::Receiver<Value>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/repairs", l.local_addr().unwrap());
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = l.accept().await {
+            let Some((head, body)) = read_request(&mut s).await else { continue };
+            assert!(head.starts_with("POST /v1/repairs HTTP/1.1"), "{head}");
+            assert!(head.to_lowercase().contains("content-type: application/json"), "{head}");
+            n += 1;
+            let answer = format!("{{\"ticket\": \"T-{n}\"}}");
+            let _ = s
+                .write_all(
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}", answer.len())
+                        .as_bytes(),
+                )
+                .await;
+            let _ = tx.send(serde_json::from_str(&body).expect("the repair request is JSON")).await;
+        }
+    });
+    (url, rx)
+}
+
+/// POSTs `body` to the intake over plain HTTP/1.1: (status, body as JSON or `null`).
+async fn post(iso: &IsolatorProc, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Value) {
+    let addr = iso.alerts.expect("the isolator prints its alerts address");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the intake");
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: isolator\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out).to_string();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn ckptctl_faults(iso: &IsolatorProc, dir: &TempDir, job: &str) -> Vec<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .args(["faults", "--job", job, "--json", "--isolator", &iso.url(), "--token-file"])
+        .arg(dir.path().join("token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn ours_tainted(n: &Node) -> bool {
+    n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == "ckptd.io/unhealthy"))
+}
+
+fn cordoned(n: &Node) -> bool {
+    n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+}
+
+/// Registers a one-rank job `job` on node `node-<i>` with pod `train-<i>`.
+async fn job_on(iso: &IsolatorProc, dir: &TempDir, job: &str, i: u32) -> IsolatorLink {
+    let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(TOKEN)).await.unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    l.register(job, &[0], 1, &format!("node-{i}"), &format!("train-{i}"), POD_NAMESPACE, &store).await.unwrap();
+    l
+}
+
+#[tokio::test]
+async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_node() {
+    let Some(km) = Kmock::start(4) else { return };
+    let dir = TempDir::new().unwrap();
+    let nodes = Api::<Node>::all(km.client());
+    let (repair_url, mut requests) = repair_endpoint().await;
+    let token = token_file(dir.path());
+    let iso = IsolatorProc::spawn(
+        dir.path(),
+        "isolator",
+        &[
+            "--token-file",
+            token.to_str().unwrap(),
+            "--kube-url",
+            &km.url,
+            "--lease-namespace",
+            "ckptd",
+            "--alerts-addr",
+            "127.0.0.1:0",
+            "--max-isolated-fraction",
+            "1",
+            "--repair-url",
+            &repair_url,
+        ],
+    );
+    let llm = job_on(&iso, &dir, "llm", 2).await;
+    let other = job_on(&iso, &dir, "other", 0).await;
+
+    // A hang is not a hardware class: its record has no repair.
+    let hang = FaultReport {
+        job: "other".into(),
+        ranks: vec![0],
+        node: "node-0".into(),
+        pod: "train-0".into(),
+        source: "progress".into(),
+        kind: "hang".into(),
+        action: FaultAction::RestartJob as i32,
+        evidence: "rank 0 made no progress for 600 s".into(),
+        ..Default::default()
+    };
+    let ack = other.report_fault(hang).await.unwrap();
+    assert_eq!(ack.action, FaultAction::RestartJob as i32, "{}", ack.note);
+
+    // An XID 79 report isolates node-2 and asks the repair system to drain it.
+    let xid = FaultReport {
+        job: "llm".into(),
+        ranks: vec![0],
+        node: "node-2".into(),
+        pod: "train-2".into(),
+        source: "nvml".into(),
+        kind: "xid-79".into(),
+        action: FaultAction::DrainNode as i32,
+        evidence: "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus".into(),
+        ..Default::default()
+    };
+    let ack = llm.report_fault(xid).await.unwrap();
+    assert_eq!(ack.action, FaultAction::DrainNode as i32, "{}", ack.note);
+    let sent = tokio::time::timeout(LIMIT, requests.recv()).await.expect("a repair request").unwrap();
+    assert_eq!(
+        (&sent["node"], &sent["job"], &sent["class"], &sent["action"]),
+        (&"node-2".into(), &"llm".into(), &"xid-79".into(), &"drain-node".into())
+    );
+    assert!(sent["evidence"].as_str().unwrap().contains("Xid"), "{sent}");
+    let id = sent["record"].as_str().expect("the record id").to_string();
+
+    // `ckptctl faults` shows the repair accepted with the endpoint's ticket.
+    let records = eventually("the repair answer in the record", LIMIT, || async {
+        let r = ckptctl_faults(&iso, &dir, "llm");
+        r.into_iter().find(|r| r["id"] == id.as_str() && r["repair"]["outcome"] == "accepted")
+    })
+    .await;
+    let repair = &records["repair"];
+    assert_eq!(
+        (&repair["ticket"], &repair["status"], &repair["action"]),
+        (&"T-1".into(), &200.into(), &"drain-node".into())
+    );
+    assert!(repair["requested_at"].is_string(), "{records}");
+    assert!(records["isolated_at"].is_string(), "{records}");
+    assert!(records.get("repaired_at").is_none(), "{records}");
+    let hangs = ckptctl_faults(&iso, &dir, "other");
+    assert_eq!(hangs.len(), 1, "{hangs:?}");
+    assert!(hangs[0].get("repair").is_none(), "a hang requests no repair: {}", hangs[0]);
+    let n2 = nodes.get("node-2").await.unwrap();
+    assert!(ours_tainted(&n2) && cordoned(&n2));
+
+    // The done report: authentication, node and body are checked before anything is done.
+    let done = "/v1/repairs/node-2/done";
+    let (code, _) = post(&iso, done, None, br#"{"ticket": "T-1"}"#).await;
+    assert_eq!(code, 401);
+    let (code, body) = post(&iso, "/v1/repairs/node-3/done", Some(TOKEN), b"").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("node-3"), "{body}");
+    let (code, _) = post(&iso, "/v1/repairs/node-9/done", Some(TOKEN), b"").await;
+    assert_eq!(code, 404, "a node that does not exist is not isolated by ckptd");
+    let (code, body) = post(&iso, done, Some(TOKEN), br#"{"ticket": 1}"#).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = post(&iso, done, Some(TOKEN), br#"{"ticket": "T-7"}"#).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("ticket"), "{body}");
+    assert!(ours_tainted(&nodes.get("node-2").await.unwrap()), "refused reports release nothing");
+
+    let (code, body) = post(&iso, done, Some(TOKEN), br#"{"ticket": "T-1"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        (&body["node"], &body["record"], &body["released"]),
+        (&"node-2".into(), &id.as_str().into(), &true.into())
+    );
+    let n2 = nodes.get("node-2").await.unwrap();
+    assert!(!ours_tainted(&n2), "the taint is gone");
+    assert!(!cordoned(&n2), "node-2 is schedulable again");
+    let stamped = eventually("the repair time on the record", LIMIT, || async {
+        ckptctl_faults(&iso, &dir, "llm").into_iter().find(|r| r["id"] == id.as_str() && r["repaired_at"].is_string())
+    })
+    .await;
+    assert_eq!(stamped["repaired_at"], body["repaired_at"]);
+    assert_eq!(stamped["repair"]["ticket"], "T-1", "the answer is kept");
+    let (code, _) = post(&iso, done, Some(TOKEN), b"").await;
+    assert_eq!(code, 404, "released already");
+    assert!(requests.try_recv().is_err(), "one repair request in all: the hang asked for none");
+}
