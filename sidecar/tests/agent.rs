@@ -939,3 +939,22 @@ fn a_restart_order_ends_a_blocked_trainer_and_its_restart_resumes_from_memory() 
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(log.contains("sending SIGKILL"), "{log}");
 }
+
+/// A training session's load (here right after its own save, while rank 0's agent still waits
+/// for rank 1's shard) waits for that commit and never gives it up: only a restarted session,
+/// one that has not saved yet, stops waiting for other ranks' shards.
+#[test]
+fn a_load_of_a_training_session_never_gives_up_its_own_pending_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let agent = Agent::start(dir.path(), &store, &dir.path().join("arena"), &["--world-size", "2"]);
+    let (mut rank0, mut out0) = trainer(&agent.socket, 0, 2, "handoff:1;load:1");
+    expect_line(&mut out0, "handoff 1");
+    // Longer than a restarted session's patience (2 s) before rank 1's shard arrives.
+    std::thread::sleep(Duration::from_secs(3));
+    let (mut rank1, mut out1) = trainer(&agent.socket, 1, 2, "save:1");
+    expect_line(&mut out1, "save 1");
+    assert_eq!(expect_line(&mut out0, "loaded"), "loaded 1 memory=true");
+    assert!(rank0.wait().unwrap().success());
+    assert!(rank1.wait().unwrap().success());
+}

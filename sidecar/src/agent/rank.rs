@@ -59,6 +59,9 @@ pub(super) struct Session {
     pub pid: u32,
     /// The trainer's pid from the socket's peer credentials, when visible from the agent.
     pub peer_pid: Option<i32>,
+    /// Whether this session handed over a snapshot: from then on it is training, and its loads
+    /// are queries, not a restart's restore (see [`RankInner::restoring_since`]).
+    pub handed_over: bool,
     pub events: mpsc::Sender<Result<pb::TrainerEvent, tonic::Status>>,
 }
 
@@ -82,9 +85,10 @@ pub(super) struct RankInner {
     pub rollback: Option<u64>,
     /// The session that was ordered to restart and has neither restored nor detached yet.
     pub awaiting_restart: Option<u64>,
-    /// Since when a trainer has been waiting to restore (its load waits for this rank's persists
-    /// to settle). A commit still waiting for other ranks' shards [`RESTORE_PATIENCE`] later is
-    /// given up: after a restart those shards may never come.
+    /// Since when a trainer that has not saved yet in its session (a restarted one) has been
+    /// waiting to restore (its load waits for this rank's persists to settle). A commit still
+    /// waiting for other ranks' shards [`RESTORE_PATIENCE`] later is given up: after a restart
+    /// those shards may never come. A training session's loads and queries never give one up.
     pub restoring_since: Option<Instant>,
     /// A step the prefetch read from storage into the arena before any trainer asked: loads of it
     /// report storage as their source, since that is where its bytes came from, until the

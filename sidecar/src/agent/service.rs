@@ -185,7 +185,7 @@ impl Trainer for Service {
             }
             inner.world_size = Some(req.world_size);
             inner.pending_request = None;
-            inner.session = Some(Session { id, pid: req.pid, peer_pid, events: tx.clone() });
+            inner.session = Some(Session { id, pid: req.pid, peer_pid, handed_over: false, events: tx.clone() });
             inner.awaiting_restart = None;
             inner.arena.as_ref().map(|a| a.path().display().to_string()).unwrap_or_default()
         };
@@ -306,7 +306,13 @@ impl Trainer for Service {
             }
         }
         rank.handovers.send_replace((req.request, req.step));
-        rank.lock().prefetched = None;
+        {
+            let mut inner = rank.lock();
+            inner.prefetched = None;
+            if let Some(s) = inner.session.as_mut() {
+                s.handed_over = true;
+            }
+        }
         tracing::debug!(rank = rank.rank, step = req.step, slot = req.slot, "snapshot handed over");
         Ok(Response::new(pb::HandoverReply {}))
     }
@@ -314,7 +320,12 @@ impl Trainer for Service {
     async fn locate(&self, req: Request<pb::LocateRequest>) -> Result<Response<pb::LocateReply>, Status> {
         let req = req.into_inner();
         let rank = self.session(req.session)?;
-        rank.lock().restoring_since.get_or_insert_with(Instant::now);
+        {
+            let mut inner = rank.lock();
+            if !inner.session.as_ref().is_some_and(|s| s.handed_over) {
+                inner.restoring_since.get_or_insert_with(Instant::now);
+            }
+        }
         let settled = async {
             let _staging = rank.staging.lock().await;
             self.agent.settle(&rank).await.map_err(|e| to_status(&e))?;
