@@ -206,8 +206,14 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
     eventually("the restore", LIMIT, gen1).await;
     let mut raw = IsolatorClient::connect(iso.url()).await.unwrap();
     for rank in 0..2 {
-        let mut req =
-            tonic::Request::new(RankHeartbeat { job: "llm".into(), rank, generation: 1, step: 1, step_time_ms: 10 });
+        let mut req = tonic::Request::new(RankHeartbeat {
+            job: "llm".into(),
+            rank,
+            generation: 1,
+            step: 1,
+            step_time_ms: 10,
+            ..Default::default()
+        });
         req.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
         raw.heartbeat(req).await.unwrap();
     }

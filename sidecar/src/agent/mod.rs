@@ -198,6 +198,8 @@ pub(crate) struct Agent {
     pub link: Option<crate::isolator::link::IsolatorLink>,
     /// Whether the isolator command stream runs.
     commands_started: std::sync::atomic::AtomicBool,
+    /// The phase last forwarded to the isolator, per rank.
+    sent_phase: Mutex<BTreeMap<u32, ckpt_core::Phase>>,
     /// The newest restore order (the isolator's, or this agent's own without one), replayed to
     /// trainers that attach after it.
     pub restore_order: Mutex<Option<RestoreOrder>>,
@@ -278,6 +280,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         health: Some(health),
         link,
         commands_started: std::sync::atomic::AtomicBool::new(false),
+        sent_phase: Mutex::new(BTreeMap::new()),
         restore_order: Mutex::new(None),
         ranks: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),
@@ -588,32 +591,39 @@ impl Agent {
         });
     }
 
-    /// A trainer heartbeat: feeds the health controller and, rate-limited to step changes, the
-    /// isolator (with the time the last step took).
+    /// A trainer heartbeat: feeds the health controller and, rate-limited to step and phase
+    /// changes, the isolator (with the time the last step took, and the phase).
     fn on_heartbeat(self: &Arc<Self>, rank: &Rank, step: u64, phase: Option<ckpt_core::Phase>) {
         if let Some(h) = &self.health {
             h.heartbeat(rank.rank, step, phase);
         }
         let Some(link) = self.link.clone() else { return };
-        let step_time = {
+        let stepped = {
             let mut inner = rank.lock();
             let now = std::time::Instant::now();
             match inner.step_clock {
-                Some((s, _)) if s == step => return,
+                Some((s, _)) if s == step => None,
                 Some((s, at)) if step > s => {
                     let dt = now.duration_since(at) / u32::try_from(step - s).unwrap_or(u32::MAX).max(1);
                     inner.step_clock = Some((step, now));
-                    dt
+                    Some(dt)
                 }
                 _ => {
                     inner.step_clock = Some((step, now));
-                    Duration::ZERO
+                    Some(Duration::ZERO)
                 }
             }
         };
+        let phase_changed = phase.is_some_and(|p| {
+            let mut sent = self.sent_phase.lock().unwrap_or_else(|e| e.into_inner());
+            sent.insert(rank.rank, p) != Some(p)
+        });
+        // A phase change within a step is forwarded with the step repeated; the isolator then
+        // keeps the step time it has.
+        let Some(step_time) = stepped.or(phase_changed.then_some(Duration::ZERO)) else { return };
         let r = rank.rank;
         self.rt.spawn(async move {
-            if let Err(e) = link.heartbeat(r, step, step_time).await {
+            if let Err(e) = link.heartbeat_in(r, step, step_time, phase).await {
                 tracing::debug!(rank = r, error = %e, "isolator heartbeat failed");
             }
         });

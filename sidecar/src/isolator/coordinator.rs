@@ -24,10 +24,11 @@ use super::ballot::{Ballot, Tally};
 use super::breaker::{Breaker, BreakerConfig};
 use super::faults::{FaultRecord, FaultSink, Stage, now_ms};
 use super::fencer::{Isolation, NodeFencer, Notice, PodRef, Subject, taint_value};
+use super::handling::{self, Rule};
 use super::metrics::Metrics;
 use super::repair::{self, Repair, RepairRequest, Repairer};
 use super::request::{Fault, Heartbeat, Registration, ShardVote, Subscription, check_name};
-use super::state::{Event, JobState, needs_isolation};
+use super::state::{Event, JobState};
 use super::straggler::Detector;
 use crate::health::Action;
 use crate::{Error, Result};
@@ -148,6 +149,10 @@ struct Rank {
     pod: String,
     namespace: String,
     step_ms: u64,
+    /// The step of the last heartbeat.
+    step: Option<u64>,
+    /// The phase of the last heartbeat that said one.
+    phase: Option<ckpt_core::Phase>,
 }
 
 #[derive(Debug)]
@@ -179,6 +184,10 @@ struct Job {
     records: Vec<FaultRecord>,
     /// Whether the lookup of the job's owner (PyTorchJob, JobSet, Job) was queued.
     owner_asked: bool,
+    /// Set by a fault during `checkpoint-save` (why, in words) until the restart: no step other
+    /// than the committed one is admitted, so neither the interrupted step nor an emergency
+    /// snapshot commits, and the restore uses the last committed step.
+    hold: Option<String>,
 }
 
 impl Job {
@@ -228,6 +237,11 @@ impl Job {
             });
         }
         self.check_generation(job, v.generation)?;
+        if let Some(why) = &self.hold
+            && self.committed != Some(v.step)
+        {
+            return Err(Error::StepAborted { job: job.to_string(), step: v.step, reason: why.clone() });
+        }
         if let Some((_, _, why)) = self.aborted.iter().rev().find(|(s, g, _)| *s == v.step && *g == self.generation) {
             return Err(Error::StepAborted { job: job.to_string(), step: v.step, reason: why.clone() });
         }
@@ -307,6 +321,10 @@ fn snapshots_settled(job: &Job, base: Option<u64>) -> bool {
     }
     if !job.committing.is_empty() {
         return false;
+    }
+    if job.hold.is_some() {
+        // An interrupted save: no step can commit before the restart.
+        return true;
     }
     if job.faulty.is_empty() {
         // Every rank may still snapshot a new step: only the bound ends the wait.
@@ -444,6 +462,7 @@ impl Coordinator {
             parallel: None,
             records: Vec::new(),
             owner_asked: false,
+            hold: None,
         });
         if job.world_size != r.world_size {
             return Err(Error::InvalidRequest {
@@ -468,7 +487,10 @@ impl Coordinator {
         if !job.owner_asked && !r.pod.is_empty() && !r.namespace.is_empty() {
             job.owner_asked = self.faults.pod(&r.job, PodRef { namespace: r.namespace.clone(), name: r.pod.clone() });
         }
-        job.ranks.insert(r.rank, Rank { node: r.node, pod: r.pod, namespace: r.namespace, step_ms: 0 });
+        job.ranks.insert(
+            r.rank,
+            Rank { node: r.node, pod: r.pod, namespace: r.namespace, step_ms: 0, step: None, phase: None },
+        );
         tracing::info!(job = %r.job, rank = r.rank, world_size = r.world_size, generation = job.generation, "rank registered");
         let reply = RegisterReply {
             generation: job.generation,
@@ -496,7 +518,14 @@ impl Coordinator {
             job.check_rank(h.rank)?;
             job.check_generation(&h.job, h.generation)?;
             if let Some(r) = job.ranks.get_mut(&h.rank) {
-                r.step_ms = u64::try_from(h.step_time.as_millis()).unwrap_or(u64::MAX);
+                // A heartbeat repeating the step is a phase change: it measured no step.
+                if r.step != Some(h.step) {
+                    r.step_ms = u64::try_from(h.step_time.as_millis()).unwrap_or(u64::MAX);
+                }
+                r.step = Some(h.step);
+                if h.phase.is_some() {
+                    r.phase = h.phase;
+                }
             }
             if job.state == JobState::Restoring {
                 job.restored.insert(h.rank);
@@ -639,9 +668,9 @@ impl Coordinator {
 
     /// Acts on a validated fault of a registered job (see [`report_fault`](Self::report_fault)).
     async fn act(self: &Arc<Self>, f: Fault) -> Result<FaultAck> {
-        let action = f.action;
+        let hardware = repair::is_hardware_class(&f.kind);
         let detected = now_ms();
-        let (start_cycle, joined, phase, pod) = self.with_job(&f.job, |job| {
+        let (start_cycle, joined, phase, pod, handling, rule_note) = self.with_job(&f.job, |job| {
             for &r in &f.ranks {
                 job.check_rank(r)?;
             }
@@ -653,21 +682,45 @@ impl Coordinator {
                 .or_else(|| f.ranks.first().and_then(|r| job.ranks.get(r)))
                 .filter(|r| !r.pod.is_empty() && !r.namespace.is_empty())
                 .map(|r| PodRef { namespace: r.namespace.clone(), name: r.pod.clone() });
+            let rank_phase = handling::fault_phase(f.ranks.iter().map(|r| job.ranks.get(r).and_then(|r| r.phase)));
+            let handling = handling::decide(f.action, rank_phase, hardware);
+            let action = handling.action;
             let phase = job.state.name();
             let next = job.state.on(Event::Fault(action));
             let joined = next.is_some() || job.state != JobState::Running;
             if joined {
                 job.faulty.extend(f.ranks.iter().copied());
             }
+            let rule_note = match handling.rule {
+                Rule::Policy => None,
+                Rule::StartWithoutHardware => Some(format!(
+                    "fault during {} without hardware evidence: restart without isolating ({} asked)",
+                    rank_phase.map_or("start-up", ckpt_core::Phase::as_str),
+                    f.action
+                )),
+                Rule::InterruptedSave if joined => Some(Self::hold_commits(&f, job)),
+                Rule::InterruptedSave => None,
+            };
             if let Some(next) = next {
-                tracing::warn!(job = %crate::text::peer(&f.job), kind = %crate::text::peer(&f.kind), node = %f.node, action = ?action, "fault: {} -> {}", job.state.name(), next.name());
+                tracing::warn!(job = %crate::text::peer(&f.job), kind = %crate::text::peer(&f.kind), node = %f.node, action = ?action, phase = ?rank_phase, "fault: {} -> {}", job.state.name(), next.name());
                 job.state = next;
             }
-            Ok((next.is_some(), joined, phase, pod))
+            Ok((next.is_some(), joined, phase, pod, handling, rule_note))
         })?;
+        let action = handling.action;
         let seq = self.fault_seq.fetch_add(1, Ordering::Relaxed);
-        let mut rec =
-            FaultRecord::new(seq, detected, &f.job, &f.ranks, &f.node, &f.source, &f.kind, &f.evidence, phase, action);
+        let mut rec = FaultRecord::new(
+            seq,
+            detected,
+            &f.job,
+            &f.ranks,
+            &f.node,
+            &f.source,
+            &f.kind,
+            &f.evidence,
+            phase,
+            f.action,
+        );
         if let Some(p) = &pod {
             rec.pod.clone_from(&p.name);
             rec.namespace.clone_from(&p.namespace);
@@ -675,7 +728,7 @@ impl Coordinator {
         let mut taken = action;
         let mut note = String::new();
         let mut repair_request = None;
-        if needs_isolation(action) {
+        if handling.isolate {
             let iso = Isolation {
                 node: f.node.clone(),
                 reason: taint_value(&f.kind),
@@ -703,6 +756,9 @@ impl Coordinator {
         } else if !start_cycle && action != Action::Ignore {
             note = "folded into the restore in progress".into();
         }
+        if let Some(rule) = rule_note {
+            note = if note.is_empty() { rule } else { format!("{rule}; {note}") };
+        }
         rec.decision = taken;
         rec.note.clone_from(&note);
         if joined {
@@ -728,6 +784,29 @@ impl Coordinator {
             tokio::spawn(self.clone().recover(f.job.clone()).instrument(span));
         }
         Ok(FaultAck { action: FaultAction::from(taken) as i32, note })
+    }
+
+    /// A fault during `checkpoint-save` ([`Rule::InterruptedSave`]): aborts every open ballot not
+    /// already being committed (a ballot being committed has every shard voted: that step was
+    /// saved, not interrupted) and the steps the faulty ranks were saving, and holds the job's
+    /// commits until the restart, so the restore uses the last committed step. Returns the note.
+    fn hold_commits(f: &Fault, job: &mut Job) -> String {
+        let committed = job.committed;
+        let mut steps: BTreeSet<u64> = job.ballots.keys().filter(|s| !job.committing.contains(s)).copied().collect();
+        steps.extend(f.ranks.iter().filter_map(|r| job.ranks.get(r)?.step).filter(|s| Some(*s) > committed));
+        let steps: Vec<u64> = steps.into_iter().collect();
+        let last = committed.map_or_else(
+            || "no step is committed: the restore starts from scratch".to_string(),
+            |c| format!("the restore uses the last committed step {c}"),
+        );
+        let why = format!("a fault during checkpoint-save interrupted steps {steps:?}");
+        for &step in &steps {
+            job.abort(&f.job, step, why.clone());
+        }
+        if job.hold.is_none() {
+            job.hold = Some(format!("{why}: no step commits before the restart"));
+        }
+        format!("fault during checkpoint-save: steps {steps:?} never commit, {last}")
     }
 
     /// Decides on a repair request for `rec`'s node, just isolated for a fault that asked for
@@ -847,14 +926,16 @@ impl Coordinator {
             let Some(next) = job.state.on(Event::Isolated) else { return Ok(false) };
             job.state = next;
             let faulty = job.faulty.clone();
-            let deadline_ms = self.settings.snapshot_timeout.as_millis() as u64;
-            let snap = Command {
-                command: Some(command::Command::SnapshotNow(SnapshotNowCommand {
-                    reason: format!("fault on ranks {faulty:?}"),
-                    deadline_ms,
-                })),
-            };
-            job.send(&snap, |s| s.ranks.iter().any(|r| !faulty.contains(r)));
+            if job.hold.is_none() {
+                let deadline_ms = self.settings.snapshot_timeout.as_millis() as u64;
+                let snap = Command {
+                    command: Some(command::Command::SnapshotNow(SnapshotNowCommand {
+                        reason: format!("fault on ranks {faulty:?}"),
+                        deadline_ms,
+                    })),
+                };
+                job.send(&snap, |s| s.ranks.iter().any(|r| !faulty.contains(r)));
+            }
             let stop = Command {
                 command: Some(command::Command::Stop(StopCommand { reason: "this rank's node is faulty".into() })),
             };
@@ -894,6 +975,11 @@ impl Coordinator {
             job.generation = generation;
             job.faulty.clear();
             job.restored.clear();
+            job.hold = None;
+            for r in job.ranks.values_mut() {
+                // Unknown until each rank heartbeats at the new generation.
+                r.phase = None;
+            }
             let restore = RestoreCommand {
                 step: job.committed.unwrap_or(0),
                 generation,
@@ -1265,7 +1351,14 @@ mod tests {
         assert!(r.isolated_at >= r.detected_at && r.restart_at >= r.isolated_at, "{r:?}");
         assert!(r.resumed_at.is_none());
         for rank in [0, 1] {
-            let hb = Heartbeat { job: "a".into(), rank, generation: 1, step: 1, step_time: Duration::from_millis(5) };
+            let hb = Heartbeat {
+                job: "a".into(),
+                rank,
+                generation: 1,
+                step: 1,
+                step_time: Duration::from_millis(5),
+                phase: None,
+            };
             c.heartbeat(hb).unwrap();
         }
         let r = stored(|r| r.resumed_at.is_some()).await;
@@ -1441,6 +1534,7 @@ mod tests {
             generation,
             step: 1,
             step_time: Duration::from_millis(5),
+            phase: None,
         };
         assert_eq!(c.heartbeat(hb(1, 3)).unwrap().generation, 3);
         assert_eq!(c.heartbeat(hb(0, 0)).unwrap_err().kind(), crate::ErrorKind::Stale);
@@ -1582,5 +1676,177 @@ mod tests {
         let follower = coordinator(false, fencer, 4);
         let e = follower.report_alert(alert("n1", "xid-79", Action::DrainNode)).await.unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::NotLeader);
+    }
+
+    /// Writes rank `rank`'s shard of `step` (world size 2) to the store at `url` and returns its
+    /// vote at generation 0.
+    async fn durable_vote(url: &str, step: u64, rank: u32) -> ShardVote {
+        let url = url.to_string();
+        let info = tokio::task::spawn_blocking(move || {
+            let engine = Engine::open(&url, EngineConfig::default()).unwrap();
+            let table = ckpt_core::TensorTable::packed(
+                [ckpt_core::TensorMeta::new("w", ckpt_core::DType::F32, vec![4]).unwrap()],
+                64,
+            )
+            .unwrap();
+            let data = bytes::Bytes::from(vec![rank as u8; table.total_len() as usize]);
+            engine.write_shard("a", step, rank, 2, &ckpt_core::Snapshot { table, data, metadata: Vec::new() }).unwrap()
+        })
+        .await
+        .unwrap();
+        let vote = DurableVote {
+            job: "a".into(),
+            step,
+            rank,
+            world_size: 2,
+            shard_key: ckpt_core::store::layout::shard_name(rank),
+            shard_len: info.size,
+            shard_crc32c: info.index_crc32c,
+            region_len: info.region_len,
+            ..Default::default()
+        };
+        ShardVote::try_from(&vote).unwrap()
+    }
+
+    /// One row of the handling-by-phase table (docs/ISOLATOR.md, "Handling by phase").
+    struct PhaseRow {
+        /// The faulty rank's phase, as its heartbeat said (`None`: an agent that does not say).
+        phase: Option<ckpt_core::Phase>,
+        kind: &'static str,
+        asked: FaultAction,
+        /// Whether the faulty node is isolated.
+        isolate: bool,
+        /// The action the ack says was taken.
+        taken: FaultAction,
+        /// Whether step 2, which the faulty rank was saving (its shard already voted), commits
+        /// from the healthy rank's emergency snapshot; the restore then uses it, else step 1.
+        commits: bool,
+        /// In the ack's and the record's note.
+        note: &'static str,
+    }
+
+    #[tokio::test]
+    async fn faults_are_handled_by_the_faulty_ranks_phase() {
+        use FaultAction::{DrainNode, RestartJob};
+        use ckpt_core::Phase::*;
+        let start = "without hardware evidence: restart without isolating (drain-node asked)";
+        let saving = "fault during checkpoint-save: steps [2] never commit, the restore uses the last committed step 1";
+        #[rustfmt::skip]
+        let rows = [
+            // A fault during init or checkpoint-load with no hardware evidence restarts without isolating.
+            PhaseRow { phase: Some(Init), kind: "hang", asked: DrainNode, isolate: false, taken: RestartJob, commits: true, note: start },
+            PhaseRow { phase: Some(CheckpointLoad), kind: "nccl-timeout", asked: DrainNode, isolate: false, taken: RestartJob, commits: true, note: start },
+            PhaseRow { phase: Some(Init), kind: "xid-79", asked: DrainNode, isolate: true, taken: DrainNode, commits: true, note: "node n2 isolated" },
+            // A fault during checkpoint-save keeps the last committed step and never commits the interrupted one.
+            PhaseRow { phase: Some(CheckpointSave), kind: "hang", asked: RestartJob, isolate: false, taken: RestartJob, commits: false, note: saving },
+            PhaseRow { phase: Some(CheckpointSave), kind: "xid-79", asked: DrainNode, isolate: true, taken: DrainNode, commits: false, note: saving },
+            // Otherwise, the policy's action.
+            PhaseRow { phase: Some(Step), kind: "xid-79", asked: DrainNode, isolate: true, taken: DrainNode, commits: true, note: "node n2 isolated" },
+            PhaseRow { phase: Some(Step), kind: "hang", asked: RestartJob, isolate: false, taken: RestartJob, commits: true, note: "" },
+            PhaseRow { phase: None, kind: "hang", asked: DrainNode, isolate: true, taken: DrainNode, commits: true, note: "node n2 isolated" },
+        ];
+        for row in rows {
+            let what = format!("{} asking {:?} in {:?}", row.kind, row.asked, row.phase);
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("file://{}", dir.path().display());
+            let fencer = Arc::new(MemoryFencer::new(8));
+            let log = Arc::new(MemoryFaultLog::new());
+            let (_l, leader) = watch::channel(true);
+            let (_h, holder) = watch::channel(String::new());
+            let cancel = CancellationToken::new();
+            let sink = FaultSink::spawn(log, 50, None, cancel.clone());
+            let c = Coordinator::new(
+                settings(4, &url),
+                fencer.clone(),
+                sink,
+                Arc::new(Metrics::new()),
+                leader,
+                holder,
+                cancel.clone(),
+            );
+            register(&c, "a", 0, 2, "n1").await;
+            register(&c, "a", 1, 2, "n2").await;
+            assert!(!c.vote(durable_vote(&url, 1, 0).await).await.unwrap());
+            assert!(c.vote(durable_vote(&url, 1, 1).await).await.unwrap(), "step 1 commits");
+            let mut healthy = c.subscribe(Subscription { job: "a".into(), ranks: vec![0], generation: 0 }).unwrap();
+            let hb = |rank, phase| Heartbeat {
+                job: "a".into(),
+                rank,
+                generation: 0,
+                step: 2,
+                step_time: Duration::from_millis(5),
+                phase,
+            };
+            c.heartbeat(hb(0, Some(Step))).unwrap();
+            c.heartbeat(hb(1, row.phase)).unwrap();
+            // Rank 1's shard of step 2 is durable and voted when the fault comes.
+            assert!(!c.vote(durable_vote(&url, 2, 1).await).await.unwrap());
+            let f = FaultReport {
+                job: "a".into(),
+                ranks: vec![1],
+                node: "n2".into(),
+                kind: row.kind.into(),
+                action: row.asked as i32,
+                ..Default::default()
+            };
+            let ack = c.report_fault(Fault::try_from(&f).unwrap()).await.unwrap();
+            assert_eq!(ack.action, row.taken as i32, "{what}: {}", ack.note);
+            assert!(ack.note.contains(row.note), "{what}: {}", ack.note);
+            assert_eq!(fencer.record().isolated.contains_key("n2"), row.isolate, "{what}");
+            // The healthy rank's emergency snapshot of step 2.
+            let snapshot = c.vote(durable_vote(&url, 2, 0).await).await;
+            match &snapshot {
+                Ok(done) => assert!(row.commits && *done, "{what}: step 2 committed"),
+                Err(e) => {
+                    assert!(!row.commits, "{what}: {e}");
+                    assert_eq!(e.kind(), crate::ErrorKind::Stale, "{what}: {e}");
+                }
+            }
+            let mut snapshot_now = false;
+            let restore = loop {
+                let cmd = tokio::time::timeout(Duration::from_secs(60), healthy.recv())
+                    .await
+                    .expect("the restore is sent")
+                    .expect("the command stream stays open");
+                match cmd.command {
+                    Some(command::Command::SnapshotNow(_)) => snapshot_now = true,
+                    Some(command::Command::Restore(r)) => break r,
+                    other => panic!("{what}: unexpected {other:?}"),
+                }
+            };
+            let last = if row.commits { 2 } else { 1 };
+            assert_eq!((restore.step, restore.generation, restore.from_scratch), (last, 1, false), "{what}");
+            assert_eq!(snapshot_now, row.commits, "{what}: an interrupted save asks for no emergency snapshot");
+            assert_eq!(c.list()[0].committed_step, last, "{what}");
+            let mut rec = None;
+            for _ in 0..10_000 {
+                rec = c.faults("a").await.unwrap().into_iter().next();
+                if rec.is_some() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let rec = rec.expect("the fault is recorded");
+            assert_eq!(
+                (rec.requested, rec.decision),
+                (Action::try_from(row.asked).unwrap(), Action::try_from(row.taken).unwrap()),
+                "{what}"
+            );
+            assert!(rec.note.contains(row.note), "{what}: {}", rec.note);
+            // After the restart the job commits again, the interrupted step number included.
+            if !row.commits {
+                let again = |rank| {
+                    let url = url.clone();
+                    async move {
+                        let mut v = durable_vote(&url, 2, rank).await;
+                        v.generation = 1;
+                        v
+                    }
+                };
+                assert!(!c.vote(again(0).await).await.unwrap());
+                assert!(c.vote(again(1).await).await.unwrap(), "{what}: step 2 commits at generation 1");
+            }
+            cancel.cancel();
+        }
     }
 }

@@ -245,14 +245,27 @@ impl IsolatorLink {
         last.ok_or_else(|| Error::InvalidRequest { what: "ranks".into(), reason: "register at least one rank".into() })
     }
 
-    /// Reports a rank's progress. Returns the job's generation.
+    /// Reports a rank's progress, its phase unknown. Returns the job's generation.
     pub async fn heartbeat(&self, rank: u32, step: u64, step_time: Duration) -> Result<u64> {
+        self.heartbeat_in(rank, step, step_time, None).await
+    }
+
+    /// Reports a rank's progress and its phase, by which the isolator handles the rank's faults.
+    /// Returns the job's generation.
+    pub async fn heartbeat_in(
+        &self,
+        rank: u32,
+        step: u64,
+        step_time: Duration,
+        phase: Option<ckpt_core::Phase>,
+    ) -> Result<u64> {
         let msg = RankHeartbeat {
             job: self.job(),
             rank,
             generation: self.generation(),
             step,
             step_time_ms: step_time.as_millis() as u64,
+            phase: phase.map(|p| p.as_str().to_string()).unwrap_or_default(),
         };
         let ack = self
             .client()

@@ -7,7 +7,8 @@
 //! docs/ISOLATOR.md describes the protocol and the state machine.
 //!
 //! Layout: [`coordinator`] holds the state and decisions; [`request`] validates what agents
-//! send; [`state`], [`ballot`], [`breaker`] and [`straggler`] are its pure parts; [`fencer`] is
+//! send; [`state`], [`handling`] (a fault's handling by phase), [`ballot`], [`breaker`] and
+//! [`straggler`] are its pure parts; [`fencer`] is
 //! the cluster seam with [`kube`] as the real implementation; [`lease`] elects the leader;
 //! [`service`] is the gRPC shell (errors become statuses in [`crate::rpc`]); [`metrics`] serves
 //! Prometheus; [`link`] is the agent's client. Alerts from outside the agents (Alertmanager,
@@ -22,6 +23,7 @@ pub mod breaker;
 pub mod coordinator;
 pub mod faults;
 pub mod fencer;
+pub mod handling;
 pub mod hook;
 pub mod intake;
 pub mod kube;

@@ -43,9 +43,14 @@ const HARDWARE_KINDS: [&str; 3] = ["gpu-lost", "retired-pages", "host-failure"];
 /// `host-failure`). Hangs, NCCL faults, node software conditions and planned maintenance never
 /// do: a repair system cannot fix a program or a kernel deadlock.
 pub fn is_hardware(kind: &str, action: Action) -> bool {
-    matches!(action, Action::ResetGpu | Action::RebootNode | Action::DrainNode)
-        && (HARDWARE_PREFIXES.iter().any(|p| kind.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
-            || HARDWARE_KINDS.contains(&kind))
+    matches!(action, Action::ResetGpu | Action::RebootNode | Action::DrainNode) && is_hardware_class(kind)
+}
+
+/// Whether `kind` is a hardware class (see [`is_hardware`]): the fault itself is hardware
+/// evidence, whatever the policy asks for.
+pub fn is_hardware_class(kind: &str) -> bool {
+    HARDWARE_PREFIXES.iter().any(|p| kind.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
+        || HARDWARE_KINDS.contains(&kind)
 }
 
 /// What became of a repair request.

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use ckpt_core::Phase;
 use ckptd_proto::v1::{CommandsRequest, DurableVote, FaultAction, FaultReport, RankHeartbeat, RegisterRequest};
 
 use super::ballot::Vote;
@@ -164,6 +165,9 @@ pub struct Heartbeat {
     pub step: u64,
     /// How long its last step took.
     pub step_time: Duration,
+    /// The rank's phase; `None` from an agent that does not forward it, or for a name this
+    /// isolator does not know (a newer agent's phase is not a reason to refuse its heartbeat).
+    pub phase: Option<Phase>,
 }
 
 impl From<&RankHeartbeat> for Heartbeat {
@@ -174,6 +178,7 @@ impl From<&RankHeartbeat> for Heartbeat {
             generation: h.generation,
             step: h.step,
             step_time: Duration::from_millis(h.step_time_ms),
+            phase: h.phase.parse().ok(),
         }
     }
 }
@@ -285,6 +290,16 @@ mod tests {
             FaultReport { ranks: vec![0; MAX_RANKS_PER_REQUEST + 1], ..report(FaultAction::Ignore, "n") },
         ] {
             assert_eq!(Fault::try_from(&bad).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_phase_is_known_or_none() {
+        let hb = |phase: &str| RankHeartbeat { job: "job".into(), phase: phase.into(), ..Default::default() };
+        assert_eq!(Heartbeat::from(&hb("checkpoint-save")).phase, Some(Phase::CheckpointSave));
+        assert_eq!(Heartbeat::from(&hb("init")).phase, Some(Phase::Init));
+        for unknown in ["", "warmup", "Step"] {
+            assert_eq!(Heartbeat::from(&hb(unknown)).phase, None, "{unknown:?}");
         }
     }
 
