@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +231,6 @@ class Drill:
         token = self.work / "token"
         token.write_text(TOKEN + "\n")
         log = self.work / "isolator.log"
-        out = self.work / "isolator.out"
         p = spawn(
             "isolator",
             [
@@ -243,7 +242,6 @@ class Drill:
             env={"CKPTD_LOG": "info"},
         )
         # The isolator prints its addresses on stdout, which `spawn` sent to the log.
-        del out
         line = wait_for("the isolator's addresses", lambda: re.search(r"grpc=(\S+)", p.tail(100_000)), limit=60)
         self.isolator_url = f"http://{line.group(1)}"
         self.procs.append(p)
@@ -256,7 +254,7 @@ class Drill:
         self.rdzv_port = free_port()
         self.rdzv_store = dist.TCPStore("127.0.0.1", self.rdzv_port, is_master=True, wait_for_workers=False)
 
-    def start_agent(self, name: str, node: str, ranks: str, *, extra: list[str] = ()) -> Pod:  # type: ignore[assignment]
+    def start_agent(self, name: str, node: str, ranks: str, *, extra: Sequence[str] = ()) -> Pod:
         home = self.work / name
         home.mkdir()
         sock = home / "agent.sock"

@@ -10,6 +10,7 @@ ended again.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,6 @@ else:
 def start(tmp_path: Path, agent: Agent, mode: str, grace: str) -> subprocess.Popen[str]:
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
-    import os
-
     return subprocess.Popen(
         [sys.executable, str(script), agent.socket, mode],
         stdout=subprocess.PIPE,

@@ -13,13 +13,13 @@ mod kmock;
 
 use std::time::Duration;
 
-use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
+use ckptd::isolator::link::IsolatorLink;
 use ckptd_proto::v1::{FaultAction, FaultReport};
-use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kmock::{Kmock, POD_NAMESPACE};
+use isolator_proc::{IsolatorProc, TOKEN, eventually, post_intake, token_file};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kmock::{Kmock, POD_NAMESPACE, cordoned, events_about, job_on, taints};
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,62 +31,12 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// POSTs `body` to the intake over plain HTTP/1.1: (status, body as JSON or `null`).
-async fn post(iso: &IsolatorProc, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Value) {
-    let addr = iso.alerts.expect("the isolator prints its alerts address");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the intake");
-    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: isolator\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.expect("write head");
-    // A peer that refuses an oversize body early may close before it is all sent.
-    let _ = s.write_all(body).await;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let out = String::from_utf8_lossy(&out).to_string();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-fn taints(n: &Node) -> Vec<(String, Option<String>, String)> {
-    n.spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| (t.key, t.value, t.effect))
-        .collect()
-}
-
-fn cordoned(n: &Node) -> bool {
-    n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
-}
-
-async fn events_about(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
-    match Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await {
-        Ok(list) => list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(name)).collect(),
-        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
-        Err(e) => panic!("list events in {ns}: {e}"),
-    }
-}
-
 async fn pod_exists(client: &kube::Client, name: &str) -> bool {
     match Api::<Pod>::namespaced(client.clone(), POD_NAMESPACE).get(name).await {
         Ok(_) => true,
         Err(kube::Error::Api(s)) if s.code == 404 => false,
         Err(e) => panic!("get pod {name}: {e}"),
     }
-}
-
-/// Registers a one-rank job `job` on node `node-<i>` with pod `train-<i>`.
-async fn job_on(iso: &IsolatorProc, dir: &TempDir, job: &str, i: u32) -> IsolatorLink {
-    let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(TOKEN)).await.unwrap();
-    let store = format!("file://{}", dir.path().join("store").display());
-    l.register(job, &[0], 1, &format!("node-{i}"), &format!("train-{i}"), POD_NAMESPACE, &store).await.unwrap();
-    l
 }
 
 async fn generation(link: &IsolatorLink, job: &str) -> u64 {
@@ -119,14 +69,14 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
             "1",
         ],
     );
-    let link = job_on(&iso, &dir, "job", 2).await;
-    let _other = job_on(&iso, &dir, "other", 3).await;
+    let link = job_on(&iso, &dir, "job", 2).await.unwrap();
+    let _other = job_on(&iso, &dir, "other", 3).await.unwrap();
     let am = "/v1/alerts/alertmanager";
     let xid = fixture("alertmanager-dcgm-xid79.json");
 
     // Authentication first: no token, a wrong token.
-    assert_eq!(post(&iso, am, None, &xid).await.0, 401);
-    assert_eq!(post(&iso, am, Some("wrong-token-0123456789"), &xid).await.0, 401);
+    assert_eq!(post_intake(&iso, am, None, &xid).await.0, 401);
+    assert_eq!(post_intake(&iso, am, Some("wrong-token-0123456789"), &xid).await.0, 401);
 
     // Bad payloads: 400 with a reason, and nothing done.
     let big = vec![b' '; 2 << 20];
@@ -138,7 +88,7 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
         ("/v1/alerts/aliyun", &fixture("aliyun-cloudmonitor-statechange.json"), "StateChange"),
     ];
     for (path, body, want) in bad {
-        let (code, v) = post(&iso, path, Some(TOKEN), body).await;
+        let (code, v) = post_intake(&iso, path, Some(TOKEN), body).await;
         assert_eq!(code, 400, "{want}: {v}");
         let reason = v["error"].as_str().unwrap_or_default();
         assert!(reason.contains(want), "{want}: {reason}");
@@ -146,7 +96,7 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
     assert!(!cordoned(&nodes.get("node-2").await.unwrap()), "a refused payload isolates nothing");
 
     // The DCGM XID 79 alert for node-2 isolates it, as the agent's report would.
-    let (code, v) = post(&iso, am, Some(TOKEN), &xid).await;
+    let (code, v) = post_intake(&iso, am, Some(TOKEN), &xid).await;
     assert_eq!(code, 200, "{v}");
     let r = &v["results"][0];
     assert_eq!(
@@ -169,7 +119,7 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
     eventually("the job's restore", LIMIT, || async { (generation(&link, "job").await == 1).then_some(()) }).await;
 
     // The same alert again: a duplicate.
-    let (code, v) = post(&iso, am, Some(TOKEN), &xid).await;
+    let (code, v) = post_intake(&iso, am, Some(TOKEN), &xid).await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["results"][0]["outcome"], "duplicate", "{v}");
     // The agent's report of the same fault, at the job's new generation: acknowledged, not acted on.
@@ -197,12 +147,13 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
     assert_eq!(taints(&nodes.get("node-2").await.unwrap()).len(), 1);
 
     // A resolved alert is recorded, not acted on.
-    let (code, v) = post(&iso, am, Some(TOKEN), &fixture("alertmanager-dcgm-xid79-resolved.json")).await;
+    let (code, v) = post_intake(&iso, am, Some(TOKEN), &fixture("alertmanager-dcgm-xid79-resolved.json")).await;
     assert_eq!((code, v["results"][0]["outcome"].as_str()), (200, Some("resolved")), "{v}");
 
     // An Alibaba Cloud system event: the instance is node-3 by its providerID.
     let ali = "/v1/alerts/aliyun";
-    let (code, v) = post(&iso, ali, Some(TOKEN), &fixture("aliyun-cloudmonitor-systemfailure-reboot.json")).await;
+    let (code, v) =
+        post_intake(&iso, ali, Some(TOKEN), &fixture("aliyun-cloudmonitor-systemfailure-reboot.json")).await;
     assert_eq!(code, 200, "{v}");
     let r = &v["results"][0];
     assert_eq!(
@@ -214,10 +165,10 @@ async fn alerts_isolate_once_dedupe_and_refuse_bad_payloads() {
     assert!(cordoned(&node3));
     assert_eq!(taints(&node3)[0].1.as_deref(), Some("host-failure"));
     // The same event through EventBridge is the same fault: a duplicate.
-    let (_, v) = post(&iso, ali, Some(TOKEN), &fixture("aliyun-eventbridge-systemfailure-reboot.json")).await;
+    let (_, v) = post_intake(&iso, ali, Some(TOKEN), &fixture("aliyun-eventbridge-systemfailure-reboot.json")).await;
     assert_eq!(v["results"][0]["outcome"], "duplicate", "{v}");
     // An instance no node runs on is recorded only.
-    let (code, v) = post(&iso, ali, Some(TOKEN), &fixture("aliyun-eventbridge-maintenance-reboot.json")).await;
+    let (code, v) = post_intake(&iso, ali, Some(TOKEN), &fixture("aliyun-eventbridge-maintenance-reboot.json")).await;
     assert_eq!((code, v["results"][0]["outcome"].as_str()), (200, Some("unknown-node")), "{v}");
     for other in ["node-0", "node-1"] {
         assert!(!cordoned(&nodes.get(other).await.unwrap()), "{other}");
@@ -321,6 +272,6 @@ async fn the_intake_takes_the_grpc_sides_tls_token_and_client_certificates() {
     let (code, v) = post_tls(addr, &ca.pem(), None, None, &xid).await;
     assert_eq!(code, 401, "neither: {v}");
     // Plain HTTP on the TLS port gets no answer.
-    let (code, _) = post(&iso, "/v1/alerts/alertmanager", Some(TOKEN), &xid).await;
+    let (code, _) = post_intake(&iso, "/v1/alerts/alertmanager", Some(TOKEN), &xid).await;
     assert_ne!(code, 200);
 }

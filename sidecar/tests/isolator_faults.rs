@@ -17,14 +17,14 @@ use std::time::Duration;
 use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
 use ckptd_proto::v1::isolator_client::IsolatorClient;
 use ckptd_proto::v1::{FaultAction, FaultReport, RankHeartbeat};
-use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
+use isolator_proc::{IsolatorProc, TOKEN, ckptctl_faults, eventually, read_request, token_file};
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use kmock::{Kmock, POD_NAMESPACE};
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -40,26 +40,8 @@ async fn notify_endpoint() -> (String, mpsc::Receiver<Value>) {
         while let Ok((mut s, _)) = l.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 8192];
-                let body = loop {
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&got).to_string();
-                    let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        assert!(head.starts_with("POST /v1/faults HTTP/1.1"), "{head}");
-                        break body[..len].to_string();
-                    }
-                };
+                let Some((head, body)) = read_request(&mut s).await else { return };
+                assert!(head.starts_with("POST /v1/faults HTTP/1.1"), "{head}");
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
                 let _ = tx.send(serde_json::from_str(&body).expect("the notify body is JSON")).await;
             });
@@ -113,16 +95,6 @@ async fn stored(client: &kube::Client, job: &str) -> Option<Vec<Value>> {
     Some(serde_json::from_str(&text).expect("records.json is a JSON array"))
 }
 
-fn ckptctl_faults(iso: &IsolatorProc, dir: &TempDir, job: &str) -> Vec<Value> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptctl"))
-        .args(["faults", "--job", job, "--json", "--isolator", &iso.url(), "--token-file"])
-        .arg(dir.path().join("token"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
 #[tokio::test]
 async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
     let Some(km) = Kmock::start_with(4, &["--owner-job", OWNER_JOB]) else { return };
@@ -138,7 +110,7 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
         l.register("llm", &[rank], 2, &node, &pod, POD_NAMESPACE, &store).await.unwrap();
         links.push(l);
     }
-    assert!(ckptctl_faults(&iso, &dir, "llm").is_empty(), "no record before a fault");
+    assert!(ckptctl_faults(&iso, dir.path(), "llm").is_empty(), "no record before a fault");
 
     let report = FaultReport {
         job: "llm".into(),
@@ -218,7 +190,7 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
         raw.heartbeat(req).await.unwrap();
     }
     let printed = eventually("the resumed record from ckptctl", LIMIT, || async {
-        let r = ckptctl_faults(&iso, &dir, "llm");
+        let r = ckptctl_faults(&iso, dir.path(), "llm");
         (r.len() == 1 && r[0]["resumed_at"].is_string()).then_some(r)
     })
     .await;
@@ -234,7 +206,7 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
     // A leader change: the first isolator dies, a new one reads the records from the cluster.
     iso.kill();
     let iso = start(&dir, &km, "isolator-b", &notify);
-    let after = ckptctl_faults(&iso, &dir, "llm");
+    let after = ckptctl_faults(&iso, dir.path(), "llm");
     assert_eq!(after, printed, "the new isolator lists the same records");
-    assert!(ckptctl_faults(&iso, &dir, "other-job").is_empty());
+    assert!(ckptctl_faults(&iso, dir.path(), "other-job").is_empty());
 }

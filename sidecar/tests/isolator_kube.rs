@@ -17,10 +17,9 @@ use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
 use ckptd_proto::v1::{FaultAction, FaultReport};
 use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kmock::{Kmock, POD_NAMESPACE};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kmock::{Kmock, POD_NAMESPACE, cordoned, events_about, job_on, taints};
 use kube::Api;
-use kube::api::ListParams;
 use tempfile::TempDir;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -30,14 +29,6 @@ fn start(dir: &TempDir, km: &Kmock, name: &str, extra: &[&str]) -> IsolatorProc 
     let mut args = vec!["--token-file", token.to_str().unwrap(), "--kube-url", &km.url];
     args.extend_from_slice(extra);
     IsolatorProc::spawn(dir.path(), name, &args)
-}
-
-/// Registers a one-rank job `job` on node `node-<i>` with pod `train-<i>`.
-async fn job_on(iso: &IsolatorProc, dir: &TempDir, job: &str, i: u32) -> ckptd::Result<IsolatorLink> {
-    let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(TOKEN)).await?;
-    let store = format!("file://{}", dir.path().join("store").display());
-    l.register(job, &[0], 1, &format!("node-{i}"), &format!("train-{i}"), POD_NAMESPACE, &store).await?;
-    Ok(l)
 }
 
 fn xid(i: u32) -> FaultReport {
@@ -54,16 +45,6 @@ fn xid(i: u32) -> FaultReport {
     }
 }
 
-fn taints(n: &Node) -> Vec<(String, Option<String>, String)> {
-    n.spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| (t.key, t.value, t.effect))
-        .collect()
-}
-
 /// Whether the object exists (404 by code: kmock spells the reason differently from Kubernetes).
 async fn exists<K>(api: &Api<K>, name: &str) -> bool
 where
@@ -73,19 +54,6 @@ where
         Ok(_) => true,
         Err(kube::Error::Api(s)) if s.code == 404 => false,
         Err(e) => panic!("get {name}: {e}"),
-    }
-}
-
-fn cordoned(n: &Node) -> bool {
-    n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
-}
-
-async fn events_about(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
-    // kmock knows a resource only once an object of it exists: 404 means no Event yet.
-    match Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await {
-        Ok(list) => list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(name)).collect(),
-        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
-        Err(e) => panic!("list events in {ns}: {e}"),
     }
 }
 

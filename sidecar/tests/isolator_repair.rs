@@ -15,41 +15,17 @@ mod kmock;
 
 use std::time::Duration;
 
-use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
 use ckptd_proto::v1::{FaultAction, FaultReport};
-use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
+use isolator_proc::{IsolatorProc, TOKEN, ckptctl_faults, eventually, post_intake, read_request, token_file};
 use k8s_openapi::api::core::v1::Node;
-use kmock::{Kmock, POD_NAMESPACE};
+use kmock::{Kmock, cordoned, job_on};
 use kube::Api;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// Reads one HTTP/1.1 request with a content-length: (head, body).
-async fn read_request(s: &mut tokio::net::TcpStream) -> Option<(String, String)> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = s.read(&mut buf).await.unwrap_or(0);
-        if n == 0 {
-            return None;
-        }
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).to_string();
-        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
-        let len = head
-            .lines()
-            .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        if body.len() >= len {
-            return Some((head.to_string(), body[..len].to_string()));
-        }
-    }
-}
 
 /// A repair endpoint on 127.0.0.1: answers every POST with `{"ticket": "T-<n>"}` and passes each
 /// body on.
@@ -77,49 +53,8 @@ async fn repair_endpoint() -> (String, mpsc::Receiver<Value>) {
     (url, rx)
 }
 
-/// POSTs `body` to the intake over plain HTTP/1.1: (status, body as JSON or `null`).
-async fn post(iso: &IsolatorProc, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Value) {
-    let addr = iso.alerts.expect("the isolator prints its alerts address");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the intake");
-    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: isolator\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.expect("write head");
-    let _ = s.write_all(body).await;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let out = String::from_utf8_lossy(&out).to_string();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-fn ckptctl_faults(iso: &IsolatorProc, dir: &TempDir, job: &str) -> Vec<Value> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptctl"))
-        .args(["faults", "--job", job, "--json", "--isolator", &iso.url(), "--token-file"])
-        .arg(dir.path().join("token"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
 fn ours_tainted(n: &Node) -> bool {
     n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == "ckptd.io/unhealthy"))
-}
-
-fn cordoned(n: &Node) -> bool {
-    n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
-}
-
-/// Registers a one-rank job `job` on node `node-<i>` with pod `train-<i>`.
-async fn job_on(iso: &IsolatorProc, dir: &TempDir, job: &str, i: u32) -> IsolatorLink {
-    let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(TOKEN)).await.unwrap();
-    let store = format!("file://{}", dir.path().join("store").display());
-    l.register(job, &[0], 1, &format!("node-{i}"), &format!("train-{i}"), POD_NAMESPACE, &store).await.unwrap();
-    l
 }
 
 #[tokio::test]
@@ -147,8 +82,8 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
             &repair_url,
         ],
     );
-    let llm = job_on(&iso, &dir, "llm", 2).await;
-    let other = job_on(&iso, &dir, "other", 0).await;
+    let llm = job_on(&iso, &dir, "llm", 2).await.unwrap();
+    let other = job_on(&iso, &dir, "other", 0).await.unwrap();
 
     // A hang is not a hardware class: its record has no repair.
     let hang = FaultReport {
@@ -189,7 +124,7 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
 
     // `ckptctl faults` shows the repair accepted with the endpoint's ticket.
     let records = eventually("the repair answer in the record", LIMIT, || async {
-        let r = ckptctl_faults(&iso, &dir, "llm");
+        let r = ckptctl_faults(&iso, dir.path(), "llm");
         r.into_iter().find(|r| r["id"] == id.as_str() && r["repair"]["outcome"] == "accepted")
     })
     .await;
@@ -201,7 +136,7 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
     assert!(repair["requested_at"].is_string(), "{records}");
     assert!(records["isolated_at"].is_string(), "{records}");
     assert!(records.get("repaired_at").is_none(), "{records}");
-    let hangs = ckptctl_faults(&iso, &dir, "other");
+    let hangs = ckptctl_faults(&iso, dir.path(), "other");
     assert_eq!(hangs.len(), 1, "{hangs:?}");
     assert!(hangs[0].get("repair").is_none(), "a hang requests no repair: {}", hangs[0]);
     let n2 = nodes.get("node-2").await.unwrap();
@@ -209,21 +144,21 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
 
     // The done report: authentication, node and body are checked before anything is done.
     let done = "/v1/repairs/node-2/done";
-    let (code, _) = post(&iso, done, None, br#"{"ticket": "T-1"}"#).await;
+    let (code, _) = post_intake(&iso, done, None, br#"{"ticket": "T-1"}"#).await;
     assert_eq!(code, 401);
-    let (code, body) = post(&iso, "/v1/repairs/node-3/done", Some(TOKEN), b"").await;
+    let (code, body) = post_intake(&iso, "/v1/repairs/node-3/done", Some(TOKEN), b"").await;
     assert_eq!(code, 404, "{body}");
     assert!(body["error"].as_str().unwrap().contains("node-3"), "{body}");
-    let (code, _) = post(&iso, "/v1/repairs/node-9/done", Some(TOKEN), b"").await;
+    let (code, _) = post_intake(&iso, "/v1/repairs/node-9/done", Some(TOKEN), b"").await;
     assert_eq!(code, 404, "a node that does not exist is not isolated by ckptd");
-    let (code, body) = post(&iso, done, Some(TOKEN), br#"{"ticket": 1}"#).await;
+    let (code, body) = post_intake(&iso, done, Some(TOKEN), br#"{"ticket": 1}"#).await;
     assert_eq!(code, 400, "{body}");
-    let (code, body) = post(&iso, done, Some(TOKEN), br#"{"ticket": "T-7"}"#).await;
+    let (code, body) = post_intake(&iso, done, Some(TOKEN), br#"{"ticket": "T-7"}"#).await;
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("ticket"), "{body}");
     assert!(ours_tainted(&nodes.get("node-2").await.unwrap()), "refused reports release nothing");
 
-    let (code, body) = post(&iso, done, Some(TOKEN), br#"{"ticket": "T-1"}"#).await;
+    let (code, body) = post_intake(&iso, done, Some(TOKEN), br#"{"ticket": "T-1"}"#).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         (&body["node"], &body["record"], &body["released"]),
@@ -233,12 +168,14 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
     assert!(!ours_tainted(&n2), "the taint is gone");
     assert!(!cordoned(&n2), "node-2 is schedulable again");
     let stamped = eventually("the repair time on the record", LIMIT, || async {
-        ckptctl_faults(&iso, &dir, "llm").into_iter().find(|r| r["id"] == id.as_str() && r["repaired_at"].is_string())
+        ckptctl_faults(&iso, dir.path(), "llm")
+            .into_iter()
+            .find(|r| r["id"] == id.as_str() && r["repaired_at"].is_string())
     })
     .await;
     assert_eq!(stamped["repaired_at"], body["repaired_at"]);
     assert_eq!(stamped["repair"]["ticket"], "T-1", "the answer is kept");
-    let (code, _) = post(&iso, done, Some(TOKEN), b"").await;
+    let (code, _) = post_intake(&iso, done, Some(TOKEN), b"").await;
     assert_eq!(code, 404, "released already");
     assert!(requests.try_recv().is_err(), "one repair request in all: the hang asked for none");
 }

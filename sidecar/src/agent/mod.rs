@@ -919,13 +919,12 @@ impl Agent {
             tracing::error!(action = ?d.action, "no isolator to act on the node: restarting this pod's trainers only");
         }
         let agent = self.clone();
-        let latest = tokio::task::spawn_blocking(move || agent.engine.latest(&agent.cfg.job)).await;
+        let latest =
+            tokio::task::spawn_blocking(move || agent.engine.latest(&agent.cfg.job).map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
         let step = match latest {
-            Ok(Ok(m)) => m.map(|m| m.step),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot list the committed steps: no restart ordered");
-                return;
-            }
+            Ok(m) => m.map(|m| m.step),
             Err(e) => {
                 tracing::error!(error = %e, "cannot list the committed steps: no restart ordered");
                 return;

@@ -347,8 +347,8 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
     // this step's commit ends (the step stays uncommitted unless every shard is already there).
     let restoring = || {
         let inner = rank.lock();
-        if inner.rollback.is_some_and(|rb| step > rb) {
-            return Some(format!("the job restarts from step {}", inner.rollback.unwrap_or_default()));
+        if let Some(rb) = inner.rollback.filter(|&rb| step > rb) {
+            return Some(format!("the job restarts from step {rb}"));
         }
         inner.restoring_since.filter(|t| t.elapsed() >= RESTORE_PATIENCE).map(|_| {
             format!(

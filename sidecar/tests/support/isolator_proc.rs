@@ -128,3 +128,61 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// POSTs `body` to the isolator's alert intake (`--alerts-addr`) over plain HTTP/1.1, with the
+/// bearer `token` if given: (status, body as JSON or `null`).
+pub async fn post_intake(iso: &IsolatorProc, path: &str, token: Option<&str>, body: &[u8]) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = iso.alerts.expect("the isolator prints its alerts address");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the intake");
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: isolator\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    // A peer that refuses an oversize body early may close before it is all sent.
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out).to_string();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// Reads one HTTP/1.1 request with a content-length (a fake endpoint's side): (head, body), or
+/// `None` when the peer closed first.
+pub async fn read_request(s: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let len = head
+            .lines()
+            .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if body.len() >= len {
+            return Some((head.to_string(), body[..len].to_string()));
+        }
+    }
+}
+
+/// `ckptctl faults --job JOB --json` against `iso` with the token in `dir`: the records.
+pub fn ckptctl_faults(iso: &IsolatorProc, dir: &Path, job: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ckptctl"))
+        .args(["faults", "--job", job, "--json", "--isolator", &iso.url(), "--token-file"])
+        .arg(dir.join("token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}

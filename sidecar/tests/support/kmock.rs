@@ -98,3 +98,45 @@ impl Drop for Kmock {
         let _ = self.child.wait();
     }
 }
+
+/// The node's taints as (key, value, effect).
+pub fn taints(n: &k8s_openapi::api::core::v1::Node) -> Vec<(String, Option<String>, String)> {
+    n.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.key, t.value, t.effect))
+        .collect()
+}
+
+/// Whether the node is cordoned.
+pub fn cordoned(n: &k8s_openapi::api::core::v1::Node) -> bool {
+    n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+}
+
+/// The Events in `ns` about the object `name`.
+pub async fn events_about(client: &kube::Client, ns: &str, name: &str) -> Vec<k8s_openapi::api::core::v1::Event> {
+    use k8s_openapi::api::core::v1::Event;
+    // kmock knows a resource only once an object of it exists: 404 means no Event yet.
+    match kube::Api::<Event>::namespaced(client.clone(), ns).list(&Default::default()).await {
+        Ok(list) => list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(name)).collect(),
+        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+        Err(e) => panic!("list events in {ns}: {e}"),
+    }
+}
+
+/// Registers a one-rank job `job` on node `node-<i>` with pod `train-<i>` (the pods this emulator
+/// pre-loads) with the isolator `iso`, its store in `dir`.
+pub async fn job_on(
+    iso: &crate::isolator_proc::IsolatorProc,
+    dir: &tempfile::TempDir,
+    job: &str,
+    i: u32,
+) -> ckptd::Result<ckptd::isolator::link::IsolatorLink> {
+    use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
+    let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(crate::isolator_proc::TOKEN)).await?;
+    let store = format!("file://{}", dir.path().join("store").display());
+    l.register(job, &[0], 1, &format!("node-{i}"), &format!("train-{i}"), POD_NAMESPACE, &store).await?;
+    Ok(l)
+}
