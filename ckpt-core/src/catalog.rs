@@ -36,6 +36,15 @@ pub struct StepObject {
     pub modified_unix_ms: i64,
 }
 
+/// A shard object found under a step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ListedShard {
+    /// The rank that wrote it (from its name).
+    pub rank: u32,
+    /// Its name inside the step directory.
+    pub object: String,
+}
+
 /// One step directory as listed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StepInfo {
@@ -43,8 +52,11 @@ pub struct StepInfo {
     pub step: u64,
     /// Committed or not.
     pub state: StepState,
-    /// Ranks that have a shard object.
+    /// Ranks that have a shard object, each once.
     pub shard_ranks: Vec<u32>,
+    /// Every shard object: a rank may have several (writes of attempts that did not commit, or
+    /// a late write after the commit); the MANIFEST names the ones that count.
+    pub shards: Vec<ListedShard>,
     /// Every object under the step (shards, MANIFEST, temporary files).
     pub objects: Vec<StepObject>,
 }
@@ -91,12 +103,14 @@ pub(crate) fn list_steps(store: &Store, rt: &Handle, job: &str) -> Result<Vec<St
             step,
             state: StepState::Uncommitted,
             shard_ranks: Vec::new(),
+            shards: Vec::new(),
             objects: Vec::new(),
         });
         if name == layout::MANIFEST_NAME {
             info.state = StepState::Committed;
         } else if let Some(rank) = layout::parse_shard_name(name) {
             info.shard_ranks.push(rank);
+            info.shards.push(ListedShard { rank, object: name.to_string() });
         }
         info.objects.push(StepObject {
             name: name.to_string(),
@@ -107,6 +121,9 @@ pub(crate) fn list_steps(store: &Store, rt: &Handle, job: &str) -> Result<Vec<St
     let mut out: Vec<StepInfo> = steps.into_values().collect();
     for s in &mut out {
         s.shard_ranks.sort_unstable();
+        s.shard_ranks.dedup();
+        // By rank, and a rank's newest tag (the clock's high bits) last.
+        s.shards.sort_by(|a, b| (a.rank, &a.object).cmp(&(b.rank, &b.object)));
         s.objects.sort_by(|a, b| a.name.cmp(&b.name));
     }
     Ok(out)
@@ -190,13 +207,8 @@ pub(crate) fn validate_step(
 ) -> Result<Manifest> {
     let m = read_manifest(store, rt, job, step)?;
     let results = parallel_map(&m.shards, 16, |s| match depth {
-        Depth::Structure => {
-            restore::read_header(store, rt, ShardRef { job, step, rank: s.rank, expected: Some(s) }).map(|_| ())
-        }
-        Depth::Full => {
-            restore::read_shard(store, rt, read, ShardRef { job, step, rank: s.rank, expected: Some(s) }, None)
-                .map(|_| ())
-        }
+        Depth::Structure => restore::read_header(store, rt, ShardRef::committed(job, step, s)).map(|_| ()),
+        Depth::Full => restore::read_shard(store, rt, read, ShardRef::committed(job, step, s), None).map(|_| ()),
     });
     results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(m)
@@ -283,9 +295,8 @@ pub(crate) fn verify_step(store: &Store, rt: &Handle, read: &ReadConfig, job: &s
             return Ok(VerifyReport { step, manifest_ok: false, shards: Vec::new(), problems: vec![e.to_string()] });
         }
     };
-    let results = parallel_map(&m.shards, 8, |s| {
-        restore::read_shard(store, rt, read, ShardRef { job, step, rank: s.rank, expected: Some(s) }, None)
-    });
+    let results =
+        parallel_map(&m.shards, 8, |s| restore::read_shard(store, rt, read, ShardRef::committed(job, step, s), None));
     let mut report = VerifyReport { step, manifest_ok: true, shards: Vec::new(), problems: Vec::new() };
     for (s, r) in m.shards.iter().zip(results) {
         let error = match r {

@@ -69,16 +69,20 @@ pub(crate) fn verify_entry(
     entry: &ShardEntry,
 ) -> Result<()> {
     let rank = entry.rank;
-    if entry.object != layout::shard_name(rank) {
+    let named = layout::parse_shard_name(&entry.object);
+    if named.is_none_or(|n| n >= world_size) {
         return Err(Error::InvalidConfig {
             field: "shard object",
-            reason: format!("rank {rank} must name `{}`, not `{:.64}`", layout::shard_name(rank), entry.object),
+            reason: format!(
+                "rank {rank} must name a shard of this step (rank-<r>.<tag>.ckpt, r below {world_size}), not `{:.64}`",
+                entry.object
+            ),
         });
     }
-    let h = restore::read_header(store, rt, ShardRef { job, step, rank, expected: None })?;
+    let h = restore::read_header(store, rt, ShardRef { job, step, object: &entry.object, expected: None })?;
     let differs = |what: &str, stored: String, claimed: String| {
         let location = crate::error::Location {
-            object: layout::shard_path(job, step, rank),
+            object: layout::object_path(job, step, &entry.object),
             step: Some(step),
             rank: Some(rank),
             chunk: None,
@@ -206,37 +210,50 @@ pub(crate) fn commit_when_complete(
         if listed.is_some_and(|s| s.state == catalog::StepState::Committed) {
             return Err(Error::Conflict { job: job.to_string(), step });
         }
-        let present: Vec<u32> = listed
-            .map(|s| s.shard_ranks.iter().copied().filter(|r| *r < world_size && !entries.contains_key(r)).collect())
-            .unwrap_or_default();
-        let checked = catalog::parallel_map(&present, 16, |&rank| {
-            restore::read_header(store, rt, ShardRef { job, step, rank, expected: None })
-        });
-        for (rank, res) in present.iter().zip(checked) {
-            match res {
-                Ok(h) if h.index.world_size == world_size => {
-                    let entry = ShardEntry {
-                        rank: *rank,
-                        object: layout::shard_name(*rank),
-                        size: h.size,
-                        index_crc32c: h.trailer.index_crc32c,
-                        region_len: h.index.table.total_len(),
-                    };
-                    entries.insert(*rank, entry);
+        // Every rank still missing, with its shard objects newest first: a rank's newest valid
+        // write counts (an older one is what an attempt that died left).
+        let present: Vec<(u32, Vec<String>)> = listed
+            .map(|s| {
+                let mut by_rank: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+                for l in s.shards.iter().filter(|l| l.rank < world_size && !entries.contains_key(&l.rank)) {
+                    by_rank.entry(l.rank).or_default().insert(0, l.object.clone());
                 }
-                Ok(h) => {
-                    tracing::warn!(
+                by_rank.into_iter().collect()
+            })
+            .unwrap_or_default();
+        let checked = catalog::parallel_map(&present, 16, |(rank, objects)| {
+            let mut last = None;
+            for object in objects {
+                match restore::read_header(store, rt, ShardRef { job, step, object, expected: None }) {
+                    Ok(h) if h.index.world_size == world_size => {
+                        return Some(ShardEntry {
+                            rank: *rank,
+                            object: object.clone(),
+                            size: h.size,
+                            index_crc32c: h.trailer.index_crc32c,
+                            region_len: h.index.table.total_len(),
+                        });
+                    }
+                    Ok(h) => tracing::warn!(
                         job,
                         step,
                         rank,
+                        object,
                         found = h.index.world_size,
                         world_size,
                         "shard has another world size; ignoring it"
-                    );
+                    ),
+                    // Removed since the listing, or damaged: look at the next one, and again next round.
+                    Err(e) => last = Some(e),
                 }
-                // A shard being replaced or still written elsewhere; look again next round.
-                Err(e) => tracing::debug!(job, step, rank, error = %e, "shard not valid yet"),
             }
+            if let Some(e) = last {
+                tracing::debug!(job, step, rank, error = %e, "shard not valid yet");
+            }
+            None
+        });
+        for entry in checked.into_iter().flatten() {
+            entries.insert(entry.rank, entry);
         }
         if entries.len() == world_size as usize {
             let manifest = Manifest::new(job, step, world_size, entries.into_values().collect(), metadata)?;

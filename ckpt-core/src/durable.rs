@@ -2,7 +2,7 @@
 //! fsync.
 //!
 //! On POSIX, data survives a crash only after `fsync` of the file, and a new name survives only
-//! after `fsync` of the directory that holds it. [`publish`] (create-only), [`publish_shard`] and
+//! after `fsync` of the directory that holds it. [`publish`] (create-only) and
 //! [`publish_replace`] do the full sequence: write to a temporary name in the same directory,
 //! fsync it, link or rename it to its final name, fsync the directory.
 
@@ -73,28 +73,6 @@ pub fn publish(file: File, tmp: &Path, path: &Path) -> Result<()> {
         file.sync_all().map_err(|e| Error::io("fsync", tmp, e))?;
         drop(file);
         std::fs::hard_link(tmp, path).map_err(|e| Error::io("link", path, e))
-    })();
-    let _ = std::fs::remove_file(tmp);
-    result?;
-    sync_dir(parent_dir(path))
-}
-
-/// Publishes a shard: create-only (`link(2)`) when the name is free, so that a name never
-/// changes under a reader that found it; a name that exists (the shard of an attempt that never
-/// committed) is replaced by a rename only when `may_replace` agrees, right before the rename (it
-/// refuses once the step's MANIFEST exists). The temporary file is removed in every case.
-pub fn publish_shard(file: File, tmp: &Path, path: &Path, may_replace: &dyn Fn() -> Result<()>) -> Result<()> {
-    let result = (|| {
-        file.sync_all().map_err(|e| Error::io("fsync", tmp, e))?;
-        drop(file);
-        match std::fs::hard_link(tmp, path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                may_replace()?;
-                std::fs::rename(tmp, path).map_err(|e| Error::io("rename", path, e))
-            }
-            Err(e) => Err(Error::io("link", path, e)),
-        }
     })();
     let _ = std::fs::remove_file(tmp);
     result?;

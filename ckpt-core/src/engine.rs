@@ -229,7 +229,7 @@ impl Engine {
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
             what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        restore::read_header(&self.store, &self.rt(), ShardRef { job, step, rank, expected: Some(entry) })
+        restore::read_header(&self.store, &self.rt(), ShardRef::committed(job, step, entry))
     }
 
     /// Restores rank `rank` of committed step `step` into `dst`, which must be exactly the shard's
@@ -239,13 +239,7 @@ impl Engine {
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
             what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        restore::read_shard(
-            &self.store,
-            &self.rt(),
-            &self.cfg.read,
-            ShardRef { job, step, rank, expected: Some(entry) },
-            Some(dst),
-        )
+        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, ShardRef::committed(job, step, entry), Some(dst))
     }
 
     /// Streams rank `rank` of committed step `step` chunk by chunk: every chunk is verified, then
@@ -264,13 +258,7 @@ impl Engine {
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
             what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        restore::stream_shard(
-            &self.store,
-            &self.rt(),
-            &self.cfg.read,
-            ShardRef { job, step, rank, expected: Some(entry) },
-            sink,
-        )
+        restore::stream_shard(&self.store, &self.rt(), &self.cfg.read, ShardRef::committed(job, step, entry), sink)
     }
 
     /// Restores rank `rank` of a committed step into a new buffer.
@@ -291,16 +279,16 @@ impl Engine {
     pub fn discard_stale_shards(&self, job: &str) -> Result<Vec<u64>> {
         let steps = self.steps(job)?;
         let newest_commit = steps.iter().rev().find(|s| s.state == catalog::StepState::Committed).map(|s| s.step);
-        let stale: Vec<(u64, Vec<u32>)> = steps
+        let stale: Vec<(u64, Vec<String>)> = steps
             .iter()
             .filter(|s| s.state == catalog::StepState::Uncommitted && newest_commit.is_none_or(|n| s.step > n))
-            .filter(|s| !s.shard_ranks.is_empty())
-            .map(|s| (s.step, s.shard_ranks.clone()))
+            .filter(|s| !s.shards.is_empty())
+            .map(|s| (s.step, s.shards.iter().map(|l| l.object.clone()).collect()))
             .collect();
         let os = self.store.object_store().clone();
-        for (step, ranks) in &stale {
-            for &rank in ranks {
-                let path = self.store.path(&crate::store::layout::shard_path(job, *step, rank));
+        for (step, objects) in &stale {
+            for object in objects {
+                let path = self.store.path(&crate::store::layout::object_path(job, *step, object));
                 match self.rt().block_on(os.delete(&path)) {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(Error::store("delete", &path, e)),

@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Location, Result};
 use crate::store::layout;
 
-/// The manifest format version this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format version this build writes. It reads this one and version 1.
+pub const MANIFEST_VERSION: u32 = 2;
+/// Version 1: every entry names `rank-<r>.ckpt`, its own rank's untagged shard.
+pub const MANIFEST_VERSION_UNTAGGED: u32 = 1;
 /// The `format` field's value.
 pub const MANIFEST_FORMAT: &str = "ckptd.manifest";
 /// Largest manifest a reader accepts.
@@ -26,7 +28,9 @@ pub const MAX_WORLD_SIZE: u32 = 1 << 20;
 pub struct ShardEntry {
     /// The rank.
     pub rank: u32,
-    /// Object name inside the step directory (`rank-<r>.ckpt`).
+    /// Object name inside the step directory: `rank-<s>.<tag>.ckpt` (version 2) or `rank-<r>.ckpt`
+    /// (version 1). In version 2, `s` may be another rank whose shard holds this rank's state (a
+    /// data-parallel replica); readers restore that shard for this rank.
     pub object: String,
     /// Total size of the shard object in bytes.
     pub size: u64,
@@ -42,7 +46,7 @@ pub struct ShardEntry {
 pub struct Manifest {
     /// Always [`MANIFEST_FORMAT`].
     pub format: String,
-    /// Always [`MANIFEST_VERSION`] for this build.
+    /// [`MANIFEST_VERSION`] when written by this build; [`MANIFEST_VERSION_UNTAGGED`] is read too.
     pub version: u32,
     /// The job name.
     pub job: String,
@@ -129,7 +133,7 @@ impl Manifest {
             return Err(bad(format!("`format` is not \"{MANIFEST_FORMAT}\"")));
         }
         match probe.version {
-            Some(MANIFEST_VERSION) => {}
+            Some(MANIFEST_VERSION | MANIFEST_VERSION_UNTAGGED) => {}
             Some(found) => {
                 return Err(Error::UnsupportedVersion { what: "manifest", found, supported: MANIFEST_VERSION });
             }
@@ -152,11 +156,22 @@ impl Manifest {
             if s.rank as usize != i {
                 return Err(format!("shard list is missing rank {i} or repeats a rank"));
             }
-            if s.object != layout::shard_name(s.rank) {
-                return Err(format!("rank {} names object `{}`", s.rank, s.object));
+            let named = layout::parse_shard_name(&s.object);
+            let fits = match self.version {
+                MANIFEST_VERSION_UNTAGGED => s.object == layout::shard_name(s.rank),
+                _ => named.is_some_and(|n| n < self.world_size),
+            };
+            if !fits {
+                return Err(format!("rank {} names object `{:.80}`", s.rank, s.object));
             }
         }
         Ok(())
+    }
+
+    /// The rank whose shard the entry of `rank` names: `rank` itself, or the data-parallel replica
+    /// that covers it.
+    pub fn source_rank(entry: &ShardEntry) -> u32 {
+        layout::parse_shard_name(&entry.object).unwrap_or(entry.rank)
     }
 
     /// The shard entry of `rank`.
@@ -178,7 +193,7 @@ mod tests {
         let shards = (0..3)
             .map(|r| ShardEntry {
                 rank: r,
-                object: layout::shard_name(r),
+                object: layout::shard_object(r, 0x1234_0000 + u64::from(r)),
                 size: 1000 + u64::from(r),
                 index_crc32c: 0xabc0 + r,
                 region_len: 900,
@@ -206,6 +221,30 @@ mod tests {
         assert!(Manifest::new("j", 1, 3, m.shards.clone(), BTreeMap::new()).is_err());
         let bytes = m.encode();
         assert!(Manifest::decode(&bytes).unwrap_err().to_string().contains("shards for world size"));
+    }
+
+    #[test]
+    fn object_names_follow_the_version() {
+        let mut m = sample();
+        // A replica's shard may stand in for another rank.
+        m.shards[2].object = m.shards[0].object.clone();
+        assert_eq!(Manifest::decode(&m.encode()).unwrap().shards[2].object, m.shards[0].object);
+        assert_eq!(Manifest::source_rank(&m.shards[2]), 0);
+        for bad in ["rank-3.0000000000000001.ckpt", "rank-1.ckpt.tmp-9", "../rank-1.ckpt", "MANIFEST"] {
+            let mut m = sample();
+            m.shards[1].object = bad.into();
+            assert!(Manifest::decode(&m.encode()).is_err(), "{bad} accepted");
+        }
+        // Version 1 (written before tags) names exactly `rank-<r>.ckpt`, and still reads.
+        let mut v1 = sample();
+        v1.version = MANIFEST_VERSION_UNTAGGED;
+        assert!(Manifest::decode(&v1.encode()).is_err(), "tagged names in a version 1 manifest");
+        for s in &mut v1.shards {
+            s.object = layout::shard_name(s.rank);
+        }
+        assert_eq!(Manifest::decode(&v1.encode()).unwrap(), v1);
+        v1.shards[2].object = layout::shard_name(0);
+        assert!(Manifest::decode(&v1.encode()).is_err(), "version 1 has no replica cover");
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub struct ShardInfo {
     pub step: u64,
     /// The rank.
     pub rank: u32,
+    /// The shard's object name in its step directory (`rank-<r>.<tag>.ckpt`).
+    pub object: String,
     /// World size recorded in the shard.
     pub world_size: u32,
     /// Object size in bytes.
@@ -165,7 +167,7 @@ impl ShardInfo {
     pub fn entry(&self) -> ShardEntry {
         ShardEntry {
             rank: self.rank,
-            object: layout::shard_name(self.rank),
+            object: self.object.clone(),
             size: self.size,
             index_crc32c: self.index_crc32c,
             region_len: self.region_len,
@@ -208,7 +210,8 @@ pub(crate) fn write_shard(
         Err(object_store::Error::NotFound { .. }) => {}
         Err(e) => return Err(Error::store("head", &manifest, e)),
     }
-    let rel = layout::shard_path(id.job, id.step, id.rank);
+    let object = layout::shard_object(id.rank, layout::new_shard_tag());
+    let rel = layout::object_path(id.job, id.step, &object);
     let path = store.path(&rel);
     let mut sink: Box<dyn Sink> = match store.local_file(&path) {
         Some(file) => Box::new(LocalSink::create(file, id.job, id.step)?),
@@ -222,6 +225,7 @@ pub(crate) fn write_shard(
             let info = ShardInfo {
                 step: id.step,
                 rank: id.rank,
+                object,
                 world_size: id.world_size,
                 size: trailer.shard_len(),
                 index_crc32c: trailer.index_crc32c,
@@ -345,7 +349,7 @@ trait Sink {
 }
 
 /// `file://`: pwrite into a temporary file, then fsync + create-only link + directory fsync
-/// ([`durable::publish_shard`]).
+/// ([`durable::publish`]).
 struct LocalSink {
     file: File,
     tmp: PathBuf,
@@ -375,12 +379,13 @@ impl Sink for LocalSink {
             return Err(e);
         }
         let LocalSink { file, tmp, dest, job, step, .. } = *self;
-        // A shard already under this name may be replaced only while no MANIFEST names it.
-        let manifest = dest.with_file_name(layout::MANIFEST_NAME);
-        let may_replace = || {
-            if manifest.exists() { Err(Error::Conflict { job: job.clone(), step }) } else { Ok(()) }
-        };
-        durable::publish_shard(file, &tmp, &dest, &may_replace)
+        // The name is new (its tag), so the link is create-only in fact. A step committed while
+        // this shard was written will never count it: say so instead of reporting it durable.
+        if dest.with_file_name(layout::MANIFEST_NAME).exists() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Conflict { job, step });
+        }
+        durable::publish(file, &tmp, &dest)
     }
 
     fn abort(self: Box<Self>) {

@@ -93,20 +93,40 @@ impl Source {
     }
 }
 
-/// Which shard to read, and what the MANIFEST recorded for it (when it is committed).
+/// Which shard to read (an object of the step's directory, which names the rank that wrote it),
+/// and what the MANIFEST recorded for it (when it is committed).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ShardRef<'a> {
     pub job: &'a str,
     pub step: u64,
-    pub rank: u32,
+    pub object: &'a str,
     pub expected: Option<&'a ShardEntry>,
+}
+
+impl<'a> ShardRef<'a> {
+    /// The shard a MANIFEST entry names.
+    pub fn committed(job: &'a str, step: u64, entry: &'a ShardEntry) -> ShardRef<'a> {
+        ShardRef { job, step, object: &entry.object, expected: Some(entry) }
+    }
+
+    /// The object's path relative to the store and the rank whose shard it must hold.
+    fn resolve(&self) -> Result<(String, u32)> {
+        let rel = layout::object_path(self.job, self.step, self.object);
+        match layout::parse_shard_name(self.object) {
+            Some(rank) => Ok((rel, rank)),
+            None => Err(Error::corrupt(
+                Location { object: rel, step: Some(self.step), ..Location::default() },
+                "not a shard's name (rank-<r>.<tag>.ckpt)",
+            )),
+        }
+    }
 }
 
 /// Reads and validates a shard's trailer and index. With `expected` (the manifest's entry), also
 /// checks the size and checksum the commit recorded.
 pub(crate) fn read_header(store: &Store, rt: &Handle, r: ShardRef<'_>) -> Result<ShardHeader> {
-    let ShardRef { job, step, rank, expected } = r;
-    let rel = layout::shard_path(job, step, rank);
+    let (rel, rank) = r.resolve()?;
+    let (step, expected) = (r.step, r.expected);
     let path = store.path(&rel);
     let source = Source::open(store, rt, &path)?;
     header_from(&source, rt, &rel, step, rank, expected)
@@ -209,8 +229,8 @@ pub(crate) fn read_shard(
     r: ShardRef<'_>,
     dst: Option<&mut [u8]>,
 ) -> Result<ShardHeader> {
-    let ShardRef { job, step, rank, expected } = r;
-    let rel = layout::shard_path(job, step, rank);
+    let (rel, rank) = r.resolve()?;
+    let (step, expected) = (r.step, r.expected);
     let path = store.path(&rel);
     let source = Source::open(store, rt, &path)?;
     let header = header_from(&source, rt, &rel, step, rank, expected)?;
@@ -382,8 +402,8 @@ pub(crate) fn stream_shard<E: From<Error>>(
     r: ShardRef<'_>,
     sink: &mut ChunkSink<'_, E>,
 ) -> std::result::Result<ShardHeader, E> {
-    let ShardRef { job, step, rank, expected } = r;
-    let rel = layout::shard_path(job, step, rank);
+    let (rel, rank) = r.resolve()?;
+    let (step, expected) = (r.step, r.expected);
     let path = store.path(&rel);
     let source = Source::open(store, rt, &path)?;
     let header = header_from(&source, rt, &rel, step, rank, expected)?;

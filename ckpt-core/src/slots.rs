@@ -103,7 +103,7 @@ impl ArenaSpec {
     }
 }
 
-/// Removes the temporary shard files (`rank-<r>.ckpt.tmp-<pid>-…`; for rank 0 also
+/// Removes the temporary shard files (`rank-<r>.<tag>.ckpt.tmp-<pid>-…`; for rank 0 also
 /// `MANIFEST.tmp-…`) that writers of `rank` killed mid-write left in the job's step directories of
 /// a `file://` store, committed or not. Call it as the owner of the rank's arena ([`ArenaSpec::claim`]): no other live process writes the
 /// rank's shards then, so every such file is debris. Object stores need nothing: an unfinished
@@ -111,7 +111,8 @@ impl ArenaSpec {
 pub fn remove_stale_temporaries(engine: &Engine, job: &str, rank: u32) -> usize {
     let store = engine.store();
     let Some(root) = store.local_file(&store.path(&crate::store::layout::job_dir(job))) else { return 0 };
-    let prefix = format!("{}{}", crate::store::layout::shard_name(rank), crate::store::layout::TMP_MARKER);
+    // `rank-<r>.` (the dot keeps rank 1 off rank 10's files), then a tag or format 1's `ckpt`.
+    let prefix = format!("rank-{rank}.");
     // Rank 0 commits through storage: a MANIFEST it was writing when killed is debris too.
     let manifest = format!("{}{}", crate::store::layout::MANIFEST_NAME, crate::store::layout::TMP_MARKER);
     let Ok(steps) = std::fs::read_dir(&root) else { return 0 };
@@ -119,7 +120,8 @@ pub fn remove_stale_temporaries(engine: &Engine, job: &str, rank: u32) -> usize 
     for step_dir in steps.flatten() {
         let Ok(files) = std::fs::read_dir(step_dir.path()) else { continue };
         for f in files.flatten() {
-            let ours = |n: &str| n.starts_with(&prefix) || (rank == 0 && n.starts_with(&manifest));
+            let tmp = crate::store::layout::TMP_MARKER;
+            let ours = |n: &str| (n.starts_with(&prefix) && n.contains(tmp)) || (rank == 0 && n.starts_with(&manifest));
             if f.file_name().to_str().is_some_and(ours) && std::fs::remove_file(f.path()).is_ok() {
                 removed += 1;
             }

@@ -239,6 +239,36 @@ fn multi_rank_commit_and_deadline(backend: Backend) {
     assert_eq!(engine.latest("job").unwrap().map(|m| m.step), Some(1));
 }
 
+/// Every shard write gets a name of its own, so a MANIFEST's shard can never be written over: a
+/// second write of the same step and rank (a writer whose MANIFEST check raced the commit, or an
+/// attempt that died and came back) lands beside it. The storage committer takes a rank's newest
+/// valid write.
+fn committed_shards_are_never_replaced(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let (first, late, other) = (snapshot(20, 40_000), snapshot(21, 40_000), snapshot(22, 40_000));
+    let a = f.engine.write_shard("job", 5, 0, 2, &first).unwrap();
+    let b = f.engine.write_shard("job", 5, 1, 2, &other).unwrap();
+    let a2 = f.engine.write_shard("job", 5, 0, 2, &late).unwrap();
+    assert_ne!(a.object, a2.object, "a second write of step 5 rank 0 took the first one's name");
+    // The commit (an isolator's, from the votes) names the first write.
+    f.engine.commit("job", 5, 2, vec![a.entry(), b.entry()], BTreeMap::new()).unwrap();
+    let (_, back) = f.engine.restore("job", 5, 0).unwrap();
+    assert!(back == first.data, "the committed shard of rank 0 changed under its MANIFEST");
+    assert!(f.engine.verify("job", 5).unwrap().ok());
+    let listed = f.engine.steps("job").unwrap();
+    assert_eq!(listed[0].shards.len(), 3, "both writes of rank 0 stay: {:?}", listed[0].shards);
+
+    // Rank 1 wrote step 6 twice (the first attempt died); rank 0's storage commit takes the newer.
+    f.engine.write_shard("job", 6, 1, 2, &first).unwrap();
+    // The tag's high bits are the clock in milliseconds: let it tick so the order is the clock's.
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    let newer = f.engine.write_shard("job", 6, 1, 2, &late).unwrap();
+    let (_, m) = f.engine.save("job", 6, 0, 2, &other, BTreeMap::new()).unwrap();
+    assert_eq!(m.expect("rank 0 commits").shards[1].object, newer.object);
+    let (_, back) = f.engine.restore("job", 6, 1).unwrap();
+    assert!(back == late.data, "the committer took rank 1's older write");
+}
+
 macro_rules! suite {
     ($($backend:ident => $module:ident),* $(,)?) => {$(
         mod $module {
@@ -259,6 +289,8 @@ macro_rules! suite {
             fn multipart() { multipart_checkpoint(Backend::$backend) }
             #[test]
             fn multi_rank() { multi_rank_commit_and_deadline(Backend::$backend) }
+            #[test]
+            fn never_replaced() { committed_shards_are_never_replaced(Backend::$backend) }
         }
     )*};
 }

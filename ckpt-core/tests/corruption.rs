@@ -91,7 +91,9 @@ impl Fixture {
     }
 
     fn shard(&self, step: u64, rank: u32) -> PathBuf {
-        self.root.join(format!("{JOB}/step-{step}/rank-{rank}.ckpt"))
+        let dir = self.root.join(format!("{JOB}/step-{step}"));
+        common::shard_file::shard_file(&dir, rank)
+            .unwrap_or_else(|| panic!("no shard of rank {rank} in {}", dir.display()))
     }
 
     fn manifest(&self, step: u64) -> PathBuf {
@@ -149,7 +151,12 @@ fn corrupt_location(e: &Error, rank: u32, what: &str) -> Location {
         Error::Corrupt { location, .. } => {
             assert_eq!(location.step, Some(2), "{what}: {e}");
             assert_eq!(location.rank, Some(rank), "{what}: {e}");
-            assert_eq!(location.object, format!("{JOB}/step-2/rank-{rank}.ckpt"), "{what}: {e}");
+            assert!(location.object.starts_with(&format!("{JOB}/step-2/rank-{rank}.")), "{what}: {e}");
+            assert_eq!(
+                ckpt_core::store::layout::parse_shard_name(location.object.rsplit('/').next().unwrap_or("")),
+                Some(rank),
+                "{what}: {e}"
+            );
             location.clone()
         }
         other => panic!("{what}: expected a corruption error, got {other:?}"),
@@ -294,7 +301,7 @@ fn entry_for(path: &Path, rank: u32) -> ShardEntry {
     let index = ShardIndex::decode(&bytes[start..start + trailer.index_len as usize]).unwrap();
     ShardEntry {
         rank,
-        object: format!("rank-{rank}.ckpt"),
+        object: path.file_name().unwrap().to_str().unwrap().to_string(),
         size: bytes.len() as u64,
         index_crc32c: trailer.index_crc32c,
         region_len: index.table.total_len(),
@@ -319,7 +326,8 @@ fn misplaced_shards_are_caught() {
     // Step 1's shards copied into a new step 3: the committer must not accept them...
     std::fs::create_dir(f.root.join(format!("{JOB}/step-3"))).unwrap();
     for rank in 0..WORLD {
-        std::fs::copy(f.shard(1, rank), f.shard(3, rank)).unwrap();
+        let from = f.shard(1, rank);
+        std::fs::copy(&from, f.root.join(format!("{JOB}/step-3")).join(from.file_name().unwrap())).unwrap();
     }
     let cfg = config();
     let commit = CommitConfig { deadline: Duration::from_millis(200), ..cfg.commit };
@@ -358,7 +366,7 @@ fn deleted_shard_of_committed_step_falls_back() {
     assert_eq!((step2.state, step2.shard_ranks.as_slice()), (StepState::Committed, &[0u32][..]));
 
     let problems = f.verify_fails("rank 1 deleted");
-    assert!(problems.iter().any(|p| p.contains("rank-1.ckpt")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("/rank-1.")), "{problems:?}");
     let report = f.engine.verify(JOB, 2).unwrap();
     assert!(report.shards[0].error.is_none() && report.shards[1].error.is_some(), "{report:?}");
     let e = f.restore_fails(1, "rank 1 deleted");
@@ -397,16 +405,16 @@ fn future_manifest_version_is_unsupported() {
     let text = std::fs::read_to_string(&path).unwrap();
     let body = text.rsplit_once("crc32c=").unwrap().0;
     let mut json: serde_json::Value = serde_json::from_str(body).unwrap();
-    json["version"] = serde_json::Value::from(2);
+    json["version"] = serde_json::Value::from(ckpt_core::manifest::MANIFEST_VERSION + 1);
     let mut bytes = serde_json::to_vec_pretty(&json).unwrap();
     bytes.push(b'\n');
     let crc = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(format!("crc32c={crc:08x}\n").as_bytes());
     std::fs::write(&path, &bytes).unwrap();
 
-    let problems = f.verify_fails("manifest version 2");
+    let problems = f.verify_fails("a future manifest version");
     assert!(problems.iter().any(|p| p.contains("upgrade")), "{problems:?}");
-    let e = assert_structure_damage_caught(&f, 0, "manifest version 2");
+    let e = assert_structure_damage_caught(&f, 0, "a future manifest version");
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("upgrade"), "the message must say to upgrade: {e}");
     common::reliability::record("corruption", "unsupported manifest version", 1);

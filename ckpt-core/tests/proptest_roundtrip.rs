@@ -211,7 +211,7 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                 .enumerate()
                 .map(|(r, (size, index_crc32c, region_len))| ShardEntry {
                     rank: r as u32,
-                    object: format!("rank-{r}.ckpt"),
+                    object: ckpt_core::store::layout::shard_object(r as u32, size),
                     size,
                     index_crc32c,
                     region_len,

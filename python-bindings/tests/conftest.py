@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -128,6 +129,15 @@ class Child:
 
 
 REPO = HERE.parents[1]
+
+SHARD_NAME = re.compile(r"rank-(0|[1-9][0-9]*)(\.[0-9a-f]{16})?\.ckpt")
+
+
+def shard_file(step_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s shard in a `file://` step directory: `rank-<r>.<tag>.ckpt`, the tag chosen by its writer."""
+    found = [p for p in step_dir.iterdir() if (m := SHARD_NAME.fullmatch(p.name)) and int(m.group(1)) == rank]
+    assert len(found) == 1, f"expected one shard of rank {rank} in {step_dir}: {sorted(p.name for p in step_dir.iterdir())}"
+    return found[0]
 
 
 def ckptd_binary(name: str) -> Path:

@@ -11,6 +11,8 @@ import pytest
 
 import ckptd
 
+from .conftest import shard_file
+
 
 def test_hierarchy() -> None:
     for cls in (
@@ -111,15 +113,14 @@ def test_corrupt_shard_names_the_chunk(make_ck: Callable[..., ckptd.Checkpointer
     state = {"w": np.arange(100_000, dtype=np.float32)}  # 400 KB: several chunks
     ck.save(state, 1).wait()
     ck.close()
-    shard = tmp_path / "store" / job / "step-1" / "rank-0.ckpt"
-    assert shard.is_file()
+    shard = shard_file(tmp_path / "store" / job / "step-1", 0)
     data = bytearray(shard.read_bytes())
     data[3 * (1 << 16) + 123] ^= 0x40  # inside chunk 3
     shard.write_bytes(bytes(data))
     # A fresh arena: the memory tier of the first process would otherwise serve the load.
     fresh = make_ck(arena_dir=tmp_path / "fresh-arena")
     out = {"w": np.zeros(100_000, dtype=np.float32)}
-    with pytest.raises(ckptd.CorruptCheckpoint, match=r"step-1/rank-0\.ckpt \(step 1, rank 0\) chunk 3"):
+    with pytest.raises(ckptd.CorruptCheckpoint, match=r"step-1/rank-0\.[0-9a-f]{16}\.ckpt \(step 1, rank 0\) chunk 3"):
         fresh.load(out)
     assert fresh.last_load_from_memory is None
 
@@ -131,13 +132,13 @@ def test_damaged_newest_step_falls_back_unless_strict(
     ck.save({"w": np.full(50_000, 1.0, dtype=np.float32)}, 1).wait()
     ck.save({"w": np.full(50_000, 2.0, dtype=np.float32)}, 2).wait()
     ck.close()
-    shard = tmp_path / "store" / job / "step-2" / "rank-0.ckpt"
+    shard = shard_file(tmp_path / "store" / job / "step-2", 0)
     data = bytearray(shard.read_bytes())
     data[1000] ^= 0x01
     shard.write_bytes(bytes(data))
 
     strict = make_ck(arena_dir=tmp_path / "strict-arena", strict_restore=True)
-    with pytest.raises(ckptd.CorruptCheckpoint, match=r"step-2/rank-0\.ckpt"):
+    with pytest.raises(ckptd.CorruptCheckpoint, match=r"step-2/rank-0\.[0-9a-f]{16}\.ckpt"):
         strict.load({"w": np.zeros(50_000, dtype=np.float32)})
     strict.close()
 

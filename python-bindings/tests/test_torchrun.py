@@ -10,6 +10,8 @@ import numpy as np
 
 import ckptd
 
+from .conftest import shard_file
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -33,7 +35,7 @@ def test_torchrun_without_rank_arguments_writes_one_shard_per_rank(tmp_path: Pat
     )
     assert out.returncode == 0, out.stdout + out.stderr
     step_dir = tmp_path / "store" / job / "step-1"
-    assert sorted(p.name for p in step_dir.iterdir()) == ["MANIFEST", "rank-0.ckpt", "rank-1.ckpt"]
+    assert sorted(p.name for p in step_dir.iterdir()) == sorted(["MANIFEST", shard_file(step_dir, 0).name, shard_file(step_dir, 1).name])
     for rank in range(2):
         with ckptd.Checkpointer(job, store=store, rank=rank, world_size=2, arena_dir=tmp_path / "read") as ck:
             w = {"w": np.zeros(1000, dtype=np.float32)}

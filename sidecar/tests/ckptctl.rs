@@ -1,6 +1,10 @@
 //! System tests of `ckptctl`: checkpoints are written with the real engine into a `file://` store,
 //! then the real binary runs against them and its exit codes and output are checked.
 
+#[path = "../../ckpt-core/tests/common/shard_file.rs"]
+mod shard_file;
+use shard_file::shard_file;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -214,7 +218,7 @@ fn inspect_shows_the_manifest_and_every_rank_tensor_table() {
 
 /// Flips one bit of `rank`'s shard of `step` at `offset`.
 fn flip(s: &Store, step: u64, rank: u32, offset: usize) {
-    let path = s.dir.path().join(format!("{JOB}/step-{step}/rank-{rank}.ckpt"));
+    let path = shard_file(&s.dir.path().join(format!("{JOB}/step-{step}")), rank).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[offset] ^= 0x10;
     std::fs::write(&path, bytes).unwrap();
@@ -514,12 +518,13 @@ fn commit_huge_claim(s: &Store, step: u64, region_len: u64) {
     };
     bytes.extend_from_slice(&encoded);
     bytes.extend_from_slice(&trailer.encode());
-    let path = s.dir.path().join(ckpt_core::store::layout::shard_path(JOB, step, 0));
+    let object = ckpt_core::store::layout::shard_object(0, step);
+    let path = s.dir.path().join(ckpt_core::store::layout::object_path(JOB, step, &object));
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, &bytes).unwrap();
     let shard = ckpt_core::ShardEntry {
         rank: 0,
-        object: ckpt_core::store::layout::shard_name(0),
+        object,
         size: bytes.len() as u64,
         index_crc32c: trailer.index_crc32c,
         region_len,
@@ -570,7 +575,7 @@ fn export_without_a_step_passes_over_a_damaged_newest_step() {
     let s = store();
     commit(&s, 1, 1);
     commit(&s, 2, 1);
-    let shard = s.dir.path().join(format!("{JOB}/step-2/rank-0.ckpt"));
+    let shard = shard_file(&s.dir.path().join(format!("{JOB}/step-2")), 0).unwrap();
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&shard).unwrap();
     let mut byte = [0u8; 1];
     file.read_exact_at(&mut byte, 10).unwrap();

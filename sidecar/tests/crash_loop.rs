@@ -10,6 +10,9 @@
 
 #[path = "../../ckpt-core/tests/common/reliability.rs"]
 mod reliability;
+#[path = "../../ckpt-core/tests/common/shard_file.rs"]
+mod shard_file;
+use shard_file::shard_file;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -391,16 +394,14 @@ fn rank_and_world_size_come_from_the_environment() {
     let arena = dir.path().join("arena");
     let mut t = spawn_with(format!("0|{store}|{}||env|0|1000", arena.display()), &[("RANK", "1"), ("WORLD_SIZE", "2")]);
     t.expect("saved 1000");
-    let shard = dir.path().join("store").join(JOB).join("step-1000").join(ckpt_core::store::layout::shard_name(1));
+    let step_dir = dir.path().join("store").join(JOB).join("step-1000");
     let deadline = Instant::now() + PATIENCE;
-    while !shard.exists() {
-        assert!(Instant::now() < deadline, "no shard of rank 1 at {}", shard.display());
+    while shard_file(&step_dir, 1).is_none() {
+        assert!(Instant::now() < deadline, "no shard of rank 1 in {}", step_dir.display());
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(arena.join(ckpt_core::arena::file_name(JOB, 1)).exists());
-    assert!(
-        !dir.path().join("store").join(JOB).join("step-1000").join(ckpt_core::store::layout::shard_name(0)).exists()
-    );
+    assert!(shard_file(&step_dir, 0).is_none(), "nothing written for rank 0");
     t.kill(false);
     report();
 }

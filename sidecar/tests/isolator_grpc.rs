@@ -222,6 +222,7 @@ async fn a_vote_for_a_shard_that_was_never_written_commits_nothing() {
     let forged = ShardInfo {
         step: 1,
         rank: 0,
+        object: ckpt_core::store::layout::shard_object(0, 0x1234),
         world_size: 1,
         size: 10,
         index_crc32c: 0,

@@ -10,6 +10,9 @@
 
 #[path = "../../ckpt-core/tests/common/reliability.rs"]
 mod reliability;
+#[path = "../../ckpt-core/tests/common/shard_file.rs"]
+mod shard_file;
+use shard_file::shard_file;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -416,7 +419,7 @@ impl Fixture {
     /// Flips one byte of the first data chunk of `rank`'s stored shard of `step`.
     fn damage_stored_shard(&self, step: u64, rank: u32) {
         use std::os::unix::fs::FileExt;
-        let path = self.store_dir.join(JOB).join(format!("step-{step}")).join(format!("rank-{rank}.ckpt"));
+        let path = shard_file(&self.store_dir.join(JOB).join(format!("step-{step}")), rank).unwrap();
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
         let mut byte = [0u8; 1];
         file.read_exact_at(&mut byte, 100).unwrap();

@@ -7,6 +7,8 @@
 pub mod fault_proxy;
 #[allow(dead_code)]
 pub mod reliability;
+#[allow(dead_code)]
+pub mod shard_file;
 
 /// Access to the loopback S3 server (moto) that `scripts/test.sh` starts for the test run.
 ///

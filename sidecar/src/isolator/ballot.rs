@@ -36,10 +36,15 @@ impl TryFrom<&DurableVote> for Vote {
 
     fn try_from(v: &DurableVote) -> Result<Vote> {
         let bad = |what: &str, reason: String| Error::InvalidRequest { what: format!("vote {what}"), reason };
-        if v.shard_key != layout::shard_name(v.rank) {
+        // A rank votes for a shard it wrote itself: its own name, a tag, `.ckpt` (nothing else, so no
+        // path and no other rank's object).
+        if layout::parse_shard_name(&v.shard_key) != Some(v.rank) {
             return Err(bad(
                 "shard_key",
-                format!("rank {} must name `{}`, not `{:.64}`", v.rank, layout::shard_name(v.rank), v.shard_key),
+                format!(
+                    "rank {} must name its own shard `rank-{}.<tag>.ckpt`, not `{:.64}`",
+                    v.rank, v.rank, v.shard_key
+                ),
             ));
         }
         if v.shard_len == 0 || v.shard_len > MAX_SHARD_LEN {
@@ -153,7 +158,7 @@ mod tests {
             rank,
             world_size: 2,
             generation: 0,
-            shard_key: layout::shard_name(rank),
+            shard_key: layout::shard_object(rank, 0xabc),
             shard_len: len,
             shard_crc32c: 0xdead_beef,
             metadata: Vec::new(),
@@ -185,6 +190,10 @@ mod tests {
         let mut v = vote(0, 10);
         v.shard_key = "../../etc/passwd".into();
         assert!(Vote::try_from(&v).is_err());
+        v.shard_key = layout::shard_object(1, 0xabc);
+        assert!(Vote::try_from(&v).is_err(), "a rank votes for another rank's shard");
+        v.shard_key = layout::shard_name(0);
+        assert!(Vote::try_from(&v).is_ok(), "an old agent's untagged shard");
         assert!(Vote::try_from(&vote(0, 0)).is_err());
         assert!(Vote::try_from(&vote(0, MAX_SHARD_LEN + 1)).is_err());
         let mut v = vote(0, 10);
