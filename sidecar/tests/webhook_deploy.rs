@@ -654,6 +654,7 @@ fn isolator_has_exactly_its_rbac_and_its_ports() {
         s("coordination.k8s.io", "leases", "create"),
         s("coordination.k8s.io", "leases", "update"),
         s("", "configmaps", "get"),
+        s("", "configmaps", "list"),
         s("", "configmaps", "create"),
         s("", "configmaps", "patch"),
     ]

@@ -881,13 +881,17 @@ impl Coordinator {
     }
 
     /// The repair system reports `node` fixed: releases it as [`release`](Self::release) does
-    /// and stamps the repair time on the fault record of the repair this isolator requested.
+    /// and stamps the repair time on the fault record of the repair (requested by this isolator,
+    /// or by an earlier leader: then found in the stored records).
     /// `Ok(None)` when the node is not isolated by ckptd. A `ticket` other than the one the repair
     /// system answered with is refused.
     pub async fn repaired(&self, node: &str, ticket: Option<&str>) -> Result<Option<RepairDone>> {
         self.ensure_leader()?;
         check_name("node", node, true)?;
-        let pending = self.settings.repair.as_ref().and_then(|r| r.pending(node));
+        let pending = match self.settings.repair.as_ref().and_then(|r| r.pending(node)) {
+            Some(p) => Some(p),
+            None => repair::find_stored_repair(self.faults.log().as_ref(), node).await,
+        };
         if let (Some(got), Some(want)) = (ticket, pending.as_ref().and_then(|p| p.ticket.as_deref()))
             && got != want
         {
@@ -900,7 +904,7 @@ impl Coordinator {
             return Ok(None);
         }
         let at = now_ms();
-        let pending = self.settings.repair.as_ref().and_then(|r| r.forget(node));
+        let pending = self.settings.repair.as_ref().and_then(|r| r.forget(node)).or(pending);
         if let Some(p) = &pending {
             self.faults.repaired(&p.job, &p.record, at);
         }

@@ -296,6 +296,9 @@ pub trait FaultLog: Send + Sync + std::fmt::Debug {
     fn store<'a>(&'a self, rec: &'a FaultRecord, keep: usize) -> BoxFuture<'a, Result<()>>;
     /// The job's stored records, oldest first; empty when it has none.
     fn list<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<Vec<FaultRecord>>>;
+    /// Every job's stored records, for a lookup by node rather than by job (the done report of a
+    /// repair that an earlier leader requested, see [`super::repair::stored_repair`]).
+    fn all(&self) -> BoxFuture<'_, Result<Vec<FaultRecord>>>;
     /// The PyTorchJob, JobSet or Job that owns the pod (through a Job when the pod's owner is
     /// one), or `None` when it has no such owner or is gone.
     fn owner<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Option<Owner>>>;
@@ -348,6 +351,12 @@ impl FaultLog for MemoryFaultLog {
     fn list<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<Vec<FaultRecord>>> {
         Box::pin(async move {
             Ok(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job).cloned().unwrap_or_default())
+        })
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<FaultRecord>>> {
+        Box::pin(async move {
+            Ok(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect())
         })
     }
 
