@@ -1,8 +1,9 @@
 //! Fault records of a real `ckptd isolator` process against kmock: an agent's fault report on a
-//! pod owned by a batch/v1 Job becomes a record with its detect and isolate times, an Event on the
-//! Job, a ConfigMap in the isolator's namespace and a POST to the notify endpoint; the restart and
-//! the resume are stamped on it; `ckptctl faults` prints it, and still does from a new isolator
-//! after the first one is killed.
+//! pod owned by a batch/v1 Job becomes a record with its detect and isolate times and the phase
+//! the report names (not the one of the rank's last heartbeat), an Event on the Job, a ConfigMap
+//! in the isolator's namespace and a POST to the notify endpoint; the restart and the resume are
+//! stamped on it; `ckptctl faults` prints it, and still does from a new isolator after the first
+//! one is killed.
 //!
 //! Needs `pip install kmock` (see tests/support/kmock.rs for the skip rule).
 #![cfg(feature = "server")]
@@ -111,6 +112,9 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
         links.push(l);
     }
     assert!(ckptctl_faults(&iso, dir.path(), "llm").is_empty(), "no record before a fault");
+    // The isolator last heard rank 1 stepping; the agent reports the fault while the rank loads a
+    // checkpoint, and the record keeps the report's phase.
+    links[1].heartbeat_in(1, 3, Duration::from_millis(10), Some(ckpt_core::Phase::Step)).await.unwrap();
 
     let report = FaultReport {
         job: "llm".into(),
@@ -121,6 +125,7 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
         kind: "xid-79".into(),
         action: FaultAction::DrainNode as i32,
         evidence: "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus".into(),
+        phase: "checkpoint-load".into(),
         ..Default::default()
     };
     let ack = links[1].report_fault(report).await.unwrap();
@@ -147,8 +152,8 @@ async fn a_fault_becomes_a_record_on_the_job_that_outlives_the_leader() {
         (&"llm".into(), &"node-1".into(), &"xid-79".into(), &"nvml".into())
     );
     assert_eq!(
-        (&r["requested"], &r["decision"], &r["phase"]),
-        (&"drain-node".into(), &"drain-node".into(), &"Running".into())
+        (&r["requested"], &r["decision"], &r["phase"], &r["fault_phase"]),
+        (&"drain-node".into(), &"drain-node".into(), &"Running".into(), &"checkpoint-load".into())
     );
     assert_eq!(
         (&r["pod"], &r["namespace"], &r["ranks"]),

@@ -3,7 +3,9 @@
 //! action, record id) to `--repair-url`; the endpoint's ticket shows in `ckptctl faults --json`; a
 //! hang requests no repair; `POST /v1/repairs/node-2/done` with the token releases node-2 (taint
 //! gone, uncordoned) and stamps `repaired_at` on the record, while no token gets 401, a node ckptd
-//! did not isolate 404, and a bad body or a wrong ticket 400.
+//! did not isolate 404, and a bad body or a wrong ticket 400. After a leader change the new
+//! leader finds the repair its predecessor requested in the stored records: it checks the ticket
+//! against it and stamps `repaired_at` on it.
 //!
 //! Needs `pip install kmock` (see tests/support/kmock.rs for the skip rule).
 #![cfg(feature = "server")]
@@ -57,16 +59,12 @@ fn ours_tainted(n: &Node) -> bool {
     n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == "ckptd.io/unhealthy"))
 }
 
-#[tokio::test]
-async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_node() {
-    let Some(km) = Kmock::start(4) else { return };
-    let dir = TempDir::new().unwrap();
-    let nodes = Api::<Node>::all(km.client());
-    let (repair_url, mut requests) = repair_endpoint().await;
+/// An isolator with the alert intake and `--repair-url`, its records in kmock.
+fn start(dir: &TempDir, km: &Kmock, name: &str, repair_url: &str) -> IsolatorProc {
     let token = token_file(dir.path());
-    let iso = IsolatorProc::spawn(
+    IsolatorProc::spawn(
         dir.path(),
-        "isolator",
+        name,
         &[
             "--token-file",
             token.to_str().unwrap(),
@@ -79,9 +77,33 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
             "--max-isolated-fraction",
             "1",
             "--repair-url",
-            &repair_url,
+            repair_url,
         ],
-    );
+    )
+}
+
+/// An XID 79 report of `job`'s rank on `node`.
+fn xid_79(job: &str, node: &str, pod: &str) -> FaultReport {
+    FaultReport {
+        job: job.into(),
+        ranks: vec![0],
+        node: node.into(),
+        pod: pod.into(),
+        source: "nvml".into(),
+        kind: "xid-79".into(),
+        action: FaultAction::DrainNode as i32,
+        evidence: "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_node() {
+    let Some(km) = Kmock::start(4) else { return };
+    let dir = TempDir::new().unwrap();
+    let nodes = Api::<Node>::all(km.client());
+    let (repair_url, mut requests) = repair_endpoint().await;
+    let iso = start(&dir, &km, "isolator", &repair_url);
     let llm = job_on(&iso, &dir, "llm", 2).await.unwrap();
     let other = job_on(&iso, &dir, "other", 0).await.unwrap();
 
@@ -101,18 +123,7 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
     assert_eq!(ack.action, FaultAction::RestartJob as i32, "{}", ack.note);
 
     // An XID 79 report isolates node-2 and asks the repair system to drain it.
-    let xid = FaultReport {
-        job: "llm".into(),
-        ranks: vec![0],
-        node: "node-2".into(),
-        pod: "train-2".into(),
-        source: "nvml".into(),
-        kind: "xid-79".into(),
-        action: FaultAction::DrainNode as i32,
-        evidence: "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus".into(),
-        ..Default::default()
-    };
-    let ack = llm.report_fault(xid).await.unwrap();
+    let ack = llm.report_fault(xid_79("llm", "node-2", "train-2")).await.unwrap();
     assert_eq!(ack.action, FaultAction::DrainNode as i32, "{}", ack.note);
     let sent = tokio::time::timeout(LIMIT, requests.recv()).await.expect("a repair request").unwrap();
     assert_eq!(
@@ -178,4 +189,49 @@ async fn a_hardware_fault_requests_a_repair_and_the_done_report_releases_the_nod
     let (code, _) = post_intake(&iso, done, Some(TOKEN), b"").await;
     assert_eq!(code, 404, "released already");
     assert!(requests.try_recv().is_err(), "one repair request in all: the hang asked for none");
+}
+
+#[tokio::test]
+async fn a_new_leader_stamps_the_repair_its_predecessor_requested() {
+    let Some(km) = Kmock::start(4) else { return };
+    let dir = TempDir::new().unwrap();
+    let nodes = Api::<Node>::all(km.client());
+    let (repair_url, mut requests) = repair_endpoint().await;
+    let mut a = start(&dir, &km, "isolator-a", &repair_url);
+    let llm = job_on(&a, &dir, "llm", 1).await.unwrap();
+    let ack = llm.report_fault(xid_79("llm", "node-1", "train-1")).await.unwrap();
+    assert_eq!(ack.action, FaultAction::DrainNode as i32, "{}", ack.note);
+    let sent = tokio::time::timeout(LIMIT, requests.recv()).await.expect("a repair request").unwrap();
+    let id = sent["record"].as_str().expect("the record id").to_string();
+    eventually("the repair answer in the record", LIMIT, || async {
+        ckptctl_faults(&a, dir.path(), "llm")
+            .into_iter()
+            .find(|r| r["id"] == id.as_str() && r["repair"]["ticket"] == "T-1")
+    })
+    .await;
+
+    // Leader A dies with the repair in flight; B knows of it only through the stored record.
+    a.kill();
+    let b = start(&dir, &km, "isolator-b", &repair_url);
+    let done = "/v1/repairs/node-1/done";
+    let (code, body) = post_intake(&b, done, Some(TOKEN), br#"{"ticket": "T-2"}"#).await;
+    assert_eq!(code, 400, "B checks the ticket of the stored repair: {body}");
+    assert!(ours_tainted(&nodes.get("node-1").await.unwrap()), "a refused report releases nothing");
+    let (code, body) = post_intake(&b, done, Some(TOKEN), br#"{"ticket": "T-1"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!((&body["record"], &body["job"], &body["released"]), (&id.as_str().into(), &"llm".into(), &true.into()));
+    let n1 = nodes.get("node-1").await.unwrap();
+    assert!(!ours_tainted(&n1) && !cordoned(&n1), "node-1 is released");
+    let stamped = eventually("the repair time on the record", LIMIT, || async {
+        ckptctl_faults(&b, dir.path(), "llm")
+            .into_iter()
+            .find(|r| r["id"] == id.as_str() && r["repaired_at"].is_string())
+    })
+    .await;
+    assert_eq!(stamped["repaired_at"], body["repaired_at"]);
+    assert_eq!(stamped["repair"]["ticket"], "T-1", "the answer is kept");
+    assert!(stamped["isolated_at"].is_string(), "A's stamps are kept: {stamped}");
+    let (code, _) = post_intake(&b, done, Some(TOKEN), b"").await;
+    assert_eq!(code, 404, "released already");
+    assert!(requests.try_recv().is_err(), "B requests no repair of its own");
 }

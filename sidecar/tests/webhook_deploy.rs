@@ -342,6 +342,63 @@ fn chart_switches_render_what_they_say() {
     cmd.try_get_matches_from(&args[1..]).unwrap_or_else(|e| panic!("ckptd isolator rejects {args:?}: {e}"));
 }
 
+/// The ConfigMap and key behind `path` in the isolator's container: the mount whose directory
+/// holds it, and that mount's volume (read-only, from a ConfigMap).
+fn mounted_configmap(d: &Deployment, path: &str) -> Option<(String, String)> {
+    let spec = d.spec.as_ref()?.template.spec.as_ref()?;
+    spec.containers[0].volume_mounts.iter().flatten().find_map(|m| {
+        let key = path.strip_prefix(&format!("{}/", m.mount_path))?;
+        assert_eq!(m.read_only, Some(true), "{} is mounted read-only", m.mount_path);
+        let v = spec.volumes.iter().flatten().find(|v| v.name == m.name)?;
+        Some((v.config_map.as_ref()?.name.clone(), key.to_string()))
+    })
+}
+
+#[test]
+fn the_isolators_hook_ca_and_alert_mapping_are_configmaps_its_flags_name() {
+    use ckptd::isolator::IsolatorArgs;
+    use clap::FromArgMatches;
+    let isolator = |overrides: &str| -> Deployment {
+        let docs: Vec<Value> = render_chart(overrides).values().flat_map(|t| documents(t)).collect();
+        typed(docs.iter().find(|d| d["metadata"]["name"] == "ckptd-isolator" && d["kind"] == "Deployment").unwrap())
+    };
+    let parsed = |d: &Deployment| -> IsolatorArgs {
+        let args = container_args(d);
+        let cmd = IsolatorArgs::augment_args(Command::new("isolator").no_binary_name(true));
+        let m = cmd.try_get_matches_from(&args[1..]).unwrap_or_else(|e| panic!("ckptd isolator rejects {args:?}: {e}"));
+        IsolatorArgs::from_arg_matches(&m).unwrap()
+    };
+    let volumes = |d: &Deployment| -> BTreeSet<String> {
+        let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        spec.volumes.iter().flatten().map(|v| v.name.clone()).collect()
+    };
+
+    let d = isolator("");
+    let a = parsed(&d);
+    assert_eq!((a.hook_ca, a.alert_mapping), (None, None), "both are off by default");
+    assert!(!volumes(&d).contains("hook-ca") && !volumes(&d).contains("alert-mapping"));
+
+    // A mapping without the intake is left out: --alert-mapping needs --alerts-addr.
+    let d = isolator("isolator: {alerts: {mapping: {configMap: lingjun-alerts}}}\n");
+    assert_eq!(parsed(&d).alert_mapping, None);
+    assert!(!volumes(&d).contains("alert-mapping"));
+
+    let d = isolator(
+        "isolator: {hookCA: {configMap: corp-ca}, alerts: {enabled: true, mapping: {configMap: lingjun-alerts, key: rules.toml}}}\n",
+    );
+    let a = parsed(&d);
+    let ca = a.hook_ca.expect("--hook-ca");
+    assert_eq!(mounted_configmap(&d, ca.to_str().unwrap()), Some(("corp-ca".into(), "ca.crt".into())));
+    let mapping = a.alert_mapping.expect("--alert-mapping");
+    assert_eq!(mounted_configmap(&d, mapping.to_str().unwrap()), Some(("lingjun-alerts".into(), "rules.toml".into())));
+    let d = isolator("isolator: {alerts: {enabled: true, mapping: {configMap: lingjun-alerts}}}\n");
+    let mapping = parsed(&d).alert_mapping.expect("--alert-mapping");
+    assert_eq!(
+        mounted_configmap(&d, mapping.to_str().unwrap()),
+        Some(("lingjun-alerts".into(), "mapping.yaml".into()))
+    );
+}
+
 // ------------------------------------------------------------------------------- typed manifests
 
 /// The webhook container's port.
@@ -654,6 +711,7 @@ fn isolator_has_exactly_its_rbac_and_its_ports() {
         s("coordination.k8s.io", "leases", "create"),
         s("coordination.k8s.io", "leases", "update"),
         s("", "configmaps", "get"),
+        s("", "configmaps", "list"),
         s("", "configmaps", "create"),
         s("", "configmaps", "patch"),
     ]

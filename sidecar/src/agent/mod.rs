@@ -537,6 +537,10 @@ impl Agent {
     fn order_restore(self: &Arc<Self>, order: RestoreOrder, restart: bool) {
         use ckptd_proto::v1::trainer_event::Event;
         *self.restore_order.lock().unwrap_or_else(|p| p.into_inner()) = Some(order);
+        // The ranks' phases are unknown until their trainers name one again, as on the isolator:
+        // a fault meanwhile is not reported in the phase of the abandoned timeline, and the next
+        // phase named is forwarded whatever it is.
+        self.sent_phase.lock().unwrap_or_else(|e| e.into_inner()).clear();
         for rank in self.ranks() {
             let session = {
                 let mut inner = rank.lock();
@@ -896,7 +900,13 @@ async fn handle_decisions(agent: Arc<Agent>, mut rx: tokio::sync::mpsc::Receiver
             agent.restart_locally(&d).await;
             continue;
         };
-        let report = d.to_report(&agent.cfg.job, ranks, link.generation(), &agent.cfg.pod);
+        // The ranks' phase now, as the trainers last named it: the isolator's copy (forwarded
+        // heartbeats) may lag behind or, after a leader change, be missing.
+        let phase = {
+            let sent = agent.sent_phase.lock().unwrap_or_else(|e| e.into_inner());
+            crate::isolator::handling::fault_phase(ranks.iter().map(|r| sent.get(r).copied()))
+        };
+        let report = d.to_report(&agent.cfg.job, ranks, link.generation(), &agent.cfg.pod, phase);
         match link.report_fault(report).await {
             Ok(ack) => {
                 tracing::warn!(action = ack.action, note = %crate::text::peer(&ack.note), "fault reported to the isolator")

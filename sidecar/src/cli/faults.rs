@@ -47,16 +47,27 @@ pub fn run(args: &FaultsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
     }
     writeln!(
         out,
-        "{:<20} {:<16} {:<14} {:<12} {:<20} {:<20} {:<20} {:<20} {:<20} {:<20} NOTE",
-        "DETECTED", "NODE", "KIND", "DECISION", "ISOLATED", "RESTARTED", "RESUMED", "OWNER", "REPAIR", "REPAIRED"
+        "{:<20} {:<16} {:<14} {:<15} {:<12} {:<20} {:<20} {:<20} {:<20} {:<20} {:<20} NOTE",
+        "DETECTED",
+        "NODE",
+        "KIND",
+        "PHASE",
+        "DECISION",
+        "ISOLATED",
+        "RESTARTED",
+        "RESUMED",
+        "OWNER",
+        "REPAIR",
+        "REPAIRED"
     )?;
     for r in &records {
         writeln!(
             out,
-            "{:<20} {:<16} {:<14} {:<12} {:<20} {:<20} {:<20} {:<20} {:<20} {:<20} {}",
+            "{:<20} {:<16} {:<14} {:<15} {:<12} {:<20} {:<20} {:<20} {:<20} {:<20} {:<20} {}",
             at(r.detected_at),
             r.node,
             r.kind,
+            if r.fault_phase.is_empty() { "-" } else { &r.fault_phase },
             r.decision.as_str(),
             at(r.isolated_at),
             at(r.restart_at),

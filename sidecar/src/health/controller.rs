@@ -48,8 +48,16 @@ impl Decision {
         self.action.into()
     }
 
-    /// The isolator's `FaultReport` for this decision; the agent supplies the job identity.
-    pub fn to_report(&self, job: &str, ranks: Vec<u32>, generation: u64, pod: &str) -> ckptd_proto::v1::FaultReport {
+    /// The isolator's `FaultReport` for this decision; the agent supplies the job identity and
+    /// the phase of the faulty ranks (`None`: unknown).
+    pub fn to_report(
+        &self,
+        job: &str,
+        ranks: Vec<u32>,
+        generation: u64,
+        pod: &str,
+        phase: Option<ckpt_core::Phase>,
+    ) -> ckptd_proto::v1::FaultReport {
         let f = &self.finding;
         ckptd_proto::v1::FaultReport {
             job: job.to_owned(),
@@ -64,6 +72,7 @@ impl Decision {
             gpu: f.gpu,
             pci: f.pci.clone().unwrap_or_default(),
             observed_unix_ms: f.observed_unix_ms(),
+            phase: phase.map(|p| p.as_str().to_owned()).unwrap_or_default(),
         }
     }
 }
@@ -620,7 +629,8 @@ mod tests {
             count: 1,
             escalated: false,
         };
-        let r = d.to_report("job", vec![4], 7, "pod-0");
+        let r = d.to_report("job", vec![4], 7, "pod-0", Some(ckpt_core::Phase::CheckpointLoad));
+        assert_eq!(r.phase, "checkpoint-load");
         assert_eq!(r.action, ckptd_proto::v1::FaultAction::DrainNode as i32);
         assert_eq!(
             (r.gpu, r.pci.as_str(), r.kind.as_str(), r.source.as_str()),

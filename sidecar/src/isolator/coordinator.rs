@@ -637,6 +637,7 @@ impl Coordinator {
                         kind: a.kind.clone(),
                         action: a.action,
                         evidence: a.evidence.clone(),
+                        phase: None,
                     })
                 })
                 .collect()
@@ -670,7 +671,7 @@ impl Coordinator {
     async fn act(self: &Arc<Self>, f: Fault) -> Result<FaultAck> {
         let hardware = repair::is_hardware_class(&f.kind);
         let detected = now_ms();
-        let (start_cycle, joined, phase, pod, handling, rule_note) = self.with_job(&f.job, |job| {
+        let (start_cycle, joined, phase, pod, handling, rule_note, rank_phase) = self.with_job(&f.job, |job| {
             for &r in &f.ranks {
                 job.check_rank(r)?;
             }
@@ -682,7 +683,9 @@ impl Coordinator {
                 .or_else(|| f.ranks.first().and_then(|r| job.ranks.get(r)))
                 .filter(|r| !r.pod.is_empty() && !r.namespace.is_empty())
                 .map(|r| PodRef { namespace: r.namespace.clone(), name: r.pod.clone() });
-            let rank_phase = handling::fault_phase(f.ranks.iter().map(|r| job.ranks.get(r).and_then(|r| r.phase)));
+            let rank_phase = f
+                .phase
+                .or_else(|| handling::fault_phase(f.ranks.iter().map(|r| job.ranks.get(r).and_then(|r| r.phase))));
             let handling = handling::decide(f.action, rank_phase, hardware);
             let action = handling.action;
             let phase = job.state.name();
@@ -705,7 +708,7 @@ impl Coordinator {
                 tracing::warn!(job = %crate::text::peer(&f.job), kind = %crate::text::peer(&f.kind), node = %f.node, action = ?action, phase = ?rank_phase, "fault: {} -> {}", job.state.name(), next.name());
                 job.state = next;
             }
-            Ok((next.is_some(), joined, phase, pod, handling, rule_note))
+            Ok((next.is_some(), joined, phase, pod, handling, rule_note, rank_phase))
         })?;
         let action = handling.action;
         let seq = self.fault_seq.fetch_add(1, Ordering::Relaxed);
@@ -721,6 +724,7 @@ impl Coordinator {
             phase,
             f.action,
         );
+        rec.fault_phase = rank_phase.map(|p| p.as_str().to_string()).unwrap_or_default();
         if let Some(p) = &pod {
             rec.pod.clone_from(&p.name);
             rec.namespace.clone_from(&p.namespace);
@@ -881,13 +885,17 @@ impl Coordinator {
     }
 
     /// The repair system reports `node` fixed: releases it as [`release`](Self::release) does
-    /// and stamps the repair time on the fault record of the repair this isolator requested.
+    /// and stamps the repair time on the fault record of the repair (requested by this isolator,
+    /// or by an earlier leader: then found in the stored records).
     /// `Ok(None)` when the node is not isolated by ckptd. A `ticket` other than the one the repair
     /// system answered with is refused.
     pub async fn repaired(&self, node: &str, ticket: Option<&str>) -> Result<Option<RepairDone>> {
         self.ensure_leader()?;
         check_name("node", node, true)?;
-        let pending = self.settings.repair.as_ref().and_then(|r| r.pending(node));
+        let pending = match self.settings.repair.as_ref().and_then(|r| r.pending(node)) {
+            Some(p) => Some(p),
+            None => repair::find_stored_repair(self.faults.log().as_ref(), node).await,
+        };
         if let (Some(got), Some(want)) = (ticket, pending.as_ref().and_then(|p| p.ticket.as_deref()))
             && got != want
         {
@@ -900,7 +908,7 @@ impl Coordinator {
             return Ok(None);
         }
         let at = now_ms();
-        let pending = self.settings.repair.as_ref().and_then(|r| r.forget(node));
+        let pending = self.settings.repair.as_ref().and_then(|r| r.forget(node)).or(pending);
         if let Some(p) = &pending {
             self.faults.repaired(&p.job, &p.record, at);
         }

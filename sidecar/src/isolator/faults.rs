@@ -68,6 +68,11 @@ pub struct FaultRecord {
     pub evidence: String,
     /// The job's state when the fault arrived.
     pub phase: String,
+    /// The fault's phase (`init`, `step`, `checkpoint-save`, `checkpoint-load`), by which it was
+    /// handled: the one the agent's report carries, else the faulty ranks' from their last
+    /// heartbeats (an alert's, an older agent's); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fault_phase: String,
     /// The action asked for.
     pub requested: Action,
     /// The action taken (an isolation may be refused by the circuit breaker).
@@ -152,6 +157,7 @@ impl FaultRecord {
             kind: kind.to_string(),
             evidence: cut(evidence, MAX_EVIDENCE),
             phase: phase.to_string(),
+            fault_phase: String::new(),
             requested,
             decision: requested,
             note: String::new(),
@@ -194,6 +200,7 @@ impl From<&FaultRecord> for pb::FaultRecord {
             kind: r.kind.clone(),
             evidence: r.evidence.clone(),
             phase: r.phase.clone(),
+            fault_phase: r.fault_phase.clone(),
             requested: pb::FaultAction::from(r.requested) as i32,
             decision: pb::FaultAction::from(r.decision) as i32,
             note: r.note.clone(),
@@ -225,6 +232,7 @@ impl From<&pb::FaultRecord> for FaultRecord {
             kind: r.kind.clone(),
             evidence: r.evidence.clone(),
             phase: r.phase.clone(),
+            fault_phase: r.fault_phase.clone(),
             requested: action(r.requested),
             decision: action(r.decision),
             note: r.note.clone(),
@@ -296,6 +304,9 @@ pub trait FaultLog: Send + Sync + std::fmt::Debug {
     fn store<'a>(&'a self, rec: &'a FaultRecord, keep: usize) -> BoxFuture<'a, Result<()>>;
     /// The job's stored records, oldest first; empty when it has none.
     fn list<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<Vec<FaultRecord>>>;
+    /// Every job's stored records, for a lookup by node rather than by job (the done report of a
+    /// repair that an earlier leader requested, see [`super::repair::stored_repair`]).
+    fn all(&self) -> BoxFuture<'_, Result<Vec<FaultRecord>>>;
     /// The PyTorchJob, JobSet or Job that owns the pod (through a Job when the pod's owner is
     /// one), or `None` when it has no such owner or is gone.
     fn owner<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Option<Owner>>>;
@@ -348,6 +359,12 @@ impl FaultLog for MemoryFaultLog {
     fn list<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<Vec<FaultRecord>>> {
         Box::pin(async move {
             Ok(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job).cloned().unwrap_or_default())
+        })
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<FaultRecord>>> {
+        Box::pin(async move {
+            Ok(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect())
         })
     }
 
@@ -604,11 +621,13 @@ mod tests {
     fn a_record_is_json_with_rfc3339_times_and_round_trips() {
         let mut r = rec(1, 1_700_000_000_123);
         r.isolated_at = Some(1_700_000_000_500);
+        r.fault_phase = "checkpoint-save".into();
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["detected_at"], "2023-11-14T22:13:20.123Z");
         assert_eq!(v["isolated_at"], "2023-11-14T22:13:20.500Z");
         assert_eq!(v["requested"], "drain-node");
         assert_eq!(v["kind"], "xid-79");
+        assert_eq!((&v["phase"], &v["fault_phase"]), (&"Running".into(), &"checkpoint-save".into()));
         assert!(v.get("resumed_at").is_none(), "stages that did not happen are left out");
         let back: FaultRecord = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);

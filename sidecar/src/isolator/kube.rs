@@ -4,7 +4,7 @@
 //!
 //! RBAC it needs: nodes get/list/patch, pods get/delete, events create (and leases, see
 //! [`lease`](super::lease)). [`KubeFaultLog`] keeps fault records in ConfigMaps of the isolator's
-//! namespace (configmaps get/create/patch there) and finds the job object that owns a pod (pods
+//! namespace (configmaps get/list/create/patch there) and finds the job object that owns a pod (pods
 //! and jobs.batch get).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -391,6 +391,23 @@ impl KubeFaultLog {
         }
     }
 
+    async fn do_all(&self) -> Result<Vec<FaultRecord>> {
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| kube_err("list", &format!("configmaps/{}", self.namespace), e))?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|cm| {
+                let name = cm.metadata.name.as_deref()?;
+                name.starts_with(FAULTS_CONFIGMAP_PREFIX).then(|| Self::parse(name, cm))
+            })
+            .flatten()
+            .collect())
+    }
+
     async fn do_owner(&self, pod: &PodRef) -> Result<Option<Owner>> {
         let p = match Api::<Pod>::namespaced(self.client.clone(), &pod.namespace).get(&pod.name).await {
             Ok(p) => p,
@@ -423,6 +440,10 @@ impl FaultLog for KubeFaultLog {
 
     fn list<'a>(&'a self, job: &'a str) -> BoxFuture<'a, Result<Vec<FaultRecord>>> {
         Box::pin(self.do_list(job))
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<FaultRecord>>> {
+        Box::pin(self.do_all())
     }
 
     fn owner<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Option<Owner>>> {

@@ -8,6 +8,10 @@
 //! a timeout and a few retries, so the coordinator never waits for the repair system; each answer
 //! reaches the record through the [`FaultSink`]. The circuit breaker bounds how many requests go
 //! out ([`Breaker::try_acquire_repair`](super::breaker::Breaker::try_acquire_repair)).
+//!
+//! The requests in flight live in the leader's memory. A new leader that gets a done report finds
+//! the repair in the stored records instead ([`stored_repair`]), so the record is stamped whoever
+//! requested it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::faults::{FaultRecord, FaultSink};
+use super::faults::{FaultLog, FaultRecord, FaultSink};
 use super::hook::Hook;
 use crate::health::Action;
 
@@ -241,6 +245,34 @@ pub struct Pending {
     pub record: String,
     /// The repair system's ticket, once known.
     pub ticket: Option<String>,
+}
+
+/// The repair of `node` that its done report stamps, found in `records` (every job's) rather than
+/// in the leader's memory: the newest record of the node whose repair request went out (any outcome
+/// but rate-limited), unless that one is repaired already. An older record left unrepaired is not
+/// picked: the report is about the node's latest repair.
+pub fn stored_repair(records: &[FaultRecord], node: &str) -> Option<Pending> {
+    let newest = records
+        .iter()
+        .filter(|r| r.node == node && r.repair.as_ref().is_some_and(|p| p.outcome != RepairOutcome::RateLimited))
+        .max_by(|a, b| a.detected_at.cmp(&b.detected_at).then_with(|| a.id.cmp(&b.id)))?;
+    newest.repaired_at.is_none().then(|| Pending {
+        job: newest.job.clone(),
+        record: newest.id.clone(),
+        ticket: newest.repair.as_ref().and_then(|r| r.ticket.clone()),
+    })
+}
+
+/// [`stored_repair`] over every record in `log`. A log that cannot be read is logged and finds
+/// nothing: the node is still released, its record is not stamped.
+pub async fn find_stored_repair(log: &dyn FaultLog, node: &str) -> Option<Pending> {
+    match log.all().await {
+        Ok(records) => stored_repair(&records, node),
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot read the fault records: the repair time is not stamped");
+            None
+        }
+    }
 }
 
 /// The coordinator's end of the repair hook: the requests in flight by node, and a bounded queue
@@ -476,6 +508,33 @@ mod tests {
         r = Repair::rate_limited(Action::DrainNode);
         assert_eq!(Repair::from(&pb::RepairAnswer::from(&r)), r);
         assert_eq!(serde_json::to_value(&r).unwrap()["outcome"], "rate-limited");
+    }
+
+    #[test]
+    fn a_stored_repair_is_the_newest_sent_one_of_the_node_until_it_is_repaired() {
+        let rec = |seq: u64, at: u64, job: &str, node: &str, repair: Option<Repair>| {
+            let mut r = FaultRecord::new(seq, at, job, &[0], node, "nvml", "xid-79", "", "Running", Action::DrainNode);
+            r.repair = repair;
+            r
+        };
+        let accepted =
+            |ticket: &str| parse_answer(Action::DrainNode, 1, 200, format!(r#"{{"ticket": "{ticket}"}}"#).as_bytes());
+        let old = rec(1, 10, "a", "n1", Some(accepted("T-1")));
+        let newer = rec(2, 20, "b", "n1", Some(Repair::requested(Action::DrainNode, 20)));
+        let limited = rec(3, 30, "a", "n1", Some(Repair::rate_limited(Action::DrainNode)));
+        let no_repair = rec(4, 40, "a", "n1", None);
+        let elsewhere = rec(5, 50, "a", "n2", Some(accepted("T-5")));
+        let records = vec![old.clone(), newer.clone(), limited, no_repair, elsewhere.clone()];
+        let found = stored_repair(&records, "n1").expect("n1 has a repair");
+        assert_eq!((found.job.as_str(), found.record.as_str(), found.ticket), ("b", newer.id.as_str(), None));
+        let found = stored_repair(&records, "n2").expect("n2 has a repair");
+        assert_eq!((found.record.as_str(), found.ticket.as_deref()), (elsewhere.id.as_str(), Some("T-5")));
+        assert_eq!(stored_repair(&records, "n3"), None);
+        // Once the newest is repaired, the older unrepaired one is not picked up instead.
+        let mut repaired = newer;
+        repaired.repaired_at = Some(25);
+        assert_eq!(stored_repair(&[old.clone(), repaired], "n1"), None);
+        assert_eq!(stored_repair(std::slice::from_ref(&old), "n1").map(|p| p.record), Some(old.id));
     }
 
     #[tokio::test]

@@ -124,6 +124,9 @@ pub struct Fault {
     pub action: Action,
     /// The line or counter that proves it, at most 4096 characters.
     pub evidence: String,
+    /// The faulty ranks' phase when the agent reported it; `None` from an agent that does not say
+    /// (or a name this isolator does not know), and for alerts.
+    pub phase: Option<Phase>,
 }
 
 impl TryFrom<&FaultReport> for Fault {
@@ -148,6 +151,7 @@ impl TryFrom<&FaultReport> for Fault {
             kind: f.kind.clone(),
             action,
             evidence: f.evidence.chars().take(MAX_EVIDENCE).collect(),
+            phase: f.phase.parse().ok(),
         })
     }
 }
