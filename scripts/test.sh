@@ -291,6 +291,15 @@ reliability_summary() {
                 printf "reliability: %s: %d (%s)\n", label, total, detail == "" ? "none recorded" : detail
             }' "$RELIABILITY_LOG"
     done
+    # The crash loop's restarts: spawn of a killed trainer's successor to its loaded step.
+    sort -t $'\t' -k3,3n "$RELIABILITY_LOG" | awk -F '\t' '
+        $1 == "restart-ms" { ms[n++] = $3; if (!($2 in slowest) || $3 > slowest[$2]) slowest[$2] = $3 }
+        END {
+            if (n == 0) { print "reliability: restarts after a kill: none recorded"; exit }
+            detail = ""
+            for (k in slowest) detail = detail (detail == "" ? "" : ", ") k " " slowest[k] " ms"
+            printf "reliability: restarts after a kill: %d loaded their step; median %d ms, slowest %d ms (slowest by configuration: %s)\n", n, ms[int(n / 2)], ms[n - 1], detail
+        }'
 }
 
 # One line per recovery drill the suite ran: where the job resumed and how long each phase took.

@@ -6,7 +6,9 @@
 //! directory holds a temporary shard file.
 //!
 //! Iterations per configuration: `CKPTD_CRASH_LOOP_ITERATIONS` (default 13, so 52 kills in all).
-//! The kills delivered are recorded in the reliability tally (`CKPTD_RELIABILITY_LOG`).
+//! The kills delivered are recorded in the reliability tally (`CKPTD_RELIABILITY_LOG`), and so is
+//! each restart's time from spawn to a loaded step (class `restart-ms`): `scripts/test.sh` prints
+//! the slowest and the median. Measured, never asserted (no test asserts a time).
 
 #[path = "../../ckpt-core/tests/common/reliability.rs"]
 mod reliability;
@@ -31,6 +33,8 @@ const PATIENCE: Duration = Duration::from_secs(120);
 const ELEMS: usize = 64 * 1024;
 
 static KILLS: AtomicU64 = AtomicU64::new(0);
+/// Spawn-to-`loaded` of every restart, in milliseconds, with the configuration it ran in.
+static RESTARTS: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
 
 fn pattern(step: u64, rank: u32) -> Vec<f32> {
     (0..ELEMS).map(|i| (step as f32) * 0.5 + (rank as f32) * 1000.0 + (i % 97) as f32).collect()
@@ -141,6 +145,7 @@ fn say(line: std::fmt::Arguments<'_>) {
 struct Trainer {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    spawned: Instant,
 }
 
 fn spawn(spec: String) -> Trainer {
@@ -166,7 +171,7 @@ fn spawn_with(spec: String, env: &[(&str, &str)]) -> Trainer {
             }
         }
     });
-    Trainer { child, lines }
+    Trainer { child, lines, spawned: Instant::now() }
 }
 
 impl Trainer {
@@ -261,6 +266,13 @@ fn run(sidecar: bool, world: u32) {
             .collect();
         for t in &mut trainers {
             t.expect("loaded");
+            let ms = t.spawned.elapsed().as_millis() as u64;
+            let config = format!(
+                "{} {world} rank{}",
+                if sidecar { "sidecar" } else { "embedded" },
+                if world == 1 { "" } else { "s" }
+            );
+            RESTARTS.lock().unwrap().push((config, ms));
         }
         for t in &mut trainers {
             t.expect("saved");
@@ -348,6 +360,9 @@ fn sidecar_two_ranks() {
 /// Records the kills delivered so far (and not recorded yet) in the reliability tally.
 fn report() {
     reliability::record("sigkill", "trainers and agents (client crash loop)", KILLS.swap(0, Ordering::Relaxed));
+    for (config, ms) in RESTARTS.lock().unwrap().drain(..) {
+        reliability::record("restart-ms", &config, ms);
+    }
 }
 
 /// A second process of the same job and rank is refused, naming the holder's pid, and the first
