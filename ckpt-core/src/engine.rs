@@ -14,7 +14,7 @@ use tokio::runtime::{Handle, Runtime};
 use crate::catalog::{self, Depth, StepInfo, VerifyReport};
 use crate::commit::{self, CommitConfig};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, ShardEntry};
+use crate::manifest::{Manifest, Resize, ShardEntry};
 use crate::persist::{self, PersistConfig, ShardId, ShardInfo, Snapshot};
 use crate::restore::{self, ReadConfig, ShardHeader, ShardRef};
 use crate::retention::{self, GcReport, RetentionPolicy};
@@ -220,6 +220,13 @@ impl Engine {
     /// Verifies every byte of a committed step, reporting every problem found.
     pub fn verify(&self, job: &str, step: u64) -> Result<VerifyReport> {
         catalog::verify_step(&self.store, &self.rt(), &self.cfg.read, job, step)
+    }
+
+    /// The saved rank whose shard rank `rank` of a `world_size`-rank job restores from committed
+    /// `step`: `rank` when the step was saved at this world size, else as `resize` maps it (see
+    /// [`Manifest::restore_rank`]).
+    pub fn restore_rank(&self, job: &str, step: u64, rank: u32, world_size: u32, resize: Resize) -> Result<u32> {
+        self.manifest(job, step)?.restore_rank(rank, world_size, resize)
     }
 
     /// Reads a shard's validated trailer and index (its tensor table and metadata) without its

@@ -40,7 +40,7 @@ pub use dtype::DType;
 pub use engine::{Engine, EngineConfig};
 pub use error::{Error, ErrorKind, Location, Result};
 pub use format::{ShardIndex, Trailer};
-pub use manifest::{Manifest, ShardEntry};
+pub use manifest::{Manifest, Resize, ShardEntry};
 pub use persist::{PersistConfig, ShardInfo, Snapshot};
 pub use progress::Phase;
 pub use restore::{ReadConfig, ShardHeader};

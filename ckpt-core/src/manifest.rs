@@ -63,6 +63,53 @@ pub struct Manifest {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// What a reader running with another number of ranks than the step was saved by does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resize {
+    /// Refuse: the job waits until it runs with the ranks it saved with (a replacement node).
+    #[default]
+    Wait,
+    /// The job's data-parallel replicas hold the same state: a rank loads the shard of a saved
+    /// rank with its own tensor- and pipeline-parallel position (ranks ordered tensor-parallel
+    /// fastest, then data-parallel, then pipeline: `rank = t + tp × (d + dp × p)`), so the job
+    /// resumes at another data-parallel size. Each rank's user metadata is that replica's.
+    Replicas {
+        /// Tensor-parallel size (the same before and after).
+        tp: u32,
+        /// Pipeline-parallel size (the same before and after).
+        pp: u32,
+    },
+}
+
+impl Resize {
+    /// The saved rank whose shard `rank` of a `world_size`-rank job loads from a step saved by
+    /// `saved` ranks, or why it cannot.
+    pub fn source_rank(self, rank: u32, world_size: u32, saved: u32) -> std::result::Result<u32, String> {
+        if world_size == saved {
+            return Ok(rank);
+        }
+        let sizes = format!("the step was saved by {saved} ranks and this job runs {world_size}");
+        match self {
+            Resize::Wait => Err(format!(
+                "{sizes}: it waits for its {saved} ranks (resize policy `wait`); if its data-parallel replicas hold the same state (DDP, not ZeRO/FSDP sharding), set ckptd.io/on-resize=replicas (CKPTD_ON_RESIZE=replicas) to resume at {world_size}"
+            )),
+            Resize::Replicas { tp, pp } => {
+                let mp = u64::from(tp) * u64::from(pp);
+                if mp == 0 || u64::from(saved) % mp != 0 || u64::from(world_size) % mp != 0 {
+                    return Err(format!(
+                        "{sizes}, and a model-parallel group of tp={tp} x pp={pp} ranks does not divide both: only the data-parallel size may change"
+                    ));
+                }
+                let (dp_new, dp_old) = (u64::from(world_size) / mp, u64::from(saved) / mp);
+                let (r, tp) = (u64::from(rank), u64::from(tp));
+                let (t, d, p) = (r % tp, (r / tp) % dp_new, r / (tp * dp_new));
+                let src = t + tp * ((d % dp_old) + dp_old * p);
+                u32::try_from(src).map_err(|_| format!("{sizes}: rank {rank} has no replica"))
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct VersionProbe {
     format: Option<String>,
@@ -179,6 +226,17 @@ impl Manifest {
         self.shards.get(rank as usize)
     }
 
+    /// The saved rank whose entry rank `rank` of a `world_size`-rank job restores, under
+    /// `resize` when the step was saved by another number of ranks; a
+    /// [`Error::StateMismatch`] that says what to do otherwise.
+    pub fn restore_rank(&self, rank: u32, world_size: u32, resize: Resize) -> Result<u32> {
+        let mismatch = |reason: String| Error::StateMismatch { step: self.step, problems: vec![reason] };
+        if rank >= world_size {
+            return Err(mismatch(format!("rank {rank} is outside world size {world_size}")));
+        }
+        resize.source_rank(rank, world_size, self.world_size).map_err(mismatch)
+    }
+
     /// Total stored bytes of the step.
     pub fn total_size(&self) -> u64 {
         self.shards.iter().map(|s| s.size).sum()
@@ -245,6 +303,29 @@ mod tests {
         assert_eq!(Manifest::decode(&v1.encode()).unwrap(), v1);
         v1.shards[2].object = layout::shard_name(0);
         assert!(Manifest::decode(&v1.encode()).is_err(), "version 1 has no replica cover");
+    }
+
+    #[test]
+    fn a_resize_maps_ranks_to_replicas_with_their_model_parallel_position() {
+        let map = |resize: Resize, world: u32, saved: u32| -> Vec<u32> {
+            (0..world).map(|r| resize.source_rank(r, world, saved).unwrap()).collect()
+        };
+        let dp = Resize::Replicas { tp: 1, pp: 1 };
+        assert_eq!(map(dp, 2, 4), [0, 1], "a smaller data-parallel size");
+        assert_eq!(map(dp, 4, 2), [0, 1, 0, 1], "a larger one");
+        assert_eq!(map(Resize::Wait, 3, 3), [0, 1, 2], "the same size needs no policy");
+        // tp=2, pp=2: saved dp=2 (8 ranks), resumed at dp=1 (4 ranks). Rank = t + 2(d + dp·p).
+        let mp = Resize::Replicas { tp: 2, pp: 2 };
+        assert_eq!(map(mp, 4, 8), [0, 1, 4, 5], "pipeline stage 1 is ranks 4, 5 of the saved job");
+        assert_eq!(map(mp, 12, 8), [0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5], "dp 3 from dp 2");
+        let e = Resize::Wait.source_rank(0, 2, 4).unwrap_err();
+        assert!(e.contains("saved by 4 ranks") && e.contains("ckptd.io/on-resize=replicas"), "{e}");
+        let e = mp.source_rank(0, 6, 8).unwrap_err();
+        assert!(e.contains("only the data-parallel size may change"), "{e}");
+        let m = sample();
+        assert_eq!(m.restore_rank(1, 2, dp).unwrap(), 1);
+        assert_eq!(m.restore_rank(2, 2, dp).unwrap_err().kind(), crate::ErrorKind::Mismatch);
+        assert_eq!(m.restore_rank(0, 2, Resize::Wait).unwrap_err().kind(), crate::ErrorKind::Mismatch);
     }
 
     #[test]

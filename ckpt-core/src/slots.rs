@@ -178,6 +178,33 @@ pub fn memory_tier_serves(engine: &Engine, job: &str, tier_step: u64) -> bool {
     }
 }
 
+/// Who restores: rank `rank` of a job of `world_size` ranks, with the job's resize policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Restorer {
+    /// The rank.
+    pub rank: u32,
+    /// The job's world size now.
+    pub world_size: u32,
+    /// What the rank loads from a step saved at another world size.
+    pub resize: crate::Resize,
+}
+
+/// Whether a memory tier holding `tier_step` holds what `who` restores from that step: the rank's
+/// own shard, so not when the step was saved at another world size and the resize refuses it or
+/// maps the rank to another saved rank (after a resize the arena of rank r may hold another
+/// pipeline stage's state). One MANIFEST read; when it fails with anything but "not found", the memory tier is
+/// trusted, as [`memory_tier_serves`] trusts it when storage cannot be listed.
+pub fn memory_tier_holds(engine: &Engine, job: &str, tier_step: u64, who: Restorer) -> bool {
+    match engine.manifest(job, tier_step) {
+        Ok(m) => m.restore_rank(who.rank, who.world_size, who.resize).is_ok_and(|src| src == who.rank),
+        Err(e) if e.kind() == crate::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!(job, step = tier_step, error = %e, "cannot read the MANIFEST; trusting the memory tier");
+            true
+        }
+    }
+}
+
 /// A durable slot held in the `reading` state, so that no save or restore reuses it while its
 /// bytes are copied out. Dropping it makes the slot durable again.
 #[derive(Debug)]

@@ -95,7 +95,8 @@ impl PyCheckpointer {
     #[new]
     #[pyo3(signature = (
         job, *, store=None, rank=None, world_size=None, socket=None, slots=2, compression="none",
-        arena_dir=None, chunk_size=None, commit_timeout=None, strict_restore=false
+        arena_dir=None, chunk_size=None, commit_timeout=None, strict_restore=false, on_resize=None,
+        parallel=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -111,6 +112,8 @@ impl PyCheckpointer {
         chunk_size: Option<u64>,
         commit_timeout: Option<f64>,
         strict_restore: bool,
+        on_resize: Option<String>,
+        parallel: Option<String>,
     ) -> PyResult<Self> {
         let mut cfg = CheckpointerConfig::new(job);
         cfg.store = store;
@@ -120,6 +123,13 @@ impl PyCheckpointer {
         cfg.slots = slots;
         cfg.arena_dir = arena_dir;
         cfg.strict_restore = strict_restore;
+        if on_resize.is_some() || parallel.is_some() {
+            let on_resize = on_resize.or_else(|| ckptd::env::nonempty(ckptd::env::ENV_ON_RESIZE));
+            let parallel = parallel.or_else(|| ckptd::env::nonempty(ckptd::env::ENV_PARALLEL));
+            let resize = ckptd::resize::parse(on_resize.as_deref(), parallel.as_deref())
+                .map_err(|reason| invalid_config("on_resize", reason))?;
+            cfg.resize = Some(resize);
+        }
         cfg.engine.persist.compression = compression.parse::<Compression>().map_err(core_to_py)?;
         if let Some(size) = chunk_size {
             cfg.engine.persist.chunk_size = u32::try_from(size)

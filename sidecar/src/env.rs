@@ -38,6 +38,9 @@ pub const ENV_WORLD_SIZE: &str = "CKPTD_WORLD_SIZE";
 /// it from the `ckptd.io/parallel` annotation; the agent checks it against the world size and
 /// reports it to the isolator.
 pub const ENV_PARALLEL: &str = "CKPTD_PARALLEL";
+/// The job's resize policy (`wait` or `replicas`, see [`crate::resize`]): the webhook sets it from
+/// the `ckptd.io/on-resize` annotation in the trainer and the agent; `ckptd agent --on-resize`.
+pub const ENV_ON_RESIZE: &str = "CKPTD_ON_RESIZE";
 /// The most ranks, and so trainer sessions, the agent serves (`--max-sessions`).
 pub const ENV_MAX_SESSIONS: &str = "CKPTD_MAX_SESSIONS";
 /// How long the agent lets persists finish after SIGTERM (`--grace-period`).
@@ -246,6 +249,7 @@ mod tests {
         ("ENV_LAUNCHER_WORLD_SIZE", ENV_LAUNCHER_WORLD_SIZE),
         ("ENV_WORLD_SIZE", ENV_WORLD_SIZE),
         ("ENV_PARALLEL", ENV_PARALLEL),
+        ("ENV_ON_RESIZE", ENV_ON_RESIZE),
         ("ENV_GRACE_PERIOD", ENV_GRACE_PERIOD),
         ("ENV_RESTART_GRACE", ENV_RESTART_GRACE),
         ("ENV_RESTART_KILL_AFTER", ENV_RESTART_KILL_AFTER),

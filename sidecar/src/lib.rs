@@ -16,6 +16,7 @@ pub mod http;
 #[cfg(feature = "server")]
 pub mod isolator;
 pub mod layout;
+pub mod resize;
 #[cfg(feature = "server")]
 pub mod webhook;
 

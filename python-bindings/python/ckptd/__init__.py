@@ -87,7 +87,9 @@ EXIT_RESTART: Final[int] = _native.EXIT_RESTART
 #: Exit code of a worker the library ended on a stop order (its node is being isolated).
 EXIT_STOP: Final[int] = _native.EXIT_STOP
 
-_ADVANCED: Final = frozenset({"arena_dir", "chunk_size", "commit_timeout", "strict_restore"})
+_ADVANCED: Final = frozenset(
+    {"arena_dir", "chunk_size", "commit_timeout", "strict_restore", "on_resize", "parallel"}
+)
 
 #: The least time (seconds) between two progress reports in the same phase. A report is a round
 #: trip to the agent; hang budgets are seconds to minutes, so a step waits at most this long to be
@@ -342,7 +344,14 @@ class Checkpointer:
     ``/dev/shm/ckptd``), ``chunk_size`` (bytes), ``commit_timeout`` (seconds rank 0 waits for
     every rank's shard), ``strict_restore`` (``load()`` of the newest step raises
     :class:`CorruptCheckpoint` when that step's data is damaged, instead of restoring the newest
-    sound step with a warning, the default).
+    sound step with a warning, the default), ``on_resize`` and ``parallel`` (embedded mode; the
+    agent has ``--on-resize``): what ``load()`` does with a step saved by another number of ranks.
+    ``"wait"`` (the default, else ``$CKPTD_ON_RESIZE``) raises :class:`StateMismatch`: the job waits
+    for its ranks. ``"replicas"`` says the data-parallel replicas hold the same state (DDP, not
+    ZeRO/FSDP sharding): each rank loads the saved shard of a replica at its own tensor- and
+    pipeline-parallel position (ranks ordered tensor-parallel fastest, then data-parallel, then
+    pipeline; ``parallel="dp=4,tp=2,pp=1"``, default ``$CKPTD_PARALLEL``, gives the sizes), so the
+    job resumes at another data-parallel size; its per-rank ``extra`` is that replica's.
     """
 
     def __init__(

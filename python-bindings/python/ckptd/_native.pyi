@@ -64,6 +64,8 @@ class _Checkpointer:
         chunk_size: int | None = None,
         commit_timeout: float | None = None,
         strict_restore: bool = False,
+        on_resize: str | None = None,
+        parallel: str | None = None,
     ) -> _Checkpointer: ...
     def save(
         self,

@@ -67,6 +67,12 @@ pub struct AgentArgs {
     /// omitted factor is 1). Its product must be `--world-size`; it is reported to the isolator.
     #[arg(long, env = ENV_PARALLEL)]
     pub parallel: Option<crate::layout::Layout>,
+    /// What a rank restores from a step saved by another number of ranks: `wait` (refused: the job
+    /// waits for its ranks) or `replicas` (its data-parallel replicas hold the same state: a rank
+    /// restores the shard of the saved rank at its tensor- and pipeline-parallel position, taken
+    /// from `--parallel`). Set by the webhook from `ckptd.io/on-resize`.
+    #[arg(long, env = ENV_ON_RESIZE, default_value = "wait")]
+    pub on_resize: String,
     /// The most ranks this agent serves, each with at most one trainer session; an attach beyond it
     /// is refused (ResourceExhausted). A rank keeps its arena and persist thread after its trainer
     /// detaches, so every rank served counts. Default: `--world-size`, else the number of
@@ -162,6 +168,8 @@ pub(crate) struct AgentConfig {
     pub arena_dir: PathBuf,
     pub slots: u32,
     pub world_size: Option<u32>,
+    /// `--on-resize`, with the layout's model-parallel sizes.
+    pub resize: ckpt_core::Resize,
     pub keep: usize,
     /// `--restart-kill-after`; `None` never signals.
     pub restart_kill_after: Option<Duration>,
@@ -272,6 +280,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
             arena_dir: args.arena_dir.clone(),
             slots: args.slots,
             world_size: args.world_size,
+            resize: crate::resize::parse(Some(&args.on_resize), args.parallel.map(|l| l.to_string()).as_deref())
+                .map_err(|reason| config_error("--on-resize", reason))?,
             keep: args.keep,
             restart_kill_after: Some(args.restart_kill_after.into()).filter(|d: &Duration| !d.is_zero()),
         },
@@ -795,10 +805,28 @@ impl Agent {
     /// holds it, else by reading the shard from storage. Returns the step and whether storage was
     /// read. Blocking; call with the staging lock held.
     fn stage(&self, rank: &Rank, step: u64) -> Result<(u64, bool)> {
-        if self.in_memory(rank, step).is_some() {
-            return Ok((step, false));
+        // The rank whose shard this rank restores: its own, or after a resize its replica's. A
+        // world size not known yet (a prefetch before any attach, no --world-size) is the step's.
+        let world_size = rank.lock().world_size.or(self.cfg.world_size);
+        let source = match world_size {
+            Some(w) => self.engine.restore_rank(&self.cfg.job, step, rank.rank, w, self.cfg.resize)?,
+            None => rank.rank,
+        };
+        let staged_from = if rank.lock().resized.is_some_and(|(s, _)| s == step) {
+            rank.lock().resized.map(|(_, from)| from)
+        } else {
+            Some(rank.rank)
+        };
+        if let Some((arena, slot)) = self.in_memory(rank, step) {
+            if staged_from == Some(source) {
+                return Ok((step, false));
+            }
+            // This rank's own (or another replica's) copy of the step: not what it restores now.
+            if arena.transition(slot, ckpt_core::arena::SlotState::Durable, ckpt_core::arena::SlotState::Writing) {
+                arena.release(slot);
+            }
         }
-        let header = self.engine.shard_header(&self.cfg.job, step, rank.rank)?;
+        let header = self.engine.shard_header(&self.cfg.job, step, source)?;
         let needed = slots::slot_size_with_headroom(&header.index.table, header.index.metadata.len());
         let current = rank.lock().arena.clone();
         let arena = match current {
@@ -813,8 +841,9 @@ impl Agent {
                 arena.path().display()
             ),
         })?;
-        slots::stage(&self.engine, &arena, slot, &self.cfg.job, rank.rank, step, &header)?;
+        slots::stage(&self.engine, &arena, slot, &self.cfg.job, source, step, &header)?;
         let mut inner = rank.lock();
+        inner.resized = (source != rank.rank).then_some((step, source));
         inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
         Ok((step, true))
     }

@@ -87,8 +87,11 @@ impl Embedded {
         }
     }
 
-    /// The shard header of `step` for `rank` (its tensor table and metadata).
-    pub(super) fn header(&self, job: &str, step: u64, rank: u32) -> Result<ShardHeader> {
-        Ok(self.engine.shard_header(job, step, rank)?)
+    /// The shard header (tensor table and metadata) of `step` that `who` restores, with the rank
+    /// that saved that shard: `who`'s own, or after a resize the replica's its policy names (a
+    /// [`ckpt_core::Error::StateMismatch`] when the policy refuses the resize).
+    pub(super) fn header(&self, job: &str, step: u64, who: slots::Restorer) -> Result<(u32, ShardHeader)> {
+        let source = self.engine.restore_rank(job, step, who.rank, who.world_size, who.resize)?;
+        Ok((source, self.engine.shard_header(job, step, source)?))
     }
 }

@@ -33,7 +33,7 @@ use ckpt_core::copy::cuda::{CudaCopy, CudaPinner, cuda_available};
 use ckpt_core::copy::host::HostCopy;
 use ckpt_core::copy::{CopyEngine, CopyTicket, Device, Direction, Region};
 use ckpt_core::slots::{self, ReadHold};
-use ckpt_core::{DType, Engine, EngineConfig, TensorMeta, TensorTable};
+use ckpt_core::{DType, Engine, EngineConfig, Resize, TensorMeta, TensorTable};
 
 pub use self::embedded::DEFAULT_LOCAL_STORE;
 pub use self::handle::SaveHandle;
@@ -67,6 +67,10 @@ pub struct CheckpointerConfig {
     /// the agent orders a restart or a stop and the script has not acted on it in time (see
     /// [`OrderExit`]; default: `CKPTD_RESTART_GRACE`, else after 3 s).
     pub order_exit: OrderExit,
+    /// What a load does with a step saved by another number of ranks (embedded mode; the agent
+    /// has its own `--on-resize`); `None` means `CKPTD_ON_RESIZE` with the layout in
+    /// `CKPTD_PARALLEL` (see [`crate::resize`]), else [`Resize::Wait`]: refused.
+    pub resize: Option<Resize>,
 }
 
 impl CheckpointerConfig {
@@ -84,6 +88,7 @@ impl CheckpointerConfig {
             engine: EngineConfig::default(),
             strict_restore: false,
             order_exit: OrderExit::default(),
+            resize: None,
         }
     }
 }
@@ -129,7 +134,18 @@ impl CheckpointerConfig {
             });
         }
         (self.rank, self.world_size) = (Some(rank), Some(world_size));
+        if self.resize.is_none() {
+            let on_resize = lookup(env::ENV_ON_RESIZE);
+            let resize = crate::resize::parse(on_resize.as_deref(), lookup(env::ENV_PARALLEL).as_deref())
+                .map_err(|reason| Error::Config { what: env::ENV_ON_RESIZE.into(), reason })?;
+            self.resize = Some(resize);
+        }
         Ok(())
+    }
+
+    /// This process as a restorer: its rank, the world size and the resize policy.
+    pub(crate) fn restorer(&self) -> slots::Restorer {
+        slots::Restorer { rank: self.rank(), world_size: self.world_size(), resize: self.resize.unwrap_or_default() }
     }
 }
 
@@ -461,7 +477,7 @@ impl Checkpointer {
             }
             Mode::Embedded(m) => {
                 let step = m.resolve(&cfg.job, step)?;
-                let header = m.header(&cfg.job, step, cfg.rank())?;
+                let (_, header) = m.header(&cfg.job, step, cfg.restorer())?;
                 Ok(Description { step, table: header.index.table, metadata: header.index.metadata })
             }
         }
@@ -523,7 +539,8 @@ impl Checkpointer {
                         .as_ref()
                         .and_then(|a| slots::memory_tier_step(a))
                         .filter(|&t| slots::memory_tier_serves(&m.engine, &cfg.job, t)),
-                };
+                }
+                .filter(|&t| slots::memory_tier_holds(&m.engine, &cfg.job, t, cfg.restorer()));
                 // A slot that fails verification is dropped (and logged): the load reads storage.
                 let tier = arena.zip(tier_step).and_then(|(a, s)| ReadHold::of_step(&a, s).ok().flatten());
                 match tier {
@@ -540,10 +557,10 @@ impl Checkpointer {
                             cfg.strict_restore,
                             Error::is_damage,
                             |step| {
-                                let header = m.header(&cfg.job, step, cfg.rank())?;
+                                let (source, header) = m.header(&cfg.job, step, cfg.restorer())?;
                                 let (table, metadata) = (header.index.table.clone(), header.index.metadata.clone());
                                 verdict(&Description { step, table, metadata })?;
-                                self.stage_embedded(m, step, &header)
+                                self.stage_embedded(m, step, source, &header)
                             },
                         )?;
                         let restored = restored.ok_or_else(|| Error::NoCheckpoint {
@@ -571,10 +588,18 @@ impl Checkpointer {
     }
 
     /// Embedded: reads `step` from storage into a slot, which stays the memory tier.
-    fn stage_embedded(&self, m: &embedded::Embedded, step: u64, header: &ckpt_core::ShardHeader) -> Result<ReadHold> {
+    /// Reads `source`'s shard of `step` (this rank's, or the replica's it restores after a resize)
+    /// into a free slot and holds it for reading.
+    fn stage_embedded(
+        &self,
+        m: &embedded::Embedded,
+        step: u64,
+        source: u32,
+        header: &ckpt_core::ShardHeader,
+    ) -> Result<ReadHold> {
         let cfg = &self.shared.cfg;
         let (arena, slot) = self.slot_for(&header.index.table, header.index.metadata.len())?;
-        slots::stage(&m.engine, &arena, slot, &cfg.job, cfg.rank(), step, header)?;
+        slots::stage(&m.engine, &arena, slot, &cfg.job, source, step, header)?;
         ReadHold::new(&arena, slot)?.ok_or_else(|| Error::Busy {
             what: "the arena slot",
             reason: format!("slot {slot} changed before it could be read"),
