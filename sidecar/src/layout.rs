@@ -4,6 +4,15 @@
 //! it and hands it to the agent as `CKPTD_PARALLEL`, which reads it back with this same parser and
 //! reports it to the isolator. One parser on both sides means a value the webhook admits is one the
 //! agent accepts. The launcher's own variables (torchrun, Megatron) are not read.
+//!
+//! Ranks are numbered in Megatron-LM's default order: tensor-parallel fastest, then
+//! data-parallel, then pipeline-parallel, so the rank at tensor index `t`, data index `d` and
+//! pipeline index `p` is `t + tp × (d + dp × p)`. Ranks that differ only in their data-parallel
+//! index are **data-parallel replicas** ([`Layout::replicas`]): the isolator takes a faulty
+//! rank's shard of an emergency snapshot from a healthy replica (docs/ISOLATOR.md). A job whose
+//! ranks of one data-parallel group do not hold the same state (ZeRO or FSDP sharding across
+//! data-parallel ranks) must not declare them as replicas: it declares `dp=1` with those ranks in
+//! another factor, or no layout.
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,6 +48,18 @@ impl Layout {
     /// The number of ranks the layout describes: `dp × tp × pp`.
     pub fn world_size(&self) -> u64 {
         u64::from(self.dp) * u64::from(self.tp) * u64::from(self.pp)
+    }
+
+    /// The data-parallel replicas of `rank`: the other ranks with its tensor- and
+    /// pipeline-parallel indexes (rank order in the module documentation), in ascending order.
+    /// None when `dp` is 1 or `rank` is not below the world size.
+    pub fn replicas(&self, rank: u32) -> impl Iterator<Item = u32> + use<> {
+        let (tp, dp) = (u64::from(self.tp), u64::from(self.dp));
+        let r = u64::from(rank);
+        let groups = if r < self.world_size() { dp } else { 0 };
+        let (t, d, p) = (r % tp, (r / tp) % dp, r / (tp * dp));
+        // Every rank of the layout is below its world size, which fits a u32 (`Layout::new`).
+        (0..groups).filter(move |&o| o != d).filter_map(move |o| u32::try_from(t + tp * (o + dp * p)).ok())
     }
 
     /// Why the layout does not fit a job of `world_size` ranks, or `None` when it does.
@@ -138,6 +159,25 @@ mod tests {
     }
 
     #[test]
+    fn replicas_share_the_tensor_and_pipeline_index() {
+        let replicas = |dp, tp, pp, rank| Layout::new(dp, tp, pp).unwrap().replicas(rank).collect::<Vec<u32>>();
+        assert_eq!(replicas(2, 1, 1, 0), vec![1]);
+        assert_eq!(replicas(2, 1, 1, 1), vec![0]);
+        assert_eq!(replicas(4, 1, 1, 2), vec![0, 1, 3]);
+        // tp=2: ranks 0 and 1 are tensor neighbours (one layer split in two), 0 and 2 replicas.
+        assert_eq!(replicas(2, 2, 1, 0), vec![2]);
+        assert_eq!(replicas(2, 2, 1, 1), vec![3]);
+        assert_eq!(replicas(2, 2, 1, 3), vec![1]);
+        // dp=2,tp=2,pp=2: rank 5 is t=1, d=0, p=1; its replica is t=1, d=1, p=1 = 1 + 2 × (1 + 2) = 7.
+        assert_eq!(replicas(2, 2, 2, 5), vec![7]);
+        assert_eq!(replicas(2, 2, 2, 2), vec![0]);
+        assert_eq!(replicas(3, 4, 2, 13), vec![17, 21]);
+        assert!(replicas(1, 4, 2, 3).is_empty(), "dp=1: no replica");
+        assert!(replicas(2, 2, 1, 4).is_empty(), "outside the world");
+        assert!(replicas(2, 2, 1, u32::MAX).is_empty());
+    }
+
+    #[test]
     fn bad_values_name_the_part_and_the_form() {
         for (text, why) in [
             ("", "is not a factor"),
@@ -175,6 +215,23 @@ mod tests {
     }
 
     proptest! {
+        /// Replicas are symmetric, distinct from the rank, inside the world, `dp - 1` of them,
+        /// and agree with the rank order `t + tp × (d + dp × p)`.
+        #[test]
+        fn replicas_follow_the_rank_order(dp in 1u32..=8, tp in 1u32..=8, pp in 1u32..=4, pick in any::<u32>()) {
+            let l = Layout::new(dp, tp, pp).unwrap();
+            let world = dp * tp * pp;
+            let rank = pick % world;
+            let got: Vec<u32> = l.replicas(rank).collect();
+            prop_assert_eq!(got.len() as u32, dp - 1);
+            for &o in &got {
+                prop_assert!(o < world && o != rank);
+                prop_assert_eq!(o % tp, rank % tp, "same tensor index");
+                prop_assert_eq!(o / (tp * dp), rank / (tp * dp), "same pipeline index");
+                prop_assert!(l.replicas(o).any(|b| b == rank), "symmetric");
+            }
+        }
+
         /// Every layout prints to a text that parses back to it, in either spelling and any order.
         #[test]
         fn display_round_trips(dp in 1u32..=4096, tp in 1u32..=64, pp in 1u32..=64, long in any::<bool>(), rot in 0usize..3) {

@@ -1,6 +1,7 @@
 //! The isolator against kmock, a stateful Kubernetes API emulator: node isolation (cordon, taint,
-//! evidence, Events, pod deletion) and its idempotence, release, the circuit breaker and leader
-//! election through a Lease with two isolator processes.
+//! evidence, Events, pod deletion) and its idempotence, release, the circuit breaker, leader
+//! election through a Lease with two isolator processes, and an emergency snapshot that a
+//! faulty rank's data-parallel replica completes.
 //!
 //! Needs `pip install kmock` (see tests/support/kmock.rs for the skip rule).
 #![cfg(feature = "server")]
@@ -10,12 +11,16 @@ mod isolator_proc;
 #[path = "support/kmock.rs"]
 mod kmock;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
+use ckpt_core::{DType, Engine, EngineConfig, Manifest, Snapshot, TensorMeta, TensorTable};
 use ckptd::ErrorKind;
 use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
-use ckptd_proto::v1::{FaultAction, FaultReport};
-use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
+use ckptd::layout::Layout;
+use ckptd_proto::v1::{FaultAction, FaultReport, command};
+use isolator_proc::{IsolatorProc, TOKEN, ckptctl_faults, eventually, token_file};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kmock::{Kmock, POD_NAMESPACE, cordoned, events_about, job_on, taints};
@@ -237,4 +242,125 @@ async fn a_straggler_gets_an_event_on_its_pod_and_is_not_isolated() {
     assert!(ev.message.unwrap_or_default().contains("rank 1"));
     assert!(!cordoned(&Api::<Node>::all(client.clone()).get("node-1").await.unwrap()));
     assert_eq!(links[0].list_jobs().await.unwrap()[0].stragglers, vec![1]);
+}
+
+/// The training state at `step`: data-parallel replicas hold the same bytes.
+fn replica_state(step: u64) -> Snapshot {
+    let metas =
+        vec![TensorMeta::new("w", DType::F32, vec![256]).unwrap(), TensorMeta::new("b", DType::U8, vec![3]).unwrap()];
+    let table = TensorTable::packed(metas, 64).unwrap();
+    let data: Vec<u8> = (0..table.total_len()).map(|i| (i as u8).wrapping_mul(31) ^ (step as u8)).collect();
+    Snapshot { table, data: Bytes::from(data), metadata: br#"{"step":"replica"}"#.to_vec() }
+}
+
+/// A dp=2 job (two replicas of the model, `ckptd.io/parallel: dp=2`): rank 1's node fails during
+/// a step, rank 0 takes the emergency snapshot, and the step commits with rank 1's entry naming
+/// rank 0's shard; every rank restores it, and rank 1 loads rank 0's state from it. Under the
+/// rule that every rank must vote, the step would not commit and the restore would name step 1.
+#[tokio::test]
+async fn a_data_parallel_replica_completes_the_faulty_ranks_emergency_snapshot() {
+    let Some(km) = Kmock::start(2) else { return };
+    let dir = TempDir::new().unwrap();
+    let iso = start(&dir, &km, "isolator", &["--max-isolated", "2", "--max-isolated-fraction", "1"]);
+    let store = format!("file://{}", dir.path().join("store").display());
+    let dp2 = Layout::new(2, 1, 1);
+    let mut links = Vec::new();
+    for rank in 0..2u32 {
+        let l = IsolatorLink::connect(&iso.url(), LinkCredentials::token(TOKEN)).await.unwrap().with_parallel(dp2);
+        l.register("job", &[rank], 2, &format!("node-{rank}"), &format!("train-{rank}"), POD_NAMESPACE, &store)
+            .await
+            .unwrap();
+        links.push(l);
+    }
+    let mut streams: Vec<_> = links.iter().map(IsolatorLink::commands).collect();
+    eventually("both agents to subscribe", LIMIT, || async {
+        let jobs = links[0].list_jobs().await.unwrap();
+        (jobs[0].connected_agents == 2).then_some(())
+    })
+    .await;
+    assert_eq!(links[0].list_jobs().await.unwrap()[0].parallel, dp2.map(Into::into));
+    let write = |step: u64, rank: u32| {
+        let store = store.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let engine = Engine::open(&store, EngineConfig::default()).unwrap();
+                engine.write_shard("job", step, rank, 2, &replica_state(step)).unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // Step 1 is saved by both ranks and commits.
+    for (rank, l) in links.iter().enumerate() {
+        let shard = write(1, rank as u32).await;
+        assert_eq!(l.vote_durable(&shard, &BTreeMap::new()).await.unwrap(), rank == 1);
+    }
+
+    // Rank 1's GPU falls off the bus during step 2.
+    let fault = FaultReport { ranks: vec![1], ..xid(1) };
+    let ack = links[1].report_fault(fault).await.unwrap();
+    assert_eq!(ack.action, FaultAction::DrainNode as i32, "{}", ack.note);
+    let next = |rx: &mut tokio::sync::mpsc::Receiver<ckptd_proto::v1::Command>| {
+        let cmd = rx.try_recv();
+        cmd.ok().and_then(|c| c.command)
+    };
+    let asked = eventually("rank 0 to be asked for an emergency snapshot", LIMIT, || {
+        let got = next(&mut streams[0]);
+        async move { got }
+    })
+    .await;
+    assert!(matches!(asked, command::Command::SnapshotNow(_)), "{asked:?}");
+    let stop = eventually("rank 1 to be stopped", LIMIT, || {
+        let got = next(&mut streams[1]);
+        async move { got }
+    })
+    .await;
+    assert!(matches!(stop, command::Command::Stop(_)), "{stop:?}");
+    // Rank 0's emergency snapshot of step 2 completes the step: rank 1 is faulty and rank 0
+    // holds its state.
+    let shard = write(2, 0).await;
+    assert!(links[0].vote_durable(&shard, &BTreeMap::new()).await.unwrap(), "the replica completes step 2");
+
+    for (rank, rx) in streams.iter_mut().enumerate() {
+        let restore = eventually("the restore", LIMIT, || {
+            let got = next(rx);
+            async move {
+                match got {
+                    Some(command::Command::Restore(r)) => Some(r),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        assert_eq!((restore.step, restore.generation, restore.from_scratch), (2, 1, false), "rank {rank}");
+    }
+    let nodes = Api::<Node>::all(km.client());
+    assert!(cordoned(&nodes.get("node-1").await.unwrap()), "the faulty node is isolated");
+    assert!(!cordoned(&nodes.get("node-0").await.unwrap()));
+
+    // Rank 1 loads step 2 through the engine: rank 0's shard, the same state.
+    let s = store.clone();
+    let (manifest, (h0, rank0), (h1, rank1)) = tokio::task::spawn_blocking(move || {
+        let engine = Engine::open(&s, EngineConfig::default()).unwrap();
+        (engine.manifest("job", 2).unwrap(), engine.restore("job", 2, 0).unwrap(), engine.restore("job", 2, 1).unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(manifest.shards[1].object, shard.object, "rank 1's entry names rank 0's shard");
+    assert_eq!((manifest.shards[1].rank, Manifest::source_rank(&manifest.shards[1])), (1, 0));
+    assert_eq!(rank1, replica_state(2).data.to_vec());
+    assert_eq!(rank1, rank0);
+    assert_eq!((h1.index.table, h1.index.metadata), (h0.index.table, h0.index.metadata));
+
+    // The fault record says where rank 1's shard came from.
+    let note = eventually("the restart in the fault record", LIMIT, || {
+        let records = ckptctl_faults(&iso, dir.path(), "job");
+        async move {
+            let rec = records.into_iter().next()?;
+            rec.get("restart_at")?;
+            rec["note"].as_str().map(str::to_string)
+        }
+    })
+    .await;
+    assert!(note.contains("step 2 committed") && note.contains("rank 1 from rank 0"), "{note}");
 }

@@ -1,16 +1,19 @@
 //! The durable-vote tally of one step: every rank votes once that its shard is durable on the
-//! store, and the step is ready for its MANIFEST when all `world_size` ranks have voted.
+//! store, and the step is ready for its MANIFEST when all `world_size` ranks have voted, or,
+//! during an evacuation, when every rank that did not vote is faulty and has a healthy
+//! data-parallel replica that did ([`Ballot::replica_cover`]).
 //!
-//! Pure: the coordinator owns the ballots, writes the MANIFEST when [`Ballot::add`] says the step
-//! is complete, and aborts ballots whose deadline passed.
+//! Pure: the coordinator owns the ballots, decides when the replica rule applies, writes the
+//! MANIFEST when the step is complete, and aborts ballots whose deadline passed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use ckpt_core::ShardEntry;
 use ckpt_core::store::layout;
 use ckptd_proto::v1::DurableVote;
 
+use crate::layout::Layout;
 use crate::{Error, Result};
 
 /// Largest shard length a vote may declare (16 TiB): anything above is a hostile or broken peer.
@@ -136,14 +139,36 @@ impl Ballot {
         self.votes.keys().copied().collect()
     }
 
-    /// The MANIFEST entries, sorted by rank.
-    pub fn entries(&self) -> Vec<ShardEntry> {
-        self.votes.values().map(|v| v.entry.clone()).collect()
+    /// The healthy replicas that complete this ballot for the `faulty` ranks that did not vote:
+    /// for each, the lowest replica (per `layout`, [`Layout::replicas`]) that is not faulty and
+    /// voted. `None` when a rank that is not faulty has not voted, when a faulty rank that did not
+    /// vote has no such replica, when every rank voted (the ballot is complete without replicas),
+    /// or when `layout` does not describe the ballot's world size.
+    pub fn replica_cover(&self, faulty: &BTreeSet<u32>, layout: &Layout) -> Option<BTreeMap<u32, u32>> {
+        if layout.world_size() != u64::from(self.world_size) {
+            return None;
+        }
+        let mut cover = BTreeMap::new();
+        for rank in (0..self.world_size).filter(|r| !self.votes.contains_key(r)) {
+            if !faulty.contains(&rank) {
+                return None;
+            }
+            let replica = layout.replicas(rank).find(|g| !faulty.contains(g) && self.votes.contains_key(g))?;
+            cover.insert(rank, replica);
+        }
+        (!cover.is_empty()).then_some(cover)
     }
 
-    /// Rank 0's metadata, which the MANIFEST carries.
-    pub fn metadata(&self) -> BTreeMap<String, String> {
-        self.votes.get(&0).map(|v| v.metadata.clone()).unwrap_or_default()
+    /// The MANIFEST entries, sorted by rank, and its metadata (rank 0's), for a ballot that every
+    /// rank voted or that `cover` ([`Ballot::replica_cover`]) completes: a covered rank's entry is
+    /// its replica's, naming the replica's shard, with the covered rank; a covered rank 0's
+    /// metadata is its replica's. `None` when a rank has neither a vote nor a cover.
+    pub fn manifest(&self, cover: &BTreeMap<u32, u32>) -> Option<(Vec<ShardEntry>, BTreeMap<String, String>)> {
+        let vote = |rank: u32| self.votes.get(&rank).or_else(|| self.votes.get(cover.get(&rank)?));
+        let entries = (0..self.world_size)
+            .map(|rank| vote(rank).map(|v| ShardEntry { rank, ..v.entry.clone() }))
+            .collect::<Option<Vec<ShardEntry>>>()?;
+        Some((entries, vote(0)?.metadata.clone()))
     }
 }
 
@@ -172,8 +197,41 @@ mod tests {
         assert_eq!(b.add(Vote::try_from(&vote(0, 10)).unwrap()).unwrap(), Tally::Pending(1));
         assert_eq!(b.add(Vote::try_from(&vote(0, 10)).unwrap()).unwrap(), Tally::Repeated);
         assert_eq!(b.add(Vote::try_from(&vote(1, 20)).unwrap()).unwrap(), Tally::Complete);
-        let e = b.entries();
+        let (e, _) = b.manifest(&BTreeMap::new()).unwrap();
         assert_eq!((e[0].rank, e[1].rank, e[1].size), (0, 1, 20));
+    }
+
+    #[test]
+    fn a_faulty_non_voter_is_covered_by_a_healthy_replica_that_voted() {
+        let dp2 = Layout::new(2, 1, 1).unwrap();
+        let faulty = |r: &[u32]| r.iter().copied().collect::<BTreeSet<u32>>();
+        let mut b = Ballot::new(7, 2, Instant::now());
+        assert_eq!(b.replica_cover(&faulty(&[0]), &dp2), None, "nobody voted");
+        let mut v0 = vote(0, 10);
+        v0.metadata = br#"{"lr":"0.1"}"#.to_vec();
+        b.add(Vote::try_from(&v0).unwrap()).unwrap();
+        assert_eq!(b.manifest(&BTreeMap::new()), None, "rank 1 neither voted nor is covered");
+        assert_eq!(b.replica_cover(&faulty(&[]), &dp2), None, "a healthy rank has not voted");
+        assert_eq!(b.replica_cover(&faulty(&[0, 1]), &dp2), None, "the only replica is faulty");
+        assert_eq!(b.replica_cover(&faulty(&[1]), &Layout::new(1, 2, 1).unwrap()), None, "a tensor neighbour");
+        assert_eq!(b.replica_cover(&faulty(&[1]), &Layout::new(4, 1, 1).unwrap()), None, "another world size");
+        let cover = b.replica_cover(&faulty(&[1]), &dp2).unwrap();
+        assert_eq!(cover, BTreeMap::from([(1, 0)]));
+        let (e, meta) = b.manifest(&cover).unwrap();
+        assert_eq!((e[1].rank, e[1].object.as_str(), e[1].size), (1, e[0].object.as_str(), 10));
+        assert_eq!(meta["lr"], "0.1");
+        b.add(Vote::try_from(&vote(1, 20)).unwrap()).unwrap();
+        assert_eq!(b.replica_cover(&faulty(&[1]), &dp2), None, "every rank voted");
+
+        // A covered rank 0 brings its replica's metadata.
+        let mut b = Ballot::new(7, 2, Instant::now());
+        let mut v1 = vote(1, 10);
+        v1.metadata = br#"{"lr":"0.2"}"#.to_vec();
+        b.add(Vote::try_from(&v1).unwrap()).unwrap();
+        let cover = b.replica_cover(&faulty(&[0]), &dp2).unwrap();
+        let (e, meta) = b.manifest(&cover).unwrap();
+        assert_eq!((e[0].rank, e[0].object.as_str()), (0, e[1].object.as_str()));
+        assert_eq!(meta["lr"], "0.2");
     }
 
     #[test]

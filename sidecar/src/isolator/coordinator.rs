@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ckpt_core::{Engine, EngineConfig};
+use ckpt_core::{Engine, EngineConfig, ShardEntry};
 use ckptd_proto::v1::{
     Command, FaultAck, FaultAction, HeartbeatAck, JobStatus, RegisterReply, RestoreCommand, SnapshotNowCommand,
     StopCommand, command,
@@ -31,6 +31,7 @@ use super::request::{Fault, Heartbeat, Registration, ShardVote, Subscription, ch
 use super::state::{Event, JobState};
 use super::straggler::Detector;
 use crate::health::Action;
+use crate::layout::Layout;
 use crate::{Error, Result};
 
 /// Most steps of one job with open ballots at once; more means ranks race far apart or a peer is
@@ -266,6 +267,46 @@ impl Job {
         Ok(Admission::Open)
     }
 
+    /// The declared layout, when the replica rule applies: the job evacuates, its commits are not
+    /// held, and the layout has more than one data-parallel replica and describes the job's world
+    /// size. Once the restore is ordered (Restoring, a new generation) it no longer applies.
+    fn replica_layout(&self) -> Option<Layout> {
+        let l = self.parallel?;
+        let applies = self.state == JobState::Evacuating
+            && self.hold.is_none()
+            && l.dp > 1
+            && l.world_size() == u64::from(self.world_size);
+        applies.then_some(l)
+    }
+
+    /// Whether every faulty rank has a data-parallel replica that is not faulty, under the
+    /// replica rule: a step that the healthy ranks save can then still complete.
+    fn replicas_cover_faulty(&self) -> bool {
+        self.replica_layout().is_some_and(|l| {
+            !self.faulty.is_empty() && self.faulty.iter().all(|&f| l.replicas(f).any(|g| !self.faulty.contains(&g)))
+        })
+    }
+
+    /// Claims `step` for its commit (`committing`) when its ballot is ready: `complete` (every
+    /// rank voted), or complete by the replica rule (every rank that did not vote is faulty and
+    /// a healthy data-parallel replica of it voted, [`Ballot::replica_cover`]). `None` when the
+    /// step is not ready or is being committed already.
+    fn claim_commit(&mut self, step: u64, complete: bool) -> Option<Ready> {
+        if self.committing.contains(&step) {
+            return None;
+        }
+        let ballot = self.ballots.get(&step)?;
+        let cover = if complete {
+            BTreeMap::new()
+        } else {
+            let layout = self.replica_layout()?;
+            ballot.replica_cover(&self.faulty, &layout)?
+        };
+        let (shards, metadata) = ballot.manifest(&cover)?;
+        self.committing.insert(step);
+        Some(Ready { step, shards, metadata, cover })
+    }
+
     /// Sends `cmd` to the subscribers `pick` selects; drops those whose agent went away.
     fn send(&mut self, cmd: &Command, pick: impl Fn(&Subscriber) -> bool) {
         self.subscribers.retain(|s| !s.tx.is_closed());
@@ -275,6 +316,18 @@ impl Job {
             }
         }
     }
+}
+
+/// A step claimed for its commit ([`Job::claim_commit`]).
+#[derive(Debug)]
+struct Ready {
+    step: u64,
+    /// The MANIFEST entries, one per rank.
+    shards: Vec<ShardEntry>,
+    /// The MANIFEST metadata.
+    metadata: BTreeMap<String, String>,
+    /// Faulty rank → the healthy replica whose shard its entry names (empty: every rank voted).
+    cover: BTreeMap<u32, u32>,
 }
 
 /// What [`Job::admit`] decided about a vote.
@@ -314,7 +367,8 @@ fn refuse_vote(v: &ShardVote, committed: bool, e: ckpt_core::Error) -> Error {
 }
 
 /// Whether the evacuation of `job` is over: a step newer than `base` committed, or no open step
-/// can still complete (some faulty rank has not voted for it, and it is not being committed).
+/// can still complete (some faulty rank has not voted for it and has no healthy data-parallel
+/// replica to cover it, and it is not being committed).
 fn snapshots_settled(job: &Job, base: Option<u64>) -> bool {
     if job.committed > base {
         return true;
@@ -326,8 +380,9 @@ fn snapshots_settled(job: &Job, base: Option<u64>) -> bool {
         // An interrupted save: no step can commit before the restart.
         return true;
     }
-    if job.faulty.is_empty() {
-        // Every rank may still snapshot a new step: only the bound ends the wait.
+    if job.faulty.is_empty() || job.replicas_cover_faulty() {
+        // Every rank may still snapshot a new step, or the healthy replicas complete any step
+        // the healthy ranks save: only a commit or the bound ends the wait.
         return false;
     }
     !job.ballots.values().any(|b| {
@@ -791,9 +846,10 @@ impl Coordinator {
     }
 
     /// A fault during `checkpoint-save` ([`Rule::InterruptedSave`]): aborts every open ballot not
-    /// already being committed (a ballot being committed has every shard voted: that step was
-    /// saved, not interrupted) and the steps the faulty ranks were saving, and holds the job's
-    /// commits until the restart, so the restore uses the last committed step. Returns the note.
+    /// already being committed (a ballot being committed has a voted shard for every rank, its own
+    /// or a healthy replica's: that step was saved, not interrupted) and the steps the faulty ranks
+    /// were saving, and holds the job's commits until the restart, so the restore uses the last
+    /// committed step. Returns the note.
     fn hold_commits(f: &Fault, job: &mut Job) -> String {
         let committed = job.committed;
         let mut steps: BTreeSet<u64> = job.ballots.keys().filter(|s| !job.committing.contains(s)).copied().collect();
@@ -931,7 +987,7 @@ impl Coordinator {
     async fn recover(self: Arc<Self>, name: String) {
         // Degraded: the isolation ran before this task started (or was refused or not needed).
         let snapshot = self.with_job(&name, |job| {
-            let Some(next) = job.state.on(Event::Isolated) else { return Ok(false) };
+            let Some(next) = job.state.on(Event::Isolated) else { return Ok(None) };
             job.state = next;
             let faulty = job.faulty.clone();
             if job.hold.is_none() {
@@ -949,15 +1005,33 @@ impl Coordinator {
             };
             job.send(&stop, |s| !s.ranks.is_empty() && s.ranks.iter().all(|r| faulty.contains(r)));
             tracing::warn!(job = %name, "evacuating: healthy ranks snapshot now");
-            Ok(true)
+            // A step that the healthy ranks voted before the fault may be complete by the replica
+            // rule already: the newest such step commits now, since no vote may come for it.
+            let steps: Vec<u64> = job.ballots.keys().rev().copied().collect();
+            let ready = steps.into_iter().find_map(|s| job.claim_commit(s, false));
+            Ok(Some((job.committed, job.store.clone(), job.world_size, ready)))
         });
-        if !matches!(snapshot, Ok(true)) {
-            return;
+        let Ok(Some((base, store, world, ready))) = snapshot else { return };
+        if let Some(ready) = ready {
+            let step = ready.step;
+            let committed = match self.engine(&store).await {
+                Ok(engine) => self.commit(&name, engine, world, ready).await,
+                Err(e) => {
+                    let _ = self.with_job(&name, |job| {
+                        job.committing.remove(&step);
+                        Ok(())
+                    });
+                    Err(e)
+                }
+            };
+            if let Err(e) = committed {
+                tracing::error!(job = %name, step, error = %e, "cannot commit the step its healthy replicas completed");
+            }
         }
         // Evacuating: the emergency snapshots can only commit a step that every faulty rank
-        // already voted for (or, with no faulty rank, any new step). Wait, with a bound, until a
-        // newer step commits or no such step can complete any more.
-        let base = lock(&self.jobs).get(&name).and_then(|j| j.committed);
+        // already voted for, or that healthy data-parallel replicas complete (section "Handling
+        // by layout" of docs/ISOLATOR.md), or, with no faulty rank, any new step. Wait, with a
+        // bound, until a newer step commits or no such step can complete any more.
         let until = Instant::now() + self.settings.snapshot_timeout;
         loop {
             let notified = self.settled.notified();
@@ -1042,39 +1116,53 @@ impl Coordinator {
             let world = job.world_size;
             let ballot =
                 job.ballots.entry(v.step).or_insert_with(|| Ballot::new(v.step, world, Instant::now().into_std()));
-            match ballot.add(v.vote.clone())? {
-                Tally::Pending(_) | Tally::Repeated => Ok(Some(None)),
-                Tally::Complete => {
-                    job.committing.insert(v.step);
-                    Ok(Some(Some((ballot.entries(), ballot.metadata()))))
-                }
-            }
+            let complete = ballot.add(v.vote.clone())? == Tally::Complete;
+            Ok(Some(job.claim_commit(v.step, complete)))
         })?;
-        let (shards, metadata) = match ready {
-            None => return Ok(true),
-            Some(None) => return Ok(false),
-            Some(Some(r)) => r,
-        };
-        let (job, step, world) = (v.job.clone(), v.step, v.world_size);
+        match ready {
+            None => Ok(true),
+            Some(None) => Ok(false),
+            Some(Some(ready)) => self.commit(&v.job, engine, v.world_size, ready).await,
+        }
+    }
+
+    /// Writes the MANIFEST of a step claimed by [`Job::claim_commit`], re-reading every shard
+    /// ([`ckpt_core::Engine::commit_verified`]); on success older open steps are aborted, on
+    /// failure the step is. A step completed by replicas is noted in the recovery's fault records.
+    async fn commit(&self, name: &str, engine: Engine, world: u32, ready: Ready) -> Result<bool> {
+        let Ready { step, shards, metadata, cover } = ready;
+        let job = name.to_string();
         let outcome = tokio::task::spawn_blocking(move || engine.commit_verified(&job, step, world, shards, metadata))
             .await
             .map_err(|e| Error::Runtime { what: "commit the step", reason: e.to_string() })
             .and_then(|r| r.map_err(Error::from));
-        let result = self.with_job(&v.job, |job| {
-            job.committing.remove(&v.step);
+        let result = self.with_job(name, |job| {
+            job.committing.remove(&step);
             match outcome {
                 Ok(_) => {
-                    job.ballots.remove(&v.step);
-                    job.committed = Some(job.committed.map_or(v.step, |c| c.max(v.step)));
-                    let older: Vec<u64> = job.ballots.range(..v.step).map(|(s, _)| *s).collect();
+                    job.ballots.remove(&step);
+                    job.committed = Some(job.committed.map_or(step, |c| c.max(step)));
+                    let older: Vec<u64> = job.ballots.range(..step).map(|(s, _)| *s).collect();
                     for s in older {
-                        job.abort(&v.job, s, format!("the newer step {} committed first", v.step));
+                        job.abort(name, s, format!("the newer step {step} committed first"));
                     }
-                    tracing::info!(job = %v.job, step = v.step, "step committed globally");
+                    if cover.is_empty() {
+                        tracing::info!(job = %name, step, "step committed globally");
+                    } else {
+                        let from: Vec<String> = cover.iter().map(|(f, g)| format!("rank {f} from rank {g}")).collect();
+                        let note = format!(
+                            "step {step} committed with faulty ranks' shards from healthy data-parallel replicas ({})",
+                            from.join(", ")
+                        );
+                        tracing::warn!(job = %name, step, cover = ?cover, "step committed globally, faulty ranks' shards taken from their data-parallel replicas");
+                        for rec in job.records.iter_mut().filter(|r| r.restart_at.is_none()) {
+                            rec.note = if rec.note.is_empty() { note.clone() } else { format!("{}; {note}", rec.note) };
+                        }
+                    }
                     Ok(true)
                 }
                 Err(e) => {
-                    job.abort(&v.job, v.step, format!("commit failed: {e}"));
+                    job.abort(name, step, format!("commit failed: {e}"));
                     Err(e)
                 }
             }
@@ -1689,6 +1777,11 @@ mod tests {
     /// Writes rank `rank`'s shard of `step` (world size 2) to the store at `url` and returns its
     /// vote at generation 0.
     async fn durable_vote(url: &str, step: u64, rank: u32) -> ShardVote {
+        durable_vote_in(url, step, rank, 2).await
+    }
+
+    /// [`durable_vote`] for a job of `world` ranks.
+    async fn durable_vote_in(url: &str, step: u64, rank: u32, world: u32) -> ShardVote {
         let url = url.to_string();
         let info = tokio::task::spawn_blocking(move || {
             let engine = Engine::open(&url, EngineConfig::default()).unwrap();
@@ -1698,7 +1791,9 @@ mod tests {
             )
             .unwrap();
             let data = bytes::Bytes::from(vec![rank as u8; table.total_len() as usize]);
-            engine.write_shard("a", step, rank, 2, &ckpt_core::Snapshot { table, data, metadata: Vec::new() }).unwrap()
+            engine
+                .write_shard("a", step, rank, world, &ckpt_core::Snapshot { table, data, metadata: Vec::new() })
+                .unwrap()
         })
         .await
         .unwrap();
@@ -1706,7 +1801,7 @@ mod tests {
             job: "a".into(),
             step,
             rank,
-            world_size: 2,
+            world_size: world,
             shard_key: info.object.clone(),
             shard_len: info.size,
             shard_crc32c: info.index_crc32c,
@@ -1853,6 +1948,180 @@ mod tests {
                 };
                 assert!(!c.vote(again(0).await).await.unwrap());
                 assert!(c.vote(again(1).await).await.unwrap(), "{what}: step 2 commits at generation 1");
+            }
+            cancel.cancel();
+        }
+    }
+
+    /// One row of the replica rule's table (docs/ISOLATOR.md, "Handling by layout"): a job at
+    /// step 2 (step 1 committed) has a fault on `faulty`; `before` voted step 2 before the fault,
+    /// `after` vote it as their emergency snapshot.
+    struct ReplicaRow {
+        what: &'static str,
+        /// The declared layout (dp, tp); `None`: none declared.
+        layout: Option<(u32, u32)>,
+        world: u32,
+        faulty: &'static [u32],
+        /// The faulty ranks' phase.
+        phase: ckpt_core::Phase,
+        before: &'static [u32],
+        after: &'static [u32],
+        /// Per rank, the rank whose shard its MANIFEST entry of step 2 names; empty: step 2 does
+        /// not commit and the restore uses step 1.
+        sources: &'static [u32],
+    }
+
+    async fn next(commands: &mut mpsc::Receiver<Command>) -> Option<command::Command> {
+        let cmd = tokio::time::timeout(Duration::from_secs(600), commands.recv()).await;
+        cmd.expect("a command is sent").expect("the command stream stays open").command
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faulty_ranks_are_covered_by_healthy_data_parallel_replicas() {
+        use ckpt_core::Phase::{CheckpointSave, Step};
+        #[rustfmt::skip]
+        let rows = [
+            ReplicaRow { what: "dp=2: rank 1 faulty, its replica 0 snapshots", layout: Some((2, 1)), world: 2, faulty: &[1], phase: Step, before: &[], after: &[0], sources: &[0, 0] },
+            ReplicaRow { what: "dp=2: the replica voted before the fault (a normal save needs both)", layout: Some((2, 1)), world: 2, faulty: &[1], phase: Step, before: &[0], after: &[], sources: &[0, 0] },
+            ReplicaRow { what: "no layout declared", layout: None, world: 2, faulty: &[1], phase: Step, before: &[], after: &[0], sources: &[] },
+            ReplicaRow { what: "dp=2: a faulty rank that voted keeps its own shard", layout: Some((2, 1)), world: 2, faulty: &[1], phase: Step, before: &[1], after: &[0], sources: &[0, 1] },
+            ReplicaRow { what: "dp=2: an interrupted save holds every commit", layout: Some((2, 1)), world: 2, faulty: &[1], phase: CheckpointSave, before: &[0], after: &[], sources: &[] },
+            ReplicaRow { what: "dp=2,tp=2: rank 1's replica is 3, not its tensor neighbour 0", layout: Some((2, 2)), world: 4, faulty: &[1], phase: Step, before: &[], after: &[0, 2, 3], sources: &[0, 3, 2, 3] },
+            ReplicaRow { what: "dp=2,tp=2: rank 1's only replica 3 is faulty too (it voted)", layout: Some((2, 2)), world: 4, faulty: &[1, 3], phase: Step, before: &[0, 2, 3], after: &[], sources: &[] },
+            ReplicaRow { what: "dp=2,tp=2: rank 1's replica 3 is healthy but did not vote", layout: Some((2, 2)), world: 4, faulty: &[1], phase: Step, before: &[], after: &[0, 2], sources: &[] },
+            ReplicaRow { what: "dp=2,tp=2: healthy rank 2 did not vote", layout: Some((2, 2)), world: 4, faulty: &[1], phase: Step, before: &[], after: &[0, 3], sources: &[] },
+        ];
+        for row in rows {
+            let what = row.what;
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("file://{}", dir.path().display());
+            let fencer = Arc::new(MemoryFencer::new(8));
+            let (_l, leader) = watch::channel(true);
+            let (_h, holder) = watch::channel(String::new());
+            let cancel = CancellationToken::new();
+            let sink = FaultSink::spawn(Arc::new(MemoryFaultLog::new()), 50, None, cancel.clone());
+            let c = Coordinator::new(
+                settings(4, &url),
+                fencer,
+                sink,
+                Arc::new(Metrics::new()),
+                leader,
+                holder,
+                cancel.clone(),
+            );
+            let parallel = row.layout.map(|(dp, tp)| crate::layout::Layout::new(dp, tp, 1).unwrap().into());
+            for rank in 0..row.world {
+                let r = RegisterRequest {
+                    job: "a".into(),
+                    rank,
+                    world_size: row.world,
+                    node: format!("n{rank}"),
+                    pod: format!("a-{rank}"),
+                    namespace: "ns".into(),
+                    parallel,
+                    ..Default::default()
+                };
+                c.register(Registration::try_from(&r).unwrap()).await.unwrap();
+            }
+            let vote = |step, rank| {
+                let url = url.clone();
+                async move { durable_vote_in(&url, step, rank, row.world).await }
+            };
+            for rank in 0..row.world {
+                let done = c.vote(vote(1, rank).await).await.unwrap();
+                assert_eq!(done, rank + 1 == row.world, "{what}: step 1 commits with every vote");
+            }
+            let healthy: Vec<u32> = (0..row.world).filter(|r| !row.faulty.contains(r)).collect();
+            let mut commands =
+                c.subscribe(Subscription { job: "a".into(), ranks: healthy.clone(), generation: 0 }).unwrap();
+            for rank in 0..row.world {
+                let phase = if row.faulty.contains(&rank) { row.phase } else { Step };
+                let hb = Heartbeat {
+                    job: "a".into(),
+                    rank,
+                    generation: 0,
+                    step: 2,
+                    step_time: Duration::from_millis(5),
+                    phase: Some(phase),
+                };
+                c.heartbeat(hb).unwrap();
+            }
+            for &rank in row.before {
+                assert!(!c.vote(vote(2, rank).await).await.unwrap(), "{what}: a normal save needs every rank");
+            }
+            let f = FaultReport {
+                job: "a".into(),
+                ranks: row.faulty.to_vec(),
+                node: format!("n{}", row.faulty[0]),
+                kind: "xid-79".into(),
+                action: FaultAction::DrainNode as i32,
+                ..Default::default()
+            };
+            c.report_fault(Fault::try_from(&f).unwrap()).await.unwrap();
+            let mut pending = None;
+            if row.phase != CheckpointSave {
+                // The emergency snapshot is asked for; the restore may follow at once when nothing
+                // can complete.
+                match next(&mut commands).await {
+                    Some(command::Command::SnapshotNow(_)) => {}
+                    Some(command::Command::Restore(r)) => pending = Some(r),
+                    other => panic!("{what}: unexpected {other:?}"),
+                }
+            }
+            for &rank in row.after {
+                match c.vote(vote(2, rank).await).await {
+                    Ok(done) => assert!(!done || !row.sources.is_empty(), "{what}: step 2 committed"),
+                    Err(e) => assert_eq!(e.kind(), crate::ErrorKind::Stale, "{what}: {e}"),
+                }
+            }
+            let restore = match pending {
+                Some(r) => r,
+                None => loop {
+                    match next(&mut commands).await {
+                        Some(command::Command::Restore(r)) => break r,
+                        Some(command::Command::SnapshotNow(_)) => {}
+                        other => panic!("{what}: unexpected {other:?}"),
+                    }
+                },
+            };
+            let commits = !row.sources.is_empty();
+            let last = if commits { 2 } else { 1 };
+            assert_eq!((restore.step, restore.generation, restore.from_scratch), (last, 1, false), "{what}");
+            assert_eq!(c.list()[0].committed_step, last, "{what}");
+            let u = url.clone();
+            let manifest = tokio::task::spawn_blocking(move || {
+                Engine::open(&u, EngineConfig::default()).unwrap().manifest("a", 2)
+            })
+            .await
+            .unwrap();
+            let mut covered = Vec::new();
+            match manifest {
+                Ok(m) => {
+                    assert!(commits, "{what}: step 2 committed");
+                    let got: Vec<(u32, u32)> =
+                        m.shards.iter().map(|e| (e.rank, ckpt_core::Manifest::source_rank(e))).collect();
+                    let want: Vec<(u32, u32)> = row.sources.iter().copied().zip(0..).map(|(s, r)| (r, s)).collect();
+                    assert_eq!(got, want, "{what}: the ranks whose shards the entries name");
+                    covered = want.into_iter().filter(|(r, s)| r != s).collect();
+                }
+                Err(e) => {
+                    assert!(!commits, "{what}: {e}");
+                    assert_eq!(e.kind(), ckpt_core::ErrorKind::NotFound, "{what}: {e}");
+                }
+            }
+            // The record says which rank's shard came from which replica.
+            let mut rec = None;
+            for _ in 0..10_000 {
+                rec = c.faults("a").await.unwrap().into_iter().next().filter(|r| r.restart_at.is_some());
+                if rec.is_some() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let rec = rec.expect("the restart is recorded");
+            assert_eq!(rec.note.contains("replicas"), !covered.is_empty(), "{what}: {}", rec.note);
+            for (r, s) in covered {
+                assert!(rec.note.contains(&format!("rank {r} from rank {s}")), "{what}: {}", rec.note);
             }
             cancel.cancel();
         }
