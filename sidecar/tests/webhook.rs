@@ -467,6 +467,7 @@ fn every_kind_of_invalid_annotation_is_denied_with_its_name_and_form() {
         ("ckptd.io/parallel", "dp=8,cp=2", "unknown factor `cp`"),
         ("ckptd.io/parallel", "8x4x2", "dp=8,tp=4,pp=2"),
         ("ckptd.io/parallel", "dp=8,data=8", "sets a factor given before"),
+        ("ckptd.io/on-resize", "shrink", "`shrink` is not a resize policy"),
         ("ckptd.io/slot", "2", "unknown annotation ckptd.io/slot"),
     ];
     let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
@@ -997,6 +998,30 @@ mod parallel {
         assert!(value(&a, "CKPTD_WORLD_SIZE").is_none());
         let text: ckptd::layout::Layout = value(&a, "CKPTD_PARALLEL").unwrap().parse().unwrap();
         assert_eq!(text.world_size(), 15);
+        assert!(value(&a, "CKPTD_ON_RESIZE").is_none(), "no policy set: the agent's default, wait");
+    }
+
+    #[test]
+    fn the_resize_policy_reaches_the_agent_which_reads_it_with_the_layout() {
+        let (resp, obj) = admit(
+            &{
+                let mut raw: Value = serde_json::from_slice(&fixture("plain-pod.json")).unwrap();
+                let ann = &mut raw["request"]["object"]["metadata"]["annotations"];
+                ann["ckptd.io/parallel"] = "dp=4,tp=2".into();
+                ann["ckptd.io/on-resize"] = "replicas".into();
+                serde_json::to_vec(&raw).unwrap()
+            },
+            &config(),
+        );
+        assert!(resp.allowed, "{:?}", resp.result);
+        let a = agent(&pod(&obj));
+        let (on_resize, layout) = (value(&a, "CKPTD_ON_RESIZE"), value(&a, "CKPTD_PARALLEL"));
+        assert_eq!(on_resize.as_deref(), Some("replicas"));
+        assert_eq!(
+            ckptd::resize::parse(on_resize.as_deref(), layout.as_deref()),
+            Ok(ckpt_core::Resize::Replicas { tp: 2, pp: 1 }),
+            "the agent's own parser reads what the webhook wrote"
+        );
     }
 
     #[test]

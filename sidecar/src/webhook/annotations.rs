@@ -48,11 +48,16 @@ pub const NVML: &str = "ckptd.io/nvml";
 /// Annotation: the job's parallel layout, e.g. `dp=8,tp=4,pp=2` ([`Layout`]), passed to the agent
 /// as `CKPTD_PARALLEL`. Its product must be the job's world size.
 pub const PARALLEL: &str = "ckptd.io/parallel";
+/// Annotation: what a rank restores from a step saved by another number of ranks, `wait` (the
+/// default: refused, the job waits for a replacement) or `replicas` (the data-parallel replicas hold
+/// the same state; see [`crate::resize`]), passed to the agent as `CKPTD_ON_RESIZE`.
+pub const ON_RESIZE: &str = "ckptd.io/on-resize";
 
 /// Every annotation the webhook reads. Any other `ckptd.io/` annotation is a typo and is denied.
-pub const KNOWN: [&str; 13] = [
+pub const KNOWN: [&str; 14] = [
     JOB,
     PARALLEL,
+    ON_RESIZE,
     KMSG,
     NVML,
     STORE,
@@ -99,6 +104,8 @@ pub struct PodSettings {
     pub nvml: bool,
     /// The declared parallel layout (`CKPTD_PARALLEL`), if any.
     pub parallel: Option<Layout>,
+    /// `CKPTD_ON_RESIZE`, as written, when the annotation is set.
+    pub on_resize: Option<String>,
 }
 
 /// Reads and validates the pod's settings; `Err` holds one message per problem.
@@ -232,6 +239,17 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
 
     let parallel =
         ann.get(PARALLEL).and_then(|v| v.parse::<Layout>().map_err(|r| problems.push(format!("{PARALLEL}: {r}"))).ok());
+    // The agent parses it with the same function, with the layout above.
+    let on_resize = ann.get(ON_RESIZE).and_then(|v| {
+        let layout = parallel.map(|l| l.to_string());
+        match crate::resize::parse(Some(v), layout.as_deref()) {
+            Ok(_) => Some(v.trim().to_string()),
+            Err(r) => {
+                problems.push(format!("{ON_RESIZE}: {r}"));
+                None
+            }
+        }
+    });
 
     match (job, store, problems.is_empty()) {
         (Some(job), Some(store), true) => Ok(PodSettings {
@@ -246,6 +264,7 @@ pub fn settings(pod: &Pod, cfg: &Config) -> Result<PodSettings, Vec<String>> {
             kmsg,
             nvml,
             parallel,
+            on_resize,
         }),
         _ => Err(problems),
     }

@@ -498,6 +498,9 @@ fn agent(pod: &Pod, s: &PodSettings, cfg: &Config, ranks: Option<(String, u64, S
     if let Some(layout) = s.parallel {
         env.push(literal(env::ENV_PARALLEL, layout.to_string()));
     }
+    if let Some(on_resize) = &s.on_resize {
+        env.push(literal(env::ENV_ON_RESIZE, on_resize.clone()));
+    }
     // What each health reporter reads: the trainer's NCCL paths (the same constants), the kernel
     // log and the GPUs, or the switch that says the pod left a reporter out. InfiniBand needs
     // nothing: the container's read-only /sys shows the RDMA devices of the pod's network namespace.
