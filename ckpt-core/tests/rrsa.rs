@@ -7,6 +7,9 @@
 //! two seconds after issue; those for the rotated token last an hour, so the test can tell a
 //! refresh (forced by expiry, made with the token file's new content) from caching.
 //!
+//! `s3://` with EKS's web identity (IRSA) goes the same way through a fake AWS STS
+//! (`AssumeRoleWithWebIdentity`, XML answers), reached through `AWS_ENDPOINT_URL_STS`.
+//!
 //! The error tests need no S3 server: the credential fails before any request leaves.
 
 mod common;
@@ -179,6 +182,7 @@ struct Seen {
 /// of the path as the S3 server expects.
 struct RecordingProxy {
     upstream: String,
+    /// The bucket to put in front of the path (`oss://`); empty for path-style `s3://`.
     bucket: String,
     seen: Mutex<Vec<Seen>>,
 }
@@ -195,7 +199,8 @@ impl RecordingProxy {
             authorization: header("authorization").unwrap_or_default(),
         });
         let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = format!("{}/{}{path_and_query}", self.upstream, self.bucket).parse().unwrap();
+        let bucket = if self.bucket.is_empty() { String::new() } else { format!("/{}", self.bucket) };
+        parts.uri = format!("{}{bucket}{path_and_query}", self.upstream).parse().unwrap();
         parts.headers.remove(http::header::HOST);
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         match client.request(Request::from_parts(parts, Full::new(body))).await {
@@ -423,27 +428,141 @@ async fn rrsa_variables_half_set_are_refused_when_the_store_opens() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{msg}");
 }
 
-/// `s3://` leaves web identity to `object_store`: with `AWS_WEB_IDENTITY_TOKEN_FILE` and
-/// `AWS_ROLE_ARN` (and no static keys), the first request reads the token file for STS
-/// `AssumeRoleWithWebIdentity`. `object_store` only calls STS over HTTPS, so a plain-HTTP fake
-/// cannot stand in for it; a token file that does not exist shows which provider was chosen.
-#[tokio::test]
-async fn s3_web_identity_is_left_to_object_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("aws-token");
-    let env = MapEnv(
+const AWS_ROLE: &str = "arn:aws:iam::123456789012:role/ckptd-agent";
+
+/// A fake AWS STS: `AssumeRoleWithWebIdentity` as a form POST, answered in STS's XML. Tokens and
+/// lifetimes as the fake Alibaba STS's.
+struct FakeAwsSts {
+    grants: Mutex<Vec<Grant>>,
+}
+
+impl FakeAwsSts {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let form: BTreeMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+        let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+        let xml = |status: StatusCode, body: String| {
+            Response::builder()
+                .status(status)
+                .header("content-type", "text/xml")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        };
+        let refuse = |code: &str, message: &str| {
+            xml(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+                     <Code>{code}</Code><Message>{message}</Message></Error><RequestId>c6104cbe</RequestId></ErrorResponse>"
+                ),
+            )
+        };
+        if parts.method != http::Method::POST
+            || get("Action") != "AssumeRoleWithWebIdentity"
+            || get("Version") != "2011-06-15"
+            || parts.uri.query().is_some_and(|q| q.contains("WebIdentityToken"))
+        {
+            return refuse("InvalidAction", "Could not find operation");
+        }
+        if get("RoleArn") != AWS_ROLE || get("RoleSessionName").is_empty() {
+            return refuse("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity");
+        }
+        let token = get("WebIdentityToken");
+        let lifetime = match token.as_str() {
+            TOKEN_V1 => Duration::from_secs(2),
+            TOKEN_V2 => Duration::from_secs(3600),
+            _ => {
+                return refuse("InvalidIdentityToken", "Couldn't retrieve verification key from your identity provider");
+            }
+        };
+        let n = self.grants.lock().unwrap().len() + 1;
+        let grant = Grant { oidc_token: token, security_token: format!("IQoJb3JpZ2luX2VjE-session-{n}") };
+        let answer = format!(
+            "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+             <AssumeRoleWithWebIdentityResult><SubjectFromWebIdentityToken>system:serviceaccount:ml:trainer</SubjectFromWebIdentityToken>\
+             <AssumedRoleUser><Arn>{AWS_ROLE}/ckptd</Arn><AssumedRoleId>AROA:ckptd</AssumedRoleId></AssumedRoleUser>\
+             <Credentials><SessionToken>{}</SessionToken><SecretAccessKey>aws-secret-{n}</SecretAccessKey>\
+             <Expiration>{}</Expiration><AccessKeyId>ASIA-key-{n}</AccessKeyId></Credentials>\
+             <Audience>sts.amazonaws.com</Audience></AssumeRoleWithWebIdentityResult>\
+             <ResponseMetadata><RequestId>ad4156e9</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>",
+            grant.security_token,
+            utc(SystemTime::now() + lifetime)
+        );
+        self.grants.lock().unwrap().push(grant);
+        xml(StatusCode::OK, answer)
+    }
+}
+
+/// What EKS's IRSA sets, plus the fake STS's endpoint and the S3 server's (behind `s3`).
+fn irsa_env(token_file: &FsPath, sts: &str, s3: &str) -> MapEnv {
+    MapEnv(
         [
+            ("AWS_ROLE_ARN", AWS_ROLE.to_string()),
             ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.display().to_string()),
-            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/ckptd".to_string()),
-            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_string()),
-            ("AWS_ENDPOINT_URL_STS", "https://127.0.0.1:9".to_string()),
+            ("AWS_ENDPOINT_URL_STS", sts.to_string()),
+            ("AWS_ENDPOINT_URL", s3.to_string()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
-    );
-    let store = Store::open_with_env("s3://bkt/root", &options(), &env).unwrap();
-    let e = store.object_store().head(&Path::from("root/x")).await.unwrap_err();
-    let msg = e.to_string();
-    assert!(msg.contains(&token_file.display().to_string()), "the web-identity provider read the token file: {msg}");
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_requests_carry_the_web_identity_session_token_and_refresh_it_with_the_rotated_token() {
+    if !common::s3::s3_available() {
+        return;
+    }
+    let sts = Arc::new(FakeAwsSts { grants: Mutex::new(Vec::new()) });
+    let sts_url = serve(sts.clone(), |s: Arc<FakeAwsSts>, req| async move { s.handle(req).await }).await;
+    let proxy = Arc::new(RecordingProxy {
+        upstream: common::s3::require_endpoint().trim_end_matches('/').to_string(),
+        bucket: String::new(),
+        seen: Mutex::new(Vec::new()),
+    });
+    let proxy_url = serve(proxy.clone(), |p: Arc<RecordingProxy>, req| async move { p.handle(req).await }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN_V1}\n")).unwrap();
+
+    let url = format!("s3://{}/{}", common::s3::bucket(), common::s3::unique_prefix("irsa"));
+    let store = Store::open_with_env(&url, &options(), &irsa_env(&token_file, &sts_url, &proxy_url)).unwrap();
+    let os = store.object_store().clone();
+    let (a, b) = (store.path("job/a"), store.path("job/b"));
+
+    os.put(&a, PutPayload::from_static(b"first")).await.unwrap();
+    let grants = sts.grants.lock().unwrap().clone();
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(grants[0].oidc_token, TOKEN_V1);
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].security_token.as_deref(), Some("IQoJb3JpZ2luX2VjE-session-1"), "{seen:?}");
+    assert!(seen[0].authorization.contains("Credential=ASIA-key-1/"), "signed with the STS key: {seen:?}");
+
+    // Rotated token, first credential past its refresh point: the next request fetches anew.
+    std::fs::write(&token_file, TOKEN_V2).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    os.put(&b, PutPayload::from_static(b"second")).await.unwrap();
+    let last = sts.grants.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.oidc_token, TOKEN_V2, "the refresh read the rotated token file");
+    assert_eq!(os.get(&a).await.unwrap().bytes().await.unwrap().as_ref(), b"first");
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(s.security_token.as_deref(), Some(last.security_token.as_str()), "{s:?}");
+    }
+    let debug = format!("{store:?} {:?}", store.s3_client());
+    for secret in [TOKEN_V1, TOKEN_V2, "aws-secret-1", "aws-secret-2", "IQoJb3JpZ2luX2VjE-session-1"] {
+        assert!(!debug.contains(secret), "the store's Debug shows `{secret}`");
+    }
+
+    // A token STS does not accept: the error says which code and what to check, and no secret.
+    std::fs::write(&token_file, "eyJ.not-a-valid-token.sig").unwrap();
+    let refused = Store::open_with_env(&url, &options(), &irsa_env(&token_file, &sts_url, &proxy_url)).unwrap();
+    let e = refused.object_store().head(&a).await.unwrap_err().to_string();
+    assert!(e.contains("InvalidIdentityToken") && e.contains("trust policy"), "{e}");
+    assert!(!e.contains("not-a-valid-token"), "{e}");
 }

@@ -7,7 +7,7 @@
 //!
 //! Endpoint and credentials come from the standard environment variables (`AWS_*`, `OSS_*`,
 //! `ALIBABA_CLOUD_*`, `GOOGLE_*`, `AZURE_*`) and web-identity token files: for `s3://`,
-//! `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` (IRSA, handled by `object_store`); for `oss://`,
+//! `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` (IRSA, [`rrsa::WebIdentityConfig`]); for `oss://`,
 //! the RRSA variables of ACK's pod-identity webhook ([`rrsa`]), used when no static OSS key is set.
 //! They never appear in a log line or an error: [`Store::url`] is the URL with user-info and query
 //! values removed.
@@ -490,6 +490,15 @@ fn build_s3(
             if let Ok(key) = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()) {
                 b = b.with_config(key, v);
             }
+        }
+        // IRSA: the web identity token is traded at STS by our provider (static keys win, as in
+        // the AWS SDKs' chain).
+        let static_keys = env.get("AWS_ACCESS_KEY_ID").is_some();
+        if !static_keys
+            && let Some(web) = rrsa::WebIdentityConfig::from_env(env, &target.region)
+                .map_err(|reason| object_store::Error::Generic { store: "S3", source: reason.into() })?
+        {
+            b = b.with_credentials(Arc::new(rrsa::OidcCredentialProvider::aws(web, options)?));
         }
     } else {
         if let Some(id) = first_env(env, &ENV_OSS_ACCESS_KEY_ID) {

@@ -13,8 +13,10 @@
 //! no signature. The token goes in the POST body, never in the URL, and neither it nor the keys
 //! STS returns appear in a log line, an error or a `Debug` output.
 //!
-//! `s3://` needs none of this: `object_store` reads `AWS_WEB_IDENTITY_TOKEN_FILE` and
-//! `AWS_ROLE_ARN` itself and calls AWS STS `AssumeRoleWithWebIdentity`.
+//! `s3://` gets the same from AWS STS `AssumeRoleWithWebIdentity` ([`WebIdentityConfig`]: EKS's
+//! IRSA and pod identity set `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`), through the same
+//! provider, so that the STS endpoint can be named (`AWS_ENDPOINT_URL_STS`, as the AWS SDKs read
+//! it) and the exchange is tested against a fake STS like RRSA's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -117,16 +119,124 @@ impl RrsaConfig {
     }
 }
 
+/// Environment variable: the IAM role to assume with the web identity token (EKS IRSA).
+pub const ENV_AWS_ROLE_ARN: &str = "AWS_ROLE_ARN";
+/// Environment variable: the web identity token file (a projected ServiceAccount token; it rotates).
+pub const ENV_AWS_WEB_IDENTITY_TOKEN_FILE: &str = "AWS_WEB_IDENTITY_TOKEN_FILE";
+/// Environment variable: the session name STS records (default [`DEFAULT_SESSION_NAME`]).
+pub const ENV_AWS_ROLE_SESSION_NAME: &str = "AWS_ROLE_SESSION_NAME";
+/// Environment variable: the STS endpoint URL (the AWS SDKs' service-specific endpoint variable).
+pub const ENV_AWS_ENDPOINT_URL_STS: &str = "AWS_ENDPOINT_URL_STS";
+
+/// Where `s3://` web-identity credentials come from: the role, the token file and AWS STS.
+///
+/// It holds no secret (the token is read from its file at each fetch), so `Debug` shows it all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebIdentityConfig {
+    /// The IAM role to assume.
+    pub role_arn: String,
+    /// The projected ServiceAccount token.
+    pub token_file: std::path::PathBuf,
+    /// The STS endpoint URL.
+    pub sts_endpoint: String,
+    /// The session name STS records.
+    pub session_name: String,
+}
+
+impl WebIdentityConfig {
+    /// Reads `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`. `Ok(None)` when neither is set; an
+    /// error naming the missing one when only one is. The endpoint is `AWS_ENDPOINT_URL_STS`, else
+    /// the regional one of `region`.
+    pub fn from_env(env: &dyn Env, region: &str) -> Result<Option<WebIdentityConfig>, String> {
+        let (role, file) = (env.get(ENV_AWS_ROLE_ARN), env.get(ENV_AWS_WEB_IDENTITY_TOKEN_FILE));
+        let (role_arn, token_file) = match (role, file) {
+            (None, None) => return Ok(None),
+            (Some(r), Some(f)) => (r, f),
+            (r, _) => {
+                let missing = if r.is_none() { ENV_AWS_ROLE_ARN } else { ENV_AWS_WEB_IDENTITY_TOKEN_FILE };
+                return Err(format!(
+                    "web identity needs {ENV_AWS_ROLE_ARN} and {ENV_AWS_WEB_IDENTITY_TOKEN_FILE}, but {missing} is unset: annotate the pod's ServiceAccount with eks.amazonaws.com/role-arn (IRSA), or set both"
+                ));
+            }
+        };
+        let sts_endpoint = match env.get(ENV_AWS_ENDPOINT_URL_STS) {
+            Some(e) => e.trim_end_matches('/').to_string(),
+            None => format!("https://sts.{region}.amazonaws.com"),
+        };
+        if sts_endpoint.starts_with("http://") && !is_loopback_endpoint(&sts_endpoint) {
+            return Err(format!(
+                "{ENV_AWS_ENDPOINT_URL_STS} `{sts_endpoint}` is plain HTTP: the token and the keys STS returns \
+                 would cross the network unencrypted; use https://"
+            ));
+        }
+        let session_name = env.get(ENV_AWS_ROLE_SESSION_NAME).unwrap_or_else(|| DEFAULT_SESSION_NAME.to_string());
+        Ok(Some(WebIdentityConfig { role_arn, token_file: token_file.into(), sts_endpoint, session_name }))
+    }
+}
+
+/// Which STS a provider asks, with what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// Alibaba Cloud STS `AssumeRoleWithOIDC`, for `oss://`.
+    Rrsa(RrsaConfig),
+    /// AWS STS `AssumeRoleWithWebIdentity`, for `s3://`.
+    Aws(WebIdentityConfig),
+}
+
+impl Source {
+    fn token_file(&self) -> &std::path::Path {
+        match self {
+            Source::Rrsa(c) => &c.token_file,
+            Source::Aws(c) => &c.token_file,
+        }
+    }
+
+    fn token_env(&self) -> &'static str {
+        match self {
+            Source::Rrsa(_) => ENV_OIDC_TOKEN_FILE,
+            Source::Aws(_) => ENV_AWS_WEB_IDENTITY_TOKEN_FILE,
+        }
+    }
+
+    fn sts_endpoint(&self) -> &str {
+        match self {
+            Source::Rrsa(c) => &c.sts_endpoint,
+            Source::Aws(c) => &c.sts_endpoint,
+        }
+    }
+
+    fn role_arn(&self) -> &str {
+        match self {
+            Source::Rrsa(c) => &c.role_arn,
+            Source::Aws(c) => &c.role_arn,
+        }
+    }
+
+    fn provider(&self) -> &'static str {
+        match self {
+            Source::Rrsa(_) => PROVIDER,
+            Source::Aws(_) => "web identity (AWS STS AssumeRoleWithWebIdentity)",
+        }
+    }
+
+    fn store(&self) -> &'static str {
+        match self {
+            Source::Rrsa(_) => "OSS",
+            Source::Aws(_) => "S3",
+        }
+    }
+}
+
 /// A credential and when to fetch the next one.
 struct Cached {
     credential: Arc<AwsCredential>,
     refresh_at: Instant,
 }
 
-/// An `object_store` credential provider that trades the pod's OIDC token for temporary OSS keys
-/// at Alibaba Cloud STS (see the module documentation).
+/// An `object_store` credential provider that trades the pod's OIDC token for temporary keys at
+/// Alibaba Cloud STS (`oss://`) or AWS STS (`s3://`); see the module documentation.
 pub struct OidcCredentialProvider {
-    config: RrsaConfig,
+    config: Source,
     client: HttpClient,
     backoff: Duration,
     cache: Mutex<Option<Cached>>,
@@ -142,26 +252,33 @@ impl OidcCredentialProvider {
     /// A provider for `config`, calling STS with the timeouts of `options`. Nothing is fetched
     /// until the first request needs a credential.
     pub fn new(config: RrsaConfig, options: &StoreOptions) -> object_store::Result<Self> {
-        let allow_http = is_loopback_endpoint(&config.sts_endpoint);
+        Self::with_source(Source::Rrsa(config), options)
+    }
+
+    /// A provider of `s3://` credentials from AWS STS `AssumeRoleWithWebIdentity`.
+    pub fn aws(config: WebIdentityConfig, options: &StoreOptions) -> object_store::Result<Self> {
+        Self::with_source(Source::Aws(config), options)
+    }
+
+    fn with_source(config: Source, options: &StoreOptions) -> object_store::Result<Self> {
+        let allow_http = is_loopback_endpoint(config.sts_endpoint());
         let client = ReqwestConnector::default().connect(&options.client_options(allow_http))?;
         Ok(OidcCredentialProvider { config, client, backoff: options.initial_backoff, cache: Mutex::new(None) })
     }
 
     /// Fetches a credential, trying connection failures and 5xx answers again.
     async fn fetch(&self) -> Result<Cached, FetchError> {
-        let token = tokio::fs::read_to_string(&self.config.token_file).await.map_err(|e| {
+        let (file, var) = (self.config.token_file(), self.config.token_env());
+        let token = tokio::fs::read_to_string(file).await.map_err(|e| {
             FetchError::Refused(format!(
-                "cannot read the OIDC token file `{}` ({ENV_OIDC_TOKEN_FILE}): {e}; check that the pod's \
-                 ServiceAccount token is projected there",
-                self.config.token_file.display()
+                "cannot read the OIDC token file `{}` ({var}): {e}; check that the pod's ServiceAccount token is \
+                 projected there",
+                file.display()
             ))
         })?;
         let token = token.trim();
         if token.is_empty() {
-            return Err(FetchError::Refused(format!(
-                "the OIDC token file `{}` ({ENV_OIDC_TOKEN_FILE}) is empty",
-                self.config.token_file.display()
-            )));
+            return Err(FetchError::Refused(format!("the OIDC token file `{}` ({var}) is empty", file.display())));
         }
         let mut delay = self.backoff;
         let mut attempt = 1;
@@ -178,7 +295,10 @@ impl OidcCredentialProvider {
     }
 
     async fn call_sts(&self, token: &str) -> Result<Cached, FetchError> {
-        let c = &self.config;
+        let c = match &self.config {
+            Source::Rrsa(c) => c,
+            Source::Aws(c) => return self.call_aws_sts(c, token).await,
+        };
         let timestamp = format_timestamp(SystemTime::now());
         let query = form(&[
             ("Action", "AssumeRoleWithOIDC"),
@@ -249,6 +369,70 @@ impl OidcCredentialProvider {
     }
 }
 
+impl OidcCredentialProvider {
+    /// AWS STS `AssumeRoleWithWebIdentity`: an unsigned form POST (the token is the proof), an XML
+    /// answer.
+    async fn call_aws_sts(&self, c: &WebIdentityConfig, token: &str) -> Result<Cached, FetchError> {
+        let body = form(&[
+            ("Action", "AssumeRoleWithWebIdentity"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", &c.role_arn),
+            ("RoleSessionName", &c.session_name),
+            ("WebIdentityToken", token),
+        ]);
+        let request = http::Request::post(format!("{}/", c.sts_endpoint))
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Bytes::from(body).into())
+            .map_err(|e| FetchError::Refused(format!("bad STS endpoint `{}`: {e}", c.sts_endpoint)))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| FetchError::Transient(format!("STS at {} did not answer: {e}", c.sts_endpoint)))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transient(format!("reading the STS answer failed: {e}")))?;
+        let text = String::from_utf8_lossy(&bytes);
+        if !status.is_success() {
+            let detail = match quick_xml::de::from_str::<AwsErrorResponse>(&text) {
+                Ok(e) => format!("{}: {}", e.error.code, redact(&e.error.message, token)),
+                Err(_) => "no error code in the answer".to_string(),
+            };
+            let msg = format!(
+                "STS refused to let role `{}` be assumed with the token of `{}` (HTTP {status}, {detail}); check \
+                 the role's trust policy names the cluster's OIDC provider and this ServiceAccount",
+                c.role_arn,
+                c.token_file.display()
+            );
+            return Err(if status.is_server_error() || status.as_u16() == 429 {
+                FetchError::Transient(msg)
+            } else {
+                FetchError::Refused(msg)
+            });
+        }
+        let answer: AwsAnswer = quick_xml::de::from_str(&text)
+            .map_err(|e| FetchError::Refused(format!("STS answered HTTP {status} without usable Credentials: {e}")))?;
+        let creds = answer.result.credentials;
+        let expires = parse_timestamp(&creds.expiration).ok_or_else(|| {
+            FetchError::Refused(format!("STS answered an Expiration `{:.40}` that is not a UTC time", creds.expiration))
+        })?;
+        let lifetime = expires.duration_since(SystemTime::now()).unwrap_or_default();
+        let margin = REFRESH_MARGIN.min(lifetime / 4);
+        tracing::info!(role = %c.role_arn, expires_in_s = lifetime.as_secs(), "obtained temporary S3 credentials through web identity");
+        Ok(Cached {
+            credential: Arc::new(AwsCredential {
+                key_id: creds.access_key_id,
+                secret_key: creds.secret_access_key,
+                token: Some(creds.session_token),
+            }),
+            refresh_at: Instant::now() + (lifetime - margin),
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl CredentialProvider for OidcCredentialProvider {
     type Credential = AwsCredential;
@@ -267,11 +451,11 @@ impl CredentialProvider for OidcCredentialProvider {
             Err(e) => {
                 let permanent = matches!(e, FetchError::Refused(_));
                 let (FetchError::Refused(reason) | FetchError::Transient(reason)) = e;
-                let source = Box::new(Error::Credentials { provider: PROVIDER, reason });
+                let source = Box::new(Error::Credentials { provider: self.config.provider(), reason });
                 Err(if permanent {
-                    object_store::Error::Unauthenticated { path: self.config.role_arn.clone(), source }
+                    object_store::Error::Unauthenticated { path: self.config.role_arn().to_string(), source }
                 } else {
-                    object_store::Error::Generic { store: "OSS", source }
+                    object_store::Error::Generic { store: self.config.store(), source }
                 })
             }
         }
@@ -307,6 +491,34 @@ struct StsError {
     message: String,
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AwsAnswer {
+    #[serde(rename = "AssumeRoleWithWebIdentityResult")]
+    result: AwsResult,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AwsResult {
+    credentials: AwsCredentials,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AwsCredentials {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: String,
+    expiration: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AwsErrorResponse {
+    error: StsError,
+}
+
 /// An STS message cut to [`MAX_MESSAGE`] characters, with the token taken out should STS ever
 /// quote it.
 fn redact(message: &str, token: &str) -> String {
@@ -329,6 +541,22 @@ mod tests {
 
     const ROLE: &str = "acs:ram::123:role/ckpt";
     const PROVIDER_ARN: &str = "acs:ram::123:oidc-provider/ack-rrsa-c1";
+
+    #[test]
+    fn web_identity_needs_both_variables_and_an_encrypted_or_loopback_sts() {
+        assert_eq!(WebIdentityConfig::from_env(&env(&[]), "us-east-1"), Ok(None));
+        let e =
+            WebIdentityConfig::from_env(&env(&[(ENV_AWS_ROLE_ARN, "arn:aws:iam::1:role/r")]), "us-east-1").unwrap_err();
+        assert!(e.contains(ENV_AWS_WEB_IDENTITY_TOKEN_FILE) && e.contains("is unset"), "{e}");
+        let both = [(ENV_AWS_ROLE_ARN, "arn:aws:iam::1:role/r"), (ENV_AWS_WEB_IDENTITY_TOKEN_FILE, "/var/run/t")];
+        let c = WebIdentityConfig::from_env(&env(&both), "eu-west-1").unwrap().unwrap();
+        assert_eq!(
+            (c.sts_endpoint.as_str(), c.session_name.as_str()),
+            ("https://sts.eu-west-1.amazonaws.com", "ckptd")
+        );
+        let remote = [both[0], both[1], (ENV_AWS_ENDPOINT_URL_STS, "http://sts.example.com")];
+        assert!(WebIdentityConfig::from_env(&env(&remote), "eu-west-1").unwrap_err().contains("plain HTTP"));
+    }
 
     #[test]
     fn config_needs_all_three_variables() {
