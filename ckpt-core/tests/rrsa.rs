@@ -473,7 +473,10 @@ impl FakeAwsSts {
             TOKEN_V1 => Duration::from_secs(2),
             TOKEN_V2 => Duration::from_secs(3600),
             _ => {
-                return refuse("InvalidIdentityToken", "Couldn't retrieve verification key from your identity provider");
+                return refuse(
+                    "InvalidIdentityToken",
+                    "Couldn't retrieve verification key from your identity provider",
+                );
             }
         };
         let n = self.grants.lock().unwrap().len() + 1;
