@@ -805,6 +805,11 @@ impl Agent {
     /// holds it, else by reading the shard from storage. Returns the step and whether storage was
     /// read. Blocking; call with the staging lock held.
     fn stage(&self, rank: &Rank, step: u64) -> Result<(u64, bool)> {
+        // A slot of this agent holds what this rank restores: its own save, at the world size the
+        // agent serves, or what an earlier stage read under the same resize policy.
+        if self.in_memory(rank, step).is_some() {
+            return Ok((step, false));
+        }
         // The rank whose shard this rank restores: its own, or after a resize its replica's. A
         // world size not known yet (a prefetch before any attach, no --world-size) is the step's.
         let world_size = rank.lock().world_size.or(self.cfg.world_size);
@@ -812,20 +817,6 @@ impl Agent {
             Some(w) => self.engine.restore_rank(&self.cfg.job, step, rank.rank, w, self.cfg.resize)?,
             None => rank.rank,
         };
-        let staged_from = if rank.lock().resized.is_some_and(|(s, _)| s == step) {
-            rank.lock().resized.map(|(_, from)| from)
-        } else {
-            Some(rank.rank)
-        };
-        if let Some((arena, slot)) = self.in_memory(rank, step) {
-            if staged_from == Some(source) {
-                return Ok((step, false));
-            }
-            // This rank's own (or another replica's) copy of the step: not what it restores now.
-            if arena.transition(slot, ckpt_core::arena::SlotState::Durable, ckpt_core::arena::SlotState::Writing) {
-                arena.release(slot);
-            }
-        }
         let header = self.engine.shard_header(&self.cfg.job, step, source)?;
         let needed = slots::slot_size_with_headroom(&header.index.table, header.index.metadata.len());
         let current = rank.lock().arena.clone();
@@ -843,7 +834,6 @@ impl Agent {
         })?;
         slots::stage(&self.engine, &arena, slot, &self.cfg.job, source, step, &header)?;
         let mut inner = rank.lock();
-        inner.resized = (source != rank.rank).then_some((step, source));
         inner.committed = Some(inner.committed.map_or(step, |s| s.max(step)));
         Ok((step, true))
     }

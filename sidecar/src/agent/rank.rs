@@ -94,9 +94,6 @@ pub(super) struct RankInner {
     /// report storage as their source, since that is where its bytes came from, until the
     /// trainer's first save.
     pub prefetched: Option<u64>,
-    /// (step, saved rank): the arena's slot of this step holds another saved rank's shard, staged
-    /// for a job that resumed at another world size (`--on-resize replicas`), not this rank's own.
-    pub resized: Option<(u64, u32)>,
 }
 
 /// A rank served by the agent.
