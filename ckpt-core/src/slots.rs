@@ -192,12 +192,12 @@ pub struct Restorer {
 /// Whether a memory tier holding `tier_step` holds what `who` restores from that step: the rank's
 /// own shard, so not when the step was saved at another world size and the resize refuses it or
 /// maps the rank to another saved rank (after a resize the arena of rank r may hold another
-/// pipeline stage's state). One MANIFEST read; when it fails with anything but "not found", the memory tier is
-/// trusted, as [`memory_tier_serves`] trusts it when storage cannot be listed.
+/// pipeline stage's state). One MANIFEST read; when it fails (the store is away, or retention
+/// removed the step), the memory tier is trusted, as [`memory_tier_serves`] trusts it when storage
+/// cannot be listed: its slots hold only committed steps.
 pub fn memory_tier_holds(engine: &Engine, job: &str, tier_step: u64, who: Restorer) -> bool {
     match engine.manifest(job, tier_step) {
         Ok(m) => m.restore_rank(who.rank, who.world_size, who.resize).is_ok_and(|src| src == who.rank),
-        Err(e) if e.kind() == crate::ErrorKind::NotFound => false,
         Err(e) => {
             tracing::warn!(job, step = tier_step, error = %e, "cannot read the MANIFEST; trusting the memory tier");
             true

@@ -106,3 +106,31 @@ def test_replicas_resume_through_the_agent(tmp_path: Path) -> None:
                 ck.load({"w": np.zeros(1000, dtype=np.float32)})
     finally:
         refusing.stop()
+
+
+def test_a_memory_tier_of_another_pipeline_stage_is_not_served_after_a_resize(tmp_path: Path) -> None:
+    # dp=2, pp=2 saved by 4 ranks whose arenas stay on this host (a crash keeps them); the job
+    # comes back as dp=1, pp=2: rank 1 is pipeline stage 1 now, saved by rank 2, while the arena
+    # of rank 1 still holds stage 0's state (old rank 1).
+    store, arenas = (tmp_path / "store").as_uri(), tmp_path / "arenas"
+
+    def one(rank: int) -> None:
+        ck = ckptd.Checkpointer(JOB, store=store, rank=rank, world_size=4, arena_dir=arenas)
+        ck.save({"w": weights(rank)}, 10).wait()
+        ck.close(keep_arena=True)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with ckptd.Checkpointer(JOB, store=store, rank=1, world_size=2, arena_dir=arenas, on_resize="replicas", parallel="dp=1,pp=2") as ck:
+        state = {"w": np.zeros(1000, dtype=np.float32)}
+        assert ck.load(state) == 10
+        np.testing.assert_array_equal(state["w"], weights(2), err_msg="stage 1's state, saved by rank 2")
+        assert ck.last_load_from_memory is False
+    with ckptd.Checkpointer(JOB, store=store, rank=0, world_size=2, arena_dir=arenas, on_resize="replicas", parallel="dp=1,pp=2") as ck:
+        state = {"w": np.zeros(1000, dtype=np.float32)}
+        assert ck.load(state) == 10
+        np.testing.assert_array_equal(state["w"], weights(0))
+        assert ck.last_load_from_memory is True, "rank 0 restores its own shard: its memory tier serves"
