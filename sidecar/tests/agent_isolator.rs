@@ -7,11 +7,13 @@
 //! no phase is handled in the phase the ranks' last heartbeats gave.
 #![cfg(feature = "server")]
 
+#[path = "support/agent_proc.rs"]
+mod agent_proc;
 #[path = "support/isolator_proc.rs"]
 mod isolator_proc;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use ckptd::client::{Checkpointer, CheckpointerConfig, Phase};
@@ -23,9 +25,9 @@ const JOB: &str = "llm";
 /// Longest a test waits for something a real process does; never asserted as a duration.
 const PATIENCE: Duration = Duration::from_secs(120);
 
+/// The agent process, killed when dropped (its stderr is in the test directory's `agent.log`).
 struct Agent {
     child: Child,
-    log: std::path::PathBuf,
 }
 
 impl Drop for Agent {
@@ -39,29 +41,21 @@ impl Drop for Agent {
 fn agent(dir: &Path, iso: &IsolatorProc, socket: &Path) -> Agent {
     let token = token_file(dir);
     let log = dir.join("agent.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_ckptd"))
-        .arg("agent")
-        .args(["--socket", socket.to_str().unwrap(), "--job", JOB])
-        .args(["--store", &format!("file://{}", dir.join("store").display())])
-        .args(["--arena-dir", dir.join("arena").to_str().unwrap(), "--world-size", "2", "--ranks", "0,1"])
-        .args(["--isolator", &iso.url(), "--isolator-token-file", token.to_str().unwrap()])
-        .args(["--node", "node-0", "--pod", "train-0", "--namespace", "train"])
-        .args(["--no-kmsg", "--no-nvml", "--no-ib", "--allow-inject", "--hang-floor", "10m"])
-        .env("CKPTD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start ckptd agent");
-    let mut agent = Agent { child, log };
-    let started = Instant::now();
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        if let Ok(Some(status)) = agent.child.try_wait() {
-            panic!("agent exited with {status}: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
-        }
-        assert!(started.elapsed() < PATIENCE, "the agent never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    agent
+    let child = agent_proc::start(
+        Command::new(env!("CARGO_BIN_EXE_ckptd"))
+            .arg("agent")
+            .args(["--socket", socket.to_str().unwrap(), "--job", JOB])
+            .args(["--store", &format!("file://{}", dir.join("store").display())])
+            .args(["--arena-dir", dir.join("arena").to_str().unwrap(), "--world-size", "2", "--ranks", "0,1"])
+            .args(["--isolator", &iso.url(), "--isolator-token-file", token.to_str().unwrap()])
+            .args(["--node", "node-0", "--pod", "train-0", "--namespace", "train"])
+            .args(["--no-kmsg", "--no-nvml", "--no-ib", "--allow-inject", "--hang-floor", "10m"])
+            .env("CKPTD_LOG", "info"),
+        &log,
+        socket,
+        PATIENCE,
+    );
+    Agent { child }
 }
 
 fn trainer(socket: &Path, rank: u32) -> Checkpointer {

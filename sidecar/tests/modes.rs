@@ -8,6 +8,8 @@
 //! Only the public API is used: `Checkpointer`, its config, `TensorRef` on host memory, and the
 //! engine for looking at what storage holds.
 
+#[path = "support/agent_proc.rs"]
+mod agent_proc;
 #[path = "../../ckpt-core/tests/common/reliability.rs"]
 mod reliability;
 #[path = "../../ckpt-core/tests/common/shard_file.rs"]
@@ -324,27 +326,19 @@ impl Agent {
     fn start(dir: &Path, target: &Target) -> Agent {
         let socket = target.socket.as_ref().expect("sidecar target has a socket");
         let log = dir.join("agent.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ckptd"))
-            .arg("agent")
-            .args(["--socket", socket.to_str().unwrap(), "--store", &target.store_url, "--job", JOB])
-            .args(["--arena-dir", target.arena_dir.to_str().unwrap()])
-            .args(["--slots", &target.slots.to_string(), "--world-size", &target.world_size.to_string()])
-            .args(["--commit-timeout", "60s", "--grace-period", "5s"])
-            .env("CKPTD_LOG", "ckptd=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start ckptd agent");
-        let mut agent = Agent { child, log };
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("agent exited with {status}: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
-            }
-            assert!(started.elapsed() < PATIENCE, "the agent never listened on {}", socket.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        agent
+        let child = agent_proc::start(
+            Command::new(env!("CARGO_BIN_EXE_ckptd"))
+                .arg("agent")
+                .args(["--socket", socket.to_str().unwrap(), "--store", &target.store_url, "--job", JOB])
+                .args(["--arena-dir", target.arena_dir.to_str().unwrap()])
+                .args(["--slots", &target.slots.to_string(), "--world-size", &target.world_size.to_string()])
+                .args(["--commit-timeout", "60s", "--grace-period", "5s"])
+                .env("CKPTD_LOG", "ckptd=info"),
+            &log,
+            socket,
+            PATIENCE,
+        );
+        Agent { child, log }
     }
 }
 

@@ -312,64 +312,26 @@ impl OidcCredentialProvider {
             ("OIDCToken", token),
             ("RoleSessionName", &c.session_name),
         ]);
-        let request = http::Request::post(format!("{}/?{query}", c.sts_endpoint))
-            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Bytes::from(body).into())
-            .map_err(|e| FetchError::Refused(format!("bad STS endpoint `{}`: {e}", c.sts_endpoint)))?;
-        let response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|e| FetchError::Transient(format!("STS at {} did not answer: {e}", c.sts_endpoint)))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Transient(format!("reading the STS answer failed: {e}")))?;
+        let (status, bytes) = self.post_form(format!("{}/?{query}", c.sts_endpoint), body).await?;
         if !status.is_success() {
             let detail = match serde_json::from_slice::<StsError>(&bytes) {
                 Ok(e) => format!("{}: {}", e.code, redact(&e.message, token)),
                 Err(_) => "no error code in the answer".to_string(),
             };
-            let msg = format!(
-                "STS refused to let role `{}` be assumed with the token of `{}` (HTTP {status}, {detail}); check \
-                 the role's trust policy names OIDC provider `{}` and this ServiceAccount",
-                c.role_arn,
-                c.token_file.display(),
-                c.oidc_provider_arn
-            );
-            return Err(if status.is_server_error() || status.as_u16() == 429 {
-                FetchError::Transient(msg)
-            } else {
-                FetchError::Refused(msg)
-            });
+            let trusted = format!("OIDC provider `{}`", c.oidc_provider_arn);
+            return Err(refusal(status, &c.role_arn, &c.token_file, &detail, &trusted));
         }
         let answer: StsAnswer = serde_json::from_slice(&bytes)
             .map_err(|e| FetchError::Refused(format!("STS answered HTTP {status} without usable Credentials: {e}")))?;
         let creds = answer.credentials;
-        let expires = parse_timestamp(&creds.expiration).ok_or_else(|| {
-            FetchError::Refused(format!("STS answered an Expiration `{:.40}` that is not a UTC time", creds.expiration))
-        })?;
-        let lifetime = expires.duration_since(SystemTime::now()).unwrap_or_default();
-        let margin = REFRESH_MARGIN.min(lifetime / 4);
-        tracing::info!(
-            role = %c.role_arn,
-            expires_in_s = lifetime.as_secs(),
-            "obtained temporary OSS credentials through RRSA"
-        );
-        Ok(Cached {
-            credential: Arc::new(AwsCredential {
-                key_id: creds.access_key_id,
-                secret_key: creds.access_key_secret,
-                token: Some(creds.security_token),
-            }),
-            refresh_at: Instant::now() + (lifetime - margin),
-        })
+        let key = AwsCredential {
+            key_id: creds.access_key_id,
+            secret_key: creds.access_key_secret,
+            token: Some(creds.security_token),
+        };
+        cached(&c.role_arn, "OSS credentials through RRSA", key, &creds.expiration)
     }
-}
 
-impl OidcCredentialProvider {
     /// AWS STS `AssumeRoleWithWebIdentity`: an unsigned form POST (the token is the proof), an XML
     /// answer.
     async fn call_aws_sts(&self, c: &WebIdentityConfig, token: &str) -> Result<Cached, FetchError> {
@@ -380,57 +342,77 @@ impl OidcCredentialProvider {
             ("RoleSessionName", &c.session_name),
             ("WebIdentityToken", token),
         ]);
-        let request = http::Request::post(format!("{}/", c.sts_endpoint))
-            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Bytes::from(body).into())
-            .map_err(|e| FetchError::Refused(format!("bad STS endpoint `{}`: {e}", c.sts_endpoint)))?;
-        let response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|e| FetchError::Transient(format!("STS at {} did not answer: {e}", c.sts_endpoint)))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Transient(format!("reading the STS answer failed: {e}")))?;
+        let (status, bytes) = self.post_form(format!("{}/", c.sts_endpoint), body).await?;
         let text = String::from_utf8_lossy(&bytes);
         if !status.is_success() {
             let detail = match quick_xml::de::from_str::<AwsErrorResponse>(&text) {
                 Ok(e) => format!("{}: {}", e.error.code, redact(&e.error.message, token)),
                 Err(_) => "no error code in the answer".to_string(),
             };
-            let msg = format!(
-                "STS refused to let role `{}` be assumed with the token of `{}` (HTTP {status}, {detail}); check \
-                 the role's trust policy names the cluster's OIDC provider and this ServiceAccount",
-                c.role_arn,
-                c.token_file.display()
-            );
-            return Err(if status.is_server_error() || status.as_u16() == 429 {
-                FetchError::Transient(msg)
-            } else {
-                FetchError::Refused(msg)
-            });
+            return Err(refusal(status, &c.role_arn, &c.token_file, &detail, "the cluster's OIDC provider"));
         }
         let answer: AwsAnswer = quick_xml::de::from_str(&text)
             .map_err(|e| FetchError::Refused(format!("STS answered HTTP {status} without usable Credentials: {e}")))?;
         let creds = answer.result.credentials;
-        let expires = parse_timestamp(&creds.expiration).ok_or_else(|| {
-            FetchError::Refused(format!("STS answered an Expiration `{:.40}` that is not a UTC time", creds.expiration))
-        })?;
-        let lifetime = expires.duration_since(SystemTime::now()).unwrap_or_default();
-        let margin = REFRESH_MARGIN.min(lifetime / 4);
-        tracing::info!(role = %c.role_arn, expires_in_s = lifetime.as_secs(), "obtained temporary S3 credentials through web identity");
-        Ok(Cached {
-            credential: Arc::new(AwsCredential {
-                key_id: creds.access_key_id,
-                secret_key: creds.secret_access_key,
-                token: Some(creds.session_token),
-            }),
-            refresh_at: Instant::now() + (lifetime - margin),
-        })
+        let key = AwsCredential {
+            key_id: creds.access_key_id,
+            secret_key: creds.secret_access_key,
+            token: Some(creds.session_token),
+        };
+        cached(&c.role_arn, "S3 credentials through web identity", key, &creds.expiration)
     }
+
+    /// POSTs a form to STS; the answer's status and body. Not answering is transient.
+    async fn post_form(&self, url: String, body: String) -> Result<(http::StatusCode, Bytes), FetchError> {
+        let endpoint = self.config.sts_endpoint();
+        let request = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Bytes::from(body).into())
+            .map_err(|e| FetchError::Refused(format!("bad STS endpoint `{endpoint}`: {e}")))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| FetchError::Transient(format!("STS at {endpoint} did not answer: {e}")))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transient(format!("reading the STS answer failed: {e}")))?;
+        Ok((status, bytes))
+    }
+}
+
+/// An STS refusal: what to check, and whether to try again (5xx and 429 are worth it).
+fn refusal(
+    status: http::StatusCode,
+    role: &str,
+    token_file: &std::path::Path,
+    detail: &str,
+    trusted: &str,
+) -> FetchError {
+    let msg = format!(
+        "STS refused to let role `{role}` be assumed with the token of `{}` (HTTP {status}, {detail}); check the \
+         role's trust policy names {trusted} and this ServiceAccount",
+        token_file.display()
+    );
+    if status.is_server_error() || status.as_u16() == 429 {
+        FetchError::Transient(msg)
+    } else {
+        FetchError::Refused(msg)
+    }
+}
+
+/// The credential STS handed out for `role`, to be fetched again a margin before `expiration`.
+fn cached(role: &str, what: &str, credential: AwsCredential, expiration: &str) -> Result<Cached, FetchError> {
+    let expires = parse_timestamp(expiration).ok_or_else(|| {
+        FetchError::Refused(format!("STS answered an Expiration `{expiration:.40}` that is not a UTC time"))
+    })?;
+    let lifetime = expires.duration_since(SystemTime::now()).unwrap_or_default();
+    let margin = REFRESH_MARGIN.min(lifetime / 4);
+    tracing::info!(role, expires_in_s = lifetime.as_secs(), "obtained temporary {what}");
+    Ok(Cached { credential: Arc::new(credential), refresh_at: Instant::now() + (lifetime - margin) })
 }
 
 #[async_trait::async_trait]
