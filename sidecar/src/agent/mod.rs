@@ -158,6 +158,14 @@ pub fn parse_ranks(s: &str) -> std::result::Result<RankList, String> {
     Ok(RankList(out))
 }
 
+/// A heartbeat to forward to the isolator.
+#[derive(Debug, Clone, Copy)]
+struct Forward {
+    step: u64,
+    step_time: Duration,
+    phase: Option<ckpt_core::Phase>,
+}
+
 /// The agent's validated settings.
 #[derive(Debug, Clone)]
 pub(crate) struct AgentConfig {
@@ -208,6 +216,12 @@ pub(crate) struct Agent {
     commands_started: std::sync::atomic::AtomicBool,
     /// The phase last forwarded to the isolator, per rank.
     sent_phase: Mutex<BTreeMap<u32, ckpt_core::Phase>>,
+    /// Heartbeats waiting to be forwarded to the isolator, the newest per rank. One task sends
+    /// them, in order: two changes of a rank's phase sent by two tasks could arrive swapped and
+    /// leave the isolator with the older one.
+    forward: Mutex<BTreeMap<u32, Forward>>,
+    forward_wake: Arc<tokio::sync::Notify>,
+    forward_started: std::sync::atomic::AtomicBool,
     /// The newest restore order (the isolator's, or this agent's own without one), replayed to
     /// trainers that attach after it.
     pub restore_order: Mutex<Option<RestoreOrder>>,
@@ -291,6 +305,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
         link,
         commands_started: std::sync::atomic::AtomicBool::new(false),
         sent_phase: Mutex::new(BTreeMap::new()),
+        forward: Mutex::new(BTreeMap::new()),
+        forward_wake: Arc::new(tokio::sync::Notify::new()),
+        forward_started: std::sync::atomic::AtomicBool::new(false),
         restore_order: Mutex::new(None),
         ranks: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),
@@ -635,12 +652,33 @@ impl Agent {
         // A phase change within a step is forwarded with the step repeated; the isolator then
         // keeps the step time it has.
         let Some(step_time) = stepped.or(phase_changed.then_some(Duration::ZERO)) else { return };
-        let r = rank.rank;
-        self.rt.spawn(async move {
-            if let Err(e) = link.heartbeat_in(r, step, step_time, phase).await {
-                tracing::debug!(rank = r, error = %e, "isolator heartbeat failed");
-            }
-        });
+        {
+            let mut pending = self.forward.lock().unwrap_or_else(|e| e.into_inner());
+            // A newer heartbeat replaces one not sent yet, keeping its step time for the same step.
+            let kept = pending.get(&rank.rank).filter(|f| f.step == step).map_or(Duration::ZERO, |f| f.step_time);
+            pending.insert(rank.rank, Forward { step, step_time: step_time.max(kept), phase });
+        }
+        if !self.forward_started.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let (agent, wake) = (Arc::downgrade(self), self.forward_wake.clone());
+            self.rt.spawn(async move {
+                loop {
+                    let Some(a) = agent.upgrade() else { return };
+                    let batch = std::mem::take(&mut *a.forward.lock().unwrap_or_else(|e| e.into_inner()));
+                    drop(a);
+                    if batch.is_empty() {
+                        // A heartbeat queued after the take left a permit: this returns at once.
+                        wake.notified().await;
+                        continue;
+                    }
+                    for (r, f) in batch {
+                        if let Err(e) = link.heartbeat_in(r, f.step, f.step_time, f.phase).await {
+                            tracing::debug!(rank = r, error = %e, "isolator heartbeat failed");
+                        }
+                    }
+                }
+            });
+        }
+        self.forward_wake.notify_one();
     }
 
     /// The rank's state, created (with its persist thread) on first use. A rank whose arena file
