@@ -680,33 +680,32 @@ fn markdown(
 /// Draws the PNGs; returns their names.
 fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<String>> {
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-    let by_system = |metric: &str, y: &dyn Fn(&Rec) -> f64| -> Vec<Series> {
+    // `y` maps a run's seconds to the plotted value; each point is the median's, its bar the
+    // fastest and slowest run's.
+    let by_system = |metric: &str, suffix: &str, y: &dyn Fn(&Rec, f64) -> f64| -> Vec<Series> {
         SYSTEMS
             .iter()
             .filter_map(|(sys, lab)| {
-                let points: Vec<(f64, f64)> = recs
-                    .iter()
-                    .filter(|r| r.system == *sys && r.metric == metric && r.ranks.is_none())
-                    .map(|r| (mib(r.size), y(r)))
-                    .collect();
-                (!points.is_empty()).then(|| Series { name: (*lab).to_string(), points })
+                let runs: Vec<&Rec> =
+                    recs.iter().filter(|r| r.system == *sys && r.metric == metric && r.ranks.is_none()).collect();
+                (!runs.is_empty()).then(|| with_spread(format!("{lab}{suffix}"), &runs, &|r| mib(r.size), y))
             })
             .collect()
     };
     let mut made = Vec::new();
-    let mut stall = by_system("save_stall", &|r| r.median);
-    stall.extend(limit_series(recs, "memcpy_1thread", "memcpy 1 thread (limit)", &|r| r.median));
+    let mut stall = by_system("save_stall", "", &|_, s| s);
+    stall.extend(limit_series(recs, "memcpy_1thread", "memcpy 1 thread (limit)", &|_, s| s));
     plot::lines(
         &out.join("stall.png"),
-        "Save stall (trainer blocked)",
+        "Time in the save() call (the copy may still run after it returns)",
         "state size (MiB)",
         "seconds",
         &stall,
         YAxis::Log,
     )?;
     made.push("stall.png".to_string());
-    let mut tput = by_system("durable", &|r| gbps(r.size, r.median));
-    tput.extend(limit_series(recs, "write_fsync", "write+fsync (limit)", &|r| gbps(r.size, r.median)));
+    let mut tput = by_system("durable", "", &|r, s| gbps(r.size, s));
+    tput.extend(limit_series(recs, "write_fsync", "write+fsync (limit)", &|r, s| gbps(r.size, s)));
     plot::lines(
         &out.join("throughput.png"),
         "Save throughput until durable",
@@ -716,24 +715,22 @@ fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<Strin
         YAxis::Linear,
     )?;
     made.push("throughput.png".to_string());
-    let mut rest = by_system("restore_storage", &|r| gbps(r.size, r.median));
-    rest.extend(limit_series(recs, "read_cold", "cold read (limit)", &|r| gbps(r.size, r.median)));
+    let mut rest = by_system("restore_storage", ", storage", &|r, s| gbps(r.size, s));
+    rest.extend(by_system("restore_memory", ", memory tier", &|r, s| gbps(r.size, s)));
+    rest.extend(limit_series(recs, "read_cold", "cold read (limit)", &|r, s| gbps(r.size, s)));
     plot::lines(
         &out.join("restore.png"),
-        "Restore from storage (page cache dropped)",
+        "Restore: from storage (page cache dropped) and from the memory tier",
         "state size (MiB)",
         "GB/s",
         &rest,
         YAxis::Linear,
     )?;
     made.push("restore.png".to_string());
-    let scale: Vec<(f64, f64)> = recs
-        .iter()
-        .filter(|r| r.metric == "all_durable")
-        .filter_map(|r| r.ranks.map(|n| (n as f64, gbps(r.size, r.median))))
-        .collect();
+    let scale: Vec<&Rec> = recs.iter().filter(|r| r.metric == "all_durable" && r.ranks.is_some()).collect();
     if !scale.is_empty() {
-        let s = [Series { name: "ckptd, aggregate until committed".into(), points: scale }];
+        let ranks = |r: &Rec| r.ranks.unwrap_or(1) as f64;
+        let s = [with_spread("ckptd, aggregate until committed".into(), &scale, &ranks, &|r, s| gbps(r.size, s))];
         plot::lines(
             &out.join("scaling.png"),
             "Ranks on loopback, one file:// store",
@@ -747,9 +744,10 @@ fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<Strin
     let g: Vec<Series> = SYSTEMS
         .iter()
         .filter_map(|(sys, lab)| {
+            // A model's fraction of time training: above 1.0 it would claim the impossible.
             let points: Vec<(f64, f64)> =
-                good.iter().filter(|g| g.system == *sys).map(|g| (mib(g.size), g.out.effective)).collect();
-            (!points.is_empty()).then(|| Series { name: (*lab).to_string(), points })
+                good.iter().filter(|g| g.system == *sys).map(|g| (mib(g.size), g.out.effective.min(1.0))).collect();
+            (!points.is_empty()).then(|| Series::new(*lab, points))
         })
         .collect();
     if !g.is_empty() {
@@ -766,13 +764,23 @@ fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<Strin
     Ok(made)
 }
 
-fn limit_series(recs: &[Rec], metric: &str, name: &str, y: &dyn Fn(&Rec) -> f64) -> Option<Series> {
-    let points: Vec<(f64, f64)> = recs
+fn limit_series(recs: &[Rec], metric: &str, name: &str, y: &dyn Fn(&Rec, f64) -> f64) -> Option<Series> {
+    let runs: Vec<&Rec> = recs.iter().filter(|r| r.system == "limit" && r.metric == metric).collect();
+    (!runs.is_empty()).then(|| with_spread(name.into(), &runs, &|r| r.size as f64 / f64::from(1u32 << 20), y))
+}
+
+/// A line through `runs`' medians, each with the bar from its fastest to its slowest run (`y`
+/// maps a run's seconds to the plotted value, which may turn the order round: GB/s).
+fn with_spread(name: String, runs: &[&Rec], x: &dyn Fn(&Rec) -> f64, y: &dyn Fn(&Rec, f64) -> f64) -> Series {
+    let points = runs.iter().map(|r| (x(r), y(r, r.median))).collect();
+    let spread = runs
         .iter()
-        .filter(|r| r.system == "limit" && r.metric == metric)
-        .map(|r| (r.size as f64 / f64::from(1u32 << 20), y(r)))
+        .map(|r| {
+            let (a, b) = (y(r, r.min), y(r, r.max));
+            (a.min(b), a.max(b))
+        })
         .collect();
-    (!points.is_empty()).then(|| Series { name: name.into(), points })
+    Series { name, points, spread }
 }
 
 #[cfg(test)]

@@ -22,11 +22,21 @@ const FONTS: [&str; 5] = [
     "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
 ];
 
-/// One line: a name for the legend and its (x, y) points.
+/// One line: a name for the legend, its (x, y) points (the medians), and for each point the
+/// (lowest, highest) of its runs when known: drawn as a bar, so the spread is never hidden.
 #[derive(Debug, Clone)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Empty, or one (min, max) per point.
+    pub spread: Vec<(f64, f64)>,
+}
+
+impl Series {
+    /// A line without spread (a model's output, one measurement).
+    pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Series {
+        Series { name: name.into(), points, spread: Vec::new() }
+    }
 }
 
 /// How the y axis is drawn.
@@ -71,32 +81,58 @@ pub fn lines(
     font().map_err(|e| anyhow!(e))?;
     let series: Vec<Series> = series
         .iter()
-        .map(|s| Series {
-            name: s.name.clone(),
-            points: s.points.iter().filter(|p| p.0 > 0.0 && p.1.is_finite()).map(|p| (p.0.log2(), p.1)).collect(),
+        .map(|s| {
+            let keep = |i: usize| s.points[i].0 > 0.0 && s.points[i].1.is_finite();
+            let kept: Vec<usize> = (0..s.points.len()).filter(|&i| keep(i)).collect();
+            Series {
+                name: s.name.clone(),
+                points: kept.iter().map(|&i| (s.points[i].0.log2(), s.points[i].1)).collect(),
+                spread: if s.spread.len() == s.points.len() {
+                    kept.iter().map(|&i| s.spread[i]).collect()
+                } else {
+                    Vec::new()
+                },
+            }
         })
         .collect();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, v) in series.iter().flat_map(|s| s.points.iter()) {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(v);
-        y1 = y1.max(v);
+    for s in &series {
+        for &(x, v) in &s.points {
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(v), y1.max(v));
+        }
+        for &(lo, hi) in s.spread.iter().filter(|(lo, hi)| lo.is_finite() && hi.is_finite()) {
+            (y0, y1) = (y0.min(lo), y1.max(hi));
+        }
     }
     if x0 > x1 {
         return Err(anyhow!("nothing to plot"));
     }
     let xr = (x0 - 0.3)..(x1 + 0.3);
+    let (lo, hi) = y_range(y, y0, y1, series.len());
     match y {
+        YAxis::Log => draw(path, title, x_label, y_label, &series, xr, (lo..hi).log_scale()),
+        YAxis::Linear => draw(path, title, x_label, y_label, &series, xr, lo..hi),
+    }
+}
+
+/// The y axis for data from `y0` to `y1` under a legend of `lines` lines in the upper left.
+/// Linear axes start at zero (rates, ratios and fractions here are never negative), so bars
+/// compare by their length; both kinds leave the top part of the plot, where the legend sits,
+/// free of data, so the legend hides no point.
+fn y_range(axis: YAxis, y0: f64, y1: f64, lines: usize) -> (f64, f64) {
+    // About 18 px per legend line and 20 px of frame, of a plot area about 400 px high.
+    let legend = ((18 * lines + 20) as f64 / 400.0).clamp(0.15, 0.6);
+    match axis {
         YAxis::Log => {
             let lo = (y0 / 2.0).max(f64::MIN_POSITIVE);
-            draw(path, title, x_label, y_label, &series, xr, (lo..(y1 * 2.0)).log_scale())
+            let top = y1.max(lo * 2.0);
+            let span = (top / lo).ln();
+            (lo, (top.ln() + span * legend / (1.0 - legend)).exp())
         }
         YAxis::Linear => {
-            let pad = ((y1 - y0) * 0.1).max(y1.abs() * 0.02).max(1e-9);
-            // Rates and fractions are not negative: keep the axis from dipping below zero.
-            let lo = if y0 >= 0.0 { (y0 - pad).max(0.0) } else { y0 - pad };
-            draw(path, title, x_label, y_label, &series, xr, lo..(y1 + pad))
+            let lo = y0.min(0.0);
+            let top = if y1 > lo { y1 } else { lo + 1.0 };
+            (lo, lo + (top - lo) / (1.0 - legend))
         }
     }
 }
@@ -149,7 +185,17 @@ where
             .map_err(|e| err(&e))?
             .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(|e| err(&e))?;
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| err(&e))?;
+        // Lowest to highest run at each point, with small caps.
+        let cap = xr_span / 150.0;
+        let bars = pts.iter().zip(&s.spread).flat_map(|(&(x, _), &(lo, hi))| {
+            [
+                PathElement::new(vec![(x, lo), (x, hi)], color.stroke_width(1)),
+                PathElement::new(vec![(x - cap, lo), (x + cap, lo)], color.stroke_width(1)),
+                PathElement::new(vec![(x - cap, hi), (x + cap, hi)], color.stroke_width(1)),
+            ]
+        });
+        chart.draw_series(bars).map_err(|e| err(&e))?;
     }
     chart
         .configure_series_labels()
@@ -176,13 +222,28 @@ mod tests {
     }
 
     #[test]
+    fn linear_axes_start_at_zero_and_leave_the_legend_room() {
+        let (lo, hi) = y_range(YAxis::Linear, 0.9, 1.0, 4);
+        assert_eq!(lo, 0.0, "a throughput or a goodput of 0.9-1.0 is drawn from zero");
+        let legend = (18.0 * 4.0 + 20.0) / 400.0;
+        assert!((hi - 1.0 / (1.0 - legend)).abs() < 1e-12, "the top {legend} is the legend's: {hi}");
+        let (lo, hi) = y_range(YAxis::Log, 0.001, 10.0, 8);
+        assert!(lo > 0.0 && lo <= 0.0005 && hi > 10.0 * 100.0, "{lo}..{hi}");
+        assert_eq!(y_range(YAxis::Linear, 0.0, 0.0, 1), (0.0, 1.0 / (1.0 - 0.15)), "flat data still gets an axis");
+    }
+
+    #[test]
     fn a_plot_is_a_png_when_a_font_exists() {
         if font().is_err() {
             return; // nothing to draw text with on this machine: the caller reports it
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.png");
-        let s = [Series { name: "a".into(), points: vec![(64.0, 0.01), (256.0, 0.02)] }];
+        let s = [Series {
+            name: "a".into(),
+            points: vec![(64.0, 0.01), (256.0, 0.02)],
+            spread: vec![(0.008, 0.012), (0.015, 0.03)],
+        }];
         lines(&path, "t", "x", "y", &s, YAxis::Log).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
