@@ -222,11 +222,24 @@ impl Engine {
         catalog::verify_step(&self.store, &self.rt(), &self.cfg.read, job, step)
     }
 
-    /// The saved rank whose shard rank `rank` of a `world_size`-rank job restores from committed
-    /// `step`: `rank` when the step was saved at this world size, else as `resize` maps it (see
-    /// [`Manifest::restore_rank`]).
-    pub fn restore_rank(&self, job: &str, step: u64, rank: u32, world_size: u32, resize: Resize) -> Result<u32> {
-        self.manifest(job, step)?.restore_rank(rank, world_size, resize)
+    /// The shard header that rank `rank` of a `world_size`-rank job restores from committed `step`,
+    /// with the saved rank whose shard it is: `rank` when the step was saved at this world size,
+    /// else as `resize` maps it (see [`Manifest::restore_rank`]). One MANIFEST read.
+    pub fn restore_header(
+        &self,
+        job: &str,
+        step: u64,
+        rank: u32,
+        world_size: u32,
+        resize: Resize,
+    ) -> Result<(u32, ShardHeader)> {
+        let m = self.manifest(job, step)?;
+        let source = m.restore_rank(rank, world_size, resize)?;
+        let entry = m.shard(source).ok_or_else(|| Error::NotFound {
+            what: format!("rank {source} in step {step} of job `{job}` (world size {})", m.world_size),
+        })?;
+        let header = restore::read_header(&self.store, &self.rt(), ShardRef::committed(job, step, entry))?;
+        Ok((source, header))
     }
 
     /// Reads a shard's validated trailer and index (its tensor table and metadata) without its

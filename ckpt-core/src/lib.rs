@@ -10,8 +10,9 @@
 //! Layout of a checkpoint on a store (`<root>` is the URL's path):
 //!
 //! ```text
-//! <root>/<job>/step-<N>/rank-<r>.ckpt   one shard per rank: chunks, index, trailer
-//! <root>/<job>/step-<N>/MANIFEST        the commit record; a step exists only once this exists
+//! <root>/<job>/step-<N>/rank-<r>.<tag>.ckpt   a shard of rank r (a new name per write): chunks, index, trailer
+//! <root>/<job>/step-<N>/MANIFEST              the commit record, naming the shards that count; a step
+//!                                             exists only once this exists
 //! ```
 
 pub mod arena;

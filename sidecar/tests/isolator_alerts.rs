@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ckptd::isolator::link::IsolatorLink;
 use ckptd_proto::v1::{FaultAction, FaultReport};
-use isolator_proc::{IsolatorProc, TOKEN, eventually, post_intake, token_file};
+use isolator_proc::{IsolatorProc, TOKEN, TestPki, eventually, post_intake, token_file};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kmock::{Kmock, POD_NAMESPACE, cordoned, events_about, job_on, taints};
 use kube::Api;
@@ -222,26 +222,8 @@ async fn post_tls(
 #[tokio::test]
 async fn the_intake_takes_the_grpc_sides_tls_token_and_client_certificates() {
     let dir = TempDir::new().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params.clone(), ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server =
-        rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
-    let client_key = rcgen::KeyPair::generate().unwrap();
-    let client = rcgen::CertificateParams::new(vec!["alertmanager".to_string()])
-        .unwrap()
-        .signed_by(&client_key, &issuer)
-        .unwrap();
-    let p = |n: &str, s: String| {
-        let path = dir.path().join(n);
-        std::fs::write(&path, s).unwrap();
-        path.to_str().unwrap().to_string()
-    };
-    let (cert, key, ca_path) =
-        (p("server.pem", server.pem()), p("server.key", server_key.serialize_pem()), p("ca.pem", ca.pem()));
+    let pki = TestPki::new(dir.path(), "alertmanager");
+    let (cert, key, ca_path) = (&pki.cert, &pki.key, &pki.ca_path);
     let token = token_file(dir.path());
     let iso = IsolatorProc::spawn(
         dir.path(),
@@ -249,11 +231,11 @@ async fn the_intake_takes_the_grpc_sides_tls_token_and_client_certificates() {
         &[
             "--dry-run",
             "--tls-cert",
-            &cert,
+            cert,
             "--tls-key",
-            &key,
+            key,
             "--client-ca",
-            &ca_path,
+            ca_path,
             "--token-file",
             token.to_str().unwrap(),
             "--alerts-addr",
@@ -262,14 +244,14 @@ async fn the_intake_takes_the_grpc_sides_tls_token_and_client_certificates() {
     );
     let addr = iso.alerts.expect("alerts address");
     let xid = fixture("alertmanager-dcgm-xid79.json");
-    let (client_pem, client_key_pem) = (client.pem(), client_key.serialize_pem());
+    let (client_pem, client_key_pem) = (&pki.client_pem, &pki.client_key_pem);
 
     // No job runs on node-2 here: a served alert answers `no-job`.
-    let (code, v) = post_tls(addr, &ca.pem(), None, Some(TOKEN), &xid).await;
+    let (code, v) = post_tls(addr, &pki.ca_pem, None, Some(TOKEN), &xid).await;
     assert_eq!((code, v["results"][0]["outcome"].as_str()), (200, Some("no-job")), "token: {v}");
-    let (code, v) = post_tls(addr, &ca.pem(), Some((&client_pem, &client_key_pem)), None, &xid).await;
+    let (code, v) = post_tls(addr, &pki.ca_pem, Some((client_pem, client_key_pem)), None, &xid).await;
     assert_eq!((code, v["results"][0]["outcome"].as_str()), (200, Some("no-job")), "client certificate: {v}");
-    let (code, v) = post_tls(addr, &ca.pem(), None, None, &xid).await;
+    let (code, v) = post_tls(addr, &pki.ca_pem, None, None, &xid).await;
     assert_eq!(code, 401, "neither: {v}");
     // Plain HTTP on the TLS port gets no answer.
     let (code, _) = post_intake(&iso, "/v1/alerts/alertmanager", Some(TOKEN), &xid).await;

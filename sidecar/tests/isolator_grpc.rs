@@ -20,7 +20,7 @@ use ckpt_core::{DType, Engine, EngineConfig, ShardInfo, Snapshot, Store, StoreOp
 use ckptd::ErrorKind;
 use ckptd::isolator::link::{IsolatorLink, LinkCredentials};
 use ckptd_proto::v1::{FaultAction, FaultReport, command};
-use isolator_proc::{IsolatorProc, TOKEN, eventually, token_file};
+use isolator_proc::{IsolatorProc, TOKEN, TestPki, eventually, token_file};
 use slow_clients::SlowClients;
 use tempfile::TempDir;
 
@@ -134,43 +134,23 @@ async fn calls_without_the_right_token_are_unauthenticated() {
 #[tokio::test]
 async fn mtls_needs_a_client_certificate_signed_by_the_ca() {
     let dir = TempDir::new().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params.clone(), ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server =
-        rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
-    let client_key = rcgen::KeyPair::generate().unwrap();
-    let client =
-        rcgen::CertificateParams::new(vec!["agent".to_string()]).unwrap().signed_by(&client_key, &issuer).unwrap();
-    let p = |n: &str, s: String| {
-        let path = dir.path().join(n);
-        std::fs::write(&path, s).unwrap();
-        path.to_str().unwrap().to_string()
-    };
-    let (cert, key, ca_path) =
-        (p("server.pem", server.pem()), p("server.key", server_key.serialize_pem()), p("ca.pem", ca.pem()));
+    let pki = TestPki::new(dir.path(), "agent");
     let iso = IsolatorProc::spawn(
         dir.path(),
         "isolator",
-        &["--dry-run", "--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca_path],
+        &["--dry-run", "--tls-cert", &pki.cert, "--tls-key", &pki.key, "--client-ca", &pki.ca_path],
     );
     let url = format!("https://localhost:{}", iso.grpc.port());
     let store = file_store(&dir);
 
     // A TLS client without a certificate fails the handshake or the call.
-    let anon = LinkCredentials::default().with_ca(ca.pem().into_bytes());
+    let anon = LinkCredentials::default().with_ca(pki.ca_pem.clone().into_bytes());
     match IsolatorLink::connect(&url, anon).await {
         Ok(l) => assert!(l.register("job", &[0], 1, "n", "p", "ns", &store).await.is_err()),
         Err(e) => assert_eq!(e.kind(), ErrorKind::IsolatorUnavailable),
     }
-    let creds = LinkCredentials::mtls(
-        client.pem().into_bytes(),
-        client_key.serialize_pem().into_bytes(),
-        ca.pem().into_bytes(),
-    );
+    let creds =
+        LinkCredentials::mtls(pki.client_pem.into_bytes(), pki.client_key_pem.into_bytes(), pki.ca_pem.into_bytes());
     let l = IsolatorLink::connect(&url, creds).await.unwrap();
     l.register("job", &[0], 1, "n", "p", "ns", &store).await.unwrap();
 }

@@ -851,11 +851,10 @@ impl Agent {
         // The rank whose shard this rank restores: its own, or after a resize its replica's. A
         // world size not known yet (a prefetch before any attach, no --world-size) is the step's.
         let world_size = rank.lock().world_size.or(self.cfg.world_size);
-        let source = match world_size {
-            Some(w) => self.engine.restore_rank(&self.cfg.job, step, rank.rank, w, self.cfg.resize)?,
-            None => rank.rank,
+        let (source, header) = match world_size {
+            Some(w) => self.engine.restore_header(&self.cfg.job, step, rank.rank, w, self.cfg.resize)?,
+            None => (rank.rank, self.engine.shard_header(&self.cfg.job, step, rank.rank)?),
         };
-        let header = self.engine.shard_header(&self.cfg.job, step, source)?;
         let needed = slots::slot_size_with_headroom(&header.index.table, header.index.metadata.len());
         let current = rank.lock().arena.clone();
         let arena = match current {

@@ -91,7 +91,6 @@ impl Embedded {
     /// that saved that shard: `who`'s own, or after a resize the replica's its policy names (a
     /// [`ckpt_core::Error::StateMismatch`] when the policy refuses the resize).
     pub(super) fn header(&self, job: &str, step: u64, who: slots::Restorer) -> Result<(u32, ShardHeader)> {
-        let source = self.engine.restore_rank(job, step, who.rank, who.world_size, who.resize)?;
-        Ok((source, self.engine.shard_header(job, step, source)?))
+        Ok(self.engine.restore_header(job, step, who.rank, who.world_size, who.resize)?)
     }
 }

@@ -186,3 +186,49 @@ pub fn ckptctl_faults(iso: &IsolatorProc, dir: &Path, job: &str) -> Vec<serde_js
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
+
+/// A test CA with a server certificate for `localhost` and a client certificate, the server's
+/// files written into a directory for `--tls-cert`, `--tls-key` and `--client-ca`.
+pub struct TestPki {
+    /// The CA certificate (PEM), for clients that verify the server.
+    pub ca_pem: String,
+    /// The client certificate and its key (PEM), signed by the CA.
+    pub client_pem: String,
+    pub client_key_pem: String,
+    /// Paths of the server certificate, its key and the CA certificate.
+    pub cert: String,
+    pub key: String,
+    pub ca_path: String,
+}
+
+impl TestPki {
+    /// Makes the CA and both certificates (the client's named `client_name`) and writes the
+    /// server's files into `dir`.
+    pub fn new(dir: &Path, client_name: &str) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params.clone(), ca_key);
+        let signed = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_pem, server_key_pem) = signed("localhost");
+        let (client_pem, client_key_pem) = signed(client_name);
+        let write = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        TestPki {
+            cert: write("server.pem", &server_pem),
+            key: write("server.key", &server_key_pem),
+            ca_path: write("ca.pem", &ca.pem()),
+            ca_pem: ca.pem(),
+            client_pem,
+            client_key_pem,
+        }
+    }
+}
