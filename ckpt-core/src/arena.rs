@@ -39,8 +39,9 @@ use crate::tensor::TensorTable;
 /// Default directory of arenas: memory-backed on every Linux host and in Kubernetes pods (mount a
 /// `medium: Memory` emptyDir there; the runtime's 64 MiB default is far too small).
 pub const DEFAULT_ARENA_DIR: &str = "/dev/shm/ckptd";
-/// Default number of slots: one being written while the previous one persists.
-pub const DEFAULT_SLOTS: u32 = 2;
+/// Default number of slots: one copy of the state in host memory. A save waits while the
+/// previous one still persists; two slots let one be written while the other persists.
+pub const DEFAULT_SLOTS: u32 = 1;
 /// Most slots an arena may have.
 pub const MAX_SLOTS: u32 = 32;
 

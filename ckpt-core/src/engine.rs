@@ -16,7 +16,7 @@ use crate::commit::{self, CommitConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Resize, ShardEntry};
 use crate::persist::{self, PersistConfig, ShardId, ShardInfo, Snapshot};
-use crate::restore::{self, ReadConfig, ShardHeader, ShardRef};
+use crate::restore::{self, Pieces, ReadConfig, ShardHeader, ShardRef};
 use crate::retention::{self, GcReport, RetentionPolicy};
 use crate::store::{Store, StoreOptions};
 
@@ -42,6 +42,20 @@ enum Rt {
 }
 
 /// A store plus the machinery to write, commit, list, verify, restore and clean checkpoints on it.
+/// What one rank restores from a committed step: the shard the MANIFEST names for it and the
+/// shard's validated header ([`Engine::restore_plan`]).
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    /// The job.
+    pub job: String,
+    /// The committed step.
+    pub step: u64,
+    /// The MANIFEST's entry of the shard to read (`entry.rank` is the rank that saved it).
+    pub entry: ShardEntry,
+    /// The shard's trailer and index: its tensor table and metadata.
+    pub header: ShardHeader,
+}
+
 #[derive(Debug, Clone)]
 pub struct Engine {
     store: Store,
@@ -233,13 +247,37 @@ impl Engine {
         world_size: u32,
         resize: Resize,
     ) -> Result<(u32, ShardHeader)> {
+        let plan = self.restore_plan(job, step, rank, world_size, resize)?;
+        Ok((plan.entry.rank, plan.header))
+    }
+
+    /// What rank `rank` of a `world_size`-rank job restores from committed `step`: the MANIFEST's
+    /// entry of the shard (this rank's, or the replica's `resize` names) and its validated header.
+    /// [`Engine::restore_pieces`] then reads its data. One MANIFEST read.
+    pub fn restore_plan(
+        &self,
+        job: &str,
+        step: u64,
+        rank: u32,
+        world_size: u32,
+        resize: Resize,
+    ) -> Result<RestorePlan> {
         let m = self.manifest(job, step)?;
         let source = m.restore_rank(rank, world_size, resize)?;
-        let entry = m.shard(source).ok_or_else(|| Error::NotFound {
+        let entry = m.shard(source).cloned().ok_or_else(|| Error::NotFound {
             what: format!("rank {source} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        let header = restore::read_header(&self.store, &self.rt(), ShardRef::committed(job, step, entry))?;
-        Ok((source, header))
+        let header = restore::read_header(&self.store, &self.rt(), ShardRef::committed(job, step, &entry))?;
+        Ok(RestorePlan { job: job.to_string(), step, entry, header })
+    }
+
+    /// Reads the data of `plan`'s shard into `pieces` (caller memory, each piece at a byte offset
+    /// of the shard's region): only the chunks the pieces overlap are read, each verified whole,
+    /// straight into the destination (`pread` on `file://`, ranged GETs on object stores). When
+    /// this fails the pieces hold unspecified bytes.
+    pub fn restore_pieces(&self, plan: &RestorePlan, pieces: Pieces<'_>) -> Result<ShardHeader> {
+        let r = ShardRef::committed(&plan.job, plan.step, &plan.entry);
+        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, r, Some(pieces))
     }
 
     /// Reads a shard's validated trailer and index (its tensor table and metadata) without its
@@ -259,7 +297,8 @@ impl Engine {
         let entry = m.shard(rank).ok_or_else(|| Error::NotFound {
             what: format!("rank {rank} in step {step} of job `{job}` (world size {})", m.world_size),
         })?;
-        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, ShardRef::committed(job, step, entry), Some(dst))
+        let r = ShardRef::committed(job, step, entry);
+        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, r, Some(Pieces::whole(dst)))
     }
 
     /// Streams rank `rank` of committed step `step` chunk by chunk: every chunk is verified, then

@@ -1,8 +1,8 @@
 //! Reading shards back: header (trailer + index) validation and verified, parallel chunk reads into
 //! a caller-provided region.
 //!
-//! `file://` shards are memory-mapped, so a raw chunk travels from the page cache straight into the
-//! destination with one copy. Object-store shards are read with parallel ranged GETs that coalesce
+//! `file://` shards are read with `pread` straight into the destination (one copy, from the page
+//! cache), and only their headers and verify-only reads go through a memory map. Object-store shards are read with parallel ranged GETs that coalesce
 //! neighbouring chunks. Every chunk's crc32c is checked before it is used; a mismatch names the
 //! step, rank, chunk and offset.
 
@@ -220,14 +220,102 @@ fn relocate(e: Error, location: Location) -> Error {
     }
 }
 
-/// Reads a shard, verifying every chunk, and writes its region into `dst` when given (`dst` must be
-/// exactly the region's length). Without `dst` it only verifies. Blocking.
+/// Where one chunk's raw bytes go: pieces of caller memory, each at its offset in the chunk, in
+/// order and without overlap. Bytes of the chunk that no piece covers are read and verified but
+/// kept nowhere.
+type ChunkDest<'a> = Vec<(usize, &'a mut [u8])>;
+
+/// Caller memory that a shard's region is read into: pieces, each starting at a byte offset of
+/// the region. Only the chunks that some piece overlaps are read (and each of those is verified
+/// whole). The pieces must lie inside the region and must not overlap.
+pub struct Pieces<'a> {
+    pieces: Vec<(u64, &'a mut [u8])>,
+}
+
+impl std::fmt::Debug for Pieces<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.pieces.iter().map(|(o, d)| (o, d.len()))).finish()
+    }
+}
+
+impl<'a> Pieces<'a> {
+    /// The whole region in one buffer.
+    pub fn whole(dst: &'a mut [u8]) -> Pieces<'a> {
+        Pieces { pieces: vec![(0, dst)] }
+    }
+
+    /// `pieces`: (offset in the region, destination), in any order.
+    pub fn new(mut pieces: Vec<(u64, &'a mut [u8])>) -> Pieces<'a> {
+        pieces.retain(|(_, d)| !d.is_empty());
+        pieces.sort_by_key(|(o, _)| *o);
+        Pieces { pieces }
+    }
+
+    /// Splits the pieces along the chunks of `spans`: for every chunk that a piece overlaps, the
+    /// chunk and the parts of the pieces inside it. Fails when a piece overlaps another or lies
+    /// outside the region.
+    fn per_chunk(self, spans: Vec<ChunkSpan>, region_len: u64) -> Result<Vec<(ChunkSpan, Option<ChunkDest<'a>>)>> {
+        let mut end = 0u64;
+        for (o, d) in &self.pieces {
+            let piece_end = o.checked_add(d.len() as u64).filter(|&e| e <= region_len);
+            if *o < end || piece_end.is_none() {
+                return Err(Error::InvalidConfig {
+                    field: "destination",
+                    reason: format!(
+                        "a piece of {} bytes at region offset {o} overlaps another or ends past the {region_len}-byte region",
+                        d.len()
+                    ),
+                });
+            }
+            end = piece_end.unwrap_or(end);
+        }
+        let mut out = Vec::new();
+        let mut pieces = self.pieces.into_iter().peekable();
+        // The part of the current piece not yet given to a chunk, and its region offset.
+        let mut current: Option<(u64, &'a mut [u8])> = None;
+        for span in spans {
+            let mut dest: ChunkDest<'a> = Vec::new();
+            loop {
+                if current.is_none() {
+                    match pieces.peek() {
+                        Some((o, _)) if *o < span.raw.end => current = pieces.next(),
+                        _ => break,
+                    }
+                }
+                let Some((o, d)) = current.take() else { break };
+                let fits = (span.raw.end - o) as usize;
+                let at = (o - span.raw.start) as usize;
+                if d.len() <= fits {
+                    dest.push((at, d));
+                } else {
+                    let (head, tail) = d.split_at_mut(fits);
+                    dest.push((at, head));
+                    current = Some((span.raw.end, tail));
+                    break;
+                }
+            }
+            if !dest.is_empty() {
+                out.push((span, Some(dest)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads a shard, verifying every chunk it reads, into `dst` when given: only the chunks that
+/// `dst`'s pieces overlap are read. Without `dst` it reads and verifies every chunk. A `file://`
+/// shard is read with `pread` straight into the destination (one copy, from the page cache),
+/// verified there; an object store's with parallel ranged GETs. Blocking.
+///
+/// When a chunk fails verification, the pieces it was read into hold its unverified bytes (and
+/// pieces of other chunks may already be written): the caller must not use the destination after
+/// an error.
 pub(crate) fn read_shard(
     store: &Store,
     rt: &Handle,
     cfg: &ReadConfig,
     r: ShardRef<'_>,
-    dst: Option<&mut [u8]>,
+    dst: Option<Pieces<'_>>,
 ) -> Result<ShardHeader> {
     let (rel, rank) = r.resolve()?;
     let (step, expected) = (r.step, r.expected);
@@ -235,31 +323,26 @@ pub(crate) fn read_shard(
     let source = Source::open(store, rt, &path)?;
     let header = header_from(&source, rt, &rel, step, rank, expected)?;
     let index = &header.index;
-    if let Some(d) = &dst
-        && d.len() as u64 != index.table.total_len()
-    {
-        return Err(Error::InvalidConfig {
-            field: "destination",
-            reason: format!("buffer is {} bytes, step {step} rank {rank} needs {}", d.len(), index.table.total_len()),
-        });
-    }
     let spans = index.spans();
-    let mut dsts: Vec<Option<&mut [u8]>> = Vec::with_capacity(spans.len());
-    match dst {
-        Some(mut rest) => {
-            for s in &spans {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut((s.raw.end - s.raw.start) as usize);
-                dsts.push(Some(head));
-                rest = tail;
-            }
+    let work: Vec<(ChunkSpan, Option<ChunkDest<'_>>)> = match dst {
+        Some(pieces) => pieces.per_chunk(spans, index.table.total_len())?,
+        None => spans.into_iter().map(|s| (s, None)).collect(),
+    };
+    // A local shard with a destination is read with pread into it: no mapping, no extra copy.
+    let file = match store.local_file(&path) {
+        Some(file) if work.iter().any(|(_, d)| d.is_some()) => {
+            let f = std::fs::File::open(&file).map_err(|e| Error::io("open", &file, e))?;
+            advise_sequential(&f);
+            Some(f)
         }
-        None => dsts.resize_with(spans.len(), || None),
-    }
-    let workers = cfg.workers.max(1).min(spans.len().max(1));
+        _ => None,
+    };
+    let workers = cfg.workers.max(1).min(work.len().max(1));
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = crossbeam_channel::bounded::<(ChunkSpan, Bytes, Option<&mut [u8]>)>(workers * 4);
+        let (tx, rx) = crossbeam_channel::bounded::<(ChunkSpan, Option<Bytes>, Option<ChunkDest<'_>>)>(workers * 4);
         let (err_tx, err_rx) = crossbeam_channel::bounded::<Error>(workers);
         let rel = rel.as_str();
+        let file = file.as_ref();
         for w in 0..workers {
             let rx = rx.clone();
             let err_tx = err_tx.clone();
@@ -267,8 +350,16 @@ pub(crate) fn read_shard(
                 .name(format!("ckpt-verify-{w}"))
                 .spawn_scoped(scope, move || {
                     let mut scratch = Vec::new();
-                    for (span, stored, dst) in rx {
-                        if let Err(e) = check_chunk(index, rel, &span, &stored, dst, &mut scratch) {
+                    let mut stored_buf = Vec::new();
+                    for (span, stored, mut dst) in rx {
+                        let checked = match (stored, file) {
+                            (Some(stored), _) => check_chunk(index, rel, &span, &stored, dst.as_mut(), &mut scratch),
+                            (None, Some(file)) => {
+                                pread_chunk(file, index, rel, &span, dst.as_mut(), &mut scratch, &mut stored_buf)
+                            }
+                            (None, None) => Err(Error::Cancelled { reason: "a chunk came without its bytes".into() }),
+                        };
+                        if let Err(e) = checked {
                             let _ = err_tx.try_send(e);
                             return;
                         }
@@ -279,17 +370,25 @@ pub(crate) fn read_shard(
         drop(rx);
         drop(err_tx);
         let feed = || -> Result<()> {
-            let mut items = spans.iter().cloned().zip(dsts);
+            let mut items = work.into_iter();
             match &source {
+                Source::Mapped(_) if file.is_some() => {
+                    for (span, d) in items {
+                        if tx.send((span, None, d)).is_err() {
+                            break;
+                        }
+                    }
+                }
                 Source::Mapped(all) => {
                     for (span, d) in items {
                         let stored = all.slice(span.stored.start as usize..span.stored.end as usize);
-                        if tx.send((span, stored, d)).is_err() {
+                        if tx.send((span, Some(stored), d)).is_err() {
                             break;
                         }
                     }
                 }
                 Source::Remote { store, path, .. } => {
+                    let spans: Vec<ChunkSpan> = items.as_slice().iter().map(|(s, _)| s.clone()).collect();
                     let mut in_flight = VecDeque::new();
                     let mut groups = group_spans(&spans, cfg.read_size).into_iter();
                     loop {
@@ -321,7 +420,7 @@ pub(crate) fn read_shard(
                             let s = (span.stored.start - g.start) as usize;
                             let e = (span.stored.end - g.start) as usize;
                             let last = span.stored.end >= g.end;
-                            if tx.send((span, bytes.slice(s..e), d)).is_err() {
+                            if tx.send((span, Some(bytes.slice(s..e)), d)).is_err() {
                                 return Ok(());
                             }
                             if last {
@@ -344,6 +443,65 @@ pub(crate) fn read_shard(
     Ok(header)
 }
 
+/// Tells the kernel a shard file is about to be read front to back (a larger readahead window).
+fn advise_sequential(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `f` is an open file for the duration of the call; the advice changes no memory.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    if rc != 0 {
+        tracing::debug!(rc, "posix_fadvise(SEQUENTIAL) failed; reading without the hint");
+    }
+}
+
+/// Reads one chunk of a local shard: an uncompressed chunk with `pread` straight into its pieces
+/// (the bytes no piece wants into `scratch`), its crc32c computed over what was read; a compressed
+/// one into `stored_buf`, then verified and decompressed as [`check_chunk`] does.
+fn pread_chunk(
+    file: &std::fs::File,
+    index: &ShardIndex,
+    rel: &str,
+    span: &ChunkSpan,
+    dst: Option<&mut ChunkDest<'_>>,
+    scratch: &mut Vec<u8>,
+    stored_buf: &mut Vec<u8>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let read_at = |buf: &mut [u8], at: u64| {
+        file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => index.chunk_error(rel, span, "shard ends inside this chunk"),
+            _ => Error::io("pread", std::path::Path::new(rel), e),
+        })
+    };
+    let stored_len = (span.stored.end - span.stored.start) as usize;
+    if span.entry.codec == CODEC_ZSTD || dst.is_none() {
+        stored_buf.resize(stored_len, 0);
+        read_at(stored_buf, span.stored.start)?;
+        return check_chunk(index, rel, span, stored_buf, dst, scratch);
+    }
+    let Some(dst) = dst else { return Ok(()) };
+    let mut crc = 0u32;
+    let mut covered = 0usize;
+    let gap = |from: usize, to: usize, crc: &mut u32, scratch: &mut Vec<u8>| -> Result<()> {
+        if to > from {
+            scratch.resize(to - from, 0);
+            read_at(scratch, span.stored.start + from as u64)?;
+            *crc = crc32c::crc32c_append(*crc, scratch);
+        }
+        Ok(())
+    };
+    for (at, d) in dst.iter_mut() {
+        gap(covered, *at, &mut crc, scratch)?;
+        read_at(d, span.stored.start + *at as u64)?;
+        crc = crc32c::crc32c_append(crc, d);
+        covered = *at + d.len();
+    }
+    gap(covered, stored_len, &mut crc, scratch)?;
+    if crc != span.entry.crc32c {
+        return Err(index.chunk_error(rel, span, "crc32c mismatch"));
+    }
+    Ok(())
+}
+
 /// Coalesces consecutive chunks into byte ranges of about `read_size`.
 fn group_spans(spans: &[ChunkSpan], read_size: u64) -> Vec<std::ops::Range<u64>> {
     let mut groups: Vec<std::ops::Range<u64>> = Vec::new();
@@ -363,7 +521,7 @@ fn check_chunk(
     rel: &str,
     span: &ChunkSpan,
     stored: &[u8],
-    dst: Option<&mut [u8]>,
+    dst: Option<&mut ChunkDest<'_>>,
     scratch: &mut Vec<u8>,
 ) -> Result<()> {
     if crc32c::crc32c(stored) != span.entry.crc32c {
@@ -371,17 +529,27 @@ fn check_chunk(
     }
     let raw_len = (span.raw.end - span.raw.start) as usize;
     if span.entry.codec == CODEC_ZSTD {
-        let out = match dst {
-            Some(d) => d,
-            None => {
-                scratch.resize(raw_len, 0);
-                &mut scratch[..]
+        match dst {
+            // One piece that is the whole chunk: decompress straight into it.
+            Some(d) if d.len() == 1 && d[0].0 == 0 && d[0].1.len() == raw_len => {
+                codec::decompress_into(stored, d[0].1).map_err(|e| index.chunk_error(rel, span, e.to_string()))
             }
-        };
-        codec::decompress_into(stored, out).map_err(|e| index.chunk_error(rel, span, e.to_string()))
+            d => {
+                scratch.resize(raw_len, 0);
+                codec::decompress_into(stored, &mut scratch[..])
+                    .map_err(|e| index.chunk_error(rel, span, e.to_string()))?;
+                for (at, piece) in d.into_iter().flatten() {
+                    piece.copy_from_slice(&scratch[*at..*at + piece.len()]);
+                }
+                Ok(())
+            }
+        }
     } else {
-        if let Some(d) = dst {
-            d.copy_from_slice(stored);
+        if stored.len() != raw_len {
+            return Err(index.chunk_error(rel, span, "an uncompressed chunk's stored and raw lengths differ"));
+        }
+        for (at, piece) in dst.into_iter().flatten() {
+            piece.copy_from_slice(&stored[*at..*at + piece.len()]);
         }
         Ok(())
     }
@@ -431,7 +599,7 @@ pub(crate) fn stream_shard<E: From<Error>>(
             let stored = &bytes[(span.stored.start - group.start) as usize..(span.stored.end - group.start) as usize];
             if span.entry.codec == CODEC_ZSTD {
                 raw.resize((span.raw.end - span.raw.start) as usize, 0);
-                check_chunk(index, &rel, span, stored, Some(&mut raw[..]), &mut scratch)?;
+                check_chunk(index, &rel, span, stored, Some(&mut vec![(0, &mut raw[..])]), &mut scratch)?;
                 sink(span.raw.start, &raw)?;
             } else {
                 check_chunk(index, &rel, span, stored, None, &mut scratch)?;

@@ -141,6 +141,13 @@ pub fn slot_size_with_headroom(table: &TensorTable, metadata_len: usize) -> u64 
     needed.saturating_add(needed / 16).saturating_add(1 << 20)
 }
 
+/// Bytes per slot to create, before the state is known, for a state of about `state_bytes`
+/// (a size hint): the bytes plus the same headroom as [`slot_size_with_headroom`], which also
+/// covers the tensor table and the alignment between tensors of any ordinary state.
+pub fn slot_size_for_state(state_bytes: u64) -> u64 {
+    state_bytes.saturating_add(state_bytes / 16).saturating_add(1 << 20)
+}
+
 /// Takes a slot to write: a free one, else the memory tier (the newest durable slot), which the
 /// snapshot or restore about to be written replaces anyway. `None` when every slot is being
 /// written, persisted or read.

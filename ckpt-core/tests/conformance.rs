@@ -269,6 +269,42 @@ fn committed_shards_are_never_replaced(backend: Backend) {
     assert!(back == late.data, "the committer took rank 1's older write");
 }
 
+/// Reading into pieces of caller memory (the way a load fills the caller's tensors): every tensor
+/// into its own buffer, in any order, comes back bitwise; a piece that covers part of a tensor
+/// across a chunk boundary gets exactly those bytes; overlapping pieces and pieces past the region
+/// are refused before anything is read.
+fn pieces_get_exactly_their_bytes(backend: Backend, compression: Compression) {
+    let Some(f) = open(&backend, compression) else { return };
+    let snap = snapshot(7, 600_000);
+    f.engine.save("job", 3, 0, 1, &snap, BTreeMap::new()).unwrap();
+    let plan = f.engine.restore_plan("job", 3, 0, 1, Default::default()).unwrap();
+    assert_eq!(plan.entry.rank, 0);
+    assert_eq!(plan.header.index.table, snap.table);
+    let entries = snap.table.entries();
+    let mut bufs: Vec<Vec<u8>> = entries.iter().map(|e| vec![0xA5; e.len as usize]).collect();
+    // Last tensor first: the order the caller gives must not matter.
+    let pieces = entries.iter().zip(bufs.iter_mut()).rev().map(|(e, b)| (e.offset, &mut b[..])).collect();
+    f.engine.restore_pieces(&plan, ckpt_core::Pieces::new(pieces)).unwrap();
+    for (e, b) in entries.iter().zip(&bufs) {
+        let want = &snap.data[e.offset as usize..(e.offset + e.len) as usize];
+        assert!(b[..] == *want, "tensor {} differs after a read into pieces", e.meta.name);
+    }
+    // Part of the biggest tensor, across the 64 KiB chunk boundaries.
+    let rng = entries.iter().find(|e| e.meta.name == "rng").unwrap();
+    let from = rng.offset + (64 << 10) - 100;
+    let mut part = vec![0u8; 80_000];
+    f.engine.restore_pieces(&plan, ckpt_core::Pieces::new(vec![(from, &mut part[..])])).unwrap();
+    assert!(part[..] == snap.data[from as usize..from as usize + part.len()], "a partial piece got other bytes");
+    // Overlapping pieces, and a piece past the end of the region.
+    let (mut a, mut b) = (vec![0u8; 100], vec![0u8; 100]);
+    let err =
+        f.engine.restore_pieces(&plan, ckpt_core::Pieces::new(vec![(0, &mut a[..]), (50, &mut b[..])])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let end = snap.table.total_len() - 10;
+    let err = f.engine.restore_pieces(&plan, ckpt_core::Pieces::new(vec![(end, &mut a[..])])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
 macro_rules! suite {
     ($($backend:ident => $module:ident),* $(,)?) => {$(
         mod $module {
@@ -291,6 +327,10 @@ macro_rules! suite {
             fn multi_rank() { multi_rank_commit_and_deadline(Backend::$backend) }
             #[test]
             fn never_replaced() { committed_shards_are_never_replaced(Backend::$backend) }
+            #[test]
+            fn pieces_raw() { pieces_get_exactly_their_bytes(Backend::$backend, Compression::None) }
+            #[test]
+            fn pieces_zstd() { pieces_get_exactly_their_bytes(Backend::$backend, Compression::Zstd(3)) }
         }
     )*};
 }

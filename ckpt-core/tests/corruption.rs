@@ -200,6 +200,13 @@ fn every_bit_flip_in_a_shard_is_caught() {
                     problems.iter().any(|p| p.contains(&format!("chunk {}", span.index))),
                     "{what}: verify does not name the chunk: {problems:?}"
                 );
+                // A load into the caller's tensors (one piece per tensor) is refused the same way.
+                let plan = f.engine.restore_plan(JOB, 2, rank, WORLD, Default::default()).unwrap();
+                let table = &plan.header.index.table;
+                let mut bufs: Vec<Vec<u8>> = table.entries().iter().map(|e| vec![0; e.len as usize]).collect();
+                let pieces = table.entries().iter().zip(bufs.iter_mut()).map(|(e, b)| (e.offset, &mut b[..])).collect();
+                let e = f.engine.restore_pieces(&plan, ckpt_core::Pieces::new(pieces)).unwrap_err();
+                assert_eq!(corrupt_location(&e, rank, &what).chunk, Some(span.index), "{what}: {e}");
                 // Only the chunks are damaged: the structure still validates.
                 assert_eq!(f.latest(), Some(2), "{what}");
             } else {

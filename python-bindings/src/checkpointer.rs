@@ -94,9 +94,9 @@ impl PyCheckpointer {
 impl PyCheckpointer {
     #[new]
     #[pyo3(signature = (
-        job, *, store=None, rank=None, world_size=None, socket=None, slots=2, compression="none",
+        job, *, store=None, rank=None, world_size=None, socket=None, slots=None, compression="none",
         arena_dir=None, chunk_size=None, commit_timeout=None, strict_restore=false, on_resize=None,
-        parallel=None
+        parallel=None, size_hint=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -106,7 +106,7 @@ impl PyCheckpointer {
         rank: Option<u32>,
         world_size: Option<u32>,
         socket: Option<PathBuf>,
-        slots: u32,
+        slots: Option<u32>,
         compression: &str,
         arena_dir: Option<PathBuf>,
         chunk_size: Option<u64>,
@@ -114,13 +114,17 @@ impl PyCheckpointer {
         strict_restore: bool,
         on_resize: Option<String>,
         parallel: Option<String>,
+        size_hint: Option<u64>,
     ) -> PyResult<Self> {
         let mut cfg = CheckpointerConfig::new(job);
         cfg.store = store;
         cfg.rank = rank;
         cfg.world_size = world_size;
         cfg.socket = socket;
-        cfg.slots = slots;
+        if let Some(slots) = slots {
+            cfg.slots = slots;
+        }
+        cfg.size_hint = size_hint;
         cfg.arena_dir = arena_dir;
         cfg.strict_restore = strict_restore;
         if on_resize.is_some() || parallel.is_some() {
@@ -246,6 +250,12 @@ impl PyCheckpointer {
         py.detach(|| ck.fence(stream)).map_err(to_py)?;
         self.prune();
         Ok(())
+    }
+
+    /// `(saves, saves that waited for a slot, seconds they waited)`.
+    fn stats(&self) -> PyResult<(u64, u64, f64)> {
+        let s = self.get()?.stats();
+        Ok((s.saves, s.waited, s.wait_time.as_secs_f64()))
     }
 
     /// The newest committed step that validates, or `None`.

@@ -87,7 +87,7 @@ fn plain_pod_gets_native_sidecar_volumes_and_env() {
     assert_eq!(a.command.as_deref(), Some(&["ckptd".to_string(), "agent".to_string()][..]));
     assert_eq!(value(&a, "CKPTD_STORE").as_deref(), Some("s3://ckpt-bucket/runs"));
     assert_eq!(value(&a, "CKPTD_JOB").as_deref(), Some("train-0"), "job falls back to the pod name");
-    assert_eq!(value(&a, "CKPTD_SLOTS").as_deref(), Some("2"));
+    assert_eq!(value(&a, "CKPTD_SLOTS").as_deref(), Some("1"));
     assert_eq!(value(&a, "CKPTD_SOCKET").as_deref(), Some("/var/run/ckptd/sock/agent.sock"));
     assert_eq!(value(&a, "CKPTD_ARENA_DIR").as_deref(), Some("/var/run/ckptd/arena"));
     assert_eq!(value(&a, "CKPTD_METRICS_ADDR").as_deref(), Some("0.0.0.0:9101"));

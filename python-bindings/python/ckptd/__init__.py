@@ -75,6 +75,7 @@ __all__ = [
     "IncompatibleKeys",
     "NoCheckpoint",
     "SaveHandle",
+    "SaveStats",
     "StateMismatch",
     "StoreError",
     "TensorInfo",
@@ -88,7 +89,7 @@ EXIT_RESTART: Final[int] = _native.EXIT_RESTART
 EXIT_STOP: Final[int] = _native.EXIT_STOP
 
 _ADVANCED: Final = frozenset(
-    {"arena_dir", "chunk_size", "commit_timeout", "strict_restore", "on_resize", "parallel"}
+    {"arena_dir", "chunk_size", "commit_timeout", "strict_restore", "on_resize", "parallel", "size_hint"}
 )
 
 #: The least time (seconds) between two progress reports in the same phase. A report is a round
@@ -161,6 +162,16 @@ def _numpy_empty(name: str, info: TensorInfo) -> Any:
             ) from None
         return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
     return numpy.empty(info.shape, dtype=dtype)
+
+
+class SaveStats(NamedTuple):
+    """:meth:`Checkpointer.stats`."""
+
+    saves: int
+    #: Saves that waited for an arena slot (every slot still persisting).
+    waited: int
+    #: Seconds those saves waited in all.
+    wait_seconds: float
 
 
 class IncompatibleKeys(NamedTuple):
@@ -339,7 +350,12 @@ class Checkpointer:
     ``store`` is a URL (``file:///path``, ``s3://bucket/prefix``, ``oss://``, ``gs://``, ``az://``,
     ``memory://``); it defaults to ``$CKPTD_STORE`` or ``./ckptd-store``. ``socket`` selects sidecar
     mode (the agent's Unix socket; default ``$CKPTD_SOCKET``), else the checkpointer runs embedded.
-    ``compression`` is ``none``, ``auto``, ``zstd`` or ``zstd:<level>``. Advanced options:
+    ``compression`` is ``none``, ``auto``, ``zstd`` or ``zstd:<level>``. ``slots`` is how many
+    snapshots the arena holds (default 1: one copy of the state in host memory, and a save waits
+    while the previous one still persists, counted by :meth:`stats`; 2 never waits, for twice the
+    memory, and keeps the memory tier while a save is copied). Advanced options: ``size_hint``
+    (about how many bytes the state has; embedded mode: the arena is created and its pages faulted
+    in at construction, in the background, so the first save is as fast as the next ones),
     ``arena_dir`` (memory-backed directory of the snapshot arena; default ``$CKPTD_ARENA_DIR`` or
     ``/dev/shm/ckptd``), ``chunk_size`` (bytes), ``commit_timeout`` (seconds rank 0 waits for
     every rank's shard), ``strict_restore`` (``load()`` of the newest step raises
@@ -362,13 +378,16 @@ class Checkpointer:
         rank: int | None = None,
         world_size: int | None = None,
         socket: str | os.PathLike[str] | None = None,
-        slots: int = 2,
+        slots: int | None = None,
         compression: str = "none",
         **advanced: Any,
     ) -> None:
         unknown = sorted(set(advanced) - _ADVANCED)
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}: accepted are {', '.join(sorted(_ADVANCED))}")
+        hint = advanced.get("size_hint")
+        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, int) or hint <= 0):
+            raise ConfigError(f"size_hint must be a positive whole number of bytes, not {hint!r}")
         self._native = _native._Checkpointer(
             job,
             store=store,
@@ -714,6 +733,13 @@ class Checkpointer:
         self.last_load_from_memory = from_memory
         self.last_load_keys = IncompatibleKeys(plan.missing, plan.unexpected) if plan is not None else IncompatibleKeys([], [])
         return loaded
+
+    def stats(self) -> SaveStats:
+        """How the saves went so far: how many started, how many waited for an arena slot because
+        every slot was still persisting an earlier save, and how long they waited (part of their
+        stall). With one slot, a save interval shorter than the time to persist shows here."""
+        saves, waited, wait_seconds = self._native.stats()
+        return SaveStats(saves, waited, wait_seconds)
 
     def latest_step(self) -> int | None:
         """The newest committed step that validates, or ``None``."""

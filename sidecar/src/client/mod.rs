@@ -56,8 +56,17 @@ pub struct CheckpointerConfig {
     pub socket: Option<PathBuf>,
     /// Arena directory; `None` means `CKPTD_ARENA_DIR` or `/dev/shm/ckptd`.
     pub arena_dir: Option<PathBuf>,
-    /// Arena slots (at least 1; 2 lets one snapshot persist while the next is copied).
+    /// Arena slots (at least 1). One (the default) holds one copy of the state: a save waits
+    /// while the previous one still persists ([`Checkpointer::stats`] counts how often). Two let
+    /// one snapshot persist while the next is copied, and keep the memory tier while a save is
+    /// copied, for twice the host memory.
     pub slots: u32,
+    /// Bytes the saved state will take, about (embedded mode): when given, the arena is created
+    /// at construction and its pages faulted in (and pinned for device copies) in the background,
+    /// so that the first save is not slower than the next ones. An arena left by a predecessor
+    /// is kept as it is (it holds the memory tier), and a state that outgrows the hint gets a
+    /// bigger arena at its first save, as without one.
+    pub size_hint: Option<u64>,
     /// Engine settings (compression, chunk size, retries, commit deadline).
     pub engine: EngineConfig,
     /// A load of the newest step fails when that step's data is damaged, instead of falling back
@@ -85,6 +94,7 @@ impl CheckpointerConfig {
             socket: None,
             arena_dir: None,
             slots: arena::DEFAULT_SLOTS,
+            size_hint: None,
             engine: EngineConfig::default(),
             strict_restore: false,
             order_exit: OrderExit::default(),
@@ -224,6 +234,21 @@ struct Shared {
     last_save: Mutex<Option<SaveHandle>>,
     /// Saves whose persist has not finished, oldest first.
     in_flight: Mutex<Vec<SaveHandle>>,
+    /// How often saves waited for a slot, and for how long.
+    stats: Mutex<SaveStats>,
+}
+
+/// How the saves of a [`Checkpointer`] went: how many had to wait for a slot because every slot
+/// was still persisting an earlier save (with one slot, a save interval shorter than the
+/// persist time), and the time they waited, which is part of their stall.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveStats {
+    /// Saves started.
+    pub saves: u64,
+    /// Saves that waited for a slot.
+    pub waited: u64,
+    /// Total time those saves waited.
+    pub wait_time: Duration,
 }
 
 /// Saves and loads a training state; see the module documentation.
@@ -283,10 +308,22 @@ impl Checkpointer {
             last_copies: Mutex::new(Vec::new()),
             last_save: Mutex::new(None),
             in_flight: Mutex::new(Vec::new()),
+            stats: Mutex::new(SaveStats::default()),
             cfg,
         });
         let persist = persist::PersistThread::start(shared.clone())?;
-        Ok(Checkpointer { shared, persist })
+        let ck = Checkpointer { shared, persist };
+        if let (Some(bytes), Mode::Embedded(_)) = (ck.shared.cfg.size_hint, &ck.shared.mode)
+            && ck.embedded_arena().is_none()
+        {
+            ck.arena_of(None, slots::slot_size_for_state(bytes))?;
+        }
+        Ok(ck)
+    }
+
+    /// How the saves went so far (see [`SaveStats`]).
+    pub fn stats(&self) -> SaveStats {
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The engine underneath (store, listing, verification); `None` in sidecar mode, where the
@@ -548,8 +585,15 @@ impl Checkpointer {
                         verdict(&Description::of_slot(hold.content()))?;
                         (hold, true)
                     }
+                    // From storage into host tensors: straight into them, no slot in between.
+                    None if tensors.iter().all(|t| t.device == Device::Cpu) => {
+                        // SAFETY: the caller's contract is this function's.
+                        return unsafe { self.load_direct(m, tensors, step, &verdict) };
+                    }
                     None => {
-                        // From storage: the newest step whose data verifies, unless one was named.
+                        // From storage through a slot (device tensors: the slot is pinned host
+                        // memory the copy engine reads), which then stays the memory tier. The
+                        // newest step whose data verifies, unless one was named.
                         let restored = slots::newest_sound(
                             &m.engine,
                             &cfg.job,
@@ -563,10 +607,7 @@ impl Checkpointer {
                                 self.stage_embedded(m, step, source, &header)
                             },
                         )?;
-                        let restored = restored.ok_or_else(|| Error::NoCheckpoint {
-                            job: cfg.job.clone(),
-                            store: m.engine.store().url().to_string(),
-                        })?;
+                        let restored = restored.ok_or_else(|| self.no_checkpoint(m))?;
                         (restored.value, false)
                     }
                 }
@@ -578,6 +619,51 @@ impl Checkpointer {
             t.wait()?;
         }
         Ok(Loaded { step: c.step, metadata: c.metadata.clone(), from_memory })
+    }
+
+    /// Embedded, host tensors only: reads `step` (default: the newest step whose data verifies)
+    /// from storage straight into `tensors`, each chunk verified where it lands; no arena slot is
+    /// used, so a load costs no host memory beyond the tensors. The memory tier is left as it is
+    /// and filled by the next save. When the newest step turns out damaged, the next older one is
+    /// read into the same tensors (which hold unspecified bytes until a read succeeds).
+    ///
+    /// # Safety
+    /// As for [`Checkpointer::load`]; every tensor is host memory.
+    unsafe fn load_direct(
+        &self,
+        m: &embedded::Embedded,
+        tensors: &[TensorRef],
+        step: Option<u64>,
+        verdict: &dyn Fn(&Description) -> Result<()>,
+    ) -> Result<Loaded> {
+        let cfg = &self.shared.cfg;
+        let restored = slots::newest_sound(&m.engine, &cfg.job, step, cfg.strict_restore, Error::is_damage, |step| {
+            let who = cfg.restorer();
+            let plan = m.engine.restore_plan(&cfg.job, step, who.rank, who.world_size, who.resize)?;
+            let index = &plan.header.index;
+            verdict(&Description { step, table: index.table.clone(), metadata: index.metadata.clone() })?;
+            let mut pieces = Vec::with_capacity(tensors.len());
+            for t in tensors {
+                // The verdict checked every tensor against the table.
+                let Some(entry) = index.table.get(&t.name) else { continue };
+                if entry.len == 0 {
+                    continue;
+                }
+                // SAFETY: the caller vouched that `addr` is `byte_len` (= the entry's length, the
+                // verdict checked dtype and shape) writable host bytes nobody else touches until
+                // this returns; the slice does not outlive the read.
+                let dst = unsafe { std::slice::from_raw_parts_mut(t.addr as *mut u8, entry.len as usize) };
+                pieces.push((entry.offset, dst));
+            }
+            m.engine.restore_pieces(&plan, ckpt_core::Pieces::new(pieces))?;
+            Ok::<_, Error>(plan.header.index.metadata)
+        })?;
+        let restored = restored.ok_or_else(|| self.no_checkpoint(m))?;
+        Ok(Loaded { step: restored.step, metadata: restored.value, from_memory: false })
+    }
+
+    fn no_checkpoint(&self, m: &embedded::Embedded) -> Error {
+        Error::NoCheckpoint { job: self.shared.cfg.job.clone(), store: m.engine.store().url().to_string() }
     }
 
     /// Embedded: the arena mapped now: created by this process, or the one a predecessor left on
@@ -655,42 +741,29 @@ impl Checkpointer {
             let current = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match current {
                 Some(a) if a.fits(table, metadata_len) => a,
-                current => {
-                    // Growing replaces the file: drain saves that still use the old one first.
-                    if current.is_some() {
-                        self.wait_all()?;
-                    }
-                    let slot_size = slots::slot_size_with_headroom(table, metadata_len);
-                    match &self.shared.mode {
-                        // The agent owns the arena: it creates (or replaces) the file, we map it.
-                        Mode::Sidecar(m) => {
-                            let path = m.prepare_arena(slot_size)?;
-                            self.map_agent_arena(&path)?
-                        }
-                        Mode::Embedded(m) => {
-                            // With nothing mapped yet, `ensure` creates the file create-only, or
-                            // takes over one that appeared since construction (recovering it).
-                            let arena = {
-                                let mut owner = self.shared.owner.lock().unwrap_or_else(|p| p.into_inner());
-                                m.spec.ensure(current.as_ref(), slot_size, &mut owner)?
-                            };
-                            let mut guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
-                            if !guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, &arena)) {
-                                prepare_in_background(arena.clone());
-                                *guard = Some(arena.clone());
-                            }
-                            arena
-                        }
-                    }
-                }
+                current => self.arena_of(current, slots::slot_size_with_headroom(table, metadata_len))?,
             }
         };
         let mut backoff = Duration::from_micros(50);
         let started = Instant::now();
+        let mut waited = false;
+        let count = |waited: bool| {
+            let mut stats = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.saves += 1;
+            if waited {
+                stats.waited += 1;
+                stats.wait_time += started.elapsed();
+            }
+        };
         loop {
             if let Some(slot) = slots::take_slot(&arena) {
+                count(waited);
+                if waited {
+                    tracing::debug!(waited_ms = started.elapsed().as_millis() as u64, "the save waited for a slot");
+                }
                 return Ok((arena, slot));
             }
+            waited = true;
             let oldest = self.shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).first().cloned();
             match oldest {
                 Some(h) => {
@@ -715,6 +788,37 @@ impl Checkpointer {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
+            }
+        }
+    }
+
+    /// An arena with slots of `slot_size` bytes, replacing `current` (the one mapped now, too
+    /// small): created by this process (embedded) or by the agent (sidecar), mapped, and its
+    /// pages faulted in the background.
+    fn arena_of(&self, current: Option<Arc<Arena>>, slot_size: u64) -> Result<Arc<Arena>> {
+        // Growing replaces the file: drain saves that still use the old one first.
+        if current.is_some() {
+            self.wait_all()?;
+        }
+        match &self.shared.mode {
+            // The agent owns the arena: it creates (or replaces) the file, we map it.
+            Mode::Sidecar(m) => {
+                let path = m.prepare_arena(slot_size)?;
+                self.map_agent_arena(&path)
+            }
+            Mode::Embedded(m) => {
+                // With nothing mapped yet, `ensure` creates the file create-only, or takes over
+                // one that appeared since construction (recovering it).
+                let arena = {
+                    let mut owner = self.shared.owner.lock().unwrap_or_else(|p| p.into_inner());
+                    m.spec.ensure(current.as_ref(), slot_size, &mut owner)?
+                };
+                let mut guard = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner());
+                if !guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, &arena)) {
+                    prepare_in_background(arena.clone());
+                    *guard = Some(arena.clone());
+                }
+                Ok(arena)
             }
         }
     }

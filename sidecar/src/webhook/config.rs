@@ -171,7 +171,7 @@ impl Default for FileConfig {
             store: None,
             arena_size: "16Gi".into(),
             max_arena_size: "512Gi".into(),
-            slots: 2,
+            slots: 1,
             isolator: None,
             isolator_token_secret: None,
             shared_volume_size: "1Gi".into(),
