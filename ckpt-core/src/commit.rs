@@ -21,14 +21,26 @@ use crate::restore::{self, ShardRef};
 use crate::store::{Store, layout};
 use crate::watch::DirWatch;
 
+/// What a create-only MANIFEST write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// This write created it.
+    Created,
+    /// The store refused it, and holds byte-for-byte the same MANIFEST: a committer that took the
+    /// same shards at the same time (two ranks finishing together), or our own PUT whose response
+    /// was lost.
+    Identical,
+}
+
 /// Writes `manifest` create-only. Fails with [`Error::Conflict`] when the step is already
-/// committed by someone else.
+/// committed with another MANIFEST.
 ///
 /// A create-only PUT whose response was lost (the store kept the object, the connection dropped)
 /// is retried by the client and then refused because the object exists. So a refusal is checked:
-/// when the stored MANIFEST is byte-for-byte ours (it carries our creation time and shard
-/// checksums), our commit did land and this returns `Ok`.
-pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) -> Result<()> {
+/// when the stored MANIFEST is byte-for-byte ours (the same shards, metadata and creation time),
+/// the step is committed as we would have committed it, and this returns
+/// [`Written::Identical`].
+pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) -> Result<Written> {
     let rel = layout::manifest_path(&manifest.job, manifest.step);
     let path = store.path(&rel);
     let bytes = manifest.encode();
@@ -38,13 +50,13 @@ pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) ->
             // Our temporary file was removed before its link: a new owner of some rank cleared
             // the temporaries of a step it found committed (see `remove_stale_temporaries`).
             Err(Error::Io { op: "link", cause, .. }) if cause.kind() == std::io::ErrorKind::NotFound => {}
-            other => return other,
+            other => return other.map(|()| Written::Created),
         }
     } else {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         let os = store.object_store().clone();
         match rt.block_on(os.put_opts(&path, bytes.clone().into(), opts)) {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(Written::Created),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
             Err(e) => return Err(Error::store("put manifest", &path, e)),
         }
@@ -53,8 +65,8 @@ pub(crate) fn write_manifest(store: &Store, rt: &Handle, manifest: &Manifest) ->
     let existing = rt.block_on(async { os.get(&path).await?.bytes().await });
     match existing {
         Ok(existing) if existing.as_ref() == bytes.as_slice() => {
-            tracing::info!(job = %manifest.job, step = manifest.step, "create-only put was refused but the stored manifest is ours");
-            Ok(())
+            tracing::info!(job = %manifest.job, step = manifest.step, "create-only write was refused but the stored manifest is the same");
+            Ok(Written::Identical)
         }
         Ok(_) => Err(Error::Conflict { job: manifest.job.clone(), step: manifest.step }),
         Err(e) => Err(Error::store("get manifest", &path, e)),
@@ -128,7 +140,7 @@ pub(crate) fn commit_verified(store: &Store, rt: &Handle, manifest: &Manifest) -
     for r in checked {
         r?;
     }
-    write_manifest(store, rt, manifest)
+    write_manifest(store, rt, manifest).map(drop)
 }
 
 /// How long a commit may take, and how often the fallback committer looks for shards.
@@ -207,10 +219,21 @@ pub(crate) struct Waiter<'a> {
     pub role: CommitRole,
 }
 
+/// Who committed a step, as a look saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum By {
+    /// This look's write created the MANIFEST, at that time.
+    This(SystemTime),
+    /// The stored MANIFEST is byte-for-byte the one this look wrote ([`Written::Identical`]).
+    Same,
+    /// Someone else, with a MANIFEST this look did not write (or this caller wrote none).
+    Other,
+}
+
 /// What one look at a step found.
 enum Look {
-    /// The step is committed (`Some`: by this look, at that time).
-    Committed(Manifest, Option<SystemTime>),
+    /// The step is committed.
+    Committed(Manifest, By),
     /// Not committed; these ranks have no valid shard yet (empty: not looked for).
     Missing(Vec<u32>),
 }
@@ -232,7 +255,8 @@ enum Look {
 ///
 /// `abort` is asked between looks: `Some(reason)` ends the wait with [`Error::Aborted`]. After
 /// `cfg.deadline` the fallback committer fails with [`Error::Incomplete`] naming the missing
-/// ranks, any other with [`Error::CommitTimeout`]. Blocking.
+/// ranks, any other with [`Error::CommitTimeout`]. Returns, with the commit, who wrote it as this
+/// caller saw it. Blocking.
 pub(crate) fn commit_or_wait(
     store: &Store,
     rt: &Handle,
@@ -241,7 +265,7 @@ pub(crate) fn commit_or_wait(
     who: Waiter<'_>,
     metadata: BTreeMap<String, String>,
     abort: &dyn Fn() -> Option<String>,
-) -> Result<Committed> {
+) -> Result<(Committed, By)> {
     let StepTarget { job, step, .. } = target;
     let Waiter { own, role } = who;
     let started = Instant::now();
@@ -267,13 +291,13 @@ pub(crate) fn commit_or_wait(
                 look_and_commit(store, rt, target, &mut known, &metadata)?
             }
             _ => match catalog::read_manifest(store, rt, job, step) {
-                Ok(m) => Look::Committed(m, None),
+                Ok(m) => Look::Committed(m, By::Other),
                 Err(e) if e.is_not_found() => Look::Missing(Vec::new()),
                 Err(e) => return Err(e),
             },
         };
-        let (manifest, written) = match look {
-            Look::Committed(m, written) => (m, written),
+        let (manifest, by) = match look {
+            Look::Committed(m, by) => (m, by),
             Look::Missing(m) => {
                 if !m.is_empty() {
                     missing = m;
@@ -307,7 +331,11 @@ pub(crate) fn commit_or_wait(
             }
         };
         let learned = SystemTime::now();
-        let Some(own) = own else { return Ok(Committed { manifest, learned, written }) };
+        let written = match by {
+            By::This(at) => Some(at),
+            By::Same | By::Other => None,
+        };
+        let Some(own) = own else { return Ok((Committed { manifest, learned, written }, by)) };
         if written.is_none()
             && let Some(dir) = store.local_file(&store.path(&layout::step_dir(job, step)))
         {
@@ -316,7 +344,7 @@ pub(crate) fn commit_or_wait(
             durable::sync_dir(&dir)?;
         }
         return match manifest.shard(own.rank) {
-            Some(e) if e.object == own.object => Ok(Committed { manifest, learned, written }),
+            Some(e) if e.object == own.object => Ok((Committed { manifest, learned, written }, by)),
             committed => Err(Error::Superseded {
                 job: job.to_string(),
                 step,
@@ -340,7 +368,7 @@ fn look_and_commit(
     let StepTarget { job, step, world_size } = target;
     let listed = catalog::list_step(store, rt, job, step)?;
     if listed.as_ref().is_some_and(|s| s.state == catalog::StepState::Committed) {
-        return Ok(Look::Committed(catalog::read_manifest(store, rt, job, step)?, None));
+        return Ok(Look::Committed(catalog::read_manifest(store, rt, job, step)?, By::Other));
     }
     // Every rank still missing, with its shard objects newest first: a rank's newest valid write
     // counts (an older one is what an attempt that died left).
@@ -363,13 +391,15 @@ fn look_and_commit(
     }
     let manifest = Manifest::new(job, step, world_size, known.values().cloned().collect(), metadata.clone())?;
     match write_manifest(store, rt, &manifest) {
-        Ok(()) => {
+        Ok(Written::Created) => {
             tracing::info!(job, step, world_size, "step committed");
-            Ok(Look::Committed(manifest, Some(SystemTime::now())))
+            Ok(Look::Committed(manifest, By::This(SystemTime::now())))
         }
+        // Another rank took the same shards at the same time, and its write landed first.
+        Ok(Written::Identical) => Ok(Look::Committed(manifest, By::Same)),
         // Another rank finished at the same time and committed first.
         Err(e) if e.kind() == crate::ErrorKind::Conflict => {
-            Ok(Look::Committed(catalog::read_manifest(store, rt, job, step)?, None))
+            Ok(Look::Committed(catalog::read_manifest(store, rt, job, step)?, By::Other))
         }
         Err(e) => Err(e),
     }

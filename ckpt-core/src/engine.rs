@@ -169,10 +169,10 @@ impl Engine {
     ) -> Result<Manifest> {
         let target = commit::StepTarget { job, step, world_size };
         let who = commit::Waiter { own: None, role: CommitRole::Fallback };
-        let c = commit::commit_or_wait(&self.store, &self.rt(), &self.cfg.commit, target, who, metadata, abort)?;
-        match c.written {
-            Some(_) => Ok(c.manifest),
-            None => Err(Error::Conflict { job: job.to_string(), step }),
+        let (c, by) = commit::commit_or_wait(&self.store, &self.rt(), &self.cfg.commit, target, who, metadata, abort)?;
+        match by {
+            commit::By::This(_) | commit::By::Same => Ok(c.manifest),
+            commit::By::Other => Err(Error::Conflict { job: job.to_string(), step }),
         }
     }
 
@@ -196,6 +196,7 @@ impl Engine {
         let target = commit::StepTarget { job, step, world_size };
         let who = commit::Waiter { own: Some(own), role };
         commit::commit_or_wait(&self.store, &self.rt(), &self.cfg.commit, target, who, BTreeMap::new(), abort)
+            .map(|(c, _)| c)
     }
 
     /// Writes this rank's shard and, on rank 0, commits the step once every shard is present.
