@@ -2,7 +2,9 @@
 """The Python half of ``ckptd-benches compare``: ckptd and its peers on one training state.
 
     python benches/python/compare.py --sizes 64MiB,256MiB --reps 3 --dir DATA --json OUT.json \
-        [--device auto|cpu|cuda] [--ranks 1,2,4,8 --shard 64MiB]
+        [--device auto|cpu|cuda] [--ranks 1,2,4,8 --shard 64MiB [--scaling-s3 http://HOST:PORT/BUCKET]]
+
+``--sizes ''`` runs the scaling part alone.
 
 It is normally started by ``cargo run --release -p ckptd-benches -- compare``, which adds the
 limits measured in Rust (memcpy, write+fsync, read), merges the records, and draws the plots. It
@@ -276,7 +278,7 @@ def child_system(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Scaling: N ranks, one process each, one file:// store
+# Scaling: N ranks, one process each, one store (file://, or S3 with --scaling-s3)
 
 
 def child_rank(args: argparse.Namespace) -> dict[str, Any]:
@@ -288,10 +290,10 @@ def child_rank(args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(args.rank)
     state = {f"w{i}": torch.rand(n, generator=g) for i in range(8)}
     arena = f"{args.arena_dir}-r{args.rank}"
-    ck = ckptd.Checkpointer("scale", store=f"file://{args.store}", rank=args.rank, world_size=args.world,
-                            arena_dir=arena)
+    ck = ckptd.Checkpointer("scale", store=args.store, rank=args.rank, world_size=args.world, arena_dir=arena)
     bar = Path(args.workdir)
-    out: dict[str, list[float]] = {"call": [], "stall": [], "done": []}
+    out: dict[str, list[Any]] = {"call": [], "stall": [], "done": [], "shard_ns": [], "committed_ns": [],
+                                 "manifest_ns": []}
     try:
         for rep in range(args.reps + 1):  # rep 0 warms the arena up and is not reported
             (bar / f"ready-{rep}-{args.rank}").touch()
@@ -303,33 +305,47 @@ def child_rank(args: argparse.Namespace) -> dict[str, Any]:
             h.wait()
             t2 = time.time()
             if rep:
+                t = h.timings()
+                if t is None:
+                    raise SystemExit(f"rank {args.rank}: step {rep + 1} has no timings after wait()")
                 out["call"].append(t0)
                 out["stall"].append(t1 - t0)
                 out["done"].append(t2)
+                out["shard_ns"].append(t.shard_durable_ns)
+                out["committed_ns"].append(t.committed_ns)
+                out["manifest_ns"].append(t.manifest_written_ns)
     finally:
         ck.close()
         shutil.rmtree(arena, ignore_errors=True)
     return out
 
 
-def shard_mtimes(step_dir: Path) -> tuple[float, float | None]:
-    """(newest mtime of any file but the manifest, the manifest's mtime) in a committed step."""
-    last, manifest = 0.0, None
-    for p in step_dir.rglob("*"):
-        if not p.is_file():
-            continue
-        m = p.stat().st_mtime
-        if p.name.upper().startswith("MANIFEST"):
-            manifest = m if manifest is None else max(manifest, m)
-        else:
-            last = max(last, m)
-    return last, manifest
+def scaling_store(args: argparse.Namespace, world: int) -> tuple[str, dict[str, str], str]:
+    """(store URL, environment for the ranks, system name) of one scaling run."""
+    env = dict(os.environ)
+    if not args.scaling_s3:
+        return f"file://{Path(args.workdir) / f'scale-{world}'}", env, "ckptd-scaling"
+    endpoint, _, bucket = args.scaling_s3.rstrip("/").rpartition("/")
+    if not endpoint.startswith(("http://", "https://")) or not bucket:
+        raise SystemExit(f"--scaling-s3 {args.scaling_s3!r}: give http(s)://HOST:PORT/BUCKET")
+    env["AWS_ENDPOINT_URL"] = endpoint
+    env.setdefault("AWS_REGION", "us-east-1")
+    if endpoint.startswith("http://"):
+        env["AWS_ALLOW_HTTP"] = "true"
+    # A loopback S3 server (moto) takes any key; a real endpoint needs the caller's.
+    env.setdefault("AWS_ACCESS_KEY_ID", "test")
+    env.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    return f"s3://{bucket}/compare-{os.getpid()}-{world}", env, "ckptd-scaling-s3"
 
 
 def scaling(args: argparse.Namespace, ranks: list[int]) -> list[dict[str, Any]]:
+    """N ranks save the same step; each reports (wall clock, ``time.time_ns()``) when its shard
+    became durable and when it learned of the commit (``SaveHandle.timings()``). The commit
+    latency of a step is the last rank to learn of it minus the last shard durable: what the job
+    waits for the commit once every rank's data is safe. Wall clocks of one host agree."""
     records: list[dict[str, Any]] = []
     for world in ranks:
-        store = Path(args.workdir) / f"scale-{world}"
+        store, env, system = scaling_store(args, world)
         bar = Path(tempfile.mkdtemp(prefix=f"bar-{world}-", dir=args.workdir))
         procs, paths = [], []
         for r in range(world):
@@ -337,31 +353,35 @@ def scaling(args: argparse.Namespace, ranks: list[int]) -> list[dict[str, Any]]:
             paths.append(res)
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--child", "rank", "--rank", str(r), "--world", str(world), "--size",
-                 str(args.shard), "--reps", str(args.reps), "--store", str(store), "--workdir", str(bar),
-                 "--arena-dir", args.arena_dir, "--result", str(res)]))
+                 str(args.shard), "--reps", str(args.reps), "--store", store, "--workdir", str(bar),
+                 "--arena-dir", args.arena_dir, "--result", str(res)], env=env))
         bad = [p.wait() for p in procs]
         if any(bad):
             raise SystemExit(f"scaling with {world} ranks: a rank failed (exit codes {bad})")
         outs = [json.loads(p.read_text()) for p in paths]
-        wall, commit, stall_max = [], [], []
+        wall, commit, written, stall_max = [], [], [], []
         for rep in range(args.reps):
             start = min(o["call"][rep] for o in outs)
             end = max(o["done"][rep] for o in outs)
             wall.append(end - start)
             stall_max.append(max(o["stall"][rep] for o in outs))
-            last, manifest = shard_mtimes(store / "scale" / f"step-{rep + 2}")
-            if manifest is not None and last > 0:
-                commit.append(max(0.0, manifest - last))
+            last_shard = max(o["shard_ns"][rep] for o in outs)
+            commit.append(max(0, max(o["committed_ns"][rep] for o in outs) - last_shard) / 1e9)
+            by = [o["manifest_ns"][rep] for o in outs if o["manifest_ns"][rep] is not None]
+            if by:
+                written.append(max(0, max(by) - last_shard) / 1e9)
         total = world * args.shard
-        name = f"ckptd x{world}"
-        base = {"system": "ckptd-scaling", "ranks": world, "size_bytes": total, "shard_bytes": args.shard}
+        base = {"system": system, "ranks": world, "size_bytes": total, "shard_bytes": args.shard}
         records.append({**base, "metric": "all_durable", **summary(wall)})
         records.append({**base, "metric": "save_stall_max_rank", **summary(stall_max)})
-        if commit:
-            records.append({**base, "metric": "commit_after_last_shard", **summary(commit)})
-        print(f"{name}: {total / 2**20:.0f} MiB in {statistics.median(wall):.3f} s "
-              f"({total / statistics.median(wall) / 1e9:.2f} GB/s aggregate)", file=sys.stderr, flush=True)
-        shutil.rmtree(store, ignore_errors=True)
+        records.append({**base, "metric": "commit_after_last_shard", **summary(commit)})
+        if written:
+            records.append({**base, "metric": "manifest_after_last_shard", **summary(written)})
+        print(f"{system} x{world}: {total / 2**20:.0f} MiB in {statistics.median(wall):.3f} s "
+              f"({total / statistics.median(wall) / 1e9:.2f} GB/s aggregate), commit "
+              f"{statistics.median(commit) * 1e3:.1f} ms after the last shard", file=sys.stderr, flush=True)
+        if store.startswith("file://"):
+            shutil.rmtree(store.removeprefix("file://"), ignore_errors=True)
         shutil.rmtree(bar, ignore_errors=True)
     return records
 
@@ -377,6 +397,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--ranks", default="", help="scaling: comma-separated world sizes (empty: no scaling run)")
     ap.add_argument("--shard", type=stall.parse_size, default=64 << 20, help="scaling: bytes per rank")
+    ap.add_argument("--scaling-s3", default="",
+                    help="scaling: run against S3 at http(s)://HOST:PORT/BUCKET (e.g. moto) instead of file://")
     ap.add_argument("--train-threads", type=int, default=1)
     ap.add_argument("--dir", default="bench-out/data")
     ap.add_argument("--json", default="bench-out/python.json")

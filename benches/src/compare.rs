@@ -36,6 +36,8 @@ pub struct Config {
     pub systems: Option<String>,
     pub ranks: Vec<usize>,
     pub shard: u64,
+    /// Run the scaling part against S3 at `http(s)://HOST:PORT/BUCKET` instead of file://.
+    pub scaling_s3: Option<String>,
     pub fault: FaultRate,
     /// `pip install` missing peers into `python`'s environment first.
     pub install_peers: bool,
@@ -54,6 +56,9 @@ const SYSTEMS: [(&str, &str); 8] = [
     ("memcpy", "torch copy_ (limit)"),
     ("limit", "Rust limits"),
 ];
+
+/// The scaling runs' systems in `compare.py`'s records, and the store each ran against.
+const SCALING: [(&str, &str); 2] = [("ckptd-scaling", "file://"), ("ckptd-scaling-s3", "S3")];
 
 /// One record of `results.json`.
 #[derive(Debug, Clone)]
@@ -402,6 +407,9 @@ fn python_systems(cfg: &Config, dir: &Path, bin_dir: &Path) -> Result<PyOut, Fai
     if let Some(s) = &cfg.systems {
         cmd.args(["--systems", s]);
     }
+    if let Some(url) = &cfg.scaling_s3 {
+        cmd.args(["--scaling-s3", url]);
+    }
     // The sidecar child starts `ckptd agent` from there.
     cmd.env("CKPTD_BIN_DIR", bin_dir);
     let status = cmd.status().with_context(|| format!("run {}", cfg.python.display()))?;
@@ -592,25 +600,30 @@ fn markdown(
             ratio(med("ckptd-sidecar", "save_stall"), stall),
         ));
     }
-    let scaling: Vec<&Rec> = recs.iter().filter(|r| r.ranks.is_some()).collect();
-    if !scaling.is_empty() {
+    for (system, store) in SCALING {
+        let scaling: Vec<&Rec> = recs.iter().filter(|r| r.ranks.is_some() && r.system == system).collect();
+        if scaling.is_empty() {
+            continue;
+        }
         line(String::new());
         line(format!(
-            "Scaling: N ranks (one process each) saving {} each to one file:// store, ckptd embedded:",
+            "Scaling: N ranks (one process each) saving {} each to one {store} store, ckptd embedded. Commit: the last \
+             rank to learn of the commit minus the last shard durable, from each rank's `SaveHandle.timings()`:",
             human(cfg.shard)
         ));
         line(String::new());
-        line("| ranks | total | until every rank's wait() returns | aggregate GB/s | commit after the last shard (MANIFEST mtime − last shard mtime) | slowest rank's save stall |".into());
-        line("|---|---|---|---|---|---|".into());
+        line("| ranks | total | until every rank's wait() returns | aggregate GB/s | commit after the last shard | MANIFEST written after the last shard | slowest rank's save stall |".into());
+        line("|---|---|---|---|---|---|---|".into());
         for &n in &cfg.ranks {
             let g = |m: &str| scaling.iter().find(|r| r.ranks == Some(n as u64) && r.metric == m).copied();
             let Some(all) = g("all_durable") else { continue };
             line(format!(
-                "| {n} | {} | {} | {:.2} | {} | {} |",
+                "| {n} | {} | {} | {:.2} | {} | {} | {} |",
                 human(all.size),
                 cell(Some(all)),
                 gbps(all.size, all.median),
                 cell(g("commit_after_last_shard")),
+                cell(g("manifest_after_last_shard")),
                 cell(g("save_stall_max_rank"))
             ));
         }
@@ -727,18 +740,18 @@ fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<Strin
         YAxis::Linear,
     )?;
     made.push("restore.png".to_string());
-    let scale: Vec<&Rec> = recs.iter().filter(|r| r.metric == "all_durable" && r.ranks.is_some()).collect();
-    if !scale.is_empty() {
-        let ranks = |r: &Rec| r.ranks.unwrap_or(1) as f64;
-        let s = [with_spread("ckptd, aggregate until committed".into(), &scale, &ranks, &|r, s| gbps(r.size, s))];
-        plot::lines(
-            &out.join("scaling.png"),
-            "Ranks on loopback, one file:// store",
-            "ranks",
-            "GB/s",
-            &s,
-            YAxis::Linear,
-        )?;
+    let ranks = |r: &Rec| r.ranks.unwrap_or(1) as f64;
+    let s: Vec<Series> = SCALING
+        .iter()
+        .filter_map(|(system, store)| {
+            let scale: Vec<&Rec> =
+                recs.iter().filter(|r| r.metric == "all_durable" && r.ranks.is_some() && r.system == *system).collect();
+            let name = format!("ckptd on {store}, aggregate until committed");
+            (!scale.is_empty()).then(|| with_spread(name, &scale, &ranks, &|r, s| gbps(r.size, s)))
+        })
+        .collect();
+    if !s.is_empty() {
+        plot::lines(&out.join("scaling.png"), "Ranks on one host, one store", "ranks", "GB/s", &s, YAxis::Linear)?;
         made.push("scaling.png".to_string());
     }
     let g: Vec<Series> = SYSTEMS
@@ -856,6 +869,28 @@ mod tests {
         assert!(md.contains("restore from storage only"), "{md}");
     }
 
+    #[test]
+    fn the_scaling_tables_keep_each_store_apart() {
+        let sizes = [1u64 << 20];
+        let ranked =
+            |system: &str, metric: &str, median: f64| Rec { ranks: Some(2), ..rec(system, 2 << 20, metric, median) };
+        let recs = vec![
+            ranked("ckptd-scaling", "all_durable", 0.5),
+            ranked("ckptd-scaling", "commit_after_last_shard", 0.0042),
+            ranked("ckptd-scaling-s3", "all_durable", 0.9),
+            ranked("ckptd-scaling-s3", "commit_after_last_shard", 0.0375),
+            ranked("ckptd-scaling-s3", "manifest_after_last_shard", 0.0251),
+        ];
+        let cfg = Config { ranks: vec![2], ..cfg_for(&sizes) };
+        let md = markdown(&cfg, &recs, &[], &[], &BTreeMap::new(), &json!({}), 10_000.0);
+        let file = md.find("one file:// store").expect("a file:// table");
+        let s3 = md.find("one S3 store").expect("an S3 table");
+        let row = |from: usize| md[from..].lines().find(|l| l.starts_with("| 2 |")).unwrap().to_string();
+        assert!(row(file).contains(&cell(Some(&recs[1]))), "{md}");
+        assert!(row(s3).contains(&cell(Some(&recs[3]))) && row(s3).contains(&cell(Some(&recs[4]))), "{md}");
+        assert!(!row(file).contains(&cell(Some(&recs[3]))), "the S3 figure leaked into the file:// table: {md}");
+    }
+
     fn cfg_for(sizes: &[u64]) -> Config {
         Config {
             sizes: sizes.to_vec(),
@@ -867,6 +902,7 @@ mod tests {
             systems: None,
             ranks: Vec::new(),
             shard: 1 << 20,
+            scaling_s3: None,
             fault: FaultRate::LLAMA3,
             install_peers: false,
             drill: false,

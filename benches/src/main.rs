@@ -40,7 +40,7 @@ enum Command {
     Engine(EngineArgs),
     /// ckptd embedded and sidecar against torch.save, DCP, safetensors and the limits; scaling;
     /// goodput. Writes OUT/results.json, OUT/results.md and PNG plots.
-    Compare(CompareArgs),
+    Compare(Box<CompareArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +79,10 @@ struct CompareArgs {
     /// Bytes each rank saves in the scaling run.
     #[arg(long, default_value = "64MiB", value_parser = units::parse_size)]
     shard: u64,
+    /// Run the scaling part against S3 at `http(s)://HOST:PORT/BUCKET` (e.g. a loopback moto
+    /// server) instead of a file:// store under --dir.
+    #[arg(long, value_name = "URL")]
+    scaling_s3: Option<String>,
     /// Measure nothing: redraw OUT/results.md, the plots and the goodput model (with these fault
     /// flags) from an earlier results.json.
     #[arg(long, value_name = "RESULTS_JSON")]
@@ -140,6 +144,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Compare(a) => {
+            let a = *a;
             let ranks: Result<Vec<usize>, _> = if a.ranks == "none" {
                 Ok(Vec::new())
             } else {
@@ -182,6 +187,7 @@ fn main() -> ExitCode {
                 systems: a.systems,
                 ranks,
                 shard: a.shard,
+                scaling_s3: a.scaling_s3,
                 fault,
                 install_peers: a.install_peers,
                 drill: a.drill,

@@ -76,7 +76,20 @@ impl StepInfo {
 /// Lists every step of `job`, oldest first.
 pub(crate) fn list_steps(store: &Store, rt: &Handle, job: &str) -> Result<Vec<StepInfo>> {
     layout::validate_job(job)?;
-    let prefix = store.path(&layout::job_dir(job));
+    list_under(store, rt, &layout::job_dir(job))
+}
+
+/// Lists one step of `job`: one listing of its directory, not of the whole job, so that a rank
+/// looking whether its step is complete pays the same whatever the job's history. `None`: the
+/// step has no object.
+pub(crate) fn list_step(store: &Store, rt: &Handle, job: &str, step: u64) -> Result<Option<StepInfo>> {
+    layout::validate_job(job)?;
+    Ok(list_under(store, rt, &layout::step_dir(job, step))?.into_iter().find(|s| s.step == step))
+}
+
+/// The steps found under `rel` (a job's directory or one step's), oldest first.
+fn list_under(store: &Store, rt: &Handle, rel: &str) -> Result<Vec<StepInfo>> {
+    let prefix = store.path(rel);
     let os = store.object_store().clone();
     let metas = rt.block_on(async {
         let mut out = Vec::new();

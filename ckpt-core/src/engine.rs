@@ -12,7 +12,7 @@ use object_store::ObjectStoreExt;
 use tokio::runtime::{Handle, Runtime};
 
 use crate::catalog::{self, Depth, StepInfo, VerifyReport};
-use crate::commit::{self, CommitConfig};
+use crate::commit::{self, CommitConfig, CommitRole, Committed};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Resize, ShardEntry};
 use crate::persist::{self, PersistConfig, ShardId, ShardInfo, Snapshot};
@@ -29,7 +29,7 @@ pub struct EngineConfig {
     pub persist: PersistConfig,
     /// How shards are read.
     pub read: ReadConfig,
-    /// How the rank-0 committer waits.
+    /// How long a commit may take, and how often the fallback committer looks.
     pub commit: CommitConfig,
     /// Threads of the I/O runtime (0 = 2).
     pub io_threads: usize,
@@ -156,9 +156,10 @@ impl Engine {
         commit::verify_entry(&self.store, &self.rt(), job, step, world_size, entry)
     }
 
-    /// Waits until every rank's shard of `step` is present and valid, then commits it (the rank-0
-    /// committer of storage-coordinated commits). After the configured deadline it fails with
-    /// [`Error::Incomplete`] and the previous step stays latest.
+    /// Waits until every rank's shard of `step` is present and valid, then commits it (a committer
+    /// that wrote no shard itself). A step someone else committed is an [`Error::Conflict`]. After
+    /// the configured deadline it fails with [`Error::Incomplete`] and the previous step stays
+    /// latest.
     pub fn commit_when_complete(
         &self,
         job: &str,
@@ -181,14 +182,35 @@ impl Engine {
         abort: &dyn Fn() -> Option<String>,
     ) -> Result<Manifest> {
         let target = commit::StepTarget { job, step, world_size };
-        commit::commit_when_complete(&self.store, &self.rt(), &self.cfg.commit, target, metadata, abort)
+        let who = commit::Waiter { own: None, role: CommitRole::Fallback };
+        let (c, by) = commit::commit_or_wait(&self.store, &self.rt(), &self.cfg.commit, target, who, metadata, abort)?;
+        match by {
+            commit::By::This(_) | commit::By::Same => Ok(c.manifest),
+            commit::By::Other => Err(Error::Conflict { job: job.to_string(), step }),
+        }
     }
 
-    /// Waits until `step` is committed by another writer (rank 0 of a storage-coordinated commit,
-    /// or the isolator), up to the commit deadline ([`Error::CommitTimeout`]). `abort` is asked
-    /// between looks: `Some(reason)` ends the wait with [`Error::Aborted`] (the job restarted).
-    pub fn wait_committed(&self, job: &str, step: u64, abort: &dyn Fn() -> Option<String>) -> Result<Manifest> {
-        commit::wait_committed(&self.store, &self.rt(), &self.cfg.commit, job, step, abort)
+    /// The commit of a step through storage, for the rank whose shard `own` is (see
+    /// [`CommitRole`]): with [`CommitRole::IfLast`] or [`CommitRole::Fallback`] it commits the
+    /// step when its look after its write finds every rank's shard, then waits for the MANIFEST,
+    /// woken by its creation on a `file://` store. The save counts only when the MANIFEST names
+    /// `own`: a step committed with another write of this rank fails with
+    /// [`Error::Superseded`]. `abort` is asked between looks (`Some(reason)`: [`Error::Aborted`]);
+    /// after the commit deadline a waiter fails with [`Error::CommitTimeout`], the fallback
+    /// committer with [`Error::Incomplete`].
+    pub fn commit_or_wait(
+        &self,
+        job: &str,
+        step: u64,
+        world_size: u32,
+        own: &ShardEntry,
+        role: CommitRole,
+        abort: &dyn Fn() -> Option<String>,
+    ) -> Result<Committed> {
+        let target = commit::StepTarget { job, step, world_size };
+        let who = commit::Waiter { own: Some(own), role };
+        commit::commit_or_wait(&self.store, &self.rt(), &self.cfg.commit, target, who, BTreeMap::new(), abort)
+            .map(|(c, _)| c)
     }
 
     /// Writes this rank's shard and, on rank 0, commits the step once every shard is present.

@@ -163,6 +163,25 @@ pub enum Error {
         /// The step.
         step: u64,
     },
+    /// The step was committed with another write of this rank than this save's (an attempt that
+    /// died left it, and a committer took it before this save's shard arrived): the step holds
+    /// this rank's state as that write had it, and this save does not count.
+    #[error(
+        "step {step} of job `{job}` was committed with {} of rank {rank}, not this save's `{ours}`: this save does not count; save the state again under a step number that is not committed yet",
+        committed.as_deref().map_or("no shard".to_string(), |c| format!("shard `{c}`"))
+    )]
+    Superseded {
+        /// The job.
+        job: String,
+        /// The step.
+        step: u64,
+        /// This rank.
+        rank: u32,
+        /// This save's shard object.
+        ours: String,
+        /// The shard object of this rank the MANIFEST names, if any.
+        committed: Option<String>,
+    },
     /// A step, shard or checkpoint does not exist.
     #[error("{what} not found")]
     NotFound {
@@ -266,7 +285,7 @@ impl Error {
             Error::Io { cause, .. } => io_error_kind(cause),
             Error::Corrupt { .. } | Error::Codec { .. } => ErrorKind::Corrupt,
             Error::UnsupportedVersion { .. } => ErrorKind::Unsupported,
-            Error::Conflict { .. } | Error::ArenaHeld { .. } => ErrorKind::Conflict,
+            Error::Conflict { .. } | Error::Superseded { .. } | Error::ArenaHeld { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::StateMismatch { .. } => ErrorKind::Mismatch,
             Error::Incomplete { .. } | Error::CommitTimeout { .. } => ErrorKind::Timeout,

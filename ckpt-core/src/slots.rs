@@ -24,10 +24,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use crate::arena::{self, Arena, ArenaConfig, ArenaLock, SlotContent, SlotState};
+use crate::commit::CommitRole;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::persist::{ShardInfo, Snapshot};
@@ -103,25 +105,29 @@ impl ArenaSpec {
     }
 }
 
-/// Removes the temporary shard files (`rank-<r>.<tag>.ckpt.tmp-<pid>-…`; for rank 0 also
-/// `MANIFEST.tmp-…`) that writers of `rank` killed mid-write left in the job's step directories of
-/// a `file://` store, committed or not. Call it as the owner of the rank's arena ([`ArenaSpec::claim`]): no other live process writes the
-/// rank's shards then, so every such file is debris. Object stores need nothing: an unfinished
+/// Removes the temporary shard files (`rank-<r>.<tag>.ckpt.tmp-<pid>-…`) that writers of `rank`
+/// killed mid-write left in the job's step directories of a `file://` store, committed or not,
+/// and the temporary MANIFEST files (`MANIFEST.tmp-…`) in committed steps. Call it as the owner of
+/// the rank's arena ([`ArenaSpec::claim`]): no other live process writes the rank's shards then,
+/// so every such file is debris. Any rank may commit, so a MANIFEST temporary cannot be told from
+/// a live committer's in a step that is not committed yet: those stay until the step commits or
+/// retention removes it; in a committed step every one is debris (a committer still about to link
+/// it finds its temporary gone and the step committed). Object stores need nothing: an unfinished
 /// upload is invisible, and retention aborts it. Returns how many files were removed.
 pub fn remove_stale_temporaries(engine: &Engine, job: &str, rank: u32) -> usize {
     let store = engine.store();
     let Some(root) = store.local_file(&store.path(&crate::store::layout::job_dir(job))) else { return 0 };
     // `rank-<r>.` (the dot keeps rank 1 off rank 10's files), then a tag or format 1's `ckpt`.
     let prefix = format!("rank-{rank}.");
-    // Rank 0 commits through storage: a MANIFEST it was writing when killed is debris too.
     let manifest = format!("{}{}", crate::store::layout::MANIFEST_NAME, crate::store::layout::TMP_MARKER);
     let Ok(steps) = std::fs::read_dir(&root) else { return 0 };
     let mut removed = 0;
     for step_dir in steps.flatten() {
         let Ok(files) = std::fs::read_dir(step_dir.path()) else { continue };
+        let committed = step_dir.path().join(crate::store::layout::MANIFEST_NAME).exists();
         for f in files.flatten() {
             let tmp = crate::store::layout::TMP_MARKER;
-            let ours = |n: &str| (n.starts_with(&prefix) && n.contains(tmp)) || (rank == 0 && n.starts_with(&manifest));
+            let ours = |n: &str| (n.starts_with(&prefix) && n.contains(tmp)) || (committed && n.starts_with(&manifest));
             if f.file_name().to_str().is_some_and(ours) && std::fs::remove_file(f.path()).is_ok() {
                 removed += 1;
             }
@@ -355,8 +361,9 @@ pub struct SlotOwner<'a> {
 
 /// How a step becomes committed once this rank's shard is durable.
 pub enum CommitPolicy<'a, E> {
-    /// Storage-coordinated: rank 0 writes the MANIFEST once every rank's shard is present and
-    /// valid; the other ranks wait until it exists.
+    /// Storage-coordinated: the rank whose look after its write finds every rank's shard present
+    /// and valid writes the MANIFEST (the last to finish), rank 0 keeps looking until one does,
+    /// and every rank waits until it exists ([`CommitRole`](crate::commit::CommitRole)).
     Storage,
     /// Another writer (the isolator) commits: `vote` tells it this shard is durable, then the
     /// rank waits until the MANIFEST exists.
@@ -382,6 +389,34 @@ pub struct Persisted {
     /// The step was committed before this persist started: a predecessor (an agent that died
     /// after committing, before it could mark the slot durable) finished it.
     pub already_committed: bool,
+    /// When the shard and the commit happened, as this rank saw them; `None` when the step was
+    /// committed already.
+    pub timings: Option<CommitTimings>,
+}
+
+/// Wall-clock times of one rank's persist, for measurements (a commit's latency is the time
+/// from the last rank's `shard_durable` to each rank's `committed`), never for decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitTimings {
+    /// This rank's shard became durable (its write returned).
+    pub shard_durable: SystemTime,
+    /// This rank learned that the step is committed (it wrote the MANIFEST, or saw it).
+    pub committed: SystemTime,
+    /// This rank wrote the MANIFEST, at this time; `None` when another writer did.
+    pub manifest_written: Option<SystemTime>,
+}
+
+impl CommitTimings {
+    /// `at` in nanoseconds since the Unix epoch, the form these times travel in (the agent's
+    /// events, Python); 0 before the epoch.
+    pub fn unix_ns(at: SystemTime) -> u64 {
+        at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    /// The time `ns` nanoseconds after the Unix epoch; `None` for 0 (not known).
+    pub fn from_unix_ns(ns: u64) -> Option<SystemTime> {
+        (ns != 0).then(|| SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
+    }
 }
 
 /// Persists the snapshot in `slot`, which the caller moved to the persisting state: writes the
@@ -427,7 +462,7 @@ fn persist_held<E: From<Error>>(
         Ok(_) if resumed => {
             tracing::info!(job, rank, step, "step was committed before this persist; keeping it as the memory tier");
             arena.mark_durable(slot)?;
-            return Ok(Persisted { step, bytes: 0, already_committed: true });
+            return Ok(Persisted { step, bytes: 0, already_committed: true, timings: None });
         }
         Ok(_) => return Err(Error::Conflict { job: job.to_string(), step }.into()),
         Err(e) if e.is_not_found() => {}
@@ -439,18 +474,17 @@ fn persist_held<E: From<Error>>(
     let info = engine.write_shard(job, step, rank, world_size, &snap);
     drop(snap);
     let info = info?;
-    match policy {
-        CommitPolicy::Storage if rank == 0 => {
-            engine.commit_when_complete_or_abort(job, step, world_size, Default::default(), abort)?;
-        }
-        CommitPolicy::Storage => {
-            engine.wait_committed(job, step, abort)?;
-        }
+    let shard_durable = SystemTime::now();
+    let role = match policy {
+        CommitPolicy::Storage if rank == 0 => CommitRole::Fallback,
+        CommitPolicy::Storage => CommitRole::IfLast,
         CommitPolicy::Vote(vote) => {
             vote(&info)?;
-            engine.wait_committed(job, step, abort)?;
+            CommitRole::Others
         }
-    }
+    };
+    let committed = engine.commit_or_wait(job, step, world_size, &info.entry(), role, abort)?;
+    let timings = CommitTimings { shard_durable, committed: committed.learned, manifest_written: committed.written };
     if rank == 0 && keep > 0 {
         let policy = RetentionPolicy { keep, ..Default::default() };
         if let Err(e) = engine.gc(job, &policy) {
@@ -458,7 +492,7 @@ fn persist_held<E: From<Error>>(
         }
     }
     arena.mark_durable(slot)?;
-    Ok(Persisted { step, bytes: info.size, already_committed: false })
+    Ok(Persisted { step, bytes: info.size, already_committed: false, timings: Some(timings) })
 }
 
 /// Reads committed `step` of `rank` from storage into `slot` (held in the writing state, e.g. from
@@ -588,6 +622,33 @@ mod tests {
         let impatient = Engine::new(engine.store().clone(), cfg).unwrap();
         let e = impatient.commit_when_complete("j", 2, 2, Default::default()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn a_new_owner_removes_its_ranks_temporaries_and_manifest_temporaries_of_committed_steps_only() {
+        let store = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&format!("file://{}", store.path().display()), EngineConfig::default()).unwrap();
+        let (done, open) = (store.path().join("j/step-1"), store.path().join("j/step-2"));
+        for (dir, names) in [
+            (&done, &["MANIFEST", "MANIFEST.tmp-7-0-1", "rank-1.0123456789abcdef.ckpt.tmp-7-1-1"][..]),
+            (&open, &["MANIFEST.tmp-8-0-1", "rank-10.0123456789abcdef.ckpt.tmp-8-1-1"][..]),
+        ] {
+            std::fs::create_dir_all(dir).unwrap();
+            for n in names {
+                std::fs::write(dir.join(n), b"x").unwrap();
+            }
+        }
+        assert_eq!(remove_stale_temporaries(&engine, "j", 1), 2);
+        let left = |d: &std::path::Path| {
+            let mut v: Vec<String> =
+                std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(left(&done), vec!["MANIFEST"]);
+        // A step not committed yet: its MANIFEST temporary may be a live committer's (any rank
+        // commits), and rank 10's file is not rank 1's.
+        assert_eq!(left(&open), vec!["MANIFEST.tmp-8-0-1", "rank-10.0123456789abcdef.ckpt.tmp-8-1-1"]);
     }
 
     #[test]

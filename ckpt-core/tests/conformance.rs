@@ -8,8 +8,8 @@ use std::sync::{Arc, Barrier};
 
 use bytes::Bytes;
 use ckpt_core::{
-    CommitConfig, Compression, DType, Engine, EngineConfig, ErrorKind, PersistConfig, RetentionPolicy, Snapshot,
-    StepState, TensorMeta, TensorTable,
+    CommitConfig, CommitRole, Compression, DType, Engine, EngineConfig, ErrorKind, PersistConfig, RetentionPolicy,
+    Snapshot, StepState, TensorMeta, TensorTable,
 };
 
 /// Small chunks so that every test spans many chunks; 5 MiB parts (S3's minimum).
@@ -305,6 +305,120 @@ fn pieces_get_exactly_their_bytes(backend: Backend, compression: Compression) {
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 }
 
+/// A hook for `commit_or_wait`'s `abort`: it never aborts, and says (once) that the wait's first
+/// look is done, so a test can order what other ranks do after it.
+fn looked(tx: std::sync::mpsc::Sender<u32>, rank: u32) -> impl Fn() -> Option<String> {
+    let once = std::sync::Once::new();
+    move || {
+        once.call_once(|| tx.send(rank).unwrap());
+        None
+    }
+}
+
+/// The names under one step directory.
+fn step_objects(engine: &Engine, step: u64) -> Vec<String> {
+    let steps = engine.steps("job").unwrap();
+    steps
+        .iter()
+        .find(|s| s.step == step)
+        .map(|s| s.objects.iter().map(|o| o.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The rank that finishes last commits; every other rank learns of the commit without writing a
+/// MANIFEST, and each one's save counts because the MANIFEST names its own write.
+fn the_last_rank_to_finish_commits(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let world = 4u32;
+    let snaps: Vec<_> = (0..world).map(|r| snapshot(40 + u64::from(r), 20_000)).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        // Ranks 1 and 2 finish first: their one look finds shards missing, then they wait.
+        let early: Vec<_> = [1u32, 2]
+            .into_iter()
+            .map(|r| {
+                let (engine, snap, hook) = (f.engine.clone(), &snaps[r as usize], looked(tx.clone(), r));
+                s.spawn(move || {
+                    let info = engine.write_shard("job", 1, r, world, snap).unwrap();
+                    let c = engine.commit_or_wait("job", 1, world, &info.entry(), CommitRole::IfLast, &hook).unwrap();
+                    (info, c)
+                })
+            })
+            .collect();
+        let mut first_looks = [rx.recv().unwrap(), rx.recv().unwrap()];
+        first_looks.sort_unstable();
+        assert_eq!(first_looks, [1, 2]);
+        // Rank 0 writes but does not look yet; rank 3 finishes last and commits.
+        let zero = f.engine.write_shard("job", 1, 0, world, &snaps[0]).unwrap();
+        let three = f.engine.write_shard("job", 1, 3, world, &snaps[3]).unwrap();
+        let last = f.engine.commit_or_wait("job", 1, world, &three.entry(), CommitRole::IfLast, &|| None).unwrap();
+        assert!(last.written.is_some(), "the last rank to finish did not commit");
+        for h in early {
+            let (info, c) = h.join().unwrap();
+            assert!(c.written.is_none(), "rank {} wrote a MANIFEST although it was not last", info.rank);
+            assert_eq!(c.manifest, last.manifest, "rank {} learned another MANIFEST", info.rank);
+            assert_eq!(c.manifest.shard(info.rank).unwrap().object, info.object);
+        }
+        // Rank 0, the fallback committer, looks after the commit: it finds it and writes nothing.
+        let c = f.engine.commit_or_wait("job", 1, world, &zero.entry(), CommitRole::Fallback, &|| None).unwrap();
+        assert!(c.written.is_none(), "rank 0 wrote a MANIFEST over a committed step");
+        assert_eq!(c.manifest.shard(0).unwrap().object, zero.object);
+        assert_eq!(c.manifest.shard(3).unwrap().object, three.object);
+    });
+    let names = step_objects(&f.engine, 1);
+    assert_eq!(names.iter().filter(|n| n.starts_with("MANIFEST")).count(), 1, "one MANIFEST and no debris: {names:?}");
+    for r in 0..world {
+        let (_, back) = f.engine.restore("job", 1, r).unwrap();
+        assert!(back == snaps[r as usize].data, "rank {r} differs");
+    }
+}
+
+/// Ranks that wrote their shard and then died (or whose one look raced another's) leave the step
+/// to rank 0's fallback committer, which keeps looking and commits it with every rank's write.
+fn the_fallback_committer_commits_what_the_last_rank_left(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let world = 3u32;
+    let snaps: Vec<_> = (0..world).map(|r| snapshot(50 + u64::from(r), 20_000)).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let (engine, snap, hook) = (f.engine.clone(), &snaps[0], looked(tx, 0));
+        let zero = s.spawn(move || {
+            let info = engine.write_shard("job", 2, 0, world, snap).unwrap();
+            let c = engine.commit_or_wait("job", 2, world, &info.entry(), CommitRole::Fallback, &hook).unwrap();
+            (info, c)
+        });
+        assert_eq!(rx.recv().unwrap(), 0, "rank 0's first look");
+        let others: Vec<_> =
+            (1..world).map(|r| f.engine.write_shard("job", 2, r, world, &snaps[r as usize]).unwrap()).collect();
+        let (info, c) = zero.join().unwrap();
+        assert!(c.written.is_some(), "rank 0 did not commit the complete step");
+        assert_eq!(c.manifest.shard(0).unwrap().object, info.object);
+        for o in &others {
+            assert_eq!(c.manifest.shard(o.rank).unwrap().object, o.object);
+        }
+    });
+    assert!(f.engine.verify("job", 2).unwrap().ok());
+}
+
+/// A save counts only when the committed MANIFEST names its own write: a step committed with an
+/// older write of the rank (an attempt that died) fails the newer save as superseded, and another
+/// rank's wait is answered with the MANIFEST.
+fn a_save_the_manifest_does_not_name_is_superseded(backend: Backend) {
+    let Some(f) = open(&backend, Compression::None) else { return };
+    let old = f.engine.write_shard("job", 3, 1, 2, &snapshot(60, 20_000)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    let new = f.engine.write_shard("job", 3, 1, 2, &snapshot(61, 20_000)).unwrap();
+    let zero = f.engine.write_shard("job", 3, 0, 2, &snapshot(62, 20_000)).unwrap();
+    // Another committer (an isolator, from an earlier vote) names the old write.
+    let m = f.engine.commit("job", 3, 2, vec![zero.entry(), old.entry()], BTreeMap::new()).unwrap();
+    let e = f.engine.commit_or_wait("job", 3, 2, &new.entry(), CommitRole::Others, &|| None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(matches!(&e, ckpt_core::Error::Superseded { rank: 1, .. }), "{e}");
+    assert!(e.to_string().contains(&old.object) && e.to_string().contains(&new.object), "{e}");
+    let c = f.engine.commit_or_wait("job", 3, 2, &zero.entry(), CommitRole::IfLast, &|| None).unwrap();
+    assert_eq!((c.manifest, c.written), (m.clone(), None));
+}
+
 macro_rules! suite {
     ($($backend:ident => $module:ident),* $(,)?) => {$(
         mod $module {
@@ -331,6 +445,12 @@ macro_rules! suite {
             fn pieces_raw() { pieces_get_exactly_their_bytes(Backend::$backend, Compression::None) }
             #[test]
             fn pieces_zstd() { pieces_get_exactly_their_bytes(Backend::$backend, Compression::Zstd(3)) }
+            #[test]
+            fn last_commits() { the_last_rank_to_finish_commits(Backend::$backend) }
+            #[test]
+            fn fallback_commits() { the_fallback_committer_commits_what_the_last_rank_left(Backend::$backend) }
+            #[test]
+            fn superseded() { a_save_the_manifest_does_not_name_is_superseded(Backend::$backend) }
         }
     )*};
 }
@@ -364,4 +484,42 @@ fn a_version_1_checkpoint_still_restores() {
     // The next save lands beside it under the new names, and a version 2 MANIFEST.
     let (_, next) = f.engine.save("job", 4, 0, 1, &snaps[0], BTreeMap::new()).unwrap();
     assert_eq!(next.map(|m| m.version), Some(ckpt_core::manifest::MANIFEST_VERSION));
+}
+
+/// A waiter blocked on its step directory is woken by the MANIFEST's creation and returns it.
+#[test]
+fn a_waiter_is_woken_by_the_manifest() {
+    let Some(f) = open(&Backend::File, Compression::None) else { return };
+    let snaps: Vec<_> = (0..2).map(|r| snapshot(70 + r, 20_000)).collect();
+    let infos: Vec<_> = (0..2u32).map(|r| f.engine.write_shard("job", 4, r, 2, &snaps[r as usize]).unwrap()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let (engine, own, hook) = (f.engine.clone(), infos[1].entry(), looked(tx, 1));
+        let waiter = s.spawn(move || engine.commit_or_wait("job", 4, 2, &own, CommitRole::Others, &hook));
+        assert_eq!(rx.recv().unwrap(), 1, "the waiter's first look");
+        let m = f.engine.commit("job", 4, 2, infos.iter().map(|i| i.entry()).collect(), BTreeMap::new()).unwrap();
+        let c = waiter.join().unwrap().unwrap();
+        assert_eq!((c.manifest, c.written), (m, None));
+    });
+}
+
+/// A shard still being written (its temporary file, whole or not) does not count: a rank that
+/// lists the step then does not commit it, and waits.
+#[test]
+fn a_shard_being_written_does_not_complete_a_step() {
+    let Some(f) = open(&Backend::File, Compression::None) else { return };
+    let dir = f._dir.as_ref().unwrap().path().join("job/step-5");
+    let one = f.engine.write_shard("job", 5, 1, 2, &snapshot(80, 20_000)).unwrap();
+    // Rank 1's bytes are all there, under the temporary name a writer uses before its link.
+    std::fs::rename(dir.join(&one.object), dir.join(format!("{}.tmp-999-0-0", one.object))).unwrap();
+    let zero = f.engine.write_shard("job", 5, 0, 2, &snapshot(81, 20_000)).unwrap();
+    let mut cfg = config(Compression::None);
+    cfg.commit.deadline = std::time::Duration::from_millis(200);
+    let impatient = Engine::new(f.engine.store().clone(), cfg).unwrap();
+    let e = impatient.commit_or_wait("job", 5, 2, &zero.entry(), CommitRole::Fallback, &|| None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("[1]"), "rank 1 is named missing: {e}");
+    let e = impatient.commit_or_wait("job", 5, 2, &zero.entry(), CommitRole::IfLast, &|| None).unwrap_err();
+    assert!(matches!(e, ckpt_core::Error::CommitTimeout { .. }), "{e}");
+    assert!(!step_objects(&f.engine, 5).iter().any(|n| n == "MANIFEST"), "a step with a shard mid-write was committed");
 }

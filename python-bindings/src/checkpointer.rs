@@ -370,4 +370,11 @@ impl PySaveHandle {
     fn step(&self) -> u64 {
         self.inner.step()
     }
+
+    /// `(shard durable, commit learned of, MANIFEST written or None)` in nanoseconds since the
+    /// Unix epoch, once the save succeeded; `None` before, and for a step found committed already.
+    fn timings(&self) -> Option<(u64, u64, Option<u64>)> {
+        let ns = ckpt_core::CommitTimings::unix_ns;
+        self.inner.timings().map(|t| (ns(t.shard_durable), ns(t.committed), t.manifest_written.map(ns)))
+    }
 }

@@ -4,6 +4,7 @@ rank SIGKILLed before writing its shard of step N leaves step N-1 as the latest.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,3 +75,15 @@ def test_rank_killed_before_its_shard_leaves_the_previous_step_latest(tmp_path: 
 @pytest.mark.s3
 def test_rank_killed_before_its_shard_leaves_the_previous_step_latest_on_s3(tmp_path: Path) -> None:
     check_killed_rank_leaves_previous_step(s3_store_url(), tmp_path / "arena", "killed")
+
+
+def test_exactly_one_rank_writes_the_manifest_and_every_rank_reports_its_times(make_ck: Any) -> None:
+    handles = [make_ck(rank=r, world_size=2).save({"w": np.full(50_000, r, dtype=np.float32)}, 1) for r in (1, 0)]
+    for h in handles:
+        h.wait()
+    times = [h.timings() for h in handles]
+    assert all(t is not None for t in times), times
+    written = [t for t in times if t is not None and t.manifest_written_ns is not None]
+    assert len(written) == 1, f"one rank commits, the other learns of it: {times}"
+    for t in times:
+        assert t is not None and 0 < t.shard_durable_ns <= t.committed_ns

@@ -186,3 +186,14 @@ def test_embedded_heartbeat_is_a_no_op(make_ck: Any) -> None:
     assert ck.mode == "embedded"
     assert not ck.heartbeat(5)
 
+
+
+def test_a_sidecar_save_reports_when_its_shard_and_commit_happened(agent: Agent) -> None:
+    with ckptd.Checkpointer("crash", socket=agent.socket) as ck:
+        h = ck.save({"w": np.arange(1000, dtype=np.float32)}, 3)
+        h.wait()
+        t = h.timings()
+    assert t is not None, "a successful save has timings"
+    # One rank: its agent committed the step itself.
+    assert t.manifest_written_ns is not None
+    assert 0 < t.shard_durable_ns <= t.manifest_written_ns

@@ -76,6 +76,7 @@ __all__ = [
     "NoCheckpoint",
     "SaveHandle",
     "SaveStats",
+    "SaveTimings",
     "StateMismatch",
     "StoreError",
     "TensorInfo",
@@ -98,6 +99,19 @@ _ADVANCED: Final = frozenset(
 _REPORT_INTERVAL: Final = 0.1
 
 
+class SaveTimings(NamedTuple):
+    """When a save reached each point, as this process saw it: wall-clock nanoseconds since the
+    Unix epoch (``time.time_ns()``'s clock), for measurements. A step's commit latency is the
+    latest ``committed_ns`` of its ranks minus their latest ``shard_durable_ns``."""
+
+    #: This rank's shard became durable (in sidecar mode, as the agent saw it).
+    shard_durable_ns: int
+    #: This process learned that the step is committed.
+    committed_ns: int
+    #: This rank (or its agent) wrote the MANIFEST; ``None`` when another rank did.
+    manifest_written_ns: int | None
+
+
 class SaveHandle:
     """A save in progress."""
 
@@ -118,6 +132,12 @@ class SaveHandle:
     def done(self) -> bool:
         """Whether the save finished, successfully or not (``wait()`` tells which)."""
         return self._native.done()
+
+    def timings(self) -> SaveTimings | None:
+        """When the shard became durable and the commit was learned of, once the save succeeded
+        (``None`` before, and for a step that was found committed already)."""
+        t = self._native.timings()
+        return None if t is None else SaveTimings(*t)
 
     def __repr__(self) -> str:
         return f"SaveHandle(step={self.step}, done={self.done()})"

@@ -10,9 +10,9 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use ckpt_core::ShardInfo;
 use ckpt_core::arena::{Arena, ArenaLock, SlotState};
 use ckpt_core::slots::{self, ArenaSpec, CommitPolicy, SlotOwner};
+use ckpt_core::{CommitTimings, ShardInfo};
 use ckptd_proto::v1::{self as pb, trainer_event::Event};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::{mpsc, watch};
@@ -309,7 +309,8 @@ fn persist_loop(agent: Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
         rank.in_flight.send_modify(|n| *n = n.saturating_sub(1));
         agent.metrics.queue_depth.dec();
         match result {
-            Ok(bytes) => {
+            Ok(persisted) => {
+                let bytes = persisted.bytes;
                 agent.metrics.persist_bytes.inc_by(bytes);
                 agent.metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
                 if flushed {
@@ -321,7 +322,14 @@ fn persist_loop(agent: Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
                     .get_or_create(&super::metrics::RankLabel { rank: rank.rank.to_string() })
                     .set(step.min(i64::MAX as u64) as i64);
                 tracing::info!(rank = rank.rank, step, bytes, flushed, "step durable and committed");
-                rank.notify(Event::Durable(pb::StepDurable { step, committed: true }));
+                let t = persisted.timings;
+                let ns = |at: Option<std::time::SystemTime>| at.map_or(0, CommitTimings::unix_ns);
+                rank.notify(Event::Durable(pb::StepDurable {
+                    step,
+                    committed: true,
+                    shard_durable_unix_ns: ns(t.map(|t| t.shard_durable)),
+                    manifest_written_unix_ns: ns(t.and_then(|t| t.manifest_written)),
+                }));
             }
             Err(e) => {
                 agent.metrics.persist_failures.inc();
@@ -337,10 +345,11 @@ fn persist_loop(agent: Weak<Agent>, rank: Arc<Rank>, rx: Receiver<PersistJob>) {
 }
 
 /// Persists the slot through the slot lifecycle: with an isolator the shard is voted on and the
-/// isolator commits; without one, rank 0 commits through storage. A restart (the generation moved
-/// on, or a rollback below this step) abandons the wait for the MANIFEST. Returns the bytes
-/// written.
-fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
+/// isolator commits; without one, the step commits through storage (the rank that finishes last
+/// writes the MANIFEST, rank 0 stands by). A restart (the generation moved
+/// on, or a rollback below this step) abandons the wait for the MANIFEST. Returns what was
+/// written and when.
+fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<slots::Persisted> {
     let PersistJob { arena, slot, step, world_size, resumed, .. } = job;
     let owner = SlotOwner { job: &agent.cfg.job, rank: rank.rank, world_size, keep: agent.cfg.keep };
     // A restarted trainer waiting to restore, or a restart order below this step: the wait for
@@ -379,5 +388,5 @@ fn persist_one(agent: &Agent, rank: &Rank, job: PersistJob) -> Result<u64> {
             slots::persist::<Error>(&agent.engine, &arena, slot, owner, CommitPolicy::Storage, resumed, &restoring)?
         }
     };
-    Ok(persisted.bytes)
+    Ok(persisted)
 }

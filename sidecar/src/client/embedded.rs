@@ -62,8 +62,14 @@ impl Embedded {
         Ok((Some(lock), arena))
     }
 
-    /// Persists a sealed slot and commits its step through storage (rank 0 writes the MANIFEST).
-    pub(super) fn persist(&self, cfg: &CheckpointerConfig, arena: &Arc<Arena>, slot: u32) -> Result<()> {
+    /// Persists a sealed slot and commits its step through storage (the rank that finishes last
+    /// writes the MANIFEST, rank 0 stands by); returns when it happened, as this rank saw it.
+    pub(super) fn persist(
+        &self,
+        cfg: &CheckpointerConfig,
+        arena: &Arc<Arena>,
+        slot: u32,
+    ) -> Result<Option<ckpt_core::CommitTimings>> {
         if !arena.transition(slot, SlotState::Sealed, SlotState::Persisting) {
             arena.release(slot);
             return Err(Error::Busy {
@@ -72,8 +78,8 @@ impl Embedded {
             });
         }
         let owner = SlotOwner { job: &cfg.job, rank: cfg.rank(), world_size: cfg.world_size(), keep: 0 };
-        slots::persist::<Error>(&self.engine, arena, slot, owner, CommitPolicy::Storage, false, &|| None)?;
-        Ok(())
+        let p = slots::persist::<Error>(&self.engine, arena, slot, owner, CommitPolicy::Storage, false, &|| None)?;
+        Ok(p.timings)
     }
 
     /// The step to load: `step`, or the newest committed step.

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use ckpt_core::CommitTimings;
+
 use crate::error::{Error, Result};
 
 /// The outcome of one save, shared by its handles and whoever completes it.
@@ -15,9 +17,17 @@ pub(crate) struct SaveState {
     reported: AtomicBool,
     /// Sidecar mode: the slot is sealed and the agent accepted it (it survives this process).
     handed_over: AtomicBool,
+    /// When the shard became durable and the commit was learned of, once the save succeeded.
+    timings: Mutex<Option<CommitTimings>>,
 }
 
 impl SaveState {
+    /// Records when the save's shard became durable and its step committed; set before
+    /// [`SaveState::finish`], so that a caller whose `wait()` returned finds them.
+    pub(crate) fn set_timings(&self, t: CommitTimings) {
+        *self.timings.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+    }
+
     pub(crate) fn finish(&self, r: std::result::Result<(), Arc<Error>>) {
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         *o = Some(r);
@@ -69,6 +79,16 @@ impl SaveHandle {
                 None => o = self.state.cv.wait(o).unwrap_or_else(|p| p.into_inner()),
             }
         }
+    }
+
+    /// When this rank's shard became durable, when this process learned that the step is
+    /// committed, and when it wrote the MANIFEST if it did (wall-clock times; in sidecar mode as
+    /// the agent saw them, with `committed` when this process received the agent's event).
+    /// `None` until the save succeeded, and for a step the agent found committed already. For
+    /// measurements: a step's commit latency is the latest `committed` of its ranks minus their
+    /// latest `shard_durable`.
+    pub fn timings(&self) -> Option<CommitTimings> {
+        *self.state.timings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the save finished (successfully or not).

@@ -344,7 +344,17 @@ fn route(shared: &Shared, ev: Event) -> Option<Order> {
             shared.cv.notify_all();
         }
         Event::Durable(d) => {
+            // The agent's view of the shard and the MANIFEST; the commit is learned of here.
+            let at = ckpt_core::CommitTimings::from_unix_ns;
+            let timings = at(d.shard_durable_unix_ns).map(|shard_durable| ckpt_core::CommitTimings {
+                shard_durable,
+                committed: std::time::SystemTime::now(),
+                manifest_written: at(d.manifest_written_unix_ns),
+            });
             for s in r.pending.remove(&d.step).unwrap_or_default() {
+                if let Some(t) = timings {
+                    s.set_timings(t);
+                }
                 s.finish(Ok(()));
             }
         }

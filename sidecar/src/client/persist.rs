@@ -97,7 +97,12 @@ fn run(shared: &Shared, job: Job) -> Result<()> {
         return Err(e);
     }
     match &shared.mode {
-        Mode::Embedded(m) => m.persist(&shared.cfg, &arena, slot),
+        Mode::Embedded(m) => {
+            if let Some(t) = m.persist(&shared.cfg, &arena, slot)? {
+                handle.state.set_timings(t);
+            }
+            Ok(())
+        }
         Mode::Sidecar(m) => m.hand_over(&arena, slot, step, stall, handle.state.clone(), request),
     }
 }
