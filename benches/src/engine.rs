@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
-use ckpt_core::{DType, Engine, EngineConfig, Snapshot, TensorMeta, TensorTable};
+use ckpt_core::{DType, Engine, EngineConfig, FileIo, Snapshot, TensorMeta, TensorTable};
 use rustix::fs::Advice;
 
 use crate::machine;
@@ -68,7 +68,10 @@ enum Op {
     Memcpy1,
     MemcpyAll,
     PlainWrite,
+    PlainWriteDirect,
     CkptdSave,
+    CkptdSaveWriteBehind,
+    CkptdSaveBuffered,
     PlainReadWarm,
     CkptdRestoreWarm,
     PlainReadCold,
@@ -76,11 +79,14 @@ enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 8] = [
+    const ALL: [Op; 11] = [
         Op::Memcpy1,
         Op::MemcpyAll,
         Op::PlainWrite,
+        Op::PlainWriteDirect,
         Op::CkptdSave,
+        Op::CkptdSaveWriteBehind,
+        Op::CkptdSaveBuffered,
         Op::PlainReadWarm,
         Op::CkptdRestoreWarm,
         Op::PlainReadCold,
@@ -92,7 +98,10 @@ impl Op {
             Op::Memcpy1 => "memcpy, 1 thread".into(),
             Op::MemcpyAll => format!("memcpy, {cores} threads"),
             Op::PlainWrite => "plain write + fsync".into(),
+            Op::PlainWriteDirect => "plain O_DIRECT write + fsync".into(),
             Op::CkptdSave => "ckptd save (shard + commit)".into(),
+            Op::CkptdSaveWriteBehind => "ckptd save, write-behind".into(),
+            Op::CkptdSaveBuffered => "ckptd save, buffered".into(),
             Op::PlainReadWarm => "plain read, warm cache".into(),
             Op::CkptdRestoreWarm => "ckptd restore, warm cache".into(),
             Op::PlainReadCold => "plain read, cold cache".into(),
@@ -105,7 +114,10 @@ impl Op {
             Op::Memcpy1 => "memcpy_1",
             Op::MemcpyAll => "memcpy_all",
             Op::PlainWrite => "plain_write_fsync",
+            Op::PlainWriteDirect => "plain_write_direct_fsync",
             Op::CkptdSave => "ckptd_save",
+            Op::CkptdSaveWriteBehind => "ckptd_save_write_behind",
+            Op::CkptdSaveBuffered => "ckptd_save_buffered",
             Op::PlainReadWarm => "plain_read_warm",
             Op::CkptdRestoreWarm => "ckptd_restore_warm",
             Op::PlainReadCold => "plain_read_cold",
@@ -115,14 +127,24 @@ impl Op {
 }
 
 /// Ratios of two operations' throughputs, paired within each repetition.
-const RATIOS: [(&str, Op, Op); 7] = [
+const RATIOS: [(&str, Op, Op); 10] = [
     ("ckptd save / plain write+fsync", Op::CkptdSave, Op::PlainWrite),
+    ("ckptd save / plain O_DIRECT write+fsync", Op::CkptdSave, Op::PlainWriteDirect),
+    ("ckptd save, write-behind / plain write+fsync", Op::CkptdSaveWriteBehind, Op::PlainWrite),
+    ("ckptd save, buffered / plain write+fsync", Op::CkptdSaveBuffered, Op::PlainWrite),
     ("ckptd restore / plain read (warm)", Op::CkptdRestoreWarm, Op::PlainReadWarm),
     ("ckptd restore / plain read (cold)", Op::CkptdRestoreCold, Op::PlainReadCold),
     ("ckptd save / memcpy 1 thread", Op::CkptdSave, Op::Memcpy1),
     ("ckptd restore (warm) / memcpy 1 thread", Op::CkptdRestoreWarm, Op::Memcpy1),
     ("ckptd save / memcpy all threads", Op::CkptdSave, Op::MemcpyAll),
     ("ckptd restore (warm) / memcpy all threads", Op::CkptdRestoreWarm, Op::MemcpyAll),
+];
+
+/// The save variants: the default file write mode first, then the others on the same snapshot.
+const SAVES: [(Op, FileIo); 3] = [
+    (Op::CkptdSave, FileIo::Direct),
+    (Op::CkptdSaveWriteBehind, FileIo::WriteBehind),
+    (Op::CkptdSaveBuffered, FileIo::Buffered),
 ];
 
 /// Runs the benchmark and prints its table to `out`.
@@ -147,7 +169,8 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     )?;
     writeln!(
         out,
-        "  ckptd file:// store, compression {}, {} chunks, {} encoder threads, {} read workers",
+        "  ckptd file:// store, {} writes, compression {}, {} chunks, {} encoder threads, {} read workers",
+        ecfg.persist.file_io,
         ecfg.persist.compression,
         human(u64::from(ecfg.persist.chunk_size)),
         ecfg.persist.workers,
@@ -158,7 +181,8 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     }
     out.flush()?;
 
-    let data = Bytes::from(noise(size));
+    // Page-aligned, as an arena slot is (O_DIRECT writes need it).
+    let data = page_aligned(&noise(size))?;
     let table = TensorTable::packed(
         [TensorMeta::new("bench.data", DType::U8, vec![size as u64]).context("describe the tensor")?],
         64,
@@ -169,6 +193,7 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     prefault(&mut dst);
 
     let mut samples: BTreeMap<Op, Vec<Duration>> = BTreeMap::new();
+    let mut cpu: BTreeMap<Op, Vec<Duration>> = BTreeMap::new();
     let mut record = |op, d| samples.entry(op).or_default().push(d);
     for rep in 0..cfg.reps {
         record(Op::Memcpy1, timed(|| dst.copy_from_slice(&data)));
@@ -178,11 +203,28 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
 
         let store = work.path().join(format!("store-{rep}"));
         let url = store.to_str().context("the work directory's path is not UTF-8")?;
-        let engine = Engine::open(url, ecfg.clone()).context("open the file:// store")?;
         let step = rep as u64 + 1;
-        let t = Instant::now();
+        for (op, file_io) in SAVES.into_iter().rev() {
+            if file_io == ecfg.persist.file_io {
+                continue;
+            }
+            let other = work.path().join(format!("store-{rep}-{file_io}"));
+            let url = other.to_str().context("the work directory's path is not UTF-8")?;
+            let mut c = ecfg.clone();
+            c.persist.file_io = file_io;
+            let engine = Engine::open(url, c).context("open the file:// store")?;
+            let (t, used) = (Instant::now(), cpu_time());
+            engine.save(JOB, step, 0, 1, &snap, BTreeMap::new()).context("ckptd save")?;
+            record(op, t.elapsed());
+            cpu.entry(op).or_default().push(cpu_time().saturating_sub(used));
+            drop(engine);
+            std::fs::remove_dir_all(&other).with_context(|| format!("remove {}", other.display()))?;
+        }
+        let engine = Engine::open(url, ecfg.clone()).context("open the file:// store")?;
+        let (t, used) = (Instant::now(), cpu_time());
         engine.save(JOB, step, 0, 1, &snap, BTreeMap::new()).context("ckptd save")?;
         record(Op::CkptdSave, t.elapsed());
+        cpu.entry(Op::CkptdSave).or_default().push(cpu_time().saturating_sub(used));
         dst.fill(0);
         let t = Instant::now();
         engine.restore_into(JOB, step, 0, &mut dst).context("ckptd restore")?;
@@ -198,6 +240,8 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
         std::fs::remove_dir_all(&store).with_context(|| format!("remove {}", store.display()))?;
 
         let plain = work.path().join("plain.bin");
+        record(Op::PlainWriteDirect, timed_io(|| write_file_direct(&plain, &data))?);
+        std::fs::remove_file(&plain).with_context(|| format!("remove {}", plain.display()))?;
         record(Op::PlainWrite, timed_io(|| write_file(&plain, &data))?);
         record(Op::PlainReadWarm, timed_io(|| read_file(&plain, &mut dst))?);
         evict(&plain)?;
@@ -206,6 +250,13 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     }
 
     report(out, &samples, size as u64, cores)?;
+    writeln!(out)?;
+    writeln!(out, "{:<34} {:>12} {:>16}", "CPU of the save (user+sys)", "median s", "per GB of state")?;
+    for (op, _) in SAVES {
+        let secs: Vec<f64> = cpu.get(&op).map(|v| v.iter().map(Duration::as_secs_f64).collect()).unwrap_or_default();
+        let (m, _, _) = spread(&secs);
+        writeln!(out, "{:<34} {:>12.3} {:>16.3}", op.label(cores), m, m / (size as f64 / 1e9))?;
+    }
     if let Some(dir) = &cfg.out {
         let json = to_json(cfg, &samples, size as u64, cores, mount.as_ref(), ecfg.persist.chunk_size);
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -275,6 +326,25 @@ pub(crate) fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// The disk's own limit without the page cache: a new file, sequential 8 MiB `O_DIRECT` writes
+/// from page-aligned memory (a last partial block buffered), one fsync. Buffered everywhere on a
+/// file system that refuses `O_DIRECT`.
+fn write_file_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = File::create(path)?;
+    let direct = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path);
+    let whole = data.len() / 4096 * 4096;
+    let mut at = 0;
+    if let Ok(d) = &direct {
+        for block in data[..whole].chunks(IO_BLOCK) {
+            d.write_all_at(block, at as u64)?;
+            at += block.len();
+        }
+    }
+    f.write_all_at(&data[at..], at as u64)?;
+    f.sync_all()
+}
+
 /// The plain baseline: sequential 8 MiB reads into a preallocated buffer.
 pub(crate) fn read_file(path: &Path, dst: &mut [u8]) -> std::io::Result<()> {
     let mut f = File::open(path)?;
@@ -290,7 +360,7 @@ pub(crate) fn evict(path: &Path) -> anyhow::Result<()> {
     rustix::fs::fadvise(&f, 0, None, Advice::DontNeed).with_context(|| format!("fadvise {}", path.display()))
 }
 
-fn evict_tree(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn evict_tree(dir: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
         let path = entry?.path();
         if path.is_dir() { evict_tree(&path)? } else { evict(&path)? }
@@ -325,6 +395,25 @@ pub(crate) fn noise(len: usize) -> Vec<u8> {
         c.copy_from_slice(&z.to_le_bytes()[..c.len()]);
     }
     v
+}
+
+/// The process's CPU time so far, user and system.
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain old data; all-zero is a valid value for getrusage to overwrite.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid out-pointer for the call's duration.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// `bytes` in page-aligned memory, as an arena slot holds a snapshot.
+pub(crate) fn page_aligned(bytes: &[u8]) -> anyhow::Result<Bytes> {
+    let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).context("map anonymous memory")?;
+    map[..bytes.len()].copy_from_slice(bytes);
+    Ok(Bytes::from_owner(map).slice(..bytes.len()))
 }
 
 /// Touches every page, so that the first measurement does not pay for page faults.

@@ -6,7 +6,11 @@
 //!
 //! - `file://`: pwrite into a temporary file next to the shard, fsync, link create-only (a stale
 //!   shard of a step that never committed is replaced, never one of a committed step), fsync the
-//!   directory;
+//!   directory. By default ([`FileIo::Direct`]) page-aligned raw chunks go to the disk with
+//!   `O_DIRECT` straight from the snapshot's memory (an arena slot is page-aligned), so the persist
+//!   costs no page-cache copy and leaves no dirty pages for the kernel to flush on the training
+//!   cores; what is not aligned (a last partial block, compressed chunks, the index and trailer)
+//!   is written through the page cache after the aligned part, never into the same page;
 //! - object stores: a multipart upload whose parts go up in parallel, or one PUT for a small shard.
 //!
 //! Memory in flight is bounded by [`PersistConfig::inflight_bytes`] whatever the snapshot's size:
@@ -17,8 +21,9 @@
 //! complete, and even then the step stays invisible until its MANIFEST is committed.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -32,6 +37,7 @@ use crate::durable;
 use crate::error::{Error, Result};
 use crate::format::{self, ChunkEntry, ShardIndex, Trailer};
 use crate::manifest::ShardEntry;
+use crate::priority::Priority;
 use crate::store::{Store, layout};
 use crate::tensor::TensorTable;
 
@@ -52,6 +58,54 @@ pub struct PersistConfig {
     pub inflight_bytes: u64,
     /// Target size of one multipart part; a shard smaller than this is written with one PUT.
     pub part_size: u64,
+    /// How `file://` shards reach the disk.
+    pub file_io: FileIo,
+    /// CPU priority of the encoder threads (the caller's persist thread sets its own with
+    /// [`Priority::apply_to_current_thread`]).
+    pub priority: Priority,
+}
+
+/// How a `file://` shard is written. Every mode ends with the same fsync, create-only link and
+/// directory fsync; they differ in the copies and the dirty pages on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileIo {
+    /// `O_DIRECT` writes straight from the snapshot's memory for page-aligned raw chunks; buffered
+    /// writes for the rest, for memory that is not page-aligned, on tmpfs (where the page cache is
+    /// the storage) and where the file system refuses `O_DIRECT`.
+    #[default]
+    Direct,
+    /// Buffered writes whose writeback starts as each chunk is written (`sync_file_range`), the
+    /// pages dropped from the cache once written back, so dirty pages never pile up.
+    WriteBehind,
+    /// Buffered writes and one fsync at the end.
+    Buffered,
+}
+
+impl std::fmt::Display for FileIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileIo::Direct => "direct",
+            FileIo::WriteBehind => "write-behind",
+            FileIo::Buffered => "buffered",
+        })
+    }
+}
+
+impl std::str::FromStr for FileIo {
+    type Err = Error;
+
+    /// Parses `direct`, `write-behind` or `buffered`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "direct" => Ok(FileIo::Direct),
+            "write-behind" => Ok(FileIo::WriteBehind),
+            "buffered" => Ok(FileIo::Buffered),
+            _ => Err(Error::InvalidConfig {
+                field: "file_io",
+                reason: format!("`{s:.32}` is not a file write mode: use direct, write-behind or buffered"),
+            }),
+        }
+    }
 }
 
 impl Default for PersistConfig {
@@ -63,6 +117,8 @@ impl Default for PersistConfig {
             workers: cores.clamp(1, 8),
             inflight_bytes: 256 << 20,
             part_size: 16 << 20,
+            file_io: FileIo::default(),
+            priority: Priority::default(),
         }
     }
 }
@@ -160,6 +216,9 @@ pub struct ShardInfo {
     pub compressed_chunks: u64,
     /// All chunks.
     pub chunks: u64,
+    /// Bytes written with `O_DIRECT`, past the page cache ([`FileIo::Direct`]); 0 on object stores,
+    /// on tmpfs, and where the file system refused it.
+    pub direct_bytes: u64,
 }
 
 impl ShardInfo {
@@ -214,13 +273,13 @@ pub(crate) fn write_shard(
     let rel = layout::object_path(id.job, id.step, &object);
     let path = store.path(&rel);
     let mut sink: Box<dyn Sink> = match store.local_file(&path) {
-        Some(file) => Box::new(LocalSink::create(file, id.job, id.step)?),
+        Some(file) => Box::new(LocalSink::create(file, id.job, id.step, cfg.file_io)?),
         None => Box::new(ObjectSink::new(store.clone(), rt.clone(), path, cfg)),
     };
     match encode_into(cfg, id, snap, sink.as_mut()) {
         Ok((index, info_tail)) => {
             let (tail, trailer) = info_tail;
-            sink.finish(tail)?;
+            let direct_bytes = sink.finish(tail)?;
             let compressed_chunks = index.chunks.iter().filter(|c| c.codec == CODEC_ZSTD).count() as u64;
             let info = ShardInfo {
                 step: id.step,
@@ -232,8 +291,16 @@ pub(crate) fn write_shard(
                 region_len: snap.table.total_len(),
                 compressed_chunks,
                 chunks: index.chunks.len() as u64,
+                direct_bytes,
             };
-            tracing::debug!(job = id.job, step = id.step, rank = id.rank, bytes = info.size, "shard written");
+            tracing::debug!(
+                job = id.job,
+                step = id.step,
+                rank = id.rank,
+                bytes = info.size,
+                direct_bytes,
+                "shard written"
+            );
             Ok(info)
         }
         Err(e) => {
@@ -266,9 +333,11 @@ fn encode_into(
             let job_rx = job_rx.clone();
             let res_tx = res_tx.clone();
             let mode = cfg.compression;
+            let priority = cfg.priority;
             std::thread::Builder::new()
                 .name(format!("ckpt-encode-{w}"))
                 .spawn_scoped(scope, move || {
+                    priority.apply_to_current_thread();
                     let mut encoder = match Encoder::new(mode) {
                         Ok(e) => e,
                         Err(e) => {
@@ -344,48 +413,167 @@ fn encode_into(
 /// Where encoded chunks go, in order.
 trait Sink {
     fn write(&mut self, bytes: Bytes) -> Result<()>;
-    fn finish(self: Box<Self>, tail: Bytes) -> Result<()>;
+    /// Writes the tail and makes the shard durable; returns the bytes written with `O_DIRECT`.
+    fn finish(self: Box<Self>, tail: Bytes) -> Result<u64>;
     fn abort(self: Box<Self>);
 }
 
+/// Alignment of `O_DIRECT` offsets, lengths and memory: the page size, a multiple of every common
+/// logical block size. A file system that needs more refuses the write, and the sink falls back.
+pub const DIRECT_ALIGN: u64 = 4096;
+
+/// [`FileIo::WriteBehind`]: bytes whose writeback may still be running before the sink waits for
+/// the oldest and drops them from the page cache.
+const WRITE_BEHIND_WINDOW: u64 = 64 << 20;
+
 /// `file://`: pwrite into a temporary file, then fsync + create-only link + directory fsync
 /// ([`durable::publish`]).
+///
+/// With [`FileIo::Direct`] a second descriptor of the same file, opened with `O_DIRECT`, takes
+/// every write that starts at an aligned offset from aligned memory, up to its last whole block;
+/// the rest goes through the buffered descriptor. Writes are sequential, so once a write ends
+/// unaligned every later byte is buffered until a write ends aligned again: no page is ever
+/// written both ways. fsync of either descriptor covers the file's data and metadata.
 struct LocalSink {
     file: File,
+    direct: Option<File>,
+    io: FileIo,
     tmp: PathBuf,
     dest: PathBuf,
     offset: u64,
+    direct_bytes: u64,
+    /// [`FileIo::WriteBehind`]: bytes already written back and dropped from the cache.
+    settled: u64,
     job: String,
     step: u64,
 }
 
 impl LocalSink {
-    fn create(dest: PathBuf, job: &str, step: u64) -> Result<Self> {
+    fn create(dest: PathBuf, job: &str, step: u64, io: FileIo) -> Result<Self> {
         let (file, tmp) = durable::create_tmp(&dest)?;
-        Ok(LocalSink { file, tmp, dest, offset: 0, job: job.to_string(), step })
+        let direct = match io {
+            FileIo::Direct => open_direct(&file, &tmp),
+            FileIo::WriteBehind | FileIo::Buffered => None,
+        };
+        Ok(LocalSink {
+            file,
+            direct,
+            io,
+            tmp,
+            dest,
+            offset: 0,
+            direct_bytes: 0,
+            settled: 0,
+            job: job.to_string(),
+            step,
+        })
+    }
+
+    /// Writes the aligned head of `buf` with `O_DIRECT` when it can; returns how many bytes it
+    /// wrote. Falls back to buffered writes for good when the file system refuses.
+    fn write_direct(&mut self, buf: &[u8]) -> Result<usize> {
+        let Some(direct) = &self.direct else { return Ok(0) };
+        let aligned = (buf.len() as u64 / DIRECT_ALIGN * DIRECT_ALIGN) as usize;
+        if aligned == 0 || self.offset % DIRECT_ALIGN != 0 || (buf.as_ptr() as u64) % DIRECT_ALIGN != 0 {
+            return Ok(0);
+        }
+        match direct.write_all_at(&buf[..aligned], self.offset) {
+            Ok(()) => {
+                self.offset += aligned as u64;
+                self.direct_bytes += aligned as u64;
+                Ok(aligned)
+            }
+            // Refused (a file system without O_DIRECT, a block size above DIRECT_ALIGN, or a short
+            // write that left the next offset unaligned): nothing past `offset` counts, and the
+            // buffered write that follows rewrites it.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(path = %self.tmp.display(), error = %e, "the file system refuses O_DIRECT writes; writing through the page cache");
+                self.direct = None;
+                Ok(0)
+            }
+            Err(e) => Err(Error::io("pwrite (O_DIRECT)", &self.tmp, e)),
+        }
+    }
+
+    fn write_buffered(&mut self, buf: &[u8]) -> Result<()> {
+        self.file.write_all_at(buf, self.offset).map_err(|e| Error::io("pwrite", &self.tmp, e))?;
+        let start = self.offset;
+        self.offset += buf.len() as u64;
+        if self.io == FileIo::WriteBehind {
+            self.write_behind(start)?;
+        }
+        Ok(())
+    }
+
+    /// Starts writeback of what was just written; once more than two windows are in flight,
+    /// waits for all but the newest window and drops those pages from the cache.
+    fn write_behind(&mut self, start: u64) -> Result<()> {
+        let fd = self.file.as_raw_fd();
+        let len = (self.offset - start) as libc::off64_t;
+        // SAFETY: fd is our open file; sync_file_range only schedules writeback of its pages.
+        if unsafe { libc::sync_file_range(fd, start as libc::off64_t, len, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
+            return Err(Error::io("sync_file_range", &self.tmp, std::io::Error::last_os_error()));
+        }
+        if self.offset - self.settled <= 2 * WRITE_BEHIND_WINDOW {
+            return Ok(());
+        }
+        let end = self.offset - WRITE_BEHIND_WINDOW;
+        let (from, len) = (self.settled as libc::off64_t, (end - self.settled) as libc::off64_t);
+        let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: as above; this waits for the range's writeback to finish.
+        if unsafe { libc::sync_file_range(fd, from, len, wait) } != 0 {
+            return Err(Error::io("sync_file_range", &self.tmp, std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is our open file; DONTNEED only drops clean cached pages of the range.
+        unsafe { libc::posix_fadvise(fd, from, len, libc::POSIX_FADV_DONTNEED) };
+        self.settled = end;
+        Ok(())
+    }
+}
+
+/// A second, `O_DIRECT` descriptor of the temporary file, unless the file lives on tmpfs (its
+/// page cache is the storage: `O_DIRECT` there is a buffered copy by another name) or the file
+/// system refuses it.
+fn open_direct(file: &File, tmp: &std::path::Path) -> Option<File> {
+    // SAFETY: statfs is plain old data; all-zero is a valid value for fstatfs to overwrite.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the duration of the call and `fs` is a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 || fs.f_type == libc::TMPFS_MAGIC {
+        return None;
+    }
+    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(tmp) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::info!(path = %tmp.display(), error = %e, "the file system refuses O_DIRECT; writing through the page cache");
+            None
+        }
     }
 }
 
 impl Sink for LocalSink {
     fn write(&mut self, bytes: Bytes) -> Result<()> {
-        self.file.write_all_at(&bytes, self.offset).map_err(|e| Error::io("pwrite", &self.tmp, e))?;
-        self.offset += bytes.len() as u64;
+        let done = self.write_direct(&bytes)?;
+        if done < bytes.len() {
+            self.write_buffered(&bytes[done..])?;
+        }
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>, tail: Bytes) -> Result<()> {
+    fn finish(mut self: Box<Self>, tail: Bytes) -> Result<u64> {
         if let Err(e) = self.write(tail) {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(e);
         }
-        let LocalSink { file, tmp, dest, job, step, .. } = *self;
+        let LocalSink { file, direct, tmp, dest, job, step, direct_bytes, .. } = *self;
+        drop(direct);
         // The name is new (its tag), so the link is create-only in fact. A step committed while
         // this shard was written will never count it: say so instead of reporting it durable.
         if dest.with_file_name(layout::MANIFEST_NAME).exists() {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::Conflict { job, step });
         }
-        durable::publish(file, &tmp, &dest)
+        durable::publish(file, &tmp, &dest)?;
+        Ok(direct_bytes)
     }
 
     fn abort(self: Box<Self>) {
@@ -464,14 +652,14 @@ impl Sink for ObjectSink {
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>, tail: Bytes) -> Result<()> {
+    fn finish(mut self: Box<Self>, tail: Bytes) -> Result<u64> {
         self.buffered += tail.len() as u64;
         self.buffer.push(tail);
         if self.upload.is_none() {
             let payload: PutPayload = std::mem::take(&mut self.buffer).into_iter().collect();
             let store = self.store.object_store().clone();
             let res = self.rt.block_on(store.put(&self.path, payload));
-            return res.map(|_| ()).map_err(|e| self.err("put", e));
+            return res.map(|_| 0).map_err(|e| self.err("put", e));
         }
         let result = (|| {
             self.send_part()?;
@@ -480,7 +668,7 @@ impl Sink for ObjectSink {
             }
             let rt = self.rt.clone();
             let upload = self.upload.as_mut().ok_or_else(|| Error::Cancelled { reason: "upload vanished".into() })?;
-            rt.block_on(upload.complete()).map(|_| ()).map_err(|e| Error::store("complete multipart", &self.path, e))
+            rt.block_on(upload.complete()).map(|_| 0).map_err(|e| Error::store("complete multipart", &self.path, e))
         })();
         if result.is_err() {
             self.abort();

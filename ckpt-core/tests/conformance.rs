@@ -20,6 +20,7 @@ fn config(compression: Compression) -> EngineConfig {
         workers: 2,
         inflight_bytes: 4 * ((64 << 10) + (5 << 20)),
         part_size: 5 << 20,
+        ..PersistConfig::default()
     };
     let commit = CommitConfig { deadline: std::time::Duration::from_secs(20), ..CommitConfig::default() };
     EngineConfig { persist, commit, ..EngineConfig::default() }

@@ -32,6 +32,7 @@ fn config() -> EngineConfig {
             workers: 2,
             inflight_bytes: 4 * (u64::from(CHUNK) + (5 << 20)),
             part_size: 5 << 20,
+            ..PersistConfig::default()
         },
         commit: CommitConfig { deadline: Duration::from_secs(20), ..CommitConfig::default() },
         // Shards of four chunks gain nothing from parallel verification; fewer threads keep the

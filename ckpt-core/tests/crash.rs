@@ -99,6 +99,7 @@ fn engine_config(compression: Compression) -> EngineConfig {
             workers: 2,
             inflight_bytes: 4 * ((64 << 10) + (5 << 20)),
             part_size: 5 << 20,
+            ..PersistConfig::default()
         },
         commit: CommitConfig {
             deadline: Duration::from_secs(120),
@@ -143,7 +144,20 @@ fn snapshot(step: u64, rank: u32, profile: Profile) -> Snapshot {
         word.copy_from_slice(&v[..word.len()]);
     }
     let metadata = format!("{{\"step\":{step},\"rank\":{rank}}}").into_bytes();
-    Snapshot { table, data: Bytes::from(data), metadata }
+    // Page-aligned, as an arena slot is, so that file:// shards take the O_DIRECT path.
+    let mut map = memmap2::MmapMut::map_anon(data.len()).unwrap();
+    map.copy_from_slice(&data);
+    Snapshot { table, data: Bytes::from_owner(map), metadata }
+}
+
+/// Whether `dir` is on a disk file system that takes O_DIRECT (ext4, xfs, btrfs).
+fn direct_capable(dir: &Path) -> bool {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs is plain old data; all-zero is a valid value for statfs to overwrite.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `fs` a valid out-pointer for the call's duration.
+    let ok = unsafe { libc::statfs(c.as_ptr(), &mut fs) } == 0;
+    ok && matches!(fs.f_type, libc::EXT4_SUPER_MAGIC | libc::XFS_SUPER_MAGIC | libc::BTRFS_SUPER_MAGIC)
 }
 
 fn manifest_metadata(step: u64) -> BTreeMap<String, String> {
@@ -169,6 +183,8 @@ fn crash_child() {
     let engines: Vec<Engine> =
         (0..3).map(|s| Engine::new(store.clone(), engine_config(compression(s))).unwrap()).collect();
     let start = engines[0].latest(JOB).unwrap().map_or(1, |m| m.step + 1);
+    // Raw shards on a disk are written with O_DIRECT: the kills interrupt that path too.
+    let direct = std::env::var_os(CHILD_DIR_ENV).is_some_and(|d| direct_capable(Path::new(&d)));
     // What the committer (rank 0) does before it commits anything (the trainer library does it
     // when it opens): shards killed predecessors left of steps that never committed go, or a
     // re-save of such a step could be committed with a stale shard of another rank.
@@ -185,6 +201,12 @@ fn crash_child() {
                     let snap = snapshot(step, rank, profile);
                     let (info, m) = engine.save(JOB, step, rank, WORLD, &snap, manifest_metadata(step)).unwrap();
                     assert_eq!((info.step, info.rank), (step, rank));
+                    if direct && compression(step) == Compression::None {
+                        assert!(
+                            info.direct_bytes > 0,
+                            "step {step}: a raw shard on a disk was not written with O_DIRECT"
+                        );
+                    }
                     assert_eq!(m.is_some(), rank == 0, "rank 0 and only rank 0 commits");
                 });
             }
@@ -304,7 +326,8 @@ fn seed() -> u64 {
 
 #[test]
 fn file_store_survives_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
+    // On the build directory's disk, not /tmp (often tmpfs), so that shards go through O_DIRECT.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store_dir = dir.path().join("store");
     std::fs::create_dir(&store_dir).unwrap();
     let url = format!("file://{}", store_dir.display());

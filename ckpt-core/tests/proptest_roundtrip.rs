@@ -132,6 +132,7 @@ proptest! {
             workers: 2,
             inflight_bytes: 4 * (u64::from(chunk_size) + (5 << 20)),
             part_size: 5 << 20,
+            ..PersistConfig::default()
         };
         let cfg = EngineConfig { persist, ..EngineConfig::default() };
         let engine = Engine::open("memory://", cfg).unwrap();

@@ -129,6 +129,7 @@ fn engine_config(max_retries: usize) -> EngineConfig {
         workers: 2,
         inflight_bytes: 4 * ((64 << 10) + PART as u64),
         part_size: PART as u64,
+        ..PersistConfig::default()
     };
     let read = ReadConfig { read_size: 1 << 20, parallel_reads: 4, workers: 2 };
     let commit = CommitConfig { deadline: Duration::from_secs(20), ..CommitConfig::default() };

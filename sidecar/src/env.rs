@@ -54,6 +54,13 @@ pub const ENV_RESTART_GRACE: &str = "CKPTD_RESTART_GRACE";
 pub const ENV_RESTART_KILL_AFTER: &str = "CKPTD_RESTART_KILL_AFTER";
 /// Chunk compression (`--compression`).
 pub const ENV_COMPRESSION: &str = "CKPTD_COMPRESSION";
+/// CPU priority of the threads that persist snapshots, `normal`, `nice` or `idle` (`ckptd agent
+/// --persist-priority`; in the trainer it sets the embedded persist's and the copy-waiting
+/// thread's). See [`ckpt_core::Priority`].
+pub const ENV_PERSIST_PRIORITY: &str = "CKPTD_PERSIST_PRIORITY";
+/// How `file://` shards are written, `direct`, `write-behind` or `buffered` (`ckptd agent
+/// --persist-io`; in the trainer, embedded mode). See [`ckpt_core::FileIo`].
+pub const ENV_PERSIST_IO: &str = "CKPTD_PERSIST_IO";
 /// How long a rank waits for its step's commit (`--commit-timeout`).
 pub const ENV_COMMIT_TIMEOUT: &str = "CKPTD_COMMIT_TIMEOUT";
 /// Committed steps to keep (`--keep`).
@@ -254,6 +261,8 @@ mod tests {
         ("ENV_RESTART_GRACE", ENV_RESTART_GRACE),
         ("ENV_RESTART_KILL_AFTER", ENV_RESTART_KILL_AFTER),
         ("ENV_COMPRESSION", ENV_COMPRESSION),
+        ("ENV_PERSIST_PRIORITY", ENV_PERSIST_PRIORITY),
+        ("ENV_PERSIST_IO", ENV_PERSIST_IO),
         ("ENV_COMMIT_TIMEOUT", ENV_COMMIT_TIMEOUT),
         ("ENV_KEEP", ENV_KEEP),
         ("ENV_ISOLATOR", ENV_ISOLATOR),

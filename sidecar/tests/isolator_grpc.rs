@@ -209,6 +209,7 @@ async fn a_vote_for_a_shard_that_was_never_written_commits_nothing() {
         region_len: 10,
         compressed_chunks: 0,
         chunks: 1,
+        direct_bytes: 0,
     };
     let err = links[0].vote_durable(&forged, &BTreeMap::new()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");

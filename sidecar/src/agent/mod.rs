@@ -85,6 +85,14 @@ pub struct AgentArgs {
     /// Chunk compression: none, auto, zstd or zstd:<level>.
     #[arg(long, env = ENV_COMPRESSION, default_value = "none")]
     pub compression: String,
+    /// CPU priority of the persist and encoder threads: normal, nice (nice 10) or idle
+    /// (SCHED_IDLE). See docs/OPERATIONS.md.
+    #[arg(long, env = ENV_PERSIST_PRIORITY, default_value = "nice")]
+    pub persist_priority: String,
+    /// How file:// shards are written: direct (O_DIRECT from the arena, buffered where refused),
+    /// write-behind or buffered.
+    #[arg(long, env = ENV_PERSIST_IO, default_value = "direct")]
+    pub persist_io: String,
     /// How long a rank's shard waits for the step's commit (rank 0's agent sees every shard).
     #[arg(long, env = ENV_COMMIT_TIMEOUT, default_value = "10m")]
     pub commit_timeout: humantime::Duration,
@@ -263,6 +271,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let compression: Compression = args.compression.parse().map_err(|e| config_error("--compression", e))?;
     let mut ecfg = EngineConfig::default();
     ecfg.persist.compression = compression;
+    ecfg.persist.priority = args.persist_priority.parse().map_err(|e| config_error("--persist-priority", e))?;
+    ecfg.persist.file_io = args.persist_io.parse().map_err(|e| config_error("--persist-io", e))?;
     ecfg.commit.deadline = args.commit_timeout.into();
     let engine = Engine::open(&args.store, ecfg).map_err(|e| match e.kind() {
         ckpt_core::ErrorKind::InvalidInput => config_error("--store", e),

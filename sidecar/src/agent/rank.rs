@@ -146,6 +146,9 @@ impl Rank {
         let handle = std::thread::Builder::new()
             .name(format!("ckpt-persist-r{}", self.rank))
             .spawn(move || {
+                if let Some(a) = agent.upgrade() {
+                    a.engine.config().persist.priority.apply_to_current_thread();
+                }
                 if let Some(me) = me.upgrade() {
                     persist_loop(agent, me, rx);
                 }

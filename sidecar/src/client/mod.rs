@@ -116,6 +116,8 @@ impl CheckpointerConfig {
 
     /// Fills in the rank and world size the caller left out from `lookup` (the environment:
     /// [`env::ENV_LAUNCHER_RANK`], [`env::ENV_LAUNCHER_WORLD_SIZE`]), else 0 and 1, and checks them.
+    /// [`env::ENV_PERSIST_PRIORITY`] and [`env::ENV_PERSIST_IO`], when set, override the engine
+    /// settings: an operator can change them without touching the training script.
     fn resolve_ranks(&mut self, lookup: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         let read = |var: &str| -> Result<Option<u32>> {
             lookup(var)
@@ -144,6 +146,15 @@ impl CheckpointerConfig {
             });
         }
         (self.rank, self.world_size) = (Some(rank), Some(world_size));
+        if let Some(v) = lookup(env::ENV_PERSIST_PRIORITY) {
+            self.engine.persist.priority = v
+                .parse()
+                .map_err(|e| Error::Config { what: env::ENV_PERSIST_PRIORITY.into(), reason: format!("{e}") })?;
+        }
+        if let Some(v) = lookup(env::ENV_PERSIST_IO) {
+            self.engine.persist.file_io =
+                v.parse().map_err(|e| Error::Config { what: env::ENV_PERSIST_IO.into(), reason: format!("{e}") })?;
+        }
         if self.resize.is_none() {
             let on_resize = lookup(env::ENV_ON_RESIZE);
             let resize = crate::resize::parse(on_resize.as_deref(), lookup(env::ENV_PARALLEL).as_deref())
@@ -919,5 +930,36 @@ fn prepare_in_background(arena: Arc<Arena>) {
 fn wait_quietly(tickets: &[Arc<dyn CopyTicket>]) {
     for t in tickets {
         let _ = t.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ckpt_core::{FileIo, Priority};
+
+    use super::*;
+
+    fn resolved(vars: &[(&str, &str)]) -> Result<CheckpointerConfig> {
+        let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut cfg = CheckpointerConfig::new("job");
+        cfg.engine.persist.priority = Priority::Normal;
+        cfg.resolve_ranks(&|k| vars.get(k).cloned())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn the_environment_sets_the_persist_priority_and_file_io_when_it_names_them() {
+        let cfg = resolved(&[]).unwrap();
+        assert_eq!(cfg.engine.persist.priority, Priority::Normal, "unset: the configured value stays");
+        assert_eq!(cfg.engine.persist.file_io, FileIo::default());
+        let cfg = resolved(&[(env::ENV_PERSIST_PRIORITY, "idle"), (env::ENV_PERSIST_IO, "buffered")]).unwrap();
+        assert_eq!(cfg.engine.persist.priority, Priority::Idle);
+        assert_eq!(cfg.engine.persist.file_io, FileIo::Buffered);
+        let e = resolved(&[(env::ENV_PERSIST_PRIORITY, "urgent")]).unwrap_err();
+        assert!(e.to_string().contains(env::ENV_PERSIST_PRIORITY), "{e}");
+        let e = resolved(&[(env::ENV_PERSIST_IO, "mmap")]).unwrap_err();
+        assert!(e.to_string().contains(env::ENV_PERSIST_IO), "{e}");
     }
 }

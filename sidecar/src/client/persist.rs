@@ -42,6 +42,9 @@ impl PersistThread {
         let thread = std::thread::Builder::new()
             .name("ckpt-persist".into())
             .spawn(move || {
+                // Seal checksums and (embedded) persists run here and in threads it spawns,
+                // which inherit the priority.
+                shared.cfg.engine.persist.priority.apply_to_current_thread();
                 for job in rx {
                     let handle = job.handle.clone();
                     match run(&shared, job) {
