@@ -141,6 +141,8 @@ pub struct Arena {
     file_id: (u64, u64),
     slots: u32,
     slot_size: u64,
+    /// Whether [`Arena::prepare`] has finished with this mapping (pages faulted in, pinned).
+    prepared: std::sync::atomic::AtomicBool,
 }
 
 fn file_id(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
@@ -413,7 +415,8 @@ impl Arena {
         file.set_len(total).map_err(|e| cleanup(Error::io("truncate", &tmp, e)))?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(|e| cleanup(Error::io("mmap", &tmp, e)))?;
         let file_id = file_id(&file).map_err(|e| cleanup(Error::io("stat", &tmp, e)))?;
-        let arena = Arena { map, path: path.clone(), file_id, slots: cfg.slots, slot_size };
+        let arena =
+            Arena { map, path: path.clone(), file_id, slots: cfg.slots, slot_size, prepared: Default::default() };
         arena.write_header();
         arena.record_owner();
         if lock.is_some() {
@@ -465,7 +468,7 @@ impl Arena {
         if need != Some(len) {
             return Err(bad(format!("file is {len} bytes, its header describes {need:?}")));
         }
-        Ok(Arena { map, path: path.to_path_buf(), file_id: id, slots, slot_size })
+        Ok(Arena { map, path: path.to_path_buf(), file_id: id, slots, slot_size, prepared: Default::default() })
     }
 
     /// Whether the file at `path` is the one this arena maps, and not a newer file that replaced
@@ -769,7 +772,14 @@ impl Arena {
                 off += n;
             }
         }
+        self.prepared.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Whether [`Arena::prepare`] has finished: the slots' pages are resident (and pinned, when
+    /// it was given a pinner), so a copy into a slot touches no fresh memory.
+    pub fn is_prepared(&self) -> bool {
+        self.prepared.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

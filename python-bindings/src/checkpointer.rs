@@ -252,6 +252,12 @@ impl PyCheckpointer {
         Ok(())
     }
 
+    /// Whether the arena exists and its pages are resident (see `Checkpointer::arena_ready`).
+    #[getter]
+    fn arena_ready(&self) -> PyResult<bool> {
+        Ok(self.get()?.arena_ready())
+    }
+
     /// `(saves, saves that waited for a slot, seconds they waited)`.
     fn stats(&self) -> PyResult<(u64, u64, f64)> {
         let s = self.get()?.stats();

@@ -4,6 +4,7 @@ creates the arena before the first save."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def test_a_load_from_storage_fills_the_tensors_without_an_arena(
     # A new process on another node: its arena directory is empty.
     fresh = tmp_path / "fresh-arena"
     reader = make_ck(arena_dir=fresh)
+    assert reader.arena_ready is False
     into = zeros_like(saved)
     assert reader.load(into) == 3
     assert reader.last_load_from_memory is False
@@ -131,6 +133,12 @@ def test_the_size_hint_creates_the_arena_before_the_first_save(
     (created,) = arena_files(arena)
     inode = created.stat().st_ino
     assert created.stat().st_size >= state_bytes
+    # The pages are faulted in by a background thread: wait for it as a training script would not
+    # need to (it builds its model meanwhile).
+    deadline = time.monotonic() + 120
+    while not ck.arena_ready:
+        assert time.monotonic() < deadline, "the arena was never prepared"
+        time.sleep(0.01)
     ck.save(s, 1).wait()
     # The first save used the arena the hint made instead of replacing it.
     (after,) = arena_files(arena)
@@ -146,6 +154,7 @@ def test_a_size_hint_below_the_state_grows_the_arena_at_the_first_save(
     s = state(6, mib=8)
     ck = make_ck(size_hint=1 << 10)
     ck.save(s, 1).wait()
+    ck.wait_all()
     into = zeros_like(s)
     assert ck.load(into) == 1
     assert_same(into, s)

@@ -754,6 +754,13 @@ class Checkpointer:
         self.last_load_keys = IncompatibleKeys(plan.missing, plan.unexpected) if plan is not None else IncompatibleKeys([], [])
         return loaded
 
+    @property
+    def arena_ready(self) -> bool:
+        """Whether the arena exists and its pages are resident (pinned, with a GPU), so that the next
+        save copies into memory that is already faulted in. With ``size_hint`` it turns true in the
+        background after construction; without, after the first save."""
+        return self._native.arena_ready
+
     def stats(self) -> SaveStats:
         """How the saves went so far: how many started, how many waited for an arena slot because
         every slot was still persisting an earlier save, and how long they waited (part of their

@@ -332,6 +332,13 @@ impl Checkpointer {
         Ok(ck)
     }
 
+    /// Whether the arena exists and its pages are faulted in (and pinned, with a GPU): the next
+    /// save copies into resident memory. With a [`CheckpointerConfig::size_hint`] this becomes
+    /// true in the background after construction; without one, after the first save.
+    pub fn arena_ready(&self) -> bool {
+        self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|a| a.is_prepared())
+    }
+
     /// How the saves went so far (see [`SaveStats`]).
     pub fn stats(&self) -> SaveStats {
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
