@@ -344,12 +344,14 @@ pub mod stall {
     use super::*;
 
     /// Settings compared: (priority, file write mode). Normal priority with buffered writes is how
-    /// ckptd persisted before `O_DIRECT` and the priority option.
-    pub const VARIANTS: [(Priority, FileIo); 4] = [
+    /// ckptd persisted before `O_DIRECT` and the priority option; write-behind at the default
+    /// priority is the alternative to `O_DIRECT`.
+    pub const VARIANTS: [(Priority, FileIo); 5] = [
         (Priority::Normal, FileIo::Buffered),
         (Priority::Normal, FileIo::Direct),
         (Priority::Nice, FileIo::Direct),
         (Priority::Idle, FileIo::Direct),
+        (Priority::Nice, FileIo::WriteBehind),
     ];
     /// The step's target length: a few ms of arithmetic, like a small CPU training step.
     const STEP_TARGET: Duration = Duration::from_millis(10);
