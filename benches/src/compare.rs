@@ -2,9 +2,13 @@
 //! the same directory, so that every ratio it prints is measured side by side.
 //!
 //! The limits (memcpy, sequential write+fsync, warm and cold sequential read) are timed here in
-//! Rust, on the same directory. Everything that needs torch (ckptd embedded and sidecar, torch.save,
-//! DCP, safetensors, pinned CUDA copies, multi-rank commits) is timed by `benches/python/compare.py`
-//! under `--python`, each system in its own process. With `--drill`, the recovery drill (see
+//! Rust, on the same directory. ckptd itself is always measured in Rust too, through its Rust
+//! client in embedded and sidecar mode ([`crate::client`], one child process per system and
+//! size), together with the training-step stall: what a CPU-bound step pays while a save persists,
+//! for each persist priority and file write mode. Everything that needs torch (ckptd through
+//! Python, torch.save, DCP, safetensors, pinned CUDA copies, multi-rank commits) is timed by
+//! `benches/python/compare.py` under `--python` when it imports torch, each system in its own
+//! process; without it those are listed as skipped, with the reason. With `--drill`, the recovery drill (see
 //! [`crate::drill`]) times a real job's recovery from a fault, phase by phase. This module merges
 //! everything into `OUT/results.json`, writes `OUT/results.md`, draws the PNGs and runs the goodput
 //! model, with the drill's measured restart time when there is one.
@@ -15,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
+use ckpt_core::{FileIo, Priority};
 use serde_json::{Value, json};
 
+use crate::client;
 use crate::drill::{self, Recovery};
 use crate::engine::{Failure, evict, noise, parallel_copy, prefault, read_file, spread, timed, timed_io, write_file};
 use crate::goodput::{self, Costs, FaultRate};
@@ -46,9 +52,11 @@ pub struct Config {
 }
 
 /// The order systems are shown in, and their labels.
-const SYSTEMS: [(&str, &str); 8] = [
-    ("ckptd", "ckptd (embedded)"),
-    ("ckptd-sidecar", "ckptd (sidecar)"),
+const SYSTEMS: [(&str, &str); 10] = [
+    ("ckptd-rust", "ckptd (embedded, Rust client)"),
+    ("ckptd-sidecar-rust", "ckptd (sidecar, Rust client)"),
+    ("ckptd", "ckptd (embedded, Python)"),
+    ("ckptd-sidecar", "ckptd (sidecar, Python)"),
     ("torch.save", "torch.save/load"),
     ("dcp", "DCP async_save"),
     ("dcp-cached", "DCP async_save, cached staging"),
@@ -153,10 +161,14 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<(), Failure> {
         recs.extend(limits(&dir, size, cfg.reps)?);
     }
     let mut skipped: BTreeMap<String, String> = BTreeMap::new();
+    rust_systems(cfg, &dir, &bin_dir, &mut recs, &mut skipped, out)?;
     let mut py_machine = Value::Null;
     match &torch {
         Err(e) => {
-            writeln!(out, "  skipping every Python system: {e}")?;
+            writeln!(
+                out,
+                "  skipping the Python systems (ckptd through Python, torch.save, DCP, safetensors, torch copy_, scaling): {e}"
+            )?;
             skipped.insert("python".into(), e.clone());
         }
         Ok((version, cuda)) => {
@@ -340,6 +352,66 @@ fn limits(dir: &Path, size: u64, reps: usize) -> Result<Vec<Rec>, Failure> {
         .collect())
 }
 
+/// Whether `--systems` selects `system` (everything when it is not given).
+fn selected(cfg: &Config, system: &str) -> bool {
+    cfg.systems.as_deref().is_none_or(|list| list.split(',').any(|s| s.trim() == system))
+}
+
+/// ckptd through its Rust client at every size, then the training-step stall of every variant;
+/// a system that cannot run is skipped with its reason.
+fn rust_systems(
+    cfg: &Config,
+    dir: &Path,
+    bin_dir: &Path,
+    recs: &mut Vec<Rec>,
+    skipped: &mut BTreeMap<String, String>,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
+    for system in client::SYSTEMS {
+        if !selected(cfg, system) {
+            continue;
+        }
+        for &size in &cfg.sizes {
+            writeln!(out, "  {} at {} ...", label(system), human(size))?;
+            out.flush()?;
+            match client::measure(system, size, cfg.reps, dir, bin_dir) {
+                Ok(r) => {
+                    client::summary(out, &r)?;
+                    recs.extend(r.iter().filter_map(Rec::from_json));
+                }
+                Err(e) => {
+                    writeln!(out, "    skipped: {e}")?;
+                    skipped.insert(system.into(), e);
+                    break;
+                }
+            }
+        }
+    }
+    if !selected(cfg, STEP_STALL) {
+        return Ok(());
+    }
+    for &size in &cfg.sizes {
+        for (priority, io) in client::stall::VARIANTS {
+            writeln!(out, "  training-step stall at {}, persist priority {priority}, {io} writes ...", human(size))?;
+            out.flush()?;
+            match client::stall::measure(size, cfg.reps, dir, priority, io) {
+                Ok(r) => {
+                    client::summary(out, &r)?;
+                    recs.extend(r.iter().filter_map(Rec::from_json));
+                }
+                Err(e) => {
+                    writeln!(out, "    skipped: {e}")?;
+                    skipped.insert(client::stall::system(priority, io), e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--systems` name of the training-step stall measurement.
+const STEP_STALL: &str = "step-stall";
+
 /// `(torch version, CUDA available)` of `--python`, or why it cannot run the Python systems.
 fn probe_python(python: &Path) -> Result<(String, bool), String> {
     let out = Command::new(python)
@@ -405,7 +477,9 @@ fn python_systems(cfg: &Config, dir: &Path, bin_dir: &Path) -> Result<PyOut, Fai
         .arg("--json")
         .arg(&json_path);
     if let Some(s) = &cfg.systems {
-        cmd.args(["--systems", s]);
+        let python: Vec<&str> =
+            s.split(',').map(str::trim).filter(|n| !client::SYSTEMS.contains(n) && *n != STEP_STALL).collect();
+        cmd.args(["--systems", &python.join(",")]);
     }
     if let Some(url) = &cfg.scaling_s3 {
         cmd.args(["--scaling-s3", url]);
@@ -478,6 +552,10 @@ fn goodput_rows(recs: &[Rec], sizes: &[u64], mtbf: f64, recovery: Option<&Recove
 }
 
 fn secs(s: f64) -> String {
+    if s < 0.0 {
+        // A difference of times (the step stall) can come out negative in noise.
+        return format!("−{}", secs(-s));
+    }
     if s < 1e-3 {
         format!("{:.0} µs", s * 1e6)
     } else if s < 1.0 {
@@ -550,6 +628,7 @@ fn markdown(
             ));
         }
     }
+    step_stall_table(&mut line, recs, sizes);
     line(String::new());
     line("Limits in the same directory (GB/s, median (min–max)):".into());
     line(String::new());
@@ -573,7 +652,7 @@ fn markdown(
         ));
     }
     line(String::new());
-    line("Ratios of medians, same run:".into());
+    line("Ratios of medians, same run (ckptd through Python where it ran, else through its Rust client):".into());
     line(String::new());
     line("| size | ckptd stall / torch.save stall | / DCP async_save stall | / DCP cached stall | / safetensors stall | ckptd durable GB/s / write+fsync GB/s | ckptd cold restore GB/s / cold read GB/s | sidecar stall / embedded stall |".into());
     line("|---|---|---|---|---|---|---|---|".into());
@@ -583,7 +662,10 @@ fn markdown(
             (Some(a), Some(b)) if b.0 > 0.0 => format!("{:.3}", a.0 / b.0),
             _ => "–".into(),
         };
-        let stall = med("ckptd", "save_stall");
+        // ckptd through Python when it ran (what a torch user gets), else its Rust client.
+        let ckptd = if med("ckptd", "save_stall").is_some() { "ckptd" } else { "ckptd-rust" };
+        let sidecar = if ckptd == "ckptd" { "ckptd-sidecar" } else { "ckptd-sidecar-rust" };
+        let stall = med(ckptd, "save_stall");
         let bw = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| match (a, b) {
             (Some(a), Some(b)) if a.0 > 0.0 && b.0 > 0.0 => format!("{:.2}", gbps(a.1, a.0) / gbps(size, b.0)),
             _ => "–".into(),
@@ -595,9 +677,9 @@ fn markdown(
             ratio(stall, med("dcp", "save_stall")),
             ratio(stall, med("dcp-cached", "save_stall")),
             ratio(stall, med("safetensors", "save_stall")),
-            bw(med("ckptd", "durable"), med("limit", "write_fsync")),
-            bw(med("ckptd", "restore_storage"), med("limit", "read_cold")),
-            ratio(med("ckptd-sidecar", "save_stall"), stall),
+            bw(med(ckptd, "durable"), med("limit", "write_fsync")),
+            bw(med(ckptd, "restore_storage"), med("limit", "read_cold")),
+            ratio(med(sidecar, "save_stall"), stall),
         ));
     }
     for (system, store) in SCALING {
@@ -681,6 +763,13 @@ fn markdown(
             g.out.effective
         ));
     }
+    let measured: Vec<&str> = SYSTEMS
+        .iter()
+        .filter(|(sys, _)| recs.iter().any(|r| r.system == *sys && r.ranks.is_none()))
+        .map(|(_, lab)| *lab)
+        .collect();
+    line(String::new());
+    line(format!("Measured: {}.", if measured.is_empty() { "nothing".to_string() } else { measured.join(", ") }));
     if !skipped.is_empty() {
         line(String::new());
         for (k, v) in skipped {
@@ -688,6 +777,56 @@ fn markdown(
         }
     }
     s
+}
+
+/// The training-step stall's table: for each size and variant, what the steps overlapping a save
+/// paid, in ms and as a share of one memcpy of the state (the same process's).
+fn step_stall_table(line: &mut dyn FnMut(String), recs: &[Rec], sizes: &[u64]) {
+    let rows: Vec<(u64, Priority, FileIo, &Rec)> = sizes
+        .iter()
+        .flat_map(|&size| {
+            client::stall::VARIANTS.iter().filter_map(move |&(p, io)| {
+                find(recs, sizes, &client::stall::system(p, io), size, "slowdown").map(|r| (size, p, io, r))
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    line(String::new());
+    line(
+        "Training-step stall while a save persists (ckptd embedded, Rust client): a CPU-bound step on one thread, \
+         timed while a save is in flight and for as many steps right after it; per save, the save() call plus the \
+         overlapping steps' time less that of the steps after it. Share of copy = that over one memcpy of the state in the same process. \
+         Goal: ≤ 25% of one copy."
+            .into(),
+    );
+    line(String::new());
+    line("| size | persist priority | file writes | step, no save | stall per save | share of one copy | steps overlapped | save in flight |".into());
+    line("|---|---|---|---|---|---|---|---|".into());
+    for (size, p, io, r) in rows {
+        let sys = client::stall::system(p, io);
+        let g = |m| find(recs, sizes, &sys, size, m);
+        let share = g("memcpy").filter(|c| c.median > 0.0).map_or_else(
+            || "–".into(),
+            |c| {
+                format!(
+                    "{:.0}% ({:.0}–{:.0}%)",
+                    100.0 * r.median / c.median,
+                    100.0 * r.min / c.median,
+                    100.0 * r.max / c.median
+                )
+            },
+        );
+        line(format!(
+            "| {} | {p} | {io} | {} | {} | {share} | {} | {} |",
+            human(r.size),
+            g("step").map_or_else(|| "–".into(), |s| secs(s.median)),
+            cell(Some(r)),
+            g("steps_overlapped").map_or_else(|| "–".into(), |s| format!("{:.0}", s.median)),
+            cell(g("window")),
+        ));
+    }
 }
 
 /// Draws the PNGs; returns their names.
@@ -728,6 +867,36 @@ fn plots(out: &Path, recs: &[Rec], good: &[GoodRow]) -> anyhow::Result<Vec<Strin
         YAxis::Linear,
     )?;
     made.push("throughput.png".to_string());
+    let step_stall: Vec<Series> = client::stall::VARIANTS
+        .iter()
+        .filter_map(|&(p, io)| {
+            let sys = client::stall::system(p, io);
+            let runs: Vec<&Rec> =
+                recs.iter().filter(|r| r.system == sys && r.metric == "slowdown" && r.ranks.is_none()).collect();
+            let copy = |r: &Rec| {
+                recs.iter().find(|c| c.system == sys && c.metric == "memcpy" && c.size == r.size).map(|c| c.median)
+            };
+            let runs: Vec<&Rec> = runs.into_iter().filter(|r| copy(r).is_some_and(|c| c > 0.0)).collect();
+            let share = |r: &Rec, s: f64| 100.0 * s / copy(r).unwrap_or(f64::INFINITY);
+            (!runs.is_empty())
+                .then(|| with_spread(format!("priority {p}, {io} writes"), &runs, &|r| mib(r.size), &share))
+        })
+        .collect();
+    if !step_stall.is_empty() {
+        let mut s = step_stall;
+        let xs: Vec<f64> = s.iter().flat_map(|l| l.points.iter().map(|p| p.0)).collect();
+        let (lo, hi) = xs.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        s.push(Series::new("goal: 25% of one copy", vec![(lo, 25.0), (hi, 25.0)]));
+        plot::lines(
+            &out.join("step_stall.png"),
+            "Training-step time lost per save while it persists (CPU-bound step, one thread)",
+            "state size (MiB)",
+            "% of one memcpy of the state",
+            &s,
+            YAxis::Linear,
+        )?;
+        made.push("step_stall.png".to_string());
+    }
     let mut rest = by_system("restore_storage", ", storage", &|r, s| gbps(r.size, s));
     rest.extend(by_system("restore_memory", ", memory tier", &|r, s| gbps(r.size, s)));
     rest.extend(limit_series(recs, "read_cold", "cold read (limit)", &|r, s| gbps(r.size, s)));
@@ -889,6 +1058,43 @@ mod tests {
         assert!(row(file).contains(&cell(Some(&recs[1]))), "{md}");
         assert!(row(s3).contains(&cell(Some(&recs[3]))) && row(s3).contains(&cell(Some(&recs[4]))), "{md}");
         assert!(!row(file).contains(&cell(Some(&recs[3]))), "the S3 figure leaked into the file:// table: {md}");
+    }
+
+    #[test]
+    fn without_python_the_rust_client_rows_fill_the_tables_and_the_skip_says_why() {
+        let sizes = [1u64 << 30];
+        let g = 1u64 << 30;
+        let recs = vec![
+            rec("ckptd-rust", g, "save_stall", 0.001),
+            rec("ckptd-rust", g, "durable", 2.0),
+            rec("ckptd-rust", g, "restore_storage", 1.0),
+            rec("ckptd-rust", g, "restore_memory", 0.25),
+            rec("limit", g, "write_fsync", 1.0),
+            rec("limit", g, "read_cold", 0.5),
+            rec("step-stall:nice:direct", g, "slowdown", 0.02),
+            rec("step-stall:nice:direct", g, "memcpy", 0.1),
+            rec("step-stall:nice:direct", g, "step", 0.01),
+        ];
+        let skipped = BTreeMap::from([("python".to_string(), "python3 cannot import torch and ckptd".to_string())]);
+        let md = markdown(&cfg_for(&sizes), &recs, &[], &[], &skipped, &json!({}), 10_000.0);
+        assert!(md.contains("| ckptd (embedded, Rust client) |"), "{md}");
+        // durable 0.5× write+fsync, cold restore 0.5× the cold read: from the Rust rows.
+        assert!(md.contains("| 1.00 GiB | – | – | – | – | 0.50 | 0.50 | – |"), "{md}");
+        assert!(
+            md.contains("| 1.00 GiB | nice | direct | 10.0 ms | 20.0 ms (20.0 ms–20.0 ms) | 20% (20–20%) |"),
+            "{md}"
+        );
+        assert!(md.contains("Measured: ckptd (embedded, Rust client), Rust limits."), "{md}");
+        assert!(md.contains("Not measured: python: python3 cannot import torch and ckptd."), "{md}");
+    }
+
+    #[test]
+    fn systems_filter_by_name() {
+        let mut cfg = cfg_for(&[1]);
+        assert!(selected(&cfg, "ckptd-rust"));
+        cfg.systems = Some("dcp, step-stall".into());
+        assert!(!selected(&cfg, "ckptd-rust"));
+        assert!(selected(&cfg, STEP_STALL));
     }
 
     fn cfg_for(sizes: &[u64]) -> Config {

@@ -2,13 +2,15 @@
 //!
 //! `engine` times the engine's save and restore on a `file://` store next to the plain file
 //! system calls and memcpy on the same bytes, so every ckptd number comes with the ceiling it
-//! should be compared to. `compare` puts ckptd (embedded and sidecar) next to torch.save, DCP and
-//! safetensors and the machine's limits in one run, adds multi-rank scaling, the recovery drill's
-//! timeline (`--drill`) and the goodput model, and writes `results.json`, a markdown table and PNG
-//! plots.
+//! should be compared to. `compare` puts ckptd (embedded and sidecar, through its Rust client and,
+//! with torch, through Python) next to torch.save, DCP and safetensors and the machine's limits in
+//! one run, measures what a training step pays while a save persists, adds multi-rank scaling, the
+//! recovery drill's timeline (`--drill`) and the goodput model, and writes `results.json`, a
+//! markdown table and PNG plots.
 //!
 //! Exit codes: 0 on success, 64 for a bad configuration (one line on stderr), 1 when a run fails.
 
+mod client;
 mod compare;
 mod drill;
 mod engine;
@@ -41,6 +43,12 @@ enum Command {
     /// ckptd embedded and sidecar against torch.save, DCP, safetensors and the limits; scaling;
     /// goodput. Writes OUT/results.json, OUT/results.md and PNG plots.
     Compare(Box<CompareArgs>),
+    /// compare's child: ckptd through the Rust client, one system at one size.
+    #[command(hide = true)]
+    ClientChild(client::ChildArgs),
+    /// compare's child: the training-step stall of one priority and file write mode.
+    #[command(hide = true)]
+    StepStallChild(client::stall::StallArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,7 +78,9 @@ struct CompareArgs {
     /// torch sees a GPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     device: String,
-    /// Only these Python systems (ckptd, ckptd-sidecar, torch.save, dcp, dcp-cached, safetensors, memcpy).
+    /// Only these systems: in Rust ckptd-rust, ckptd-sidecar-rust and step-stall (the
+    /// training-step stall); in Python ckptd, ckptd-sidecar, torch.save, dcp, dcp-cached,
+    /// safetensors and memcpy.
     #[arg(long)]
     systems: Option<String>,
     /// World sizes of the scaling run, comma-separated; `none` skips it.
@@ -203,6 +213,14 @@ fn main() -> ExitCode {
                 Err(engine::Failure::Run(e)) => fail(1, &format!("{e:#}")),
             }
         }
+        Command::ClientChild(a) => match client::child(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &format!("{e:#}")),
+        },
+        Command::StepStallChild(a) => match client::stall::child(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &format!("{e:#}")),
+        },
         Command::Engine(a) => {
             let dir = match a.dir {
                 Some(d) => d,

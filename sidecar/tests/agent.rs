@@ -958,3 +958,57 @@ fn a_load_of_a_training_session_never_gives_up_its_own_pending_commit() {
     assert!(rank0.wait().unwrap().success());
     assert!(rank1.wait().unwrap().success());
 }
+
+/// (nice, scheduling policy) of the agent's thread named `name`, once it exists.
+fn thread_priority(pid: u32, name: &str) -> Option<(i64, u64)> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        // Fields after comm start at field 3 (state): nice is field 19, policy field 41.
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        return Some((fields[16].parse().ok()?, fields[38].parse().ok()?));
+    }
+    None
+}
+
+#[test]
+fn persist_threads_run_at_the_persist_priority_and_a_bad_one_is_exit_64() {
+    const SCHED_IDLE: u64 = 5;
+    for (flags, env, want) in [
+        (vec![], vec![], (10, 0)),
+        (vec!["--persist-priority", "idle"], vec![], (0, SCHED_IDLE)),
+        (vec![], vec![("CKPTD_PERSIST_PRIORITY", "normal")], (0, 0)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut extra = vec!["--ranks", "0", "--world-size", "1"];
+        extra.extend(flags.iter().copied());
+        // `--ranks` starts rank 0, and with it its persist thread, at start-up.
+        let agent = Agent::start_with(dir.path(), &file_store(dir.path()), &dir.path().join("arena"), &extra, &env);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let seen = loop {
+            if let Some(p) = thread_priority(agent.child.id(), "ckpt-persist-r0") {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "no persist thread in the agent ({flags:?} {env:?})");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(seen, want, "{flags:?} {env:?}");
+    }
+    for (flag, value) in [("--persist-priority", "urgent"), ("--persist-io", "mmap")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ckptd"))
+            .arg("agent")
+            .args(["--socket", dir.path().join("agent.sock").to_str().unwrap()])
+            .args(["--store", &file_store(dir.path()), "--job", JOB, flag, value])
+            .args(["--arena-dir", dir.path().join("arena").to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flag} {value}: {err}");
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}

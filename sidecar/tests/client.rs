@@ -260,3 +260,35 @@ fn saving_a_committed_step_number_again_is_refused_and_stale_shards_of_an_uncomm
     unsafe { ck.load(&check.refs(), Some(5), None) }.unwrap();
     assert_eq!(check.weights, second.weights);
 }
+
+/// (comm, nice, scheduling policy) of every thread of this process, from `/proc/self/task`.
+fn threads() -> Vec<(String, i64, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else { continue };
+        // `pid (comm) state ...`: comm may hold spaces, so split after its closing parenthesis.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        // Fields after comm start at field 3 (state): nice is field 19, policy field 41.
+        out.push((stat[open + 1..close].to_string(), fields[16].parse().unwrap(), fields[38].parse().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn the_persist_thread_runs_at_the_configured_priority() {
+    const SCHED_IDLE: u64 = 5;
+    let idle_persist = || threads().iter().filter(|(c, _, p)| c == "ckpt-persist" && *p == SCHED_IDLE).count();
+    // No other test asks for `idle`: any idle persist thread is this test's.
+    assert_eq!(idle_persist(), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 0, 1);
+    cfg.engine.persist.priority = ckpt_core::Priority::Idle;
+    let ck = Checkpointer::new(cfg).unwrap();
+    let mut s = State::new(1, 4096);
+    // SAFETY: `s` outlives the save, which is waited for before it is touched.
+    unsafe { ck.save(&s.refs(), 1, Vec::new(), None) }.unwrap().wait().unwrap();
+    assert_eq!(idle_persist(), 1, "{:?}", threads());
+    ck.close().unwrap();
+    assert_eq!(idle_persist(), 0, "closing joins the thread");
+}
