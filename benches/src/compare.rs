@@ -682,6 +682,7 @@ fn markdown(
             ratio(med(sidecar, "save_stall"), stall),
         ));
     }
+    goals_table(&mut line, recs, sizes);
     for (system, store) in SCALING {
         let scaling: Vec<&Rec> = recs.iter().filter(|r| r.ranks.is_some() && r.system == system).collect();
         if scaling.is_empty() {
@@ -781,6 +782,62 @@ fn markdown(
 
 /// The training-step stall's table: for each size and variant, what the steps overlapping a save
 /// paid, in ms and as a share of one memcpy of the state (the same process's).
+/// Issue 16's goals for one size, each a ratio from this run: ckptd embedded (through its Rust
+/// client, and through Python where it ran) against the limits measured in the same directory.
+fn goals_table(line: &mut dyn FnMut(String), recs: &[Rec], sizes: &[u64]) {
+    let mut rows = Vec::new();
+    for &size in sizes {
+        for (sys, lab) in [("ckptd-rust", "Rust client"), ("ckptd", "Python")] {
+            let g = |m| find(recs, sizes, sys, size, m);
+            let lim = |m| find(recs, sizes, "limit", size, m);
+            let Some(stall) = g("save_stall") else { continue };
+            let state = stall.size as f64;
+            let bw = |a: Option<&Rec>, b: Option<&Rec>| match (a, b) {
+                (Some(a), Some(b)) if a.median > 0.0 && b.median > 0.0 => {
+                    format!("{:.2}", gbps(a.size, a.median) / gbps(size, b.median))
+                }
+                _ => "–".into(),
+            };
+            let memory = |r: Option<&Rec>| {
+                r.and_then(|r| r.rss).map_or_else(|| "–".into(), |b| format!("{:.2}×", b as f64 / state))
+            };
+            let first = |m| match (g(m), g("durable")) {
+                (Some(f), Some(d)) if d.median > 0.0 => format!("{:.2}", f.median / d.median),
+                _ => "–".into(),
+            };
+            rows.push(format!(
+                "| {} | {lab} | {} | {} | {} | {} | {} | {} |",
+                human(stall.size),
+                bw(g("restore_storage"), lim("read_cold")),
+                bw(g("durable"), lim("write_fsync")),
+                memory(Some(stall)),
+                memory(g("restore_storage")),
+                first("first_durable"),
+                first("first_durable_hint"),
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    line(String::new());
+    line(
+        "Goals (issue 16), ckptd embedded, ratios of medians in this run. Restore: a new checkpointer's load from \
+         storage with the files out of the page cache, GB/s over a cold read's. Persist: GB/s until durable over a \
+         buffered write+fsync's. Host memory beyond the state (peak RSS over the state, as a multiple of it) while \
+         saving and while restoring from storage. First save: time to durable of the first save over the median \
+         steady one, without and with `size_hint` (the arena prepared before the save). Goals: restore ≥ 0.9, \
+         persist ≥ 0.9, memory ≤ 1.1×, first save ≤ 1.2."
+            .into(),
+    );
+    line(String::new());
+    line("| size | through | restore / cold read | persist / write+fsync | memory, save | memory, restore | first save / steady | first save / steady, size_hint |".into());
+    line("|---|---|---|---|---|---|---|---|".into());
+    for r in rows {
+        line(r);
+    }
+}
+
 fn step_stall_table(line: &mut dyn FnMut(String), recs: &[Rec], sizes: &[u64]) {
     let rows: Vec<(u64, Priority, FileIo, &Rec)> = sizes
         .iter()
@@ -1086,6 +1143,26 @@ mod tests {
         );
         assert!(md.contains("Measured: ckptd (embedded, Rust client), Rust limits."), "{md}");
         assert!(md.contains("Not measured: python: python3 cannot import torch and ckptd."), "{md}");
+    }
+
+    #[test]
+    fn the_goals_table_divides_by_the_limits_of_the_same_size() {
+        let g = 1u64 << 30;
+        let with_rss = |r: Rec, rss: u64| Rec { rss: Some(rss), ..r };
+        let recs = vec![
+            with_rss(rec("ckptd-rust", g, "save_stall", 0.001), g + g / 16),
+            rec("ckptd-rust", g, "durable", 2.0),
+            with_rss(rec("ckptd-rust", g, "restore_storage", 1.25), 0),
+            rec("ckptd-rust", g, "first_durable", 3.0),
+            rec("ckptd-rust", g, "first_durable_hint", 2.2),
+            rec("limit", g, "write_fsync", 1.8),
+            rec("limit", g, "read_cold", 1.0),
+        ];
+        let md = markdown(&cfg_for(&[g]), &recs, &[], &[], &BTreeMap::new(), &json!({}), 10_000.0);
+        // restore 1/1.25 = 0.80 of a cold read, persist 1.8/2 = 0.90, memory 1.06× and 0.00×,
+        // first saves 1.50 and 1.10 of the steady one; no Python row without Python records.
+        assert!(md.contains("| 1.00 GiB | Rust client | 0.80 | 0.90 | 1.06× | 0.00× | 1.50 | 1.10 |"), "{md}");
+        assert!(!md.contains("| Python |"), "{md}");
     }
 
     #[test]
