@@ -61,6 +61,9 @@ pub const ENV_PERSIST_PRIORITY: &str = "CKPTD_PERSIST_PRIORITY";
 /// How `file://` shards are written, `direct`, `write-behind` or `buffered` (`ckptd agent
 /// --persist-io`; in the trainer, embedded mode). See [`ckpt_core::FileIo`].
 pub const ENV_PERSIST_IO: &str = "CKPTD_PERSIST_IO";
+/// Threads that copy host tensors into the arena and back in the trainer (default: half the
+/// cores, at least 1, at most 8; see [`ckpt_core::copy::host::default_threads`]).
+pub const ENV_COPY_THREADS: &str = "CKPTD_COPY_THREADS";
 /// How long a rank waits for its step's commit (`--commit-timeout`).
 pub const ENV_COMMIT_TIMEOUT: &str = "CKPTD_COMMIT_TIMEOUT";
 /// Committed steps to keep (`--keep`).
@@ -263,6 +266,7 @@ mod tests {
         ("ENV_COMPRESSION", ENV_COMPRESSION),
         ("ENV_PERSIST_PRIORITY", ENV_PERSIST_PRIORITY),
         ("ENV_PERSIST_IO", ENV_PERSIST_IO),
+        ("ENV_COPY_THREADS", ENV_COPY_THREADS),
         ("ENV_COMMIT_TIMEOUT", ENV_COMMIT_TIMEOUT),
         ("ENV_KEEP", ENV_KEEP),
         ("ENV_ISOLATOR", ENV_ISOLATOR),

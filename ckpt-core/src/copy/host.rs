@@ -112,8 +112,17 @@ impl HostCopy {
 
     /// A pool sized to the machine (at most 8 threads).
     pub fn with_default_threads() -> Result<HostCopy> {
-        HostCopy::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8))
+        HostCopy::new(default_threads())
     }
+}
+
+/// Copy threads by default: half the cores (at least 1, at most 8). The training step runs on the
+/// other half while a snapshot is copied in the background: a pool on every core took the step's
+/// core too (on 2 cores, 1 GiB: 17% of one copy time lost per save with one thread, against 62%
+/// or more with two; docs/BENCHMARKS.md). Device tensors do not use this pool.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    (cores / 2).clamp(1, 8)
 }
 
 #[cfg(feature = "test-hooks")]

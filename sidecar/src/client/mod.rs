@@ -67,6 +67,10 @@ pub struct CheckpointerConfig {
     /// is kept as it is (it holds the memory tier), and a state that outgrows the hint gets a
     /// bigger arena at its first save, as without one.
     pub size_hint: Option<u64>,
+    /// Threads that copy host tensors into the arena and back; `None` means
+    /// [`env::ENV_COPY_THREADS`], else half the cores (at least 1, at most 8): the training step
+    /// keeps the other half while a snapshot is copied in the background.
+    pub copy_threads: Option<usize>,
     /// Engine settings (compression, chunk size, retries, commit deadline).
     pub engine: EngineConfig,
     /// A load of the newest step fails when that step's data is damaged, instead of falling back
@@ -95,6 +99,7 @@ impl CheckpointerConfig {
             arena_dir: None,
             slots: arena::DEFAULT_SLOTS,
             size_hint: None,
+            copy_threads: None,
             engine: EngineConfig::default(),
             strict_restore: false,
             order_exit: OrderExit::default(),
@@ -150,6 +155,15 @@ impl CheckpointerConfig {
             self.engine.persist.priority = v
                 .parse()
                 .map_err(|e| Error::Config { what: env::ENV_PERSIST_PRIORITY.into(), reason: format!("{e}") })?;
+        }
+        if self.copy_threads.is_none()
+            && let Some(v) = lookup(env::ENV_COPY_THREADS)
+        {
+            let n = v.trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| Error::Config {
+                what: env::ENV_COPY_THREADS.into(),
+                reason: format!("`{v:.32}` is not a whole number of threads from 1 to 64"),
+            })?;
+            self.copy_threads = Some(n);
         }
         if let Some(v) = lookup(env::ENV_PERSIST_IO) {
             self.engine.persist.file_io =
@@ -314,7 +328,10 @@ impl Checkpointer {
             arena: Mutex::new(arena),
             owner: Mutex::new(owner),
             arena_path,
-            host: Arc::new(HostCopy::with_default_threads()?),
+            host: Arc::new(match cfg.copy_threads {
+                Some(n) => HostCopy::new(n)?,
+                None => HostCopy::with_default_threads()?,
+            }),
             cuda: Mutex::new(HashMap::new()),
             last_copies: Mutex::new(Vec::new()),
             last_save: Mutex::new(None),
@@ -968,5 +985,20 @@ mod tests {
         assert!(e.to_string().contains(env::ENV_PERSIST_PRIORITY), "{e}");
         let e = resolved(&[(env::ENV_PERSIST_IO, "mmap")]).unwrap_err();
         assert!(e.to_string().contains(env::ENV_PERSIST_IO), "{e}");
+    }
+
+    #[test]
+    fn the_environment_sets_the_copy_threads_unless_the_script_did() {
+        assert_eq!(resolved(&[]).unwrap().copy_threads, None);
+        assert_eq!(resolved(&[(env::ENV_COPY_THREADS, " 3 ")]).unwrap().copy_threads, Some(3));
+        for bad in ["0", "65", "two"] {
+            let e = resolved(&[(env::ENV_COPY_THREADS, bad)]).unwrap_err();
+            assert!(e.to_string().contains(env::ENV_COPY_THREADS), "{e}");
+        }
+        let vars = BTreeMap::from([(env::ENV_COPY_THREADS.to_string(), "3".to_string())]);
+        let mut cfg = CheckpointerConfig::new("job");
+        cfg.copy_threads = Some(1);
+        cfg.resolve_ranks(&|k| vars.get(k).cloned()).unwrap();
+        assert_eq!(cfg.copy_threads, Some(1), "the script's own setting wins");
     }
 }
