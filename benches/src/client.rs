@@ -210,18 +210,31 @@ fn reset_hwm() -> bool {
 
 /// Runs one system at one size in a child process; returns its records, or why it could not run.
 pub fn measure(system: &str, size: u64, reps: usize, dir: &Path, bin_dir: &Path) -> Result<Vec<Value>, String> {
+    run_self(|cmd, result| {
+        cmd.args(["client-child", "--system", system, "--size", &size.to_string(), "--reps", &reps.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .arg("--result")
+            .arg(result);
+    })
+}
+
+/// Runs this executable as a child with the arguments `args` adds (given the path of the result
+/// file it must write), with none of the `CKPTD_` settings that would change what it measures
+/// (the child chooses its mode and settings itself), and returns the records it wrote, or why it
+/// could not run (its last line on stderr).
+fn run_self(args: impl FnOnce(&mut Command, &Path)) -> Result<Vec<Value>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let result = tempfile::NamedTempFile::new().map_err(|e| format!("cannot create a result file: {e}"))?;
-    let out = Command::new(&exe)
-        .args(["client-child", "--system", system, "--size", &size.to_string(), "--reps", &reps.to_string()])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--bin-dir")
-        .arg(bin_dir)
-        .arg("--result")
-        .arg(result.path())
-        // The child chooses its mode itself: a socket in the environment would turn it to sidecar.
+    let mut cmd = Command::new(&exe);
+    args(&mut cmd, result.path());
+    let out = cmd
         .env_remove("CKPTD_SOCKET")
+        .env_remove("CKPTD_PERSIST_PRIORITY")
+        .env_remove("CKPTD_PERSIST_IO")
+        .env_remove("CKPTD_COPY_THREADS")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
@@ -448,28 +461,14 @@ pub mod stall {
 
     /// Runs one variant at one size in a child process; returns its records, or why not.
     pub fn measure(size: u64, reps: usize, dir: &Path, priority: Priority, io: FileIo) -> Result<Vec<Value>, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-        let result = tempfile::NamedTempFile::new().map_err(|e| format!("cannot create a result file: {e}"))?;
-        let out = Command::new(&exe)
-            .args(["step-stall-child", "--size", &size.to_string(), "--reps", &reps.to_string()])
-            .args(["--priority", &priority.to_string(), "--file-io", &io.to_string()])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--result")
-            .arg(result.path())
-            .env_remove("CKPTD_SOCKET")
-            .env_remove("CKPTD_PERSIST_PRIORITY")
-            .env_remove("CKPTD_PERSIST_IO")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(err.lines().last().unwrap_or("failed without a message").to_string());
-        }
-        let text = std::fs::read_to_string(result.path()).map_err(|e| format!("read the child's result: {e}"))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("the child's result is not JSON: {e}"))?;
-        Ok(v["records"].as_array().cloned().unwrap_or_default())
+        run_self(|cmd, result| {
+            cmd.args(["step-stall-child", "--size", &size.to_string(), "--reps", &reps.to_string()])
+                .args(["--priority", &priority.to_string(), "--file-io", &io.to_string()])
+                .arg("--dir")
+                .arg(dir)
+                .arg("--result")
+                .arg(result);
+        })
     }
 
     /// The child: a step loop timed without saves, then with a save in flight.
