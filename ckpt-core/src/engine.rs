@@ -296,10 +296,10 @@ impl Engine {
     /// Reads the data of `plan`'s shard into `pieces` (caller memory, each piece at a byte offset
     /// of the shard's region): only the chunks the pieces overlap are read, each verified whole,
     /// straight into the destination (`pread` on `file://`, ranged GETs on object stores). When
-    /// this fails the pieces hold unspecified bytes.
-    pub fn restore_pieces(&self, plan: &RestorePlan, pieces: Pieces<'_>) -> Result<ShardHeader> {
+    /// this fails the pieces hold unspecified bytes. The plan's header is not read again.
+    pub fn restore_pieces(&self, plan: &RestorePlan, pieces: Pieces<'_>) -> Result<()> {
         let r = ShardRef::committed(&plan.job, plan.step, &plan.entry);
-        restore::read_shard(&self.store, &self.rt(), &self.cfg.read, r, Some(pieces))
+        restore::read_committed_region(&self.store, &self.rt(), &self.cfg.read, r, &plan.header, pieces)
     }
 
     /// Reads a shard's validated trailer and index (its tensor table and metadata) without its

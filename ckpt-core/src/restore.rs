@@ -65,8 +65,8 @@ impl Source {
             if len == 0 {
                 return Ok(Source::Mapped(Bytes::new()));
             }
-            // SAFETY: shards are immutable once published (writers only ever rename a complete new
-            // file over the name, which leaves this mapping on the old inode). A third party that
+            // SAFETY: shards are immutable once published (every write gets a name of its own and
+            // is linked into place create-only; nothing is ever written over a published name). A third party that
             // truncates the file in place could fault the reader; that is outside the format's
             // contract and documented in docs/FORMAT.md.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io("mmap", &file, e))?;
@@ -322,6 +322,52 @@ pub(crate) fn read_shard(
     let path = store.path(&rel);
     let source = Source::open(store, rt, &path)?;
     let header = header_from(&source, rt, &rel, step, rank, expected)?;
+    read_region(store, rt, cfg, Shard { rel: &rel, path: &path, step, rank }, &source, &header, dst)?;
+    Ok(header)
+}
+
+/// Reads the region of a committed shard whose header the caller already read and validated
+/// against its MANIFEST entry ([`read_header`] with the entry): as [`read_shard`], without reading
+/// and validating the header again (names are never reused, so the object is the one the header
+/// came from). Blocking.
+pub(crate) fn read_committed_region(
+    store: &Store,
+    rt: &Handle,
+    cfg: &ReadConfig,
+    r: ShardRef<'_>,
+    header: &ShardHeader,
+    dst: Pieces<'_>,
+) -> Result<()> {
+    let (rel, rank) = r.resolve()?;
+    let path = store.path(&rel);
+    let source = match store.local_file(&path) {
+        Some(_) => Source::open(store, rt, &path)?,
+        None => Source::Remote { store: store.clone(), path: path.clone(), size: header.size },
+    };
+    read_region(store, rt, cfg, Shard { rel: &rel, path: &path, step: r.step, rank }, &source, header, Some(dst))
+}
+
+/// Where a shard is, for reads and error locations.
+#[derive(Clone, Copy)]
+struct Shard<'a> {
+    rel: &'a str,
+    path: &'a Path,
+    step: u64,
+    rank: u32,
+}
+
+/// Reads (and verifies) the chunks of `header`'s shard that `dst` needs, or every chunk without a
+/// destination; see [`read_shard`].
+fn read_region(
+    store: &Store,
+    rt: &Handle,
+    cfg: &ReadConfig,
+    shard: Shard<'_>,
+    source: &Source,
+    header: &ShardHeader,
+    dst: Option<Pieces<'_>>,
+) -> Result<()> {
+    let Shard { rel, path, step, rank } = shard;
     let index = &header.index;
     let spans = index.spans();
     let work: Vec<(ChunkSpan, Option<ChunkDest<'_>>)> = match dst {
@@ -329,7 +375,7 @@ pub(crate) fn read_shard(
         None => spans.into_iter().map(|s| (s, None)).collect(),
     };
     // A local shard with a destination is read with pread into it: no mapping, no extra copy.
-    let file = match store.local_file(&path) {
+    let file = match store.local_file(path) {
         Some(file) if work.iter().any(|(_, d)| d.is_some()) => {
             let f = std::fs::File::open(&file).map_err(|e| Error::io("open", &file, e))?;
             advise_sequential(&f);
@@ -341,7 +387,6 @@ pub(crate) fn read_shard(
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<(ChunkSpan, Option<Bytes>, Option<ChunkDest<'_>>)>(workers * 4);
         let (err_tx, err_rx) = crossbeam_channel::bounded::<Error>(workers);
-        let rel = rel.as_str();
         let file = file.as_ref();
         for w in 0..workers {
             let rx = rx.clone();
@@ -439,8 +484,7 @@ pub(crate) fn read_shard(
             return Err(e);
         }
         fed
-    })?;
-    Ok(header)
+    })
 }
 
 /// Tells the kernel a shard file is about to be read front to back (a larger readahead window).

@@ -143,8 +143,7 @@ pub fn remove_stale_temporaries(engine: &Engine, job: &str, rank: u32) -> usize 
 /// it needs plus 1/16 and 1 MiB of headroom, so that a state that grows a little (an optimizer's
 /// lazily created buffers, a new metadata key) does not recreate the arena at every save.
 pub fn slot_size_with_headroom(table: &TensorTable, metadata_len: usize) -> u64 {
-    let needed = arena::slot_size_for(table, metadata_len);
-    needed.saturating_add(needed / 16).saturating_add(1 << 20)
+    slot_size_for_state(arena::slot_size_for(table, metadata_len))
 }
 
 /// Bytes per slot to create, before the state is known, for a state of about `state_bytes`

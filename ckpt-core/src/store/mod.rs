@@ -2,7 +2,7 @@
 //!
 //! The seam is `object_store`'s trait; we add no storage trait of our own. [`Store`] only adds what
 //! the engine needs on top: the URL's path prefix, the local root directory for `file://` (so that
-//! shards are written with pwrite + fsync and read through mmap), and the S3 coordinates that the
+//! shards are written with pwrite (`O_DIRECT` where it can) + fsync and read with pread), and the S3 coordinates that the
 //! multipart janitor needs.
 //!
 //! Endpoint and credentials come from the standard environment variables (`AWS_*`, `OSS_*`,
